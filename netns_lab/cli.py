@@ -1,0 +1,153 @@
+"""`python -m netns_lab`: the lab's command line.
+
+Rules: every error is one line on stderr, `netns_lab: <problem>: <fix>`, exit 1 (2 for a
+bad command line, also one line); `down` of an absent lab says so and exits 0; `exec`
+replaces this process so the command's exit code is the CLI's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import procs
+from .errors import LabError
+from .lab import Lab, down
+from .layout import MAX_NODES, MAX_WORKLOADS, Layout, check_name
+from .workload_api import DEFAULT_SVID_TTL
+
+PROG = "netns_lab"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: {message} (see `python -m {PROG} --help`)\n")
+        raise SystemExit(2)
+
+
+def _name(value: str) -> str:
+    try:
+        return check_name(value)
+    except LabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"python -m {PROG}",
+                description="A tfcrypt lab: nodes, workloads, an underlay and etcd as "
+                            "network namespaces, plus the lab SPIFFE Workload API server.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_, description=help_)
+        c.add_argument("--name", required=True, type=_name,
+                       help="lab name, ^[a-z][a-z0-9]{0,7}$; prefix of every lab object")
+        return c
+
+    up = cmd("up", "create the lab; on any failure remove what was made")
+    up.add_argument("--nodes", type=int, required=True, help=f"node count, 1..{MAX_NODES}")
+    up.add_argument("--workloads-per-node", type=int, required=True,
+                    help=f"workloads on each node, 0..{MAX_WORKLOADS}")
+    up.add_argument("--etcd-members", type=int, choices=(1, 3), default=1,
+                    help="etcd cluster size (default 1)")
+    up.add_argument("--svid-ttl", type=int, default=DEFAULT_SVID_TTL, metavar="SECONDS",
+                    help=f"lifetime of issued X509-SVIDs (default {DEFAULT_SVID_TTL})")
+
+    st = cmd("status", "describe the lab (human summary, or --json)")
+    st.add_argument("--json", action="store_true", help="print the documented JSON document")
+
+    cmd("down", "stop every lab process and remove every lab object (exit 0 if absent)")
+
+    ex = cmd("exec", "run a command inside a lab target and exit with its status")
+    ex.add_argument("target", help="a node (n1), a workload (n1-w1), controller, underlay, "
+                                   "or an etcd member (e1)")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...",
+                    help="command to run, after --")
+
+    et = cmd("etcd", "start, stop (SIGTERM and wait) or kill (SIGKILL) etcd members")
+    et.add_argument("member", help="member name (e1, e2, e3) or all")
+    et.add_argument("action", choices=("start", "stop", "kill"))
+    et.add_argument("--no-wait", action="store_true",
+                    help="start: do not wait for the started members to be healthy")
+
+    wa = cmd("workload-api", "start or stop the lab's SPIFFE Workload API server")
+    wa.add_argument("action", choices=("start", "stop"))
+    return p
+
+
+def _summary(s: dict[str, Any]) -> str:
+    members = ", ".join(f"{m['name']} {'running' if m['running'] else 'stopped'}"
+                        for m in s["etcd"]["members"])
+    api = "running" if s["workload_api"]["running"] else "stopped"
+    lines = [
+        f"lab {s['name']} ({s['phase']}): {len(s['nodes'])} node(s), "
+        f"{len(s['workloads'])} workload(s), run dir {s['run_dir']}",
+        f"etcd {','.join(s['etcd']['endpoints'])} [{members}]; workload API {api}",
+    ]
+    lines += [f"  {n['name']} {n['underlay_ip']} {n['workload_subnet']} "
+              f"workloads: {' '.join(n['workloads']) or '-'}" for n in s["nodes"]]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "up":
+        lab = Lab(Layout(args.name, args.nodes, args.workloads_per_node, args.etcd_members),
+                  svid_ttl=args.svid_ttl)
+        lab.up()
+        print(f"lab {args.name} is up: run dir {lab.run_dir}")
+        return 0
+    if args.command == "down":
+        if down(args.name):
+            print(f"lab {args.name} is down")
+        else:
+            print(f"{PROG}: lab {args.name} is not up")
+        return 0
+    lab = Lab.load(args.name)
+    if args.command == "status":
+        s = lab.status()
+        print(json.dumps(s, indent=2) if args.json else _summary(s))
+    elif args.command == "exec":
+        argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not argv:
+            raise LabError("exec needs a command: exec --name NAME TARGET -- CMD...")
+        full = lab.exec_prefix(args.target) + argv
+        sys.stdout.flush()
+        os.execvp(full[0], full)
+    elif args.command == "etcd":
+        names = lab.member_names(args.member)
+        if args.action == "start":
+            for rec in lab.etcd_start(names, wait=not args.no_wait):
+                print(f"etcd {rec.node} started, pid {rec.pid}")
+        else:
+            lab.etcd_stop(names, kill=args.action == "kill")
+            print(f"etcd {args.member}: {args.action} done")
+    elif args.command == "workload-api":
+        if args.action == "start":
+            rec = lab.workload_api_start()
+            print(f"workload API running, pid {rec.pid}"
+                  f"{'' if procs.is_running(rec) else ' (exited)'}")
+        else:
+            lab.workload_api_stop()
+            print("workload API stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except LabError as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return 1
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130

@@ -1,0 +1,188 @@
+"""Names and addresses of every lab object, computed from (name, sizes) alone.
+
+Rules: this module is pure (no I/O); everything a lab creates is named here, with the lab
+name as prefix, so `down`, `status` and other tools agree without asking the kernel.
+Underlay 10.77.0.0/24: etcd member k -> .(1+k), controller -> .9, node i -> .(10+i).
+Node i owns workload subnet 10.200.i.0/24; its workload j gets 10.200.i.(10+j)/32.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LabError
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+RUN_ROOT = Path("/run/netns_lab")
+TRUST_DOMAIN = "lab.tfcrypt"
+UNDERLAY_CIDR = "10.77.0.0/24"
+UNDERLAY_PREFIXLEN = 24
+BRIDGE = "br0"
+WORKLOAD_GATEWAY = "169.254.1.1"
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+MAX_NODES = 50
+MAX_WORKLOADS = 50
+ETCD_SIZES = (1, 3)
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise LabError(
+            f"invalid lab name {name!r}: use 1-8 chars matching ^[a-z][a-z0-9]{{0,7}}$"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Member:
+    """An etcd member: its own namespace on the underlay."""
+
+    name: str
+    netns: str
+    underlay_ip: str
+    data_dir: Path
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.underlay_ip}:{ETCD_CLIENT_PORT}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.underlay_ip}:{ETCD_PEER_PORT}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node: a network namespace plus a persistent mount namespace."""
+
+    index: int
+    name: str
+    netns: str
+    underlay_ip: str
+    workload_subnet: str
+    mount_ns: Path
+    wireguard_dir: Path
+    spiffe_socket: Path
+    spiffe_id: str
+
+    def exec_prefix(self) -> list[str]:
+        """argv prefix that runs a command inside this node (net + mount namespace)."""
+        return ["nsenter", f"--net=/run/netns/{self.netns}", f"--mount={self.mount_ns}", "--"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A workload: a namespace behind a veth routed by its node (Calico style)."""
+
+    name: str
+    netns: str
+    ip: str
+    node: str
+    node_if: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The whole lab as names and addresses."""
+
+    name: str
+    nodes: int
+    workloads_per_node: int
+    etcd_members: int = 1
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise LabError(f"--nodes must be 1..{MAX_NODES}, got {self.nodes}")
+        if not 0 <= self.workloads_per_node <= MAX_WORKLOADS:
+            raise LabError(
+                f"--workloads-per-node must be 0..{MAX_WORKLOADS}, got {self.workloads_per_node}"
+            )
+        if self.etcd_members not in ETCD_SIZES:
+            raise LabError(f"--etcd-members must be 1 or 3, got {self.etcd_members}")
+
+    @property
+    def run_dir(self) -> Path:
+        return RUN_ROOT / self.name
+
+    @property
+    def underlay_netns(self) -> str:
+        return f"{self.name}-ul"
+
+    @property
+    def controller_netns(self) -> str:
+        return f"{self.name}-ctl"
+
+    controller_ip = "10.77.0.9"
+    controller_spiffe_id = f"spiffe://{TRUST_DOMAIN}/tfcrypt/controller"
+
+    @property
+    def controller_socket(self) -> Path:
+        return self.run_dir / "spiffe" / "controller.sock"
+
+    @property
+    def spire_dir(self) -> Path:
+        return self.run_dir / "spire"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    def node(self, i: int) -> Node:
+        name = f"n{i}"
+        return Node(
+            index=i,
+            name=name,
+            netns=f"{self.name}-{name}",
+            underlay_ip=f"10.77.0.{10 + i}",
+            workload_subnet=f"10.200.{i}.0/24",
+            mount_ns=self.run_dir / "mnt" / name,
+            wireguard_dir=self.run_dir / name / "wireguard",
+            spiffe_socket=self.run_dir / "spiffe" / f"{name}.sock",
+            spiffe_id=f"spiffe://{TRUST_DOMAIN}/tfcrypt/node/{name}",
+        )
+
+    def all_nodes(self) -> list[Node]:
+        return [self.node(i) for i in range(1, self.nodes + 1)]
+
+    def workloads_of(self, node: Node) -> list[Workload]:
+        return [
+            Workload(
+                name=f"{node.name}-w{j}",
+                netns=f"{self.name}-{node.name}-w{j}",
+                ip=f"10.200.{node.index}.{10 + j}",
+                node=node.name,
+                node_if=f"w{j}",
+            )
+            for j in range(1, self.workloads_per_node + 1)
+        ]
+
+    def all_workloads(self) -> list[Workload]:
+        return [w for n in self.all_nodes() for w in self.workloads_of(n)]
+
+    def member(self, k: int) -> Member:
+        return Member(
+            name=f"e{k}",
+            netns=f"{self.name}-e{k}",
+            underlay_ip=f"10.77.0.{1 + k}",
+            data_dir=self.run_dir / "etcd" / f"e{k}",
+        )
+
+    def all_members(self) -> list[Member]:
+        return [self.member(k) for k in range(1, self.etcd_members + 1)]
+
+    def etcd_endpoints(self) -> list[str]:
+        return [m.client_url for m in self.all_members()]
+
+    def all_netns(self) -> list[str]:
+        """Every namespace of the lab, in creation order."""
+        return [
+            self.underlay_netns,
+            self.controller_netns,
+            *(m.netns for m in self.all_members()),
+            *(n.netns for n in self.all_nodes()),
+            *(w.netns for w in self.all_workloads()),
+        ]
