@@ -5,7 +5,9 @@ Rules:
   identity, then the sockets, then `<state_dir>/ready` holding the pid: whoever waits for
   the ready file can connect to every socket at once;
 - a leftover socket file from a crashed run is removed before binding, but only if it is
-  a socket nobody listens on; a live server or a non-socket file at that path stops startup;
+  a socket nobody listens on; a live server or a non-socket file at that path stops startup
+  before anything is touched (a second instance must not break the first one's files);
+  the ready file of a crashed run is removed once every socket proved stale;
 - socket files are mode 0770 (owner and group may call; others may not even connect);
 - shutdown: streams end (their followers are closed), servers stop, rotation tasks are
   cancelled, and the socket files and the ready file are removed, also when startup fails
@@ -51,6 +53,8 @@ async def serve(config: ServerConfig) -> None:
     log.info("start pid=%d trust_domain=%s sockets=%d svid_ttl_seconds=%g", os.getpid(),
              config.trust_domain, len(config.identities), config.svid_ttl_seconds)
 
+    for ident in config.identities:
+        _clear_stale_socket(ident.socket)
     config.ready_file.unlink(missing_ok=True)
     ca = LabCA.load_or_create(config.state_dir, config.trust_domain)
     bundle = Versioned(ca.bundle_der())
@@ -62,12 +66,14 @@ async def serve(config: ServerConfig) -> None:
 
     servers: list[grpc.aio.Server] = []
     bound: list[Path] = []
+    ready_written = False
     try:
         for ident in config.identities:
             source = sources.get(ident.spiffe_id) if ident.spiffe_id else None
             service = WorkloadAPIService(ident.socket, source, bundle, config.trust_domain)
             servers.append(await _start_server(ident.socket, service, bound))
         _write_ready(config.ready_file)
+        ready_written = True
         log.info("ready file=%s", config.ready_file)
         async with asyncio.TaskGroup() as tasks:
             rotations = [tasks.create_task(s.run()) for s in sources.values()]
@@ -80,14 +86,15 @@ async def serve(config: ServerConfig) -> None:
                 rotation.cancel()
     finally:
         await asyncio.gather(*(s.stop(None) for s in servers))
-        for path in [*bound, config.ready_file]:
+        for path in bound:
             path.unlink(missing_ok=True)
+        if ready_written:
+            config.ready_file.unlink(missing_ok=True)
         log.info("stopped")
 
 
 async def _start_server(path: Path, service: WorkloadAPIService,
                         bound: list[Path]) -> grpc.aio.Server:
-    _clear_stale_socket(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     server = grpc.aio.server()
     workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(service, server)

@@ -5,7 +5,8 @@ Rules (SPIFFE Workload Endpoint and Workload API specs, as spire-agent behaves):
   is checked before anything else, on every method, including the unimplemented ones;
 - the caller is whoever connects to this socket: the socket *is* the attestation
   (Python gRPC cannot read SO_PEERCRED); a socket without a registered identity answers
-  FetchX509SVID with PermissionDenied, like spire-agent for an unregistered workload;
+  FetchX509SVID and FetchX509Bundles with PermissionDenied, like spire-agent for an
+  unregistered workload (its default `allow_unauthenticated_verifiers = false`);
 - FetchX509SVID and FetchX509Bundles are long-lived streams: the first message goes out
   at once, a complete new message follows every change, and the server never ends the
   stream on its own (py-spiffe treats a normal end as an error or reconnects); the stream
@@ -49,11 +50,7 @@ class WorkloadAPIService(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self, request: workload_pb2.X509SVIDRequest, context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[workload_pb2.X509SVIDResponse]:
         await _require_workload_header(context)
-        identity = self._identity
-        if identity is None:
-            log.info("x509svid denied socket=%s reason=no-identity", self._socket)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                "no identity issued: this socket has no registered SPIFFE ID")
+        identity = await self._require_identity(context, "FetchX509SVID")
         log.info("stream opened method=FetchX509SVID socket=%s spiffe_id=%s",
                  self._socket, identity.spiffe_id)
         version = 0
@@ -68,6 +65,7 @@ class WorkloadAPIService(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self, request: workload_pb2.X509BundlesRequest, context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
         await _require_workload_header(context)
+        await self._require_identity(context, "FetchX509Bundles")
         log.info("stream opened method=FetchX509Bundles socket=%s", self._socket)
         version = 0
         try:
@@ -90,6 +88,14 @@ class WorkloadAPIService(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self, request: workload_pb2.ValidateJWTSVIDRequest, context: grpc.aio.ServicerContext,
     ) -> workload_pb2.ValidateJWTSVIDResponse:
         await _unimplemented(context)
+
+    async def _require_identity(self, context: grpc.aio.ServicerContext,
+                                method: str) -> IdentitySource:
+        if self._identity is None:
+            log.info("denied method=%s socket=%s reason=no-identity", method, self._socket)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "no identity issued: this socket has no registered SPIFFE ID")
+        return self._identity
 
     def _svid_response(self, svid: IssuedSVID) -> workload_pb2.X509SVIDResponse:
         return workload_pb2.X509SVIDResponse(svids=[workload_pb2.X509SVID(
