@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store
+from lab_workload_api.identities import rotation_delay
 from spiffe import WorkloadApiClient
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 from spiffe.spiffe_id.spiffe_id import TrustDomain
@@ -360,10 +362,6 @@ def test_bad_config_exits_2_naming_the_key(workdir: Path, change: dict[str, Any]
 
 
 def test_rotation_is_scheduled_at_half_life_plus_up_to_ten_percent() -> None:
-    from random import Random
-
-    from lab_workload_api.identities import rotation_delay
-
-    delays = [rotation_delay(100.0, Random(seed)) for seed in range(200)]
+    delays = [rotation_delay(100.0, random.Random(seed)) for seed in range(200)]
     assert all(50.0 <= d <= 60.0 for d in delays)
     assert max(delays) - min(delays) > 5.0
