@@ -1,0 +1,172 @@
+"""The signed envelope: how every value under tfcrypt's etcd prefix is stored.
+
+Rules:
+- The etcd value is UTF-8 JSON `{"v": 1, "payload": "<canonical JSON text>", "sig":
+  "<base64>", "chain": ["<base64 DER leaf>", "<base64 DER intermediate>", ...]}`.
+- The signature covers the UTF-8 bytes of the payload string exactly as stored.
+- The algorithm follows the key: ECDSA with SHA-256 for EC, PKCS#1 v1.5 with SHA-256 for
+  RSA, pure Ed25519. A reader picks it from the leaf's public key, never from the envelope,
+  so there is no algorithm field to downgrade.
+- Every payload carries "kind", "key" (the etcd key relative to the prefix, binding the
+  signature to where the value is stored), "epoch" (int >= 0) and "issued_at" (unix
+  seconds), plus the fields of its kind.
+This module shapes and signs; deciding whether to believe an envelope is `verify.py`'s job.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from tfcrypt.identity.canonical import canonical_json, loads_strict
+
+ENVELOPE_VERSION = 1
+MAX_CHAIN_LENGTH = 8
+REQUIRED_FIELDS = ("kind", "key", "epoch", "issued_at")
+
+SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+VerifyingKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+
+class EnvelopeFormatError(ValueError):
+    """The bytes are not an envelope of the expected shape; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded but not yet believed envelope."""
+
+    payload_text: str
+    signature: bytes = field(repr=False)
+    chain: tuple[x509.Certificate, ...] = field(repr=False)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+def check_payload_fields(payload: Mapping[str, Any]) -> None:
+    """Raise ValueError unless the four common fields are present with their types."""
+    for name in REQUIRED_FIELDS:
+        if name not in payload:
+            raise ValueError(f"payload lacks {name!r}")
+    if not isinstance(payload["kind"], str) or not payload["kind"]:
+        raise ValueError("payload.kind must be a non-empty string")
+    if not isinstance(payload["key"], str) or not payload["key"]:
+        raise ValueError("payload.key must be a non-empty string")
+    epoch = payload["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError("payload.epoch must be an integer >= 0")
+    issued_at = payload["issued_at"]
+    if isinstance(issued_at, bool) or not isinstance(issued_at, int):
+        raise ValueError("payload.issued_at must be an integer (unix seconds)")
+
+
+def sign_envelope(payload: Mapping[str, Any], private_key: SigningKey,
+                  chain: Sequence[x509.Certificate]) -> bytes:
+    """Sign `payload` with the SVID key; `chain` is leaf first, as the Workload API gives it.
+
+    Raises ValueError for a payload without the common fields, an empty chain, or a key
+    that does not belong to the leaf: signing with a stale key after rotation would
+    produce a value every reader rejects, so it is caught here instead.
+    """
+    check_payload_fields(payload)
+    if not chain:
+        raise ValueError("chain is empty")
+    if len(chain) > MAX_CHAIN_LENGTH:
+        raise ValueError(f"chain longer than {MAX_CHAIN_LENGTH}")
+    if _spki(private_key.public_key()) != _spki(chain[0].public_key()):
+        raise ValueError("private key does not match the leaf certificate")
+    text = canonical_json(payload)
+    data = text.encode("utf-8")
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        sig = private_key.sign(data, ec.ECDSA(hashes.SHA256()))
+    elif isinstance(private_key, rsa.RSAPrivateKey):
+        sig = private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    elif isinstance(private_key, ed25519.Ed25519PrivateKey):
+        sig = private_key.sign(data)
+    else:
+        raise ValueError(f"unsupported key type {type(private_key).__name__}")
+    envelope = {
+        "v": ENVELOPE_VERSION,
+        "payload": text,
+        "sig": base64.b64encode(sig).decode("ascii"),
+        "chain": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii")
+                  for c in chain],
+    }
+    return canonical_json(envelope).encode("utf-8")
+
+
+def verify_signature(public_key: VerifyingKey, signature: bytes, data: bytes) -> bool:
+    """True if `signature` over `data` verifies with the algorithm of `public_key`'s type."""
+    try:
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            public_key.verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def is_supported_key(public_key: object) -> bool:
+    return isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey,
+                                   ed25519.Ed25519PublicKey))
+
+
+def decode_envelope(raw: bytes) -> Envelope:
+    """Parse the outer JSON shape; raises EnvelopeFormatError naming the first problem."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EnvelopeFormatError("not UTF-8") from None
+    try:
+        obj = loads_strict(text)
+    except ValueError as e:
+        raise EnvelopeFormatError(f"not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise EnvelopeFormatError("not a JSON object")
+    if set(obj) != {"v", "payload", "sig", "chain"}:
+        raise EnvelopeFormatError("fields must be exactly v, payload, sig, chain")
+    if type(obj["v"]) is not int or obj["v"] != ENVELOPE_VERSION:
+        raise EnvelopeFormatError(f"unsupported envelope version {obj['v']!r}")
+    if not isinstance(obj["payload"], str):
+        raise EnvelopeFormatError("payload is not a string")
+    sig = _b64(obj["sig"], "sig")
+    chain_field = obj["chain"]
+    if not isinstance(chain_field, list) or not chain_field:
+        raise EnvelopeFormatError("chain is not a non-empty list")
+    if len(chain_field) > MAX_CHAIN_LENGTH:
+        raise EnvelopeFormatError(f"chain longer than {MAX_CHAIN_LENGTH}")
+    chain = []
+    for i, item in enumerate(chain_field):
+        der = _b64(item, f"chain[{i}]")
+        try:
+            chain.append(x509.load_der_x509_certificate(der))
+        except ValueError:
+            raise EnvelopeFormatError(f"chain[{i}] is not a DER certificate") from None
+    return Envelope(obj["payload"], sig, tuple(chain))
+
+
+def _b64(value: object, name: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise EnvelopeFormatError(f"{name} is not a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise EnvelopeFormatError(f"{name} is not valid base64") from None
+
+
+def _spki(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -1,0 +1,200 @@
+"""Deciding whether to believe a value read from etcd.
+
+Rules:
+- Checks run in a fixed order and the first failure is the reason reported: size, envelope
+  shape, payload fields, key match, leaf SPIFFE ID, trust domain known, chain (dates, then
+  path to that trust domain's bundle only), X509-SVID leaf rules, signature, authorisation.
+  Cheap structural checks come first so junk costs little; the signature is checked only
+  on a chain already known to be ours, so the reason names the real problem.
+- Pure: `now` is a parameter, nothing is read from the clock, nothing is logged here.
+- Every failure is `Rejected` with one reason code; details name the problem, never key
+  material or the payload.
+- The `spiffe` package does no chain validation; `cryptography.x509.verification` does the
+  path building against a store holding only the claimed trust domain's CAs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.x509.verification import (
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from tfcrypt.errors import Rejected, RejectReason
+from tfcrypt.identity.authz import Authorizer
+from tfcrypt.identity.bundles import TrustBundles
+from tfcrypt.identity.canonical import loads_strict
+from tfcrypt.identity.envelope import (
+    REQUIRED_FIELDS,
+    EnvelopeFormatError,
+    VerifyingKey,
+    check_payload_fields,
+    decode_envelope,
+    is_supported_key,
+    verify_signature,
+)
+
+DEFAULT_MAX_BYTES = 65536
+MAX_SPIFFE_ID_LENGTH = 2048
+_SPIFFE_ID_RE = re.compile(r"^spiffe://([a-z0-9._-]+)((?:/[A-Za-z0-9._-]+)+)$")
+_CERT_PARSE_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A value that passed every check; `not_after` is when the signer's chain expires."""
+
+    key: str
+    kind: str
+    epoch: int
+    issued_at: int
+    payload: Mapping[str, Any] = field(repr=False)
+    signer: str
+    not_after: dt.datetime
+
+
+def verify_envelope(raw: bytes, key: str, *, bundles: TrustBundles, authorizer: Authorizer,
+                    now: dt.datetime, max_bytes: int = DEFAULT_MAX_BYTES) -> Verified:
+    """Return the verified value stored at `key` (relative to the prefix) or raise Rejected."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    now = now.astimezone(dt.UTC)
+    if len(raw) > max_bytes:
+        raise Rejected(RejectReason.TOO_LARGE, f"{len(raw)} bytes, bound is {max_bytes}")
+    try:
+        env = decode_envelope(raw)
+    except EnvelopeFormatError as e:
+        raise Rejected(RejectReason.MALFORMED, f"envelope: {e}") from None
+    payload = _parse_payload(env.payload_text)
+    if payload["key"] != key:
+        raise Rejected(RejectReason.KEY_MISMATCH,
+                       f"payload names {payload['key']!r} but is stored at {key!r}")
+    spiffe_id, trust_domain = _leaf_spiffe_id(env.leaf)
+    cas = bundles.get(trust_domain)
+    if not cas:
+        raise Rejected(RejectReason.UNKNOWN_TRUST_DOMAIN,
+                       f"no trust bundle for {trust_domain!r}")
+    verified_chain = _validate_chain(env.chain, cas, trust_domain, now)
+    public_key = _check_svid_leaf(env.leaf)
+    if not verify_signature(public_key, env.signature, env.payload_text.encode("utf-8")):
+        raise Rejected(RejectReason.BAD_SIGNATURE, f"signature by {spiffe_id} does not verify")
+    authorizer.check(spiffe_id, key)
+    return Verified(
+        key=key,
+        kind=payload["kind"],
+        epoch=payload["epoch"],
+        issued_at=payload["issued_at"],
+        payload=MappingProxyType(payload),
+        signer=spiffe_id,
+        not_after=min(c.not_valid_after_utc for c in verified_chain),
+    )
+
+
+def _parse_payload(text: str) -> dict[str, Any]:
+    try:
+        payload = loads_strict(text)
+    except ValueError as e:
+        raise Rejected(RejectReason.MALFORMED, f"payload: {e}") from None
+    if not isinstance(payload, dict):
+        raise Rejected(RejectReason.MALFORMED, "payload is not a JSON object")
+    missing = [name for name in REQUIRED_FIELDS if name not in payload]
+    if missing:
+        raise Rejected(RejectReason.MISSING_FIELD, f"payload.{missing[0]}")
+    try:
+        check_payload_fields(payload)
+    except ValueError as e:
+        raise Rejected(RejectReason.INVALID_FIELD, str(e)) from None
+    return payload
+
+
+def _leaf_spiffe_id(leaf: x509.Certificate) -> tuple[str, str]:
+    """The leaf's one SPIFFE ID and its trust domain (X509-SVID spec, section 2)."""
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        raise Rejected(RejectReason.NOT_AN_SVID, "leaf has no subjectAltName") from None
+    except _CERT_PARSE_ERRORS:
+        raise Rejected(RejectReason.NOT_AN_SVID, "leaf extensions cannot be parsed") from None
+    if len(uris) != 1:
+        raise Rejected(RejectReason.NOT_AN_SVID,
+                       f"leaf has {len(uris)} URI SANs, an X509-SVID has exactly one")
+    uri = uris[0]
+    if len(uri) > MAX_SPIFFE_ID_LENGTH:
+        raise Rejected(RejectReason.NOT_AN_SVID, "leaf SPIFFE ID is too long")
+    m = _SPIFFE_ID_RE.fullmatch(uri)
+    if m is None or any(seg in (".", "..") for seg in m.group(2).split("/")):
+        shown = uri if len(uri) <= 200 else uri[:200] + "..."
+        raise Rejected(RejectReason.NOT_AN_SVID,
+                       f"leaf URI SAN {shown!r} is not a workload SPIFFE ID")
+    return uri, m.group(1)
+
+
+def _validate_chain(chain: tuple[x509.Certificate, ...], cas: tuple[x509.Certificate, ...],
+                    trust_domain: str, now: dt.datetime) -> list[x509.Certificate]:
+    """Path to the trust domain's own store at `now`; returns the chain up to its root.
+
+    Dates are checked first so an expired SVID reads EXPIRED rather than the verifier's
+    generic failure; a chain that fails only because its root has expired reads EXPIRED too.
+    """
+    for i, cert in enumerate(chain):
+        what = "leaf" if i == 0 else f"chain[{i}]"
+        if now < cert.not_valid_before_utc:
+            raise Rejected(RejectReason.EXPIRED, f"{what} not valid before "
+                           f"{cert.not_valid_before_utc.isoformat()}")
+        if now > cert.not_valid_after_utc:
+            raise Rejected(RejectReason.EXPIRED,
+                           f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(cas)))
+        .time(now)
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+                            ee_policy=ExtensionPolicy.permit_all())
+        .build_client_verifier()
+    )
+    try:
+        return list(verifier.verify(chain[0], list(chain[1:])).chain)
+    except VerificationError as e:
+        issuers = [ca for ca in cas if ca.subject == chain[-1].issuer]
+        if issuers and all(not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc
+                           for ca in issuers):
+            raise Rejected(RejectReason.EXPIRED,
+                           f"trust bundle CA for {trust_domain!r} is not valid now") from None
+        raise Rejected(RejectReason.UNTRUSTED_CHAIN,
+                       f"chain does not validate to the {trust_domain!r} bundle: {e}") from None
+
+
+def _check_svid_leaf(leaf: x509.Certificate) -> VerifyingKey:
+    """X509-SVID spec, sections 4.1 and 4.3: a leaf is no CA and signs with its own key."""
+    try:
+        exts = leaf.extensions
+        bc = exts.get_extension_for_class(x509.BasicConstraints).value
+        ku = exts.get_extension_for_class(x509.KeyUsage).value
+        public_key = leaf.public_key()
+    except x509.ExtensionNotFound:
+        raise Rejected(RejectReason.NOT_AN_SVID,
+                       "leaf lacks basicConstraints or keyUsage") from None
+    except (*_CERT_PARSE_ERRORS, UnsupportedAlgorithm):
+        raise Rejected(RejectReason.NOT_AN_SVID, "leaf cannot be parsed") from None
+    if bc.ca:
+        raise Rejected(RejectReason.NOT_AN_SVID, "leaf has cA=true")
+    if not ku.digital_signature:
+        raise Rejected(RejectReason.NOT_AN_SVID, "leaf keyUsage lacks digitalSignature")
+    if ku.key_cert_sign or ku.crl_sign:
+        raise Rejected(RejectReason.NOT_AN_SVID, "leaf keyUsage allows certificate signing")
+    if not is_supported_key(public_key):
+        raise Rejected(RejectReason.NOT_AN_SVID,
+                       f"leaf key type {type(public_key).__name__} is not supported")
+    return public_key  # type: ignore[return-value]
