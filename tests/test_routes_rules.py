@@ -429,8 +429,16 @@ def test_lab_routes_installed_idempotent_and_foreign_kept(netns: tuple[str, str]
             assert f"fd00:2::7 dev {dev} metric 1024" in v6
             assert "prohibit default dev lo metric 4000" in v6
 
+            prohibit, metric_9 = RouteSpec(RouteType.PROHIBIT), RouteSpec(metric=9)
+            changed = {"fd00:1::/64": prohibit, "10.0.2.7": metric_9}
+            routes.set_desired({**{d: RouteSpec() for d in WANTED}, **changed})
+            assert (await routes.apply()).ops == 4  # replace, add+delete, delete "::/0"
+            assert (await routes.apply()).ops == 0
+            assert "prohibit fd00:1::/64 dev lo metric 1024" in shown(ns, "-6", P)
+            assert f"10.0.2.7 dev {dev} scope link metric 9 linkdown" in shown(ns, "-4", P)
+
             routes.set_desired(["10.0.1.0/24"])
-            assert (await routes.apply()).ops == 4
+            assert (await routes.apply()).ops == 3
             assert shown(ns, "-4", P).split()[0] == "10.0.1.0/24"
             assert shown(ns, "-6", P) == ""
             assert shown(ns, "-4", "static").split()[0] == "10.99.0.0/24"
