@@ -1,0 +1,196 @@
+"""`tfcrypt` command line.
+
+Every command takes --etcd and --spiffe-socket (or TFCRYPT_ETCD, TFCRYPT_SPIFFE_SOCKET).
+Errors in what the user typed exit with status 2 and one line naming the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tfcrypt import __version__
+from tfcrypt.config import (
+    DEFAULT_ETCD,
+    DEFAULT_SPIFFE_SOCKET,
+    AgentConfig,
+    default_node_name,
+    env_default,
+    split_endpoints,
+)
+from tfcrypt.errors import ConfigError, TfcryptError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", action="append", metavar="URL[,URL...]",
+                   help=f"etcd endpoints (env TFCRYPT_ETCD; default {DEFAULT_ETCD[0]})")
+    p.add_argument("--spiffe-socket", metavar="PATH",
+                   default=env_default("SPIFFE_SOCKET", DEFAULT_SPIFFE_SOCKET),
+                   help="SPIFFE Workload API socket (env TFCRYPT_SPIFFE_SOCKET; "
+                        "default %(default)s)")
+    p.add_argument("--prefix", default=env_default("PREFIX", "/tfcrypt/v1"),
+                   help="etcd key prefix (default %(default)s)")
+    p.add_argument("--log-level", default=env_default("LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+
+
+def _etcd(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.etcd:
+        return split_endpoints(args.etcd)
+    return split_endpoints(env_default("ETCD") or DEFAULT_ETCD[0])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tfcrypt",
+        description="Tag-selective WireGuard encryption between nodes, with keys bound to "
+                    "SPIFFE identities and exchanged through etcd.")
+    parser.add_argument("--version", action="version", version=f"tfcrypt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser("agent", help="run the per-node daemon")
+    _common(agent)
+    agent.add_argument("--node", default=default_node_name(),
+                       help="this node's name (env TFCRYPT_NODE_NAME; default the hostname)")
+    agent.add_argument("--advertise-address", default=env_default("ADVERTISE_ADDRESS"),
+                       help="underlay address peers reach this node at (required)")
+    agent.add_argument("--interface", default=env_default("INTERFACE", "tfcrypt0"),
+                       help="WireGuard interface name (default %(default)s)")
+    agent.add_argument("--listen-port", type=int, default=51820,
+                       help="WireGuard UDP port (default %(default)s)")
+    agent.add_argument("--backend", default=env_default("BACKEND", "userspace"),
+                       help="userspace (wireguard-go) or kernel (default %(default)s)")
+    agent.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"),
+                       help="where the private key (0600) and status live (default "
+                            "%(default)s)")
+    agent.add_argument("--workload-subnet", action="append", default=[],
+                       help="a workload subnet this node hosts, declared in its record "
+                            "(repeatable)")
+    agent.add_argument("--lease-ttl", type=int, default=15,
+                       help="seconds the node record outlives a dead agent (default "
+                            "%(default)s)")
+    agent.add_argument("--resync-interval", type=float, default=10.0,
+                       help="seconds between full reconciles (default %(default)s)")
+    agent.add_argument("--mtu", type=int, default=None,
+                       help="WireGuard MTU (default 1420: 1500 minus 80 bytes of overhead)")
+    agent.add_argument("--wireguard-log", default=None,
+                       help="file for wireguard-go's output (default: in the state dir)")
+
+    keys = sub.add_parser("keys", help="manage this node's WireGuard key")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    rotate = keys_sub.add_parser(
+        "rotate", help="make a new key and bump the epoch; a running agent picks it up "
+                       "within a second and republishes its record")
+    rotate.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"))
+    show = keys_sub.add_parser("show", help="print the public key and epoch")
+    show.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"))
+
+    status = sub.add_parser("status", help="what the local agent last reported")
+    status.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"))
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _agent_config(args: argparse.Namespace) -> AgentConfig:
+    if not args.advertise_address:
+        raise ConfigError("--advertise-address: required (the underlay IP peers use)")
+    return AgentConfig(
+        node_name=args.node, advertise_address=args.advertise_address,
+        etcd_endpoints=_etcd(args), spiffe_socket=args.spiffe_socket,
+        interface=args.interface, listen_port=args.listen_port, backend=args.backend,
+        state_dir=args.state_dir, prefix=args.prefix,
+        workload_subnets=tuple(args.workload_subnet), lease_ttl=args.lease_ttl,
+        resync_interval=args.resync_interval, mtu=args.mtu)
+
+
+async def _run_agent(cfg: AgentConfig, wireguard_log: str | None) -> None:
+    from tfcrypt.agent.loop import Agent
+    from tfcrypt.dataplane.netlink import PyRoute2Netlink
+    from tfcrypt.dataplane.routes import RouteManager
+    from tfcrypt.dataplane.rules import RuleManager
+    from tfcrypt.identity.svid_source import SvidSource
+    from tfcrypt.registry import Registry
+    from tfcrypt.wireguard.device import WireGuardManager
+
+    supervise = None
+    if cfg.backend == "userspace":
+        from tfcrypt.wireguard.userspace import UserspaceBackend
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        backend = UserspaceBackend(
+            cfg.interface, log_path=wireguard_log or Path(cfg.state_dir) / "wireguard-go.log")
+        supervise = backend.supervise
+    else:
+        from tfcrypt.wireguard.kernel import KernelBackend
+        backend = KernelBackend(cfg.interface)  # type: ignore[assignment]
+    netlink = PyRoute2Netlink()
+    registry = Registry(cfg.etcd_endpoints, prefix=cfg.prefix)
+    agent = Agent(cfg, registry=registry, svids=SvidSource(cfg.spiffe_socket),
+                  wireguard=WireGuardManager(backend), routes=RouteManager(netlink, cfg.interface),
+                  rules=RuleManager(netlink), supervise=supervise)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await agent.run()
+    except asyncio.CancelledError:
+        logging.getLogger("tfcrypt").info("stopping; the dataplane stays in place")
+    finally:
+        with contextlib.suppress(Exception):
+            await registry.aclose()
+        with contextlib.suppress(Exception):
+            await netlink.aclose()
+        with contextlib.suppress(Exception):
+            await backend.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "agent":
+            _setup_logging(args.log_level)
+            cfg = _agent_config(args)
+            asyncio.run(_run_agent(cfg, args.wireguard_log))
+            return 0
+        if args.command == "keys":
+            from tfcrypt.agent.nodekey import load_node_key, rotate_node_key
+            if args.keys_command == "rotate":
+                nk = rotate_node_key(args.state_dir, time.time())
+            else:
+                nk = load_node_key(args.state_dir, time.time())
+            print(json.dumps({"public_key": nk.public_key, "epoch": nk.epoch}))
+            return 0
+        if args.command == "status":
+            path = Path(args.state_dir) / "status.json"
+            try:
+                print(path.read_text())
+            except OSError as exc:
+                print(f"tfcrypt: no agent status at {path}: {exc.strerror}", file=sys.stderr)
+                return 1
+            return 0
+    except ConfigError as exc:
+        print(f"tfcrypt: {exc}", file=sys.stderr)
+        return 2
+    except TfcryptError as exc:
+        print(f"tfcrypt: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
