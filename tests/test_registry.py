@@ -1,0 +1,369 @@
+"""The registry against real etcd on loopback: what a consumer and a publisher notice.
+
+Every test starts its own etcd (random ports, temp data dir) and, where a link must break,
+a TCP proxy process; fixtures stop them by PID. "Another client" is etcdctl, so what the
+registry reports is checked against an independent reader and writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+import pytest
+from etcd_fixture import EtcdCluster, EtcdServer, etcd, etcd_cluster, make_proxy
+
+from tfcrypt.registry import (
+    Backoff,
+    Deleted,
+    Listed,
+    Put,
+    Registry,
+    RegistryEvent,
+    RegistryUnavailable,
+)
+
+__all__ = ["etcd", "etcd_cluster", "make_proxy"]
+
+T = TypeVar("T")
+PREFIX = "/tfcrypt/v1"
+FAST = Backoff(0.1, 2.0, 1.0)
+WAIT = 30.0
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 90))
+
+
+def etcd_view(server: EtcdServer | EtcdCluster, prefix: str = PREFIX) -> dict[str, bytes]:
+    """What etcdctl (another client) reads under the prefix, keys made relative."""
+    out = json.loads(server.etcdctl("get", "--prefix", prefix + "/", "-w", "json"))
+    root = len(prefix) + 1
+    return {
+        base64.b64decode(kv["key"]).decode()[root:]: base64.b64decode(kv.get("value", ""))
+        for kv in out.get("kvs", [])
+    }
+
+
+def etcd_lease_of(server: EtcdServer | EtcdCluster, rel_key: str) -> int | None:
+    out = json.loads(server.etcdctl("get", f"{PREFIX}/{rel_key}", "-w", "json"))
+    kvs = out.get("kvs", [])
+    return int(kvs[0].get("lease", 0)) if kvs else None
+
+
+def ctl(server: EtcdServer | EtcdCluster, *args: str) -> Coroutine[Any, Any, str]:
+    return asyncio.to_thread(server.etcdctl, *args)
+
+
+async def eventually(
+    check: Callable[[], bool], what: Callable[[], object], timeout: float = WAIT
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what()}")
+        await asyncio.sleep(0.05)
+
+
+class Consumer:
+    """Consumes `events()` like the agent does: replace on Listed, apply Put/Deleted."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.view: dict[str, bytes] = {}
+        self.events: list[RegistryEvent] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async for event in self.registry.events():
+            self.events.append(event)
+            if isinstance(event, Listed):
+                self.view = {k: item.value for k, item in event.items.items()}
+            elif isinstance(event, Put):
+                self.view[event.rel_key] = event.value
+            elif isinstance(event, Deleted):
+                self.view.pop(event.rel_key, None)
+
+    async def __aenter__(self) -> Consumer:
+        self.task = asyncio.create_task(self._run())
+        await eventually(lambda: bool(self.events), lambda: "no Listed yet")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        if self.task.done() and not self.task.cancelled() and self.task.exception():
+            raise self.task.exception()  # type: ignore[misc]
+
+    def listed_count(self) -> int:
+        return sum(isinstance(e, Listed) for e in self.events)
+
+    async def sees(self, expected: Mapping[str, bytes], timeout: float = WAIT) -> None:
+        await eventually(lambda: self.view == dict(expected), lambda: self.view, timeout)
+
+
+async def sees_truth(consumer: Consumer, server: EtcdServer | EtcdCluster) -> None:
+    truth = await asyncio.to_thread(etcd_view, server)
+    await consumer.sees(truth)
+
+
+def test_listed_then_put_and_deleted_from_another_client(etcd: EtcdServer) -> None:
+    etcd.etcdctl("put", f"{PREFIX}/nodes/a", "A1")
+    etcd.etcdctl("put", f"{PREFIX}0/not-ours", "x")
+    etcd.etcdctl("put", "/tfcrypt/v10/not-ours-either", "x")
+
+    async def scenario() -> None:
+        async with Registry([etcd.endpoint], backoff=FAST) as reg, Consumer(reg) as consumer:
+            first = consumer.events[0]
+            assert isinstance(first, Listed)
+            assert {k: i.value for k, i in first.items.items()} == {"nodes/a": b"A1"}
+            assert reg.connected and reg.last_revision == first.revision
+
+            await ctl(etcd, "put", f"{PREFIX}/nodes/b", "B1")
+            await ctl(etcd, "put", f"{PREFIX}/nodes/a", "A2")
+            await ctl(etcd, "del", f"{PREFIX}/nodes/b")
+            await ctl(etcd, "put", "/tfcrypt/v10/x", "ignored")
+            await consumer.sees({"nodes/a": b"A2"})
+
+            changes = consumer.events[1:]
+            assert [(type(e).__name__, e.rel_key) for e in changes] == [
+                ("Put", "nodes/b"), ("Put", "nodes/a"), ("Deleted", "nodes/b"),
+            ]
+            revisions = [e.mod_revision for e in changes]
+            assert revisions == sorted(revisions) and revisions[0] > first.revision
+            assert reg.last_revision == revisions[-1]
+            assert reg.relists == 0 and reg.reconnects == 0
+
+    run(scenario())
+
+
+def test_cli_operations_put_get_all_delete(etcd: EtcdServer) -> None:
+    async def scenario() -> None:
+        async with Registry([etcd.endpoint.removeprefix("http://")]) as reg:
+            rev = await reg.put("policies/p1", b"\x00policy")
+            await reg.put("nodes/n1", b"n1")
+            assert etcd_view(etcd) == {"policies/p1": b"\x00policy", "nodes/n1": b"n1"}
+            policies = await reg.get_all("policies/")
+            assert dict(policies.items).keys() == {"policies/p1"}
+            assert policies.items["policies/p1"].mod_revision == rev
+            assert await reg.delete("policies/p1") is True
+            assert await reg.delete("policies/p1") is False
+            assert etcd_view(etcd) == {"nodes/n1": b"n1"}
+
+    run(scenario())
+
+
+PUBLISHER = """
+import asyncio, sys
+from tfcrypt.registry import Registry
+
+async def main():
+    reg = Registry([sys.argv[1]])
+    await reg.publish(sys.argv[2], b"alive", ttl=2)
+    print("published", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_publish_keeps_record_past_3_ttl_and_killed_publisher_expires(etcd: EtcdServer) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, etcd.endpoint, "nodes/doomed"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        async def scenario() -> None:
+            async with Registry([etcd.endpoint], backoff=FAST) as reg, Consumer(reg) as view:
+                await reg.publish("nodes/me", b"v1", ttl=2)
+                lease = reg.lease_id
+                assert lease is not None and etcd_lease_of(etcd, "nodes/me") == lease
+                assert proc.stdout is not None
+                assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "published"
+                await view.sees({"nodes/me": b"v1", "nodes/doomed": b"alive"})
+
+                await asyncio.sleep(3 * 2 + 1.5)
+                assert etcd_view(etcd) == {"nodes/me": b"v1", "nodes/doomed": b"alive"}
+
+                os.kill(proc.pid, signal.SIGKILL)
+                await asyncio.to_thread(proc.wait)
+                await view.sees({"nodes/me": b"v1"})
+                assert any(
+                    isinstance(e, Deleted) and e.rel_key == "nodes/doomed" for e in view.events
+                )
+
+                await reg.publish("nodes/me", b"v2", ttl=2)
+                assert reg.lease_id == lease
+                assert etcd_view(etcd) == {"nodes/me": b"v2"}
+                assert etcd_lease_of(etcd, "nodes/me") == lease
+
+                await reg.unpublish()
+                assert etcd_view(etcd) == {}
+                await view.sees({})
+                assert reg.lease_id is None
+
+        run(scenario())
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_publish_moves_record_to_new_key_and_new_ttl(etcd: EtcdServer) -> None:
+    async def scenario() -> None:
+        async with Registry([etcd.endpoint], backoff=FAST) as reg:
+            await reg.publish("nodes/old-name", b"v", ttl=5)
+            first = reg.lease_id
+            await reg.publish("nodes/new-name", b"v", ttl=5)
+            assert etcd_view(etcd) == {"nodes/new-name": b"v"}
+            assert reg.lease_id == first
+            await reg.publish("nodes/new-name", b"v", ttl=3)
+            assert reg.lease_id != first
+            assert etcd_lease_of(etcd, "nodes/new-name") == reg.lease_id
+            assert etcd_view(etcd) == {"nodes/new-name": b"v"}
+
+    run(scenario())
+
+
+def test_etcd_restart_gives_fresh_listed_and_keeps_publishing(etcd: EtcdServer) -> None:
+    etcd.etcdctl("put", f"{PREFIX}/workloads/n1/w1", "w1")
+    etcd.etcdctl("put", f"{PREFIX}/workloads/n1/w2", "w2")
+
+    async def scenario() -> None:
+        slow_retry = Backoff(1.0, 2.0, 2.0)
+        async with (
+            Registry([etcd.endpoint], backoff=slow_retry) as reg,
+            Registry([etcd.endpoint], backoff=FAST) as publisher,
+            Consumer(reg) as consumer,
+        ):
+            await publisher.publish("nodes/me", b"me", ttl=2)
+            await sees_truth(consumer, etcd)
+
+            await asyncio.to_thread(etcd.stop)
+            await asyncio.sleep(3)
+            assert not reg.connected and reg.last_error
+            with pytest.raises(RegistryUnavailable):
+                await reg.put("policies/p", b"x")
+
+            await asyncio.to_thread(etcd.start)
+            await ctl(etcd, "del", f"{PREFIX}/workloads/n1/w1")
+            await ctl(etcd, "put", f"{PREFIX}/workloads/n1/w3", "w3")
+            await consumer.sees({"workloads/n1/w2": b"w2", "workloads/n1/w3": b"w3",
+                                 "nodes/me": b"me"})
+            assert consumer.listed_count() >= 2 and reg.relists >= 1
+            assert reg.connected and reg.reconnects >= 1
+            assert etcd_lease_of(etcd, "nodes/me") == publisher.lease_id
+
+    run(scenario())
+
+
+def test_publisher_cut_off_longer_than_ttl_regrants_lease(etcd: EtcdServer, make_proxy) -> None:
+    proxy = make_proxy(etcd.client_port)
+
+    async def scenario() -> None:
+        async with (
+            Registry([proxy.endpoint], backoff=FAST, request_timeout=1.0) as publisher,
+            Registry([etcd.endpoint], backoff=FAST) as reg,
+            Consumer(reg) as consumer,
+        ):
+            await publisher.publish("nodes/me", b"me", ttl=2)
+            first_lease = publisher.lease_id
+            await consumer.sees({"nodes/me": b"me"})
+
+            proxy.stop()
+            await consumer.sees({})
+            assert etcd_view(etcd) == {}
+
+            proxy.start()
+            await consumer.sees({"nodes/me": b"me"})
+            assert publisher.lease_id not in (None, first_lease)
+            assert etcd_lease_of(etcd, "nodes/me") == publisher.lease_id
+
+    run(scenario())
+
+
+def test_compaction_while_disconnected_relists_to_the_right_view(
+    etcd: EtcdServer, make_proxy
+) -> None:
+    proxy = make_proxy(etcd.client_port)
+    for i in range(3):
+        etcd.etcdctl("put", f"{PREFIX}/workloads/n1/w{i}", f"v{i}")
+
+    async def scenario() -> None:
+        async with Registry([proxy.endpoint], backoff=FAST) as reg, Consumer(reg) as consumer:
+            await sees_truth(consumer, etcd)
+            proxy.stop()
+            await eventually(lambda: not reg.connected, lambda: "still connected")
+
+            await ctl(etcd, "del", f"{PREFIX}/workloads/n1/w0")
+            await ctl(etcd, "put", f"{PREFIX}/workloads/n1/w1", "changed")
+            await ctl(etcd, "put", f"{PREFIX}/workloads/n2/new", "new")
+            status = json.loads(await ctl(etcd, "endpoint", "status", "-w", "json"))
+            await ctl(etcd, "compact", str(status[0]["Status"]["header"]["revision"]))
+
+            relists = reg.relists
+            proxy.start()
+            await consumer.sees(
+                {"workloads/n1/w1": b"changed", "workloads/n1/w2": b"v2",
+                 "workloads/n2/new": b"new"}
+            )
+            assert reg.relists > relists
+            assert not any(
+                isinstance(e, Deleted) and e.rel_key == "workloads/n1/w0" for e in consumer.events
+            ), "the deletion is seen through the relist, not replayed from compacted history"
+
+            await ctl(etcd, "put", f"{PREFIX}/workloads/n2/after", "after")
+            await sees_truth(consumer, etcd)
+
+    run(scenario())
+
+
+def test_cluster_keeps_working_with_one_member_killed(etcd_cluster: EtcdCluster) -> None:
+    etcd_cluster.etcdctl("put", f"{PREFIX}/nodes/a", "a")
+
+    async def scenario() -> None:
+        endpoints = etcd_cluster.endpoints
+        async with (
+            Registry(endpoints, backoff=FAST, request_timeout=2.0) as reg,
+            Registry(endpoints, backoff=FAST, request_timeout=2.0) as writer,
+            Consumer(reg) as consumer,
+        ):
+            await reg.publish("nodes/me", b"me", ttl=3)
+            await consumer.sees({"nodes/a": b"a", "nodes/me": b"me"})
+
+            await asyncio.to_thread(etcd_cluster.members[0].kill)
+
+            async def put_with_retry(key: str, value: bytes) -> None:
+                deadline = time.monotonic() + WAIT
+                while True:
+                    try:
+                        await writer.put(key, value)
+                        return
+                    except RegistryUnavailable:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
+
+            await put_with_retry("nodes/b", b"b")
+            await writer.delete("nodes/a")
+            await consumer.sees({"nodes/b": b"b", "nodes/me": b"me"})
+            listed = await writer.get_all("nodes/")
+            assert {k: i.value for k, i in listed.items.items()} == consumer.view
+
+            await asyncio.sleep(3 + 1)
+            await reg.publish("nodes/me", b"me2", ttl=3)
+            await consumer.sees({"nodes/b": b"b", "nodes/me": b"me2"})
+            assert etcd_view(etcd_cluster)["nodes/me"] == b"me2"
+
+    run(scenario())

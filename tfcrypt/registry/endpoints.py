@@ -1,0 +1,66 @@
+"""etcd endpoints and the retry schedule between them.
+
+Rules:
+- An endpoint is "http://host:port" or "host:port" (IPv6 as "[::1]:2379"). aetcd speaks
+  plaintext gRPC only, so "https://" is refused here rather than silently downgraded.
+- Retries rotate through the endpoints: attempt n goes to endpoint (first + n) % len, so
+  one dead member of three costs one failed attempt, not a stall.
+- The delay between attempts grows from `initial` by `factor` up to `maximum`; it starts
+  over once a connection has proven itself (the caller asks for a fresh schedule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from tfcrypt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    rest = text.strip()
+    if rest.startswith("https://"):
+        raise ConfigError(f"etcd endpoint {text!r}: TLS is not supported by this client")
+    rest = rest.removeprefix("http://").rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"etcd endpoint {text!r}: expected [http://]host:port")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ConfigError(f"etcd endpoint {text!r}: write IPv6 addresses as [addr]:port")
+    return Endpoint(host, int(port))
+
+
+def parse_endpoints(texts: Sequence[str]) -> tuple[Endpoint, ...]:
+    if isinstance(texts, str):
+        texts = [t for t in texts.split(",") if t.strip()]
+    if not texts:
+        raise ConfigError("etcd endpoints: at least one is required")
+    return tuple(parse_endpoint(t) for t in texts)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between retries: initial, initial*factor, ... capped at maximum (seconds)."""
+
+    initial: float = 0.2
+    factor: float = 2.0
+    maximum: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.initial <= 0 or self.factor < 1 or self.maximum < self.initial:
+            raise ConfigError(f"invalid backoff {self}")
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial
+        while True:
+            yield delay
+            delay = min(delay * self.factor, self.maximum)

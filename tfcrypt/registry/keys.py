@@ -1,0 +1,59 @@
+"""Mapping between registry-relative keys and etcd's absolute byte keys.
+
+Rules:
+- The prefix is stored without a trailing slash; an absolute key is
+  `prefix + "/" + rel_key`, so "/tfcrypt/v1" never sees "/tfcrypt/v10/...".
+- Keys are UTF-8; bytes that are not decode with surrogateescape so that a key written
+  by someone else still round-trips to delete it (the reader rejects it by name).
+- A relative key is non-empty and does not start with "/": a leading slash would make
+  "nodes/a" and "/nodes/a" different keys that look the same in logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aetcd.utils import prefix_range_end
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    """The slice of etcd below one prefix."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        cleaned = self.prefix.rstrip("/")
+        if not cleaned.startswith("/"):
+            raise ValueError(f"registry prefix must start with '/': {self.prefix!r}")
+        object.__setattr__(self, "prefix", cleaned)
+
+    @property
+    def root(self) -> bytes:
+        """Every absolute key of this keyspace starts with these bytes."""
+        return _encode(self.prefix + "/")
+
+    def key(self, rel_key: str) -> bytes:
+        if not rel_key or rel_key.startswith("/"):
+            raise ValueError(f"relative key must be non-empty and not start with '/': {rel_key!r}")
+        return _encode(f"{self.prefix}/{rel_key}")
+
+    def sub(self, sub_prefix: str) -> bytes:
+        """Absolute byte prefix of `sub_prefix` ("" is the whole keyspace)."""
+        if sub_prefix.startswith("/"):
+            raise ValueError(f"sub-prefix must not start with '/': {sub_prefix!r}")
+        return self.root + _encode(sub_prefix)
+
+    def relative(self, key: bytes) -> str:
+        root = self.root
+        if not key.startswith(root):
+            raise ValueError(f"key outside the registry prefix: {key!r}")
+        return key[len(root):].decode("utf-8", "surrogateescape")
+
+    @staticmethod
+    def range_end(start: bytes) -> bytes:
+        return prefix_range_end(start)

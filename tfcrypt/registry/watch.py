@@ -1,0 +1,157 @@
+"""The consumer's stream: list the prefix, watch from the next revision, relist on trouble.
+
+Rules:
+- A stream opens with `Listed` (one range read of the whole prefix at revision R), then
+  watches from R+1, so no change falls between the list and the watch.
+- Any trouble — a compacted revision, a lost connection, a broken or silently ended
+  watch stream, a member that stops answering — ends the watch. The stream then waits
+  (backoff, next endpoint) and starts over with a new `Listed`: deletions that happened
+  while we were away show up as keys missing from it. Nothing is raised to the consumer;
+  it keeps its last view until the next `Listed`.
+- A watch that delivers nothing for `probe_interval` is checked with a linearizable read
+  of the prefix key; a member that is hung or cut off from the quorum fails that read.
+- The backoff schedule starts over only once a watch has been created, so a member that
+  lists but cannot watch is not hammered.
+- The pump task that drains aetcd's watch iterator belongs to this stream and is
+  cancelled when the stream ends, whichever way it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aetcd
+
+from tfcrypt.registry.connection import Connection
+from tfcrypt.registry.endpoints import Backoff
+from tfcrypt.registry.errors import RegistryError, RegistryUnavailable, etcd_errors
+from tfcrypt.registry.events import Deleted, Item, Listed, Put, RegistryEvent
+from tfcrypt.registry.keys import Keyspace
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+async def list_prefix(client: aetcd.Client, keys: Keyspace, start: bytes) -> Listed:
+    """Every key under the absolute byte prefix `start`, at one revision."""
+    with etcd_errors("list"):
+        result = await client.get_prefix(start)
+    items = {keys.relative(kv.key): Item(kv.value, kv.mod_revision) for kv in result}
+    return Listed(items, result.header.revision)
+
+
+class WatchStream:
+    """One consumer's `Listed`/`Put`/`Deleted` stream over a shared `Connection`."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        keys: Keyspace,
+        backoff: Backoff,
+        probe_interval: float,
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        self._conn = conn
+        self._keys = keys
+        self._backoff = backoff
+        self._probe_interval = probe_interval
+        self._tasks = tasks
+
+    async def events(self) -> AsyncIterator[RegistryEvent]:
+        delays = self._backoff.delays()
+        listed_before = False
+        while not self._conn.closed:
+            client = self._conn.client()
+            try:
+                listed = await list_prefix(client, self._keys, self._keys.root)
+            except RegistryError as exc:
+                await self._retry_later(client, exc, next(delays))
+                continue
+            self._conn.succeeded()
+            if listed_before:
+                self._conn.relists += 1
+            listed_before = True
+            self._conn.last_revision = max(self._conn.last_revision, listed.revision)
+            yield listed
+            try:
+                async for event in self._watch(client, listed.revision + 1):
+                    if event is None:
+                        delays = self._backoff.delays()
+                        continue
+                    self._conn.last_revision = max(self._conn.last_revision, event.mod_revision)
+                    yield event
+            except RegistryError as exc:
+                log.info("registry watch ended: %s; relisting", exc)
+                await self._retry_later(client, exc, next(delays))
+
+    async def _retry_later(self, client: aetcd.Client, exc: RegistryError, delay: float) -> None:
+        await self._conn.failed(client, exc)
+        if not self._conn.closed:
+            await asyncio.sleep(delay)
+
+    async def _watch(
+        self, client: aetcd.Client, start_revision: int
+    ) -> AsyncIterator[Put | Deleted | None]:
+        """Changes from `start_revision`; yields None once, when the watch is established."""
+        with etcd_errors("watch"):
+            watch = await client.watch_prefix(self._keys.root, start_revision=start_revision)
+        self._conn.succeeded()
+        yield None
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        pump = asyncio.create_task(_pump(watch, queue), name="registry-watch-pump")
+        self._tasks.add(pump)
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), self._probe_interval)
+                except TimeoutError:
+                    await self._probe(client)
+                    continue
+                if item is _END:
+                    raise RegistryUnavailable("watch: stream ended")
+                if isinstance(item, RegistryError):
+                    raise item
+                assert isinstance(item, aetcd.Event)
+                yield self._convert(item)
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            self._tasks.discard(pump)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(watch.cancel(), 1.0)
+
+    async def _probe(self, client: aetcd.Client) -> None:
+        with etcd_errors("probe"):
+            await client.get(self._keys.root)
+        self._conn.succeeded()
+
+    def _convert(self, event: aetcd.Event) -> Put | Deleted:
+        rel_key = self._keys.relative(event.kv.key)
+        if event.kind == aetcd.EventKind.DELETE:
+            return Deleted(rel_key, event.kv.mod_revision)
+        return Put(rel_key, event.kv.value, event.kv.mod_revision)
+
+
+async def _pump(watch: aetcd.Watch, queue: asyncio.Queue[object]) -> None:
+    """Move aetcd's watch events into `queue`; always end it with an error or `_END`.
+
+    Whatever stops the pump (a stream error, a clean end, a bug in aetcd, cancellation by
+    `Registry.aclose()`), the reader wakes up and relists or finishes.
+    """
+    end: object = _END
+    try:
+        with etcd_errors("watch"):
+            async for event in watch:
+                queue.put_nowait(event)
+    except RegistryError as exc:
+        end = exc
+    except Exception as exc:
+        log.exception("registry watch pump failed")
+        end = RegistryUnavailable(f"watch: {exc!r}")
+    finally:
+        queue.put_nowait(end)
