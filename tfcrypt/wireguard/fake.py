@@ -4,7 +4,8 @@ Rules:
 - It keeps WireGuard's observable semantics that a reconciler can trip over: an allowed
   IP belongs to at most one peer (adding it to one peer takes it from another), a
   device that vanishes loses every peer, an existing device is adopted, not recreated.
-- `ops` counts write operations, so "a second apply does nothing" is `ops == 0`.
+- `ops` counts write operations, so "a second apply does nothing" is `ops == 0`; `calls`
+  records their order (key and port before peers is a security property).
 - `fail_peers` makes writes for those public keys fail, as a daemon error would.
 """
 
@@ -33,6 +34,7 @@ class FakeBackend:
     ) -> None:
         self.ifname = ifname
         self.ops = 0
+        self.calls: list[str] = []
         self.fail_peers: set[str] = set()
         self.fail_device = False
         self.restarts = 0
@@ -80,23 +82,20 @@ class FakeBackend:
         return self.private_key
 
     async def configure_device(self, private_key: bytes | None, listen_port: int | None) -> None:
-        self._require()
-        self.ops += 1
+        self._write("device")
         if private_key is not None:
             self.private_key = private_key
         if listen_port is not None:
             self.listen_port = listen_port
 
     async def set_link(self, mtu: int | None, up: bool) -> None:
-        self._require()
-        self.ops += 1
+        self._write("link")
         if mtu is not None:
             self.mtu = mtu
         self.up = up
 
     async def upsert_peer(self, peer: PeerConfig) -> None:
-        self._require()
-        self.ops += 1
+        self._write(f"upsert {peer.public_key}")
         if peer.public_key in self.fail_peers:
             raise UapiError(_EINVAL, f"set peer {peer.public_key}")
         for key, other in list(self.peers.items()):
@@ -115,14 +114,18 @@ class FakeBackend:
         )
 
     async def remove_peer(self, public_key: str) -> None:
-        self._require()
-        self.ops += 1
+        self._write(f"remove {public_key}")
         if public_key in self.fail_peers:
             raise UapiError(_EINVAL, f"remove peer {public_key}")
         self.peers.pop(public_key, None)
 
     async def close(self) -> None:
         return None
+
+    def _write(self, call: str) -> None:
+        self._require()
+        self.ops += 1
+        self.calls.append(call)
 
     def _require(self) -> None:
         if not self.exists:

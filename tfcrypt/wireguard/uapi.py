@@ -182,20 +182,31 @@ class UapiClient:
         split_errno(await self._exchange(message, operation), operation)
 
     async def server_pid(self) -> int | None:
-        """PID of the process serving the socket (SO_PEERCRED), or None if none answers."""
+        """PID of the process serving the socket (SO_PEERCRED) if it answers a `get`.
+
+        A connect alone is not enough: a process being killed still accepts for a moment.
+        """
         try:
             async with asyncio.timeout(self.timeout):
-                _, writer = await asyncio.open_unix_connection(self.socket_path)
-        except (OSError, TimeoutError):
+                reader, writer = await asyncio.open_unix_connection(
+                    self.socket_path, limit=MAX_ANSWER
+                )
+                try:
+                    sock = writer.get_extra_info("socket")
+                    creds = sock.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+                    )
+                    writer.write(b"get=1\n\n")
+                    await writer.drain()
+                    split_errno((await reader.readuntil(b"\n\n")).decode(errors="replace"), "get")
+                finally:
+                    writer.close()
+                    await _closed(writer)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                WireGuardError):
             return None
-        try:
-            sock = writer.get_extra_info("socket")
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, _, _ = struct.unpack("3i", creds)
-            return pid
-        finally:
-            writer.close()
-            await _closed(writer)
+        pid, _, _ = struct.unpack("3i", creds)
+        return int(pid)
 
     async def _exchange(self, request: str, operation: str) -> str:
         try:

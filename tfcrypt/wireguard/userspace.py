@@ -100,6 +100,8 @@ class UserspaceBackend:
         else:
             if self._known:
                 log.warning("wireguard %s: device vanished (pid %s)", self.ifname, self.pid)
+            if self.pid is not None:
+                await self._wait_gone(self.pid, self.start_timeout)
             await self._start()
             origin = DeviceOrigin.RESTARTED if self._known else DeviceOrigin.STARTED
             if origin is DeviceOrigin.RESTARTED:
