@@ -542,3 +542,25 @@ def test_two_nodes_handshake_over_veth(lab: Lab) -> None:
     assert line.split("\t") [0] == pub_b and int(line.split("\t")[1]) > 0
     state = run(WireGuardManager(backend_b).status())
     assert state.peers[pub_a].last_handshake is not None and state.peers[pub_a].rx_bytes > 0
+
+
+@pytest.mark.lab
+def test_supervision_restarts_a_killed_device(lab: Lab) -> None:
+    ns = lab.netns("a")
+    backend = lab.backend(ns)
+
+    async def scenario() -> None:
+        await backend.ensure_device()
+        lab.track(backend)
+        killed = backend.pid
+        assert killed is not None
+        async with asyncio.TaskGroup() as tasks:
+            supervisor = tasks.create_task(backend.supervise(interval=0.1))
+            os.kill(killed, signal.SIGKILL)
+            await asyncio.wait_for(backend.restarted.wait(), timeout=30)
+            supervisor.cancel()
+        lab.track(backend)
+        assert backend.restarts == 1 and backend.pid != killed
+
+    run(scenario())
+    assert backend.ifname in lab.ip(ns, "link", "show", backend.ifname)
