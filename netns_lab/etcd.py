@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import LabError
 from .layout import Layout, Member
@@ -47,11 +47,17 @@ def healthy(layout: Layout, members: Sequence[Member]) -> bool:
 
 
 def wait_healthy(layout: Layout, members: Sequence[Member],
+                 exited: Callable[[], str | None] = lambda: None,
                  timeout: float = HEALTH_TIMEOUT) -> None:
+    """Wait until every member answers; `exited()` names a started member that died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if healthy(layout, members):
             return
+        dead = exited()
+        if dead is not None:
+            raise LabError(f"etcd member {dead} exited while starting: see "
+                           f"{layout.logs_dir}/etcd-{dead}.log")
         time.sleep(0.3)
     names = ", ".join(m.name for m in members)
     raise LabError(f"etcd member(s) {names} not healthy after {timeout:.0f} s: "

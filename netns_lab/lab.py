@@ -269,7 +269,10 @@ class Lab:
             started.append(self.start_process("etcd", argv, node=m.name,
                                               log_name=f"etcd-{m.name}.log"))
         if wait:
-            etcd.wait_healthy(self.layout, self._members(which))
+            def exited() -> str | None:
+                return next((r.node for r in started if not procs.is_running(r)), None)
+
+            etcd.wait_healthy(self.layout, self._members(which), exited)
         return started
 
     def etcd_stop(self, which: list[str], *, kill: bool = False) -> None:

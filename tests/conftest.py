@@ -1,0 +1,49 @@
+"""Shared fixtures: labs with random names that are always taken down.
+
+Rules: every lab a test brings up gets a fresh random name ("t" + 6 hex) and is removed
+by `netns_lab.down` in a finally, also when the test fails. Lab tests are skipped when
+not running as root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from netns_lab import Lab, Layout, down
+
+
+def new_lab_name() -> str:
+    return "t" + secrets.token_hex(3)
+
+
+@contextlib.contextmanager
+def running_lab(nodes: int = 2, workloads_per_node: int = 1, etcd_members: int = 1,
+                svid_ttl: int = 600) -> Iterator[Lab]:
+    """A lab that exists for the `with` block only."""
+    lab = Lab(Layout(new_lab_name(), nodes, workloads_per_node, etcd_members), svid_ttl)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        down(lab.name)
+
+
+@pytest.fixture
+def lab_factory() -> Iterator[Callable[..., Lab]]:
+    """`lab_factory(nodes=2, workloads_per_node=1, etcd_members=1, svid_ttl=600)` -> Lab."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **kw: stack.enter_context(running_lab(**kw))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="lab tests need root")
+    for item in items:
+        if "lab" in item.keywords:
+            item.add_marker(skip)
