@@ -8,6 +8,7 @@ with the real `wg` tool run in that namespace.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import secrets
@@ -282,8 +283,6 @@ def test_kernel_backend_reports_missing_module() -> None:
 
 
 def _raw(key_b64: str) -> bytes:
-    import base64
-
     return base64.b64decode(key_b64)
 
 
