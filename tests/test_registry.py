@@ -146,6 +146,21 @@ def test_listed_then_put_and_deleted_from_another_client(etcd: EtcdServer) -> No
     run(scenario())
 
 
+def test_closing_the_registry_ends_the_event_stream(etcd: EtcdServer) -> None:
+    async def scenario() -> None:
+        reg = Registry([etcd.endpoint], backoff=FAST)
+        stream = reg.events()
+        assert isinstance(await anext(stream), Listed)
+        pending = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.2)
+        await reg.aclose()
+        with pytest.raises(StopAsyncIteration):
+            await pending
+        assert not reg.connected
+
+    run(scenario())
+
+
 def test_cli_operations_put_get_all_delete(etcd: EtcdServer) -> None:
     async def scenario() -> None:
         async with Registry([etcd.endpoint.removeprefix("http://")]) as reg:
@@ -365,5 +380,27 @@ def test_cluster_keeps_working_with_one_member_killed(etcd_cluster: EtcdCluster)
             await reg.publish("nodes/me", b"me2", ttl=3)
             await consumer.sees({"nodes/b": b"b", "nodes/me": b"me2"})
             assert etcd_view(etcd_cluster)["nodes/me"] == b"me2"
+
+    run(scenario())
+
+
+def test_cluster_member_that_hangs_is_left_for_another(etcd_cluster: EtcdCluster) -> None:
+    """SIGSTOP keeps the TCP connection open but answers nothing: the probe notices."""
+
+    async def scenario() -> None:
+        endpoints = etcd_cluster.endpoints
+        async with (
+            Registry(endpoints, backoff=FAST, request_timeout=1.0, probe_interval=1.0) as reg,
+            Registry(endpoints, backoff=FAST, request_timeout=1.0) as writer,
+            Consumer(reg) as consumer,
+        ):
+            await writer.put("nodes/a", b"a")
+            await consumer.sees({"nodes/a": b"a"})
+
+            etcd_cluster.members[0].pause()
+            await writer.put("nodes/b", b"b")
+            await consumer.sees({"nodes/a": b"a", "nodes/b": b"b"})
+            assert reg.relists >= 1 and reg.reconnects >= 1
+            assert reg.status().endpoint != endpoints[0].removeprefix("http://")
 
     run(scenario())

@@ -75,14 +75,14 @@ class WatchStream:
             if listed_before:
                 self._conn.relists += 1
             listed_before = True
-            self._conn.last_revision = max(self._conn.last_revision, listed.revision)
+            self._conn.last_revision = listed.revision
             yield listed
             try:
                 async for event in self._watch(client, listed.revision + 1):
                     if event is None:
                         delays = self._backoff.delays()
                         continue
-                    self._conn.last_revision = max(self._conn.last_revision, event.mod_revision)
+                    self._conn.last_revision = event.mod_revision
                     yield event
             except RegistryError as exc:
                 log.info("registry watch ended: %s; relisting", exc)
