@@ -95,6 +95,7 @@ class Agent:
             tg.create_task(self._reconciler())
             if self._supervise is not None:
                 tg.create_task(self._supervise())
+                tg.create_task(self._follow_device_restarts())
 
     async def _follow_svids(self) -> None:
         async for update in self.svids.updates():
@@ -165,6 +166,15 @@ class Agent:
                      self.node_key.public_key, self.node_key.epoch)
             await self.reconcile()  # the device gets the new key before peers hear of it
             self._publish_needed.set()
+
+    async def _follow_device_restarts(self) -> None:
+        """A vanished device took its peers and routes with it: re-apply at once."""
+        restarted: asyncio.Event = self.wg.backend.restarted  # type: ignore[attr-defined]
+        while True:
+            await restarted.wait()
+            restarted.clear()
+            log.warning("wireguard device %s was restarted; re-applying", self.cfg.interface)
+            self._dirty.set()
 
     async def _reconciler(self) -> None:
         while True:
