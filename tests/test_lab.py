@@ -123,6 +123,27 @@ def test_down_of_absent_lab_is_a_clear_noop() -> None:
     assert f"lab {name} is not up" in res.stdout + res.stderr
 
 
+def test_down_after_a_killed_up_removes_what_the_ledger_lists() -> None:
+    """`up` SIGKILLed once namespaces exist (no cleanup ran): `down` still removes all."""
+    name = new_lab_name()
+    ledger = Path(f"/run/netns_lab/{name}/ledger.jsonl")
+    up = subprocess.Popen([sys.executable, "-m", "netns_lab", "up", "--name", name,
+                           "--nodes", "3", "--workloads-per-node", "3"], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and '"kind": "link"' not in (
+                ledger.read_text() if ledger.exists() else ""):
+            time.sleep(0.01)
+        up.kill()
+        up.wait(10)
+        assert lab_netns(name), "up was killed before it created anything"
+    finally:
+        res = cli("down", "--name", name)
+    assert res.returncode == 0, res.stderr
+    assert_gone(name, [])
+
+
 # ---------------------------------------------------------------- status and routing
 
 
