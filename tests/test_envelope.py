@@ -516,3 +516,18 @@ def test_mutated_valid_envelope_verifies_or_is_rejected(world: World, valid_raw:
         return
     assert v.signer == node_id("n1")
     assert dict(v.payload) == dict(world.verify(valid_raw, "nodes/n1").payload)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_leaf_certificate_is_only_ever_rejected(world: World, valid_raw: bytes,
+                                                        data: st.DataObject) -> None:
+    obj = json.loads(valid_raw)
+    der = bytearray(base64.b64decode(obj["chain"][0]))
+    positions = data.draw(st.lists(st.integers(0, len(der) - 1), min_size=1, max_size=3,
+                                   unique=True))
+    for i in positions:
+        der[i] ^= data.draw(st.integers(1, 255))
+    raw = edit_envelope(valid_raw, chain=[base64.b64encode(bytes(der)).decode()])
+    with pytest.raises(Rejected):
+        world.verify(raw, "nodes/n1")

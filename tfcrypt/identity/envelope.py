@@ -152,9 +152,11 @@ def decode_envelope(raw: bytes) -> Envelope:
     for i, item in enumerate(chain_field):
         der = _b64(item, f"chain[{i}]")
         try:
-            chain.append(x509.load_der_x509_certificate(der))
-        except ValueError:
+            cert = x509.load_der_x509_certificate(der)
+            cert.subject, cert.issuer  # noqa: B018 - parsed lazily; fail here, not mid-check
+        except (ValueError, TypeError, x509.InvalidVersion):
             raise EnvelopeFormatError(f"chain[{i}] is not a DER certificate") from None
+        chain.append(cert)
     return Envelope(obj["payload"], sig, tuple(chain))
 
 

@@ -48,7 +48,8 @@ from tfcrypt.identity.envelope import (
 DEFAULT_MAX_BYTES = 65536
 MAX_SPIFFE_ID_LENGTH = 2048
 _SPIFFE_ID_RE = re.compile(r"^spiffe://([a-z0-9._-]+)((?:/[A-Za-z0-9._-]+)+)$")
-_CERT_PARSE_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+_CERT_PARSE_ERRORS = (ValueError, TypeError, x509.DuplicateExtension,
+                      x509.UnsupportedGeneralNameType)
 
 
 @dataclass(frozen=True)
