@@ -21,14 +21,17 @@ from typing import Any, TypeVar
 import pytest
 from etcd_fixture import EtcdCluster, EtcdServer, etcd, etcd_cluster, make_proxy
 
+from tfcrypt.errors import ConfigError
 from tfcrypt.registry import (
     Backoff,
     Deleted,
+    Endpoint,
     Listed,
     Put,
     Registry,
     RegistryEvent,
     RegistryUnavailable,
+    parse_endpoint,
 )
 
 __all__ = ["etcd", "etcd_cluster", "make_proxy"]
@@ -114,6 +117,37 @@ class Consumer:
 async def sees_truth(consumer: Consumer, server: EtcdServer | EtcdCluster) -> None:
     truth = await asyncio.to_thread(etcd_view, server)
     await consumer.sees(truth)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://127.0.0.1:2379", Endpoint("127.0.0.1", 2379)),
+        ("10.77.0.2:2379", Endpoint("10.77.0.2", 2379)),
+        ("http://[::1]:2379/", Endpoint("[::1]", 2379)),
+        ("https://10.0.0.1:2379", None),
+        ("10.0.0.1", None),
+        ("::1:2379", None),
+        ("host:99999", None),
+    ],
+)
+def test_endpoint_forms(text: str, expected: Endpoint | None) -> None:
+    if expected is None:
+        with pytest.raises(ConfigError):
+            parse_endpoint(text)
+    else:
+        assert parse_endpoint(text) == expected
+
+
+def test_backoff_grows_to_its_cap_and_jitter_only_shortens() -> None:
+    delays = Backoff(0.2, 2.0, 5.0).delays()
+    schedule = [next(delays) for _ in range(8)]
+    ceilings = [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    assert all(0.8 * c <= d <= c for d, c in zip(schedule, ceilings, strict=True))
+    with pytest.raises(ConfigError):
+        Registry(["127.0.0.1:2379"], backoff=(1.0, 2.0, 0.5))
+    with pytest.raises(ValueError):
+        Registry(["127.0.0.1:2379"], prefix="tfcrypt")
 
 
 def test_listed_then_put_and_deleted_from_another_client(etcd: EtcdServer) -> None:

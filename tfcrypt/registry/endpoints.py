@@ -7,10 +7,13 @@ Rules:
   one dead member of three costs one failed attempt, not a stall.
 - The delay between attempts grows from `initial` by `factor` up to `maximum`; it starts
   over once a connection has proven itself (the caller asks for a fresh schedule).
+- Each delay is shortened by a random part of up to `jitter` (a fraction), never
+  lengthened: after an etcd restart a thousand agents must not relist in lockstep.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -54,13 +57,19 @@ class Backoff:
     initial: float = 0.2
     factor: float = 2.0
     maximum: float = 5.0
+    jitter: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.initial <= 0 or self.factor < 1 or self.maximum < self.initial:
+        if (
+            self.initial <= 0
+            or self.factor < 1
+            or self.maximum < self.initial
+            or not 0 <= self.jitter < 1
+        ):
             raise ConfigError(f"invalid backoff {self}")
 
     def delays(self) -> Iterator[float]:
         delay = self.initial
         while True:
-            yield delay
+            yield delay * (1 - self.jitter * random.random())
             delay = min(delay * self.factor, self.maximum)

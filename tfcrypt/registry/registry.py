@@ -50,7 +50,7 @@ class Registry:
         self,
         endpoints: Sequence[str],
         prefix: str = DEFAULT_PREFIX,
-        backoff: Backoff | tuple[float, float, float] = DEFAULT_BACKOFF,
+        backoff: Backoff | tuple[float, ...] = DEFAULT_BACKOFF,
         *,
         request_timeout: float = 5.0,
         probe_interval: float = 5.0,
