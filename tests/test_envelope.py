@@ -368,6 +368,16 @@ def test_malformed_envelope(world: World, book: EpochBook, raw: bytes) -> None:
                     lambda: world.verify(raw, "nodes/n1", max_bytes=200000))
 
 
+def test_payload_with_lone_surrogate_is_malformed(world: World, book: EpochBook) -> None:
+    """JSON can escape a lone surrogate; such a payload has no UTF-8 bytes to verify."""
+    raw = node_value(world, "n1")
+    text = json.loads(raw)["payload"].replace('"kind":', '"a":"\ud800","kind":')
+    forged = edit_envelope(raw, payload=text)
+    assert b"\\ud800" in forged
+    assert_rejected(world, book, RejectReason.MALFORMED,
+                    lambda: world.verify(forged, "nodes/n1"))
+
+
 @pytest.mark.parametrize("text", [
     "not json",
     '["kind"]',

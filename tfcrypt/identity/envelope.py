@@ -142,6 +142,10 @@ def decode_envelope(raw: bytes) -> Envelope:
         raise EnvelopeFormatError(f"unsupported envelope version {obj['v']!r}")
     if not isinstance(obj["payload"], str):
         raise EnvelopeFormatError("payload is not a string")
+    try:
+        obj["payload"].encode("utf-8")
+    except UnicodeEncodeError:
+        raise EnvelopeFormatError("payload is not encodable as UTF-8 (lone surrogate)") from None
     sig = _b64(obj["sig"], "sig")
     chain_field = obj["chain"]
     if not isinstance(chain_field, list) or not chain_field:
