@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import procs
+from . import agents, procs
 from .errors import LabError
 from .lab import Lab, down
 from .layout import MAX_NODES, MAX_WORKLOADS, Layout, check_name
@@ -59,6 +59,14 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--svid-ttl", type=int, default=DEFAULT_SVID_TTL, metavar="SECONDS",
                     help=f"lifetime of issued X509-SVIDs (default {DEFAULT_SVID_TTL})")
 
+    up.add_argument("--agents", action="store_true",
+                    help="start a tfcrypt agent in every node once the lab is up")
+
+    ag = cmd("agent", "start, stop (SIGTERM), kill (SIGKILL) or restart one node's "
+                      "tfcrypt agent")
+    ag.add_argument("node", help="node name (n1, n2, ...)")
+    ag.add_argument("action", choices=agents.ACTIONS)
+
     st = cmd("status", "describe the lab (human summary, or --json)")
     st.add_argument("--json", action="store_true", help="print the documented JSON document")
 
@@ -91,7 +99,9 @@ def _summary(s: dict[str, Any]) -> str:
         f"etcd {','.join(s['etcd']['endpoints'])} [{members}]; workload API {api}",
     ]
     lines += [f"  {n['name']} {n['underlay_ip']} {n['workload_subnet']} "
-              f"workloads: {' '.join(n['workloads']) or '-'}" for n in s["nodes"]]
+              f"workloads: {' '.join(n['workloads']) or '-'}"
+              f"{' agent pid ' + str(n['agent']['pid']) if n['agent']['running'] else ''}"
+              for n in s["nodes"]]
     return "\n".join(lines)
 
 
@@ -101,6 +111,13 @@ def _run(args: argparse.Namespace) -> int:
                   svid_ttl=args.svid_ttl)
         lab.up()
         print(f"lab {args.name} is up: run dir {lab.run_dir}")
+        if args.agents:
+            try:
+                for rec in agents.start_all(lab):
+                    print(f"agent {rec.node} running, pid {rec.pid}, log {rec.log}")
+            except BaseException:
+                down(args.name)
+                raise
         return 0
     if args.command == "down":
         if down(args.name):
@@ -127,6 +144,8 @@ def _run(args: argparse.Namespace) -> int:
         else:
             lab.etcd_stop(names, kill=args.action == "kill")
             print(f"etcd {args.member}: {args.action} done")
+    elif args.command == "agent":
+        print(agents.control(lab, args.node, args.action))
     elif args.command == "workload-api":
         if args.action == "start":
             rec = lab.workload_api_start()

@@ -48,6 +48,11 @@ RT_SCOPE_LINK = 253
 RTNH_F_ONLINK = 4
 
 
+def agent_state_dir(run_dir: Path, node: str) -> Path:
+    """Where a lab node's tfcrypt agent keeps its key and status."""
+    return run_dir / node / "agent"
+
+
 def run_dir_of(name: str) -> Path:
     return RUN_ROOT / check_name(name)
 
@@ -328,6 +333,12 @@ class Lab:
                 "spiffe_socket": str(n.spiffe_socket), "spiffe_id": n.spiffe_id,
                 "exec": n.exec_prefix(), "wireguard_dir": str(n.wireguard_dir),
                 "workloads": [w.name for w in lay.workloads_of(n)],
+                "agent": {
+                    "pid": (a.pid if (a := running("agent", n.name)) else None),
+                    "running": a is not None,
+                    "log": str(self.layout.logs_dir / f"agent-{n.name}.log"),
+                    "state_dir": str(agent_state_dir(self.run_dir, n.name)),
+                },
             } for n in lay.all_nodes()],
             "workloads": [{
                 "name": w.name, "netns": w.netns, "ip": w.ip, "node": w.node,
@@ -377,6 +388,12 @@ def down(name: str) -> bool:
                     procs.stop(ProcessRecord.from_json(e))
                 except OSError as err:
                     errors.append(f"process {e['pid']}: {err}")
+    for e in reversed(entries):
+        if e["kind"] == "netns":
+            try:
+                procs.stop_netns_residents(e["name"])
+            except OSError as err:
+                errors.append(f"processes in {e['name']}: {err}")
     for e in reversed(entries):
         try:
             if e["kind"] == "mount":

@@ -137,3 +137,43 @@ def stop(rec: ProcessRecord, *, timeout: float = 10.0, sig: signal.Signals = sig
         _signal(rec, signal.SIGKILL)
         _wait_gone(rec, 5.0)
     return True
+
+
+def pids_in_netns(netns: str) -> list[int]:
+    """PIDs whose network namespace is the named one (compared by device and inode)."""
+    try:
+        st = os.stat(f"/run/netns/{netns}")
+    except FileNotFoundError:
+        return []
+    ident = (st.st_dev, st.st_ino)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ns = os.stat(entry / "ns" / "net")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if (ns.st_dev, ns.st_ino) == ident:
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_netns_residents(netns: str, timeout: float = 5.0) -> list[int]:
+    """Stop what still runs inside a lab namespace: processes the lab did not start
+    itself but that live only there (wireguard-go left running by an agent, by design).
+    Identified by namespace identity, never by name pattern."""
+    pids = pids_in_netns(netns)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        for p in pids:
+            _reap(p)
+        time.sleep(0.05)
+    for pid in pids:
+        if Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return pids

@@ -1,0 +1,86 @@
+"""tfcrypt agents in lab nodes: how one is started, stopped and found.
+
+Rules:
+- An agent runs inside its node's network and mount namespaces (so its wireguard-go
+  socket is the node's own /run/wireguard/tfcrypt0.sock) with the lab's etcd, the node's
+  Workload API socket and a state directory under the node's run dir.
+- The agent leaves wireguard-go running when it exits, as it must in production; the
+  lab's `down` stops whatever still runs inside lab namespaces.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+from .errors import LabError
+from .lab import Lab, agent_state_dir
+from .layout import Node
+from .procs import ProcessRecord, is_running
+
+AGENT = "agent"
+ACTIONS = ("start", "stop", "kill", "restart")
+
+
+def _node(lab: Lab, name: str) -> Node:
+    for node in lab.layout.all_nodes():
+        if node.name == name:
+            return node
+    raise LabError(f"unknown node {name!r} in lab {lab.name}: use n1..n{lab.layout.nodes}")
+
+
+def state_dir(lab: Lab, node: str) -> Path:
+    return agent_state_dir(lab.run_dir, node)
+
+
+def agent_argv(lab: Lab, node: Node) -> list[str]:
+    return [
+        sys.executable, "-m", "tfcrypt", "agent",
+        "--node", node.name,
+        "--etcd", ",".join(lab.layout.etcd_endpoints()),
+        "--spiffe-socket", str(node.spiffe_socket),
+        "--state-dir", str(state_dir(lab, node.name)),
+        "--advertise-address", node.underlay_ip,
+        "--workload-subnet", node.workload_subnet,
+        "--resync-interval", "5",
+    ]
+
+
+def running_agent(lab: Lab, node: str) -> ProcessRecord | None:
+    for rec in reversed(lab.find_processes(AGENT, node)):
+        if is_running(rec):
+            return rec
+    return None
+
+
+def start_agent(lab: Lab, node: str) -> ProcessRecord:
+    if (rec := running_agent(lab, node)) is not None:
+        return rec
+    spec = _node(lab, node)
+    state_dir(lab, node).mkdir(parents=True, exist_ok=True, mode=0o700)
+    return lab.start_process(AGENT, agent_argv(lab, spec), node=node)
+
+
+def stop_agent(lab: Lab, node: str, *, kill: bool = False) -> bool:
+    """SIGTERM (and wait) or SIGKILL the node's agent; True if one was running."""
+    _node(lab, node)
+    stopped = False
+    for rec in lab.find_processes(AGENT, node):
+        stopped |= lab.stop_process(rec, sig=signal.SIGKILL if kill else signal.SIGTERM)
+    return stopped
+
+
+def control(lab: Lab, node: str, action: str) -> str:
+    if action not in ACTIONS:
+        raise LabError(f"agent action {action!r}: use one of {', '.join(ACTIONS)}")
+    if action in ("stop", "kill", "restart"):
+        was = stop_agent(lab, node, kill=action == "kill")
+        if action != "restart":
+            return f"agent {node}: {'stopped' if was else 'was not running'}"
+    rec = start_agent(lab, node)
+    return f"agent {node} running, pid {rec.pid}, log {rec.log}"
+
+
+def start_all(lab: Lab) -> list[ProcessRecord]:
+    return [start_agent(lab, n.name) for n in lab.layout.all_nodes()]

@@ -1,0 +1,5 @@
+import sys
+
+from tfcrypt.cli import main
+
+sys.exit(main())
