@@ -76,3 +76,12 @@ def test_a_node_claiming_our_subnet_does_not_get_it() -> None:
 def test_same_inputs_same_output() -> None:
     s = snap(rec("n1", 1, "10.200.1.0/24"), rec("n2", 2, "10.200.2.0/24"))
     assert compute_mesh(s) == compute_mesh(s)
+
+
+def test_a_wider_subnet_overlapping_another_nodes_is_refused() -> None:
+    mesh = compute_mesh(snap(rec("n1", 1, "10.200.1.0/24"), rec("n2", 2, "10.200.2.0/24"),
+                             rec("n3", 3, "10.200.0.0/16")))
+    assert mesh.peers[key(3)].allowed_ips == frozenset()
+    assert mesh.peers[key(2)].allowed_ips == frozenset()
+    assert mesh.routes == frozenset()
+    assert len(mesh.conflicts) == 2

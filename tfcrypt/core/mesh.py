@@ -8,15 +8,17 @@ Rules:
 - The own node is never a peer, and its own subnets are never routed into the tunnel.
 - Two records with the same WireGuard public key cannot both be peers (WireGuard keys
   peers by public key): neither is configured, and the conflict is reported.
-- A subnet declared by two nodes is given to neither (WireGuard would silently move it to
-  whichever peer was written last, letting one node take another's traffic).
+- A subnet that overlaps a subnet declared by another node is given to neither
+  (WireGuard would silently move an exact duplicate to whichever peer was written last,
+  and route an overlap by longest prefix: either lets one node take another's traffic).
 - A record whose chain expired by `now` is stale and ignored.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tfcrypt.model.node import NodeRecord
@@ -64,14 +66,29 @@ def compute_mesh(snap: MeshSnapshot) -> DesiredMesh:
 
     own_subnets = set(snap.records[snap.own_node].workload_subnets) \
         if snap.own_node in snap.records else set()
-    claims = Counter(s for rec in live.values() for s in set(rec.workload_subnets))
-    for subnet, n in sorted(claims.items()):
-        if n > 1:
-            conflicts.append(f"subnet {subnet} declared by {n} nodes")
+    contested = _contested_subnets(live, own_subnets)
+    conflicts += [f"subnet {s} overlaps another node's subnet" for s in sorted(contested)]
     peers = {}
     for rec in live.values():
-        allowed = frozenset(s for s in rec.workload_subnets
-                            if claims[s] == 1 and s not in own_subnets)
+        allowed = frozenset(s for s in rec.workload_subnets if s not in contested)
         peers[rec.wg_public_key] = MeshPeer(rec.node, rec.wg_public_key, rec.endpoint, allowed)
     routes = frozenset(s for p in peers.values() for s in p.allowed_ips)
     return DesiredMesh(peers, routes, tuple(conflicts))
+
+
+def _contested_subnets(live: Mapping[str, NodeRecord], own: Iterable[str]) -> set[str]:
+    """Subnets of remote nodes that overlap a subnet of any other node (ours included).
+
+    Quadratic in the number of subnets, which is fine for one subnet per node; the
+    policy-driven core of later issues takes allowed IPs from the signed inventory.
+    """
+    owned = [(None, ipaddress.ip_network(s)) for s in own]
+    owned += [(rec.node, ipaddress.ip_network(s))
+              for rec in live.values() for s in rec.workload_subnets]
+    contested = set()
+    for i, (node_a, net_a) in enumerate(owned):
+        for node_b, net_b in owned[i + 1:]:
+            if node_a != node_b and net_a.version == net_b.version and net_a.overlaps(net_b):
+                contested.update(str(n) for who, n in ((node_a, net_a), (node_b, net_b))
+                                 if who is not None)
+    return contested
