@@ -22,9 +22,9 @@ def node_id(n: str) -> str:
 
 class Signers:
     def __init__(self) -> None:
-        self.ca = LabCA.generate(TD)
-        self.rogue = LabCA.generate(TD)
-        self.svids = {n: self.ca.issue(node_id(n), HOUR) for n in ("n1", "n2", "n3")}
+        self.ca = LabCA.generate(TD, now=NOW)
+        self.rogue = LabCA.generate(TD, now=NOW)
+        self.svids = {n: self.ca.issue(node_id(n), HOUR, now=NOW) for n in ("n1", "n2", "n3")}
 
     def record(self, node: str, epoch: int = 5, key_byte: int = 1, signer: str | None = None,
                ca: LabCA | None = None) -> bytes:
@@ -35,7 +35,7 @@ class Signers:
         payload = rec.to_payload()
         if signer:
             payload["spiffe_id"] = node_id(signer)
-        svid = (ca or self.ca).issue(node_id(signer or node), HOUR) if ca or signer \
+        svid = (ca or self.ca).issue(node_id(signer or node), HOUR, now=NOW) if ca or signer \
             else self.svids[node]
         return sign_envelope(payload, svid.key, svid.chain)
 

@@ -71,6 +71,8 @@ class Agent:
         self._dirty = asyncio.Event()
         self._publish_needed = asyncio.Event()
         self._state_dir = Path(cfg.state_dir)
+        self._own_key = f"nodes/{cfg.node_name}"
+        self._published: bytes | None = None
 
     # -- tasks -----------------------------------------------------------------------
 
@@ -125,9 +127,12 @@ class Agent:
                     self._publish_needed.set()  # our record may have vanished meanwhile
                 case Put(rel_key=key, value=value):
                     self.view.put(key, value, now)
+                    if key == self._own_key and value != self._published:
+                        log.warning("%s was overwritten by someone else; republishing", key)
+                        self._publish_needed.set()
                 case Deleted(rel_key=key):
                     self.view.delete(key)
-                    if key == f"nodes/{self.cfg.node_name}":
+                    if key == self._own_key:
                         self._publish_needed.set()
             self._dirty.set()
 
@@ -145,6 +150,7 @@ class Agent:
                 issued_at=int(time.time()))
             value = sign_envelope(record.to_payload(), self.svid.private_key,
                                   self.svid.chain)
+            self._published = value
             try:
                 await self.registry.publish(record.key, value, ttl=self.cfg.lease_ttl)
                 log.info("published %s (epoch %d, SVID serial %x)", record.key, record.epoch,

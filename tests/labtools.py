@@ -1,0 +1,135 @@
+"""Small tools for lab tests that drive tfcrypt agents: run in a target, read `wg`,
+ping, capture the underlay, read and write etcd from inside the lab.
+
+Everything here runs commands inside lab namespaces (from `status --json`), never lab
+addresses from the root namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from netns_lab import Lab
+
+T = TypeVar("T")
+PREFIX = "/tfcrypt/v1"
+
+
+def run_in(lab: Lab, target: str, argv: list[str], *, check: bool = True,
+           input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*lab.exec_prefix(target), *argv], check=check, input=input,
+                          capture_output=True, timeout=timeout,
+                          text=input is None)  # type: ignore[call-overload]
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 20.0,
+             interval: float = 0.2) -> T:
+    """Poll `probe` until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(subprocess.CalledProcessError, OSError, ValueError):
+            last = probe()
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+@dataclass(frozen=True)
+class WgPeer:
+    endpoint: str
+    allowed_ips: frozenset[str]
+    latest_handshake: int
+
+
+def wg_peers(lab: Lab, node: str, ifname: str = "tfcrypt0") -> dict[str, WgPeer]:
+    """Peers as the real `wg show IF dump` reports them inside `node`."""
+    out = run_in(lab, node, ["wg", "show", ifname, "dump"]).stdout.strip().splitlines()
+    peers = {}
+    for line in out[1:]:
+        f = line.split("\t")
+        ips = frozenset() if f[3] == "(none)" else frozenset(f[3].split(","))
+        peers[f[0]] = WgPeer(f[2], ips, int(f[4]))
+    return peers
+
+
+def agent_status(lab: Lab, node: str) -> dict[str, Any]:
+    state = next(n["agent"]["state_dir"] for n in lab.status()["nodes"] if n["name"] == node)
+    return json.loads((Path(state) / "status.json").read_text())
+
+
+def workload_ip(lab: Lab, name: str) -> str:
+    return next(w["ip"] for w in lab.status()["workloads"] if w["name"] == name)
+
+
+def ping(lab: Lab, src: str, dst_ip: str, count: int = 3, interval: float = 0.2) -> int:
+    """Packets received of `count`."""
+    out = run_in(lab, src, ["ping", "-n", "-q", "-c", str(count), "-i", str(interval),
+                            "-W", "2", dst_ip], check=False, timeout=count * interval + 30)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out.stdout)
+    return int(m.group(2)) if m else 0
+
+
+class Pinger:
+    """A ping that runs while a test breaks something; `result()` = (sent, received)."""
+
+    def __init__(self, lab: Lab, src: str, dst_ip: str, count: int,
+                 interval: float = 0.1) -> None:
+        self.proc = subprocess.Popen(
+            [*lab.exec_prefix(src), "ping", "-n", "-q", "-c", str(count), "-i", str(interval),
+             "-W", "2", dst_ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.timeout = count * interval + 30
+
+    def result(self) -> tuple[int, int]:
+        out, _ = self.proc.communicate(timeout=self.timeout)
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        assert m, out
+        return int(m.group(1)), int(m.group(2))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def capture(lab: Lab, path: Path, bpf: str = "ip") -> Iterator[Path]:
+    """tcpdump on the underlay bridge for the `with` block; stopped by PID."""
+    proc = subprocess.Popen(
+        [*lab.exec_prefix("underlay"), "tcpdump", "-i", "br0", "-n", "-U", "-w", str(path),
+         bpf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        assert "listening on" in line, line
+        yield path
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def count_packets(path: Path, bpf: str) -> int:
+    out = subprocess.run(["tcpdump", "-n", "-r", str(path), bpf], capture_output=True,
+                         text=True, check=True).stdout
+    return len(out.splitlines())
+
+
+def etcdctl(lab: Lab, *args: str, input: bytes | None = None) -> str:
+    endpoints = ",".join(lab.status()["etcd"]["endpoints"])
+    out = run_in(lab, "controller", ["etcdctl", f"--endpoints={endpoints}", *args],
+                 input=input)
+    return out.stdout.decode() if isinstance(out.stdout, bytes) else out.stdout
