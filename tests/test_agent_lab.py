@@ -133,6 +133,21 @@ def test_agent_sigkill_and_restart_keeps_key_and_peers_and_loses_no_ping(lab: La
         == peers_before
 
 
+def test_a_corrupt_key_file_is_repaired_from_the_running_device(lab: Lab) -> None:
+    key_before = agent_status(lab, "n2")["public_key"]
+    assert agents.stop_agent(lab, "n2")
+    state_dir = Path(next(n["agent"]["state_dir"] for n in lab.status()["nodes"]
+                          if n["name"] == "n2"))
+    (state_dir / "wireguard.key").write_text("this is not a key\n")
+    (state_dir / "status.json").unlink()
+    agents.start_agent(lab, "n2")
+    status = wait_for("the agent to be back", lambda: agent_status(lab, "n2"))
+    assert status["public_key"] == key_before
+    assert status["key_problem"]
+    assert "wireguard key file:" in Path(agents.running_agent(lab, "n2").log).read_text()
+    assert ping(lab, "n1-w1", workload_ip(lab, "n2-w1")) == 3
+
+
 def test_etcd_down_for_30s_keeps_tunnels_and_the_agents_catch_up(lab: Lab) -> None:
     pinger = Pinger(lab, "n1-w1", workload_ip(lab, "n2-w1"), count=350)
     try:

@@ -17,9 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,85 +30,10 @@ from spiffe import WorkloadApiClient
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 from spiffe.spiffe_id.spiffe_id import TrustDomain
 from spiffe.workloadapi.errors import FetchX509BundleError, FetchX509SvidError
+from wlapi_server import N1, TD, Server, server_config
 
-TD = "lab.tfcrypt"
-N1 = f"spiffe://{TD}/tfcrypt/node/n1"
 HEADER = (("workload.spiffe.io", "true"),)
-START_TIMEOUT = 20.0
 RPC_TIMEOUT = 5.0
-
-
-@dataclass
-class Server:
-    """One running server process and the paths it serves."""
-
-    dir: Path
-    config_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log_path = self.dir / "server.log"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.dir / "state"
-
-    @property
-    def ready(self) -> Path:
-        return self.state_dir / "ready"
-
-    def sock(self, name: str) -> Path:
-        return self.dir / f"{name}.sock"
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lab_workload_api", "serve",
-                 "--config", str(self.config_path)],
-                stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._ready_for(self.proc.pid):
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {START_TIMEOUT}s:\n{self.log()}")
-            time.sleep(0.05)
-
-    def _ready_for(self, pid: int) -> bool:
-        """A ready file left by a killed server names another pid: not ready yet."""
-        try:
-            return self.ready.read_text() == str(pid)
-        except FileNotFoundError:
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=10)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _config(d: Path, ttl: float) -> dict[str, Any]:
-    return {
-        "trust_domain": TD,
-        "state_dir": str(d / "state"),
-        "svid_ttl_seconds": ttl,
-        "identities": [
-            {"socket": str(d / "n1.sock"), "spiffe_id": N1},
-            {"socket": str(d / "x.sock"), "spiffe_id": None},
-        ],
-    }
 
 
 @pytest.fixture
@@ -128,7 +51,7 @@ def make_server(workdir: Path) -> Iterator[Any]:
 
     def make(ttl: float = 300) -> Server:
         config_path = workdir / "config.json"
-        config_path.write_text(json.dumps(_config(workdir, ttl)))
+        config_path.write_text(json.dumps(server_config(workdir, ttl)))
         server = Server(workdir, config_path)
         servers.append(server)
         server.start()
@@ -325,7 +248,7 @@ def test_second_instance_refuses_and_leaves_the_first_serving(make_server: Any) 
 
 def test_non_socket_file_at_socket_path_is_left_alone(workdir: Path) -> None:
     path = workdir / "config.json"
-    path.write_text(json.dumps(_config(workdir, 300)))
+    path.write_text(json.dumps(server_config(workdir, 300)))
     (workdir / "x.sock").write_text("precious")
     result = _run_cli(path)
     assert result.returncode == 1
@@ -350,7 +273,7 @@ def stat_mode(path: Path) -> int:
 ])
 def test_bad_config_exits_2_naming_the_key(workdir: Path, change: dict[str, Any],
                                            key: str) -> None:
-    config = _config(workdir, 300) | change
+    config = server_config(workdir, 300) | change
     path = workdir / "config.json"
     path.write_text(json.dumps(config))
     result = _run_cli(path)

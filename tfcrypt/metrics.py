@@ -10,6 +10,8 @@ RECORDS_REJECTED = Counter(
 WORKLOAD_API_ERRORS = Counter(
     "tfcrypt_workload_api_errors_total", "Problems with the SPIFFE Workload API stream",
     ["reason"])
+STATE_PROBLEMS = Counter(
+    "tfcrypt_state_problems_total", "Local state that had to be repaired at start", ["what"])
 RECONCILES = Counter("tfcrypt_reconciles_total", "Dataplane reconciles", ["result"])
 RECONCILE_SECONDS = Histogram("tfcrypt_reconcile_duration_seconds",
                               "Time to compute and apply the desired dataplane")

@@ -86,6 +86,7 @@ class Agent:
             log.warning("wireguard device not available yet: %s", exc)
         self.node_key = load_node_key(self._state_dir, time.time(), fallback=fallback)
         if self.node_key.key.problem:
+            metrics.STATE_PROBLEMS.labels("key_file").inc()
             log.warning("wireguard key file: %s", self.node_key.key.problem)
         log.info("node %s: wireguard public key %s, epoch %d", self.cfg.node_name,
                  self.node_key.public_key, self.node_key.epoch)
@@ -254,6 +255,7 @@ class Agent:
             "svid_expires": svid.not_after.isoformat() if svid else None,
             "public_key": nk.public_key if nk else None,
             "epoch": nk.epoch if nk else None,
+            "key_problem": nk.key.problem if nk else None,
             "in_sync": self.in_sync,
             "etcd": {"connected": reg.connected, "last_revision": reg.last_revision,
                      "relists": reg.relists, "reconnects": reg.reconnects,
