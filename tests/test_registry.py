@@ -76,6 +76,19 @@ async def eventually(
         await asyncio.sleep(0.05)
 
 
+async def put_until_accepted(writer: Registry, key: str, value: bytes) -> None:
+    """Like an operator re-running the CLI: a write can fail while a new leader is elected."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            await writer.put(key, value)
+            return
+        except RegistryUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 class Consumer:
     """Consumes `events()` like the agent does: replace on Listed, apply Put/Deleted."""
 
@@ -392,19 +405,7 @@ def test_cluster_keeps_working_with_one_member_killed(etcd_cluster: EtcdCluster)
             await consumer.sees({"nodes/a": b"a", "nodes/me": b"me"})
 
             await asyncio.to_thread(etcd_cluster.members[0].kill)
-
-            async def put_with_retry(key: str, value: bytes) -> None:
-                deadline = time.monotonic() + WAIT
-                while True:
-                    try:
-                        await writer.put(key, value)
-                        return
-                    except RegistryUnavailable:
-                        if time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(0.2)
-
-            await put_with_retry("nodes/b", b"b")
+            await put_until_accepted(writer, "nodes/b", b"b")
             await writer.delete("nodes/a")
             await consumer.sees({"nodes/b": b"b", "nodes/me": b"me"})
             listed = await writer.get_all("nodes/")
@@ -432,7 +433,7 @@ def test_cluster_member_that_hangs_is_left_for_another(etcd_cluster: EtcdCluster
             await consumer.sees({"nodes/a": b"a"})
 
             etcd_cluster.members[0].pause()
-            await writer.put("nodes/b", b"b")
+            await put_until_accepted(writer, "nodes/b", b"b")
             await consumer.sees({"nodes/a": b"a", "nodes/b": b"b"})
             assert reg.relists >= 1 and reg.reconnects >= 1
             assert reg.status().endpoint != endpoints[0].removeprefix("http://")
