@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import aetcd
 
 from tfcrypt.registry.endpoints import Endpoint
-from tfcrypt.registry.errors import RegistryError, RegistryUnavailable
+from tfcrypt.registry.errors import Compacted, LeaseLost, RegistryError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,14 @@ class Connection:
         self.connected = True
 
     async def failed(self, client: aetcd.Client, error: RegistryError) -> None:
-        """Record `error` seen on `client`; if it is still current and etcd is unavailable
-        (not merely refusing this request), drop the client and rotate."""
+        """Record `error` seen on `client`; if it is still current and the link itself is
+        broken (not a refused request, a compacted revision or a lost lease), drop the
+        client and rotate."""
         self.last_error = str(error)
-        if client is not self._client or not isinstance(error, RegistryUnavailable):
+        link_broken = isinstance(error, RegistryUnavailable) and not isinstance(
+            error, Compacted | LeaseLost
+        )
+        if client is not self._client or not link_broken:
             return
         self.connected = False
         self._client = None
