@@ -1,6 +1,7 @@
 """Small tools for lab tests that drive tfcrypt agents: run in a target, read `wg`,
 ping, capture the underlay, read and write etcd from inside the lab.
 
+Pinging and capturing live in netns_lab.wire (the demo uses them too).
 Everything here runs commands inside lab namespaces (from `status --json`), never lab
 addresses from the root namespace.
 """
@@ -9,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from netns_lab import Lab
+from netns_lab.wire import parse_ping, ping_argv
 
 T = TypeVar("T")
 PREFIX = "/tfcrypt/v1"
@@ -72,60 +72,26 @@ def workload_ip(lab: Lab, name: str) -> str:
     return next(w["ip"] for w in lab.status()["workloads"] if w["name"] == name)
 
 
-def ping(lab: Lab, src: str, dst_ip: str, count: int = 3, interval: float = 0.2) -> int:
-    """Packets received of `count`."""
-    out = run_in(lab, src, ["ping", "-n", "-q", "-c", str(count), "-i", str(interval),
-                            "-W", "2", dst_ip], check=False, timeout=count * interval + 30)
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", out.stdout)
-    return int(m.group(2)) if m else 0
-
-
 class Pinger:
     """A ping that runs while a test breaks something; `result()` = (sent, received)."""
 
     def __init__(self, lab: Lab, src: str, dst_ip: str, count: int,
                  interval: float = 0.1) -> None:
         self.proc = subprocess.Popen(
-            [*lab.exec_prefix(src), "ping", "-n", "-q", "-c", str(count), "-i", str(interval),
-             "-W", "2", dst_ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [*lab.exec_prefix(src), *ping_argv(dst_ip, count, interval)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.timeout = count * interval + 30
 
     def result(self) -> tuple[int, int]:
         out, _ = self.proc.communicate(timeout=self.timeout)
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        assert m, out
-        return int(m.group(1)), int(m.group(2))
+        sent, received = parse_ping(out)
+        assert sent, out
+        return sent, received
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-@contextlib.contextmanager
-def capture(lab: Lab, path: Path, bpf: str = "ip") -> Iterator[Path]:
-    """tcpdump on the underlay bridge for the `with` block; stopped by PID."""
-    proc = subprocess.Popen(
-        [*lab.exec_prefix("underlay"), "tcpdump", "-i", "br0", "-n", "-U", "-w", str(path),
-         bpf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline().decode()
-        assert "listening on" in line, line
-        yield path
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def count_packets(path: Path, bpf: str) -> int:
-    out = subprocess.run(["tcpdump", "-n", "-r", str(path), bpf], capture_output=True,
-                         text=True, check=True).stdout
-    return len(out.splitlines())
 
 
 def etcdctl(lab: Lab, *args: str, input: bytes | None = None) -> str:

@@ -16,21 +16,11 @@ from pathlib import Path
 
 import pytest
 from conftest import running_lab
-from labtools import (
-    PREFIX,
-    Pinger,
-    agent_status,
-    capture,
-    count_packets,
-    etcdctl,
-    ping,
-    wait_for,
-    wg_peers,
-    workload_ip,
-)
+from labtools import PREFIX, Pinger, agent_status, etcdctl, wait_for, wg_peers, workload_ip
 from spiffe import WorkloadApiClient
 
 from netns_lab import Lab, agents
+from netns_lab.wire import capture, count_packets, ping
 from tfcrypt.identity import sign_envelope
 from tfcrypt.model.node import NodeRecord
 
@@ -72,9 +62,13 @@ def test_agents_form_a_verified_mesh_and_traffic_crosses_inside_it(
     with capture(lab, tmp_path / "underlay.pcap"):
         for src, dst in pairs:
             assert ping(lab, src, workload_ip(lab, dst), count=3) == 3
+        assert ping(lab, "n1", "10.77.0.12", count=3) == 3  # control: not a workload flow
     pcap = tmp_path / "underlay.pcap"
     assert count_packets(pcap, "udp port 51820") >= 6 * len(pairs)
-    assert count_packets(pcap, "icmp") == 0, "a workload ping crossed the underlay in clear"
+    assert count_packets(pcap, "icmp and net 10.200.0.0/16") == 0, \
+        "a workload ping crossed the underlay in clear"
+    assert count_packets(pcap, "icmp and host 10.77.0.11 and host 10.77.0.12") >= 6, \
+        "the capture must see plaintext where there is some"
     for node in NODES:
         assert all(p.latest_handshake > 0 for p in wg_peers(lab, node).values())
         allowed = {frozenset(p.allowed_ips) for p in wg_peers(lab, node).values()}
