@@ -89,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = keys_sub.add_parser(
         "rotate", help="make a new key and bump the epoch; a running agent picks it up "
                        "within a second and republishes its record")
-    rotate.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"))
     show = keys_sub.add_parser("show", help="print the public key and epoch")
-    show.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"))
-
     status = sub.add_parser("status", help="what the local agent last reported")
-    status.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"))
+    for p in (rotate, show, status):
+        _common(p)
+        p.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"),
+                       help="the agent's state directory (default %(default)s)")
     return parser
 
 
