@@ -26,6 +26,7 @@ from spiffe.spiffe_id.spiffe_id import TrustDomain
 from tfcrypt.errors import ConfigError, Rejected, RejectReason
 from tfcrypt.identity import (
     Authorizer,
+    ChainTime,
     EpochBook,
     TrustBundles,
     Verified,
@@ -541,3 +542,32 @@ def test_mutated_leaf_certificate_is_only_ever_rejected(world: World, valid_raw:
     raw = edit_envelope(valid_raw, chain=[base64.b64encode(bytes(der)).decode()])
     with pytest.raises(Rejected):
         world.verify(raw, "nodes/n1")
+
+
+def _controller_value(world: World, issued_at: dt.datetime) -> bytes:
+    key, chain = world.svid(CONTROLLER)
+    body = payload("policies/x", 9, "EncryptionPolicy") | {"issued_at": int(issued_at.timestamp())}
+    return sign_envelope(body, key, chain)
+
+
+def test_controller_value_outlives_its_signers_svid_when_checked_at_issued_at(
+        world: World, book: EpochBook) -> None:
+    raw = _controller_value(world, NOW)
+    later = NOW + 2 * HOUR
+    assert world.verify(raw, "policies/x", now=later,
+                        chain_time=ChainTime.ISSUED_AT).signer == CONTROLLER
+    assert_rejected(world, book, RejectReason.EXPIRED,
+                    lambda: world.verify(raw, "policies/x", now=later))
+
+
+def test_issued_at_in_the_future_is_refused(world: World, book: EpochBook) -> None:
+    raw = _controller_value(world, NOW + HOUR / 2)
+    rej = assert_rejected(world, book, RejectReason.INVALID_FIELD, lambda: world.verify(
+        raw, "policies/x", now=NOW, chain_time=ChainTime.ISSUED_AT))
+    assert "future" in rej.detail
+
+
+def test_issued_after_the_chain_expired_is_expired(world: World, book: EpochBook) -> None:
+    raw = _controller_value(world, NOW + 2 * HOUR)
+    assert_rejected(world, book, RejectReason.EXPIRED, lambda: world.verify(
+        raw, "policies/x", now=NOW + 2 * HOUR, chain_time=ChainTime.ISSUED_AT))

@@ -11,10 +11,11 @@ from tfcrypt.identity.bundles import TrustBundles
 from tfcrypt.identity.canonical import canonical_json
 from tfcrypt.identity.envelope import sign_envelope
 from tfcrypt.identity.epochs import EpochBook
-from tfcrypt.identity.verify import Verified, verify_envelope
+from tfcrypt.identity.verify import ChainTime, Verified, verify_envelope
 
 __all__ = [
     "Authorizer",
+    "ChainTime",
     "EpochBook",
     "TrustBundles",
     "Verified",

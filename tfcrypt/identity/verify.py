@@ -16,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,8 +66,28 @@ class Verified:
     not_after: dt.datetime
 
 
+class ChainTime(enum.Enum):
+    """When the signer's chain must have been valid.
+
+    NOW suits values their writer re-signs before its SVID expires (node records: the agent
+    re-signs on every rotation), so a record outlives its writer by at most one SVID
+    lifetime. ISSUED_AT suits values written once by a controller whose SVID expires long
+    before the value stops mattering (workloads, policies): the chain must have been valid
+    when the value says it was signed, and that moment may not lie in the future. The cost
+    is that a stolen, expired controller key could still sign a backdated value; epochs
+    still refuse replays of older ones.
+    """
+
+    NOW = "now"
+    ISSUED_AT = "issued_at"
+
+
+MAX_CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
 def verify_envelope(raw: bytes, key: str, *, bundles: TrustBundles, authorizer: Authorizer,
-                    now: dt.datetime, max_bytes: int = DEFAULT_MAX_BYTES) -> Verified:
+                    now: dt.datetime, max_bytes: int = DEFAULT_MAX_BYTES,
+                    chain_time: ChainTime = ChainTime.NOW) -> Verified:
     """Return the verified value stored at `key` (relative to the prefix) or raise Rejected."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -86,7 +107,17 @@ def verify_envelope(raw: bytes, key: str, *, bundles: TrustBundles, authorizer: 
     if not cas:
         raise Rejected(RejectReason.UNKNOWN_TRUST_DOMAIN,
                        f"no trust bundle for {trust_domain!r}")
-    verified_chain = _validate_chain(env.chain, cas, trust_domain, now)
+    at = now
+    if chain_time is ChainTime.ISSUED_AT:
+        try:
+            at = dt.datetime.fromtimestamp(payload["issued_at"], dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise Rejected(RejectReason.INVALID_FIELD,
+                           "payload.issued_at: not a usable time") from None
+        if at > now + MAX_CLOCK_SKEW:
+            raise Rejected(RejectReason.INVALID_FIELD,
+                           f"payload.issued_at {at.isoformat()} lies in the future")
+    verified_chain = _validate_chain(env.chain, cas, trust_domain, at)
     public_key = _check_svid_leaf(env.leaf)
     if not verify_signature(public_key, env.signature, env.payload_text.encode("utf-8")):
         raise Rejected(RejectReason.BAD_SIGNATURE, f"signature by {spiffe_id} does not verify")
