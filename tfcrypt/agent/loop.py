@@ -27,13 +27,13 @@ from typing import Any
 
 from tfcrypt import metrics
 from tfcrypt.agent.nodekey import NodeKey, key_file_stamp, load_node_key
-from tfcrypt.agent.view import NodeView
 from tfcrypt.config import AgentConfig
 from tfcrypt.core.mesh import DesiredMesh, MeshSnapshot, compute_mesh
 from tfcrypt.dataplane.routes import RouteManager
 from tfcrypt.dataplane.rules import RuleManager
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
 from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
+from tfcrypt.identity.view import Family, VerifiedView
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
@@ -62,7 +62,8 @@ class Agent:
         self.routes = routes
         self.rules = rules
         self._supervise = supervise
-        self.view = NodeView(on_reject=lambda r: metrics.RECORDS_REJECTED.labels(r).inc())
+        self.view = VerifiedView({"nodes/": Family(NodeRecord.from_verified)},
+                                 on_reject=lambda r: metrics.RECORDS_REJECTED.labels(r).inc())
         self.svid: SvidUpdate | None = None
         self.listed = False
         self.node_key: NodeKey | None = None
@@ -205,10 +206,12 @@ class Agent:
         started = time.monotonic()
         now = _utcnow()
         self.view.expire(now)
+        nodes = self.view.of("nodes/")
         mesh = compute_mesh(MeshSnapshot(
             own_node=self.cfg.node_name, own_public_key=self.node_key.public_key,
-            records=dict(self.view.records),
-            not_after={n: t.timestamp() for n, t in self.view.not_after.items()},
+            records={r.node: r for r in nodes.values()},
+            not_after={nodes[k].node: t.timestamp() for k, t in self.view.not_after.items()
+                       if k in nodes},
             now=now.timestamp()))
         if self.mesh is None or mesh.conflicts != self.mesh.conflicts:
             for conflict in mesh.conflicts:

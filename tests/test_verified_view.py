@@ -1,4 +1,4 @@
-"""The agent's verified view: what it believes from etcd, and what it refuses."""
+"""The verified view of etcd: what a reader believes, and what it refuses."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import datetime as dt
 
 from lab_workload_api.ca import LabCA
 
-from tfcrypt.agent.view import NodeView
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
+from tfcrypt.identity.view import Family, VerifiedView
 from tfcrypt.model.node import NodeRecord
 
 TD = "lab.tfcrypt"
@@ -18,6 +18,10 @@ HOUR = dt.timedelta(hours=1)
 
 def node_id(n: str) -> str:
     return f"spiffe://{TD}/tfcrypt/node/{n}"
+
+
+def new_view() -> VerifiedView:
+    return VerifiedView({"nodes/": Family(NodeRecord.from_verified)})
 
 
 class Signers:
@@ -39,8 +43,8 @@ class Signers:
             else self.svids[node]
         return sign_envelope(payload, svid.key, svid.chain)
 
-    def trusting(self) -> NodeView:
-        view = NodeView()
+    def trusting(self) -> VerifiedView:
+        view = new_view()
         view.set_trust(TrustBundles({TD: [self.ca.cert]}), Authorizer(TD), NOW)
         return view
 
@@ -49,10 +53,10 @@ def test_forged_overwrite_is_counted_and_the_real_record_stays() -> None:
     s = Signers()
     view = s.trusting()
     assert view.put("nodes/n2", s.record("n2", key_byte=2), NOW)
-    real = view.records["n2"]
+    real = view.records["nodes/n2"]
     assert not view.put("nodes/n2", s.record("n2", key_byte=9, signer="n3"), NOW)
     assert not view.put("nodes/n2", s.record("n2", key_byte=9, ca=s.rogue), NOW)
-    assert view.records["n2"] == real
+    assert view.records["nodes/n2"] == real
     assert view.rejections == {"unauthorized": 1, "untrusted_chain": 1}
 
 
@@ -61,7 +65,7 @@ def test_a_deletion_is_honoured() -> None:
     view = s.trusting()
     view.put("nodes/n2", s.record("n2"), NOW)
     assert view.delete("nodes/n2")
-    assert "n2" not in view.records
+    assert "nodes/n2" not in view.records
 
 
 def test_rollback_to_an_older_epoch_is_refused() -> None:
@@ -69,17 +73,17 @@ def test_rollback_to_an_older_epoch_is_refused() -> None:
     view = s.trusting()
     view.put("nodes/n2", s.record("n2", epoch=7, key_byte=7), NOW)
     view.put("nodes/n2", s.record("n2", epoch=6, key_byte=6), NOW)
-    assert view.records["n2"].epoch == 7
+    assert view.records["nodes/n2"].epoch == 7
     assert view.rejections == {"rollback": 1}
 
 
 def test_values_before_the_bundle_are_verified_when_it_arrives() -> None:
     s = Signers()
-    view = NodeView()
+    view = new_view()
     view.replace_all({"nodes/n2": s.record("n2"), "nodes/n3": b"{garbage"}, NOW)
     assert view.records == {}
     assert view.set_trust(TrustBundles({TD: [s.ca.cert]}), Authorizer(TD), NOW)
-    assert set(view.records) == {"n2"}
+    assert set(view.records) == {"nodes/n2"}
     assert view.rejections == {"malformed": 1}
 
 

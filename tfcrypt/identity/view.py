@@ -1,4 +1,4 @@
-"""The agent's verified view of etcd: raw values in, believed node records out.
+"""A verified view of etcd: raw values in, believed typed records out.
 
 Rules:
 - Every value is verified before it is believed; a rejected value is counted by reason and
@@ -7,8 +7,11 @@ Rules:
   deletion is honoured).
 - Values that arrive before the trust bundle are kept raw and verified when it arrives;
   a bundle change re-verifies everything.
-- Keys outside the families this view knows are ignored here (policies and workloads
-  are read by their own views).
+- Each key family (`nodes/`, `workloads/`, `policies/`) says how its values are parsed and
+  when the signer's chain must have been valid (tfcrypt.identity.verify.ChainTime); keys
+  of no known family are ignored.
+- Records of families checked at NOW become stale when their signer's chain expires
+  (`expire`): a node that stopped re-signing is not believed for ever.
 """
 
 from __future__ import annotations
@@ -18,24 +21,37 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from tfcrypt.errors import Rejected
-from tfcrypt.identity import Authorizer, EpochBook, TrustBundles, verify_envelope
-from tfcrypt.model.node import NodeRecord
+from tfcrypt.identity.authz import Authorizer
+from tfcrypt.identity.bundles import TrustBundles
+from tfcrypt.identity.epochs import EpochBook
+from tfcrypt.identity.verify import ChainTime, Verified, verify_envelope
 
 log = logging.getLogger(__name__)
 
-NODES = "nodes/"
 MAX_REMEMBERED = 10_000  # distinct rejected values remembered so relists do not recount
 
 
-class NodeView:
-    """Verified NodeRecords by node name, and why anything else was refused."""
+@dataclass(frozen=True)
+class Family:
+    """How the values under one key prefix are read."""
 
-    def __init__(self, on_reject: Callable[[str], None] | None = None) -> None:
+    parse: Callable[[Verified], Any]
+    chain_time: ChainTime = ChainTime.NOW
+
+
+class VerifiedView:
+    """Believed records by key, and why anything else was refused."""
+
+    def __init__(self, families: Mapping[str, Family],
+                 on_reject: Callable[[str], None] | None = None) -> None:
+        self._families = dict(families)
         self._on_reject = on_reject
         self.raw: dict[str, bytes] = {}
-        self.records: dict[str, NodeRecord] = {}
+        self.records: dict[str, Any] = {}
         self.not_after: dict[str, dt.datetime] = {}
         self.rejections: Counter[str] = Counter()
         self.last_rejection: dict[str, str] = {}
@@ -44,6 +60,13 @@ class NodeView:
         self._epochs = EpochBook()
         self._bundles: TrustBundles | None = None
         self._authorizer: Authorizer | None = None
+
+    def of(self, prefix: str) -> dict[str, Any]:
+        """Believed records under `prefix`, by key."""
+        return {k: v for k, v in self.records.items() if k.startswith(prefix)}
+
+    def _family(self, key: str) -> Family | None:
+        return next((f for p, f in self._families.items() if key.startswith(p)), None)
 
     def set_trust(self, bundles: TrustBundles, authorizer: Authorizer,
                   now: dt.datetime) -> bool:
@@ -60,61 +83,61 @@ class NodeView:
     def replace_all(self, items: Mapping[str, bytes], now: dt.datetime) -> bool:
         """A full list from etcd: keys missing from it are gone."""
         before = dict(self.records)
-        nodes = {k: v for k, v in items.items() if k.startswith(NODES)}
-        for key in set(self.raw) - set(nodes):
+        known = {k: v for k, v in items.items() if self._family(k) is not None}
+        for key in set(self.raw) - set(known):
             self._forget(key)
-        for key, value in nodes.items():
+        for key, value in known.items():
             self.raw[key] = value
             if self._believed_raw.get(key) != value:
                 self._verify(key, value, now)
         return before != self.records
 
     def put(self, key: str, value: bytes, now: dt.datetime) -> bool:
-        if not key.startswith(NODES):
+        if self._family(key) is None:
             return False
-        before = self.records.get(key[len(NODES):])
+        before = self.records.get(key)
         self.raw[key] = value
         self._verify(key, value, now)
-        return before != self.records.get(key[len(NODES):])
+        return before != self.records.get(key)
 
     def delete(self, key: str) -> bool:
-        if not key.startswith(NODES):
-            return False
-        existed = key[len(NODES):] in self.records
+        existed = key in self.records
         self._forget(key)
         return existed
 
     def expire(self, now: dt.datetime) -> bool:
         """Drop records whose signer's chain has expired (stale, not re-signed in time)."""
-        stale = [n for n, t in self.not_after.items() if t <= now]
-        for node in stale:
-            log.warning("node record nodes/%s is stale: its signer's SVID expired", node)
-            self.records.pop(node, None)
-            self.not_after.pop(node, None)
-            self._believed_raw.pop(NODES + node, None)
+        stale = [k for k, t in self.not_after.items() if t <= now]
+        for key in stale:
+            log.warning("%s is stale: its signer's SVID expired", key)
+            self.records.pop(key, None)
+            self.not_after.pop(key, None)
+            self._believed_raw.pop(key, None)
         return bool(stale)
 
     def _forget(self, key: str) -> None:
-        node = key[len(NODES):]
         self.raw.pop(key, None)
         self._believed_raw.pop(key, None)
-        self.records.pop(node, None)
-        self.not_after.pop(node, None)
+        self.records.pop(key, None)
+        self.not_after.pop(key, None)
 
     def _verify(self, key: str, value: bytes, now: dt.datetime) -> None:
-        if self._bundles is None or self._authorizer is None:
+        family = self._family(key)
+        if family is None or self._bundles is None or self._authorizer is None:
             return
         try:
             verified = verify_envelope(value, key, bundles=self._bundles,
-                                       authorizer=self._authorizer, now=now)
-            record = NodeRecord.from_verified(verified)
+                                       authorizer=self._authorizer, now=now,
+                                       chain_time=family.chain_time)
+            record = family.parse(verified)
             self._epochs.check(verified)
         except Rejected as rej:
             self._reject(key, value, rej)
             return
         self._epochs.accept(verified)
-        self.records[record.node] = record
-        self.not_after[record.node] = verified.not_after
+        self.records[key] = record
+        if family.chain_time is ChainTime.NOW:
+            self.not_after[key] = verified.not_after
         self._believed_raw[key] = value
 
     def _reject(self, key: str, value: bytes, rej: Rejected) -> None:
