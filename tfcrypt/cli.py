@@ -90,7 +90,37 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate", help="make a new key and bump the epoch; a running agent picks it up "
                        "within a second and republishes its record")
     show = keys_sub.add_parser("show", help="print the public key and epoch")
+    workload = sub.add_parser("workload", help="the controller-signed workload inventory")
+    wl_sub = workload.add_subparsers(dest="workload_command", required=True)
+    wl_set = wl_sub.add_parser("set", help="create or update a workload (signed with the "
+                                           "controller SVID)")
+    wl_set.add_argument("name")
+    wl_set.add_argument("--node", required=True, help="the node the workload runs on")
+    wl_set.add_argument("--ip", action="append", required=True, help="an address (repeatable)")
+    wl_set.add_argument("--tag", action="append", default=[],
+                        help="an effective tag type=value (repeatable)")
+    wl_del = wl_sub.add_parser("delete", help="remove a workload")
+    wl_del.add_argument("name")
+    wl_del.add_argument("--node", help="only on this node")
+    wl_list = wl_sub.add_parser("list", help="workloads as agents would believe them")
+    wl_list.add_argument("--json", action="store_true")
+
+    policy = sub.add_parser("policy", help="EncryptionPolicies")
+    pol_sub = policy.add_subparsers(dest="policy_command", required=True)
+    pol_apply = pol_sub.add_parser("apply", help="create or update a policy from a YAML file")
+    pol_apply.add_argument("-f", "--file", required=True)
+    pol_del = pol_sub.add_parser("delete", help="remove a policy")
+    pol_del.add_argument("name")
+    pol_list = pol_sub.add_parser("list", help="policies as agents would believe them")
+    pol_list.add_argument("--json", action="store_true")
+    controller_parsers = [wl_set, wl_del, wl_list, pol_apply, pol_del, pol_list]
+
     status = sub.add_parser("status", help="what the local agent last reported")
+    for p in controller_parsers:
+        _common(p)
+        p.add_argument("--controller-id", action="append", default=None,
+                       help="SPIFFE IDs allowed to write workloads and policies "
+                            "(default spiffe://<trust-domain>/tfcrypt/controller)")
     for p in (rotate, show, status):
         _common(p)
         p.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"),
@@ -158,6 +188,52 @@ async def _run_agent(cfg: AgentConfig, wireguard_log: str | None) -> None:
             await backend.close()
 
 
+def _cell(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _print_rows(rows: list[dict[str, object]], as_json: bool, columns: list[str]) -> None:
+    """A table of the verified rows, then one line per refused value with its reason."""
+    if as_json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    table = [[_cell(r[c]) for c in columns] for r in rows if r["verified"]]
+    widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(columns)]
+    for row in [[c.upper() for c in columns], *table]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    for r in rows:
+        if not r["verified"]:
+            print(f"{r['key']}: REJECTED ({r['rejected']})")
+
+
+async def _controller_command(args: argparse.Namespace) -> int:
+    from tfcrypt.controller import commands
+    from tfcrypt.controller.session import session
+
+    controller_ids = tuple(args.controller_id or
+                           ("spiffe://{trust_domain}/tfcrypt/controller",))
+    policy = commands.read_policy_file(args.file) \
+        if args.command == "policy" and args.policy_command == "apply" else None
+    workload = commands.build_workload(args.name, args.node, args.ip, args.tag) \
+        if args.command == "workload" and args.workload_command == "set" else None
+    async with session(_etcd(args), args.prefix, args.spiffe_socket, controller_ids) as s:
+        if workload is not None:
+            print(await commands.workload_set(s, workload))
+        elif policy is not None:
+            print(await commands.policy_apply(s, policy))
+        elif args.command == "workload" and args.workload_command == "delete":
+            print(await commands.workload_delete(s, args.name, args.node))
+        elif args.command == "policy" and args.policy_command == "delete":
+            print(await commands.policy_delete(s, args.name))
+        elif args.command == "workload":
+            _print_rows(await commands.workload_rows(s), args.json,
+                        ["name", "node", "ips", "tags", "epoch"])
+        else:
+            _print_rows(await commands.policy_rows(s), args.json,
+                        ["name", "mode", "rules", "epoch"])
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -175,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 nk = load_node_key(args.state_dir, time.time())
             print(json.dumps({"public_key": nk.public_key, "epoch": nk.epoch}))
             return 0
+        if args.command in ("workload", "policy"):
+            return asyncio.run(_controller_command(args))
         if args.command == "status":
             path = Path(args.state_dir) / "status.json"
             try:

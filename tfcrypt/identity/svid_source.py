@@ -50,7 +50,8 @@ class SvidUpdate:
         return self.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
 
 
-def _from_context(ctx: object) -> SvidUpdate:
+def update_from_context(ctx: object) -> SvidUpdate:
+    """An SvidUpdate from a py-spiffe X509Context (its default SVID and every bundle)."""
     svid = ctx.default_svid  # type: ignore[attr-defined]
     bundles = {
         str(b.trust_domain): tuple(b.x509_authorities)
@@ -133,7 +134,7 @@ class SvidSource:
                     self._fail("stream_error", str(item))
                     return
                 try:
-                    update = _from_context(item)
+                    update = update_from_context(item)
                 except Exception as exc:
                     self._fail("invalid_svid", str(exc))
                     return

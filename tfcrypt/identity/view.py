@@ -65,6 +65,10 @@ class VerifiedView:
         """Believed records under `prefix`, by key."""
         return {k: v for k, v in self.records.items() if k.startswith(prefix)}
 
+    def epoch(self, key: str) -> int | None:
+        """The highest epoch believed for `key` (remembered across deletions)."""
+        return self._epochs.highest(key)
+
     def _family(self, key: str) -> Family | None:
         return next((f for p, f in self._families.items() if key.startswith(p)), None)
 

@@ -1,0 +1,103 @@
+"""What `tfcrypt workload ...` and `tfcrypt policy ...` do, as functions of a session.
+
+Rules:
+- Input is parsed and validated before anything is written: a bad policy file or tag is a
+  ConfigError naming the problem, and etcd is untouched.
+- A workload's key holds its node (`workloads/<node>/<name>`): `workload set` for a
+  workload that exists on another node writes the new key first, then deletes the old
+  one, so agents see it move without a moment in which it is unknown.
+- Listings show what agents would believe: each value is verified, refused ones are shown
+  with their reason rather than hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tfcrypt.controller.session import ControllerSession
+from tfcrypt.errors import ConfigError
+from tfcrypt.model.policy import EncryptionPolicy, parse_policy_document, policy_key
+from tfcrypt.model.tags import sorted_tag_texts
+from tfcrypt.model.workload import Workload, workload_key
+
+
+def build_workload(name: str, node: str, ips: list[str], tags: list[str]) -> Workload:
+    try:
+        return Workload(name=name, node=node, ips=tuple(ips), tags=frozenset(tags))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError(f"workload {name}: {exc}") from None
+
+
+async def workload_set(s: ControllerSession, workload: Workload) -> str:
+    view = await s.read_view()
+    elsewhere = [k for k, w in view.of("workloads/").items()
+                 if w.name == workload.name and k != workload.key]
+    epoch = s.next_epoch(view, workload.key)
+    await s.put_signed(workload.key, workload.to_payload(epoch=epoch,
+                                                         issued_at=int(time.time())))
+    for key in elsewhere:
+        await s.delete(key)
+    moved = f" (moved from {', '.join(k.split('/')[1] for k in elsewhere)})" if elsewhere else ""
+    return f"workload {workload.name} on {workload.node}: set, epoch {epoch}{moved}"
+
+
+async def workload_delete(s: ControllerSession, name: str, node: str | None) -> str:
+    if node is not None:
+        keys = [workload_key(node, name)]
+    else:
+        listed = await s.registry.get_all("workloads/")
+        keys = [k for k in listed.items if k.rsplit("/", 1)[-1] == name]
+    deleted = [k for k in keys if await s.delete(k)]
+    if not deleted:
+        raise ConfigError(f"workload {name}: not found"
+                          f"{' on node ' + node if node else ''}")
+    return f"workload {name}: deleted ({', '.join(deleted)})"
+
+
+async def workload_rows(s: ControllerSession) -> list[dict[str, Any]]:
+    view = await s.read_view()
+    rows: list[dict[str, Any]] = [
+        {"name": w.name, "node": w.node, "ips": list(w.ips),
+         "tags": sorted_tag_texts(w.tags), "epoch": view.epoch(k), "verified": True}
+        for k, w in sorted(view.of("workloads/").items())]
+    rows += [{"key": k, "verified": False, "rejected": view.last_rejection.get(k)}
+             for k in sorted(view.raw) if k.startswith("workloads/") and k not in view.records]
+    return rows
+
+
+def read_policy_file(path: str) -> EncryptionPolicy:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"-f {path}: {exc.strerror}") from None
+    return parse_policy_document(text, source=path)
+
+
+async def policy_apply(s: ControllerSession, policy: EncryptionPolicy) -> str:
+    view = await s.read_view()
+    before = view.records.get(policy.key)
+    if before == policy:
+        return f"policy {policy.name}: unchanged"
+    epoch = s.next_epoch(view, policy.key)
+    await s.put_signed(policy.key, policy.to_payload(epoch=epoch, issued_at=int(time.time())))
+    verb = "configured" if before is not None else "created"
+    return f"policy {policy.name}: {verb} ({policy.mode.value}, {len(policy.rules)} rule(s))"
+
+
+async def policy_delete(s: ControllerSession, name: str) -> str:
+    if not await s.delete(policy_key(name)):
+        raise ConfigError(f"policy {name}: not found")
+    return f"policy {name}: deleted"
+
+
+async def policy_rows(s: ControllerSession) -> list[dict[str, Any]]:
+    view = await s.read_view()
+    rows: list[dict[str, Any]] = [
+        {"name": p.name, "mode": p.mode.value, "rules": len(p.rules), "epoch": view.epoch(k),
+         "verified": True, "document": p.to_document()}
+        for k, p in sorted(view.of("policies/").items())]
+    rows += [{"key": k, "verified": False, "rejected": view.last_rejection.get(k)}
+             for k in sorted(view.raw) if k.startswith("policies/") and k not in view.records]
+    return rows

@@ -1,0 +1,106 @@
+"""One controller command's connection to the world: its SVID and etcd.
+
+Rules:
+- The SVID comes from the controller's own Workload API socket, fetched once per command;
+  it must be a controller identity, else nothing is written (an agent's socket cannot be
+  used to write policies by mistake: readers would reject the values anyway).
+- Every read goes through the same verified view the agents use, so `list`, `explain`
+  and `plan` show what agents believe, and name what they refuse.
+- Epochs of controller-written keys are milliseconds since the epoch, at least one above
+  the value they replace: several writes per second keep increasing, and a key deleted
+  and written again still lands above what readers remember.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from spiffe import WorkloadApiClient
+
+from tfcrypt.errors import ConfigError, TfcryptError
+from tfcrypt.identity import Authorizer, ChainTime, TrustBundles, sign_envelope
+from tfcrypt.identity.svid_source import SvidUpdate, update_from_context
+from tfcrypt.identity.view import Family, VerifiedView
+from tfcrypt.model.node import NodeRecord
+from tfcrypt.model.policy import EncryptionPolicy
+from tfcrypt.model.workload import Workload
+from tfcrypt.registry import Registry
+from tfcrypt.registry.errors import RegistryError
+
+FETCH_TIMEOUT = 10.0
+
+
+def families() -> Mapping[str, Family]:
+    """How each key family under the prefix is read (shared by agents and controllers)."""
+    return {
+        "nodes/": Family(NodeRecord.from_verified, ChainTime.NOW),
+        "workloads/": Family(Workload.from_verified, ChainTime.ISSUED_AT),
+        "policies/": Family(EncryptionPolicy.from_verified, ChainTime.ISSUED_AT),
+    }
+
+
+def fetch_svid(socket_path: str) -> SvidUpdate:
+    """The SVID and bundles served on `socket_path`, once; a clear error if unavailable."""
+    try:
+        with WorkloadApiClient(socket_path=f"unix:{socket_path.removeprefix('unix:')}") as c:
+            return update_from_context(c.fetch_x509_context(timeout=FETCH_TIMEOUT))
+    except Exception as exc:
+        raise TfcryptError(f"--spiffe-socket {socket_path}: cannot fetch an X509-SVID "
+                           f"({exc})") from None
+
+
+class ControllerSession:
+    def __init__(self, registry: Registry, svid: SvidUpdate,
+                 controller_ids: tuple[str, ...], now: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.svid = svid
+        self._now = now
+        self.authorizer = Authorizer(trust_domain=svid.trust_domain,
+                                     controller_ids=controller_ids)
+        self.bundles = TrustBundles(svid.bundles)
+
+    def require_controller(self) -> None:
+        if not self.authorizer.is_controller(self.svid.spiffe_id):
+            raise ConfigError(f"--spiffe-socket: serves {self.svid.spiffe_id}, which is not "
+                              "a controller identity: refusing to write")
+
+    async def read_view(self) -> VerifiedView:
+        listed = await self.registry.get_all("")
+        view = VerifiedView(families())
+        now = dt.datetime.fromtimestamp(self._now(), dt.UTC)
+        view.set_trust(self.bundles, self.authorizer, now)
+        view.replace_all({k: i.value for k, i in listed.items.items()}, now)
+        return view
+
+    def next_epoch(self, view: VerifiedView, key: str) -> int:
+        return max((view.epoch(key) or 0) + 1, int(self._now() * 1000))
+
+    async def put_signed(self, key: str, payload: dict[str, Any]) -> int:
+        """Sign `payload` (which names `key`) with the controller SVID and store it."""
+        self.require_controller()
+        if payload.get("key") != key:
+            raise ValueError(f"payload for {key} names {payload.get('key')!r}")
+        value = sign_envelope(payload, self.svid.private_key, self.svid.chain)
+        return await self.registry.put(key, value)
+
+    async def delete(self, key: str) -> bool:
+        self.require_controller()
+        return await self.registry.delete(key)
+
+
+@asynccontextmanager
+async def session(endpoints: tuple[str, ...], prefix: str, spiffe_socket: str,
+                  controller_ids: tuple[str, ...]) -> AsyncIterator[ControllerSession]:
+    svid = await asyncio.to_thread(fetch_svid, spiffe_socket)
+    registry = Registry(endpoints, prefix=prefix, request_timeout=5.0)
+    try:
+        yield ControllerSession(registry, svid, controller_ids)
+    except RegistryError as exc:
+        raise TfcryptError(f"--etcd {','.join(endpoints)}: {exc}") from None
+    finally:
+        await registry.aclose()
