@@ -31,6 +31,7 @@ def build_workload(name: str, node: str, ips: list[str], tags: list[str]) -> Wor
 
 
 async def workload_set(s: ControllerSession, workload: Workload) -> str:
+    s.require_controller()
     view = await s.read_view()
     elsewhere = [k for k, w in view.of("workloads/").items()
                  if w.name == workload.name and k != workload.key]
@@ -76,6 +77,7 @@ def read_policy_file(path: str) -> EncryptionPolicy:
 
 
 async def policy_apply(s: ControllerSession, policy: EncryptionPolicy) -> str:
+    s.require_controller()
     view = await s.read_view()
     before = view.records.get(policy.key)
     if before == policy:
