@@ -62,6 +62,7 @@ class Workload:
     node: str
     ips: tuple[str, ...]
     tags: frozenset[Tag]
+    _addresses: tuple[Address, ...] = field(init=False, repr=False, compare=False)
     _values: Mapping[str, str] = field(init=False, repr=False, compare=False)
     _labels: frozenset[str] = field(init=False, repr=False, compare=False)
 
@@ -70,7 +71,9 @@ class Workload:
             raise ValueError(f"name: {self.name!r} is not a DNS-1123 label")
         if not isinstance(self.node, str) or not is_node_name(self.node):
             raise ValueError(f"node: {self.node!r} is not a valid node name")
-        object.__setattr__(self, "ips", normalise_ips(self.ips))
+        addresses = parse_ips(self.ips)
+        object.__setattr__(self, "_addresses", addresses)
+        object.__setattr__(self, "ips", tuple(str(a) for a in addresses))
         try:
             tags = parse_tags(self.tags)
         except ValueError as e:
@@ -83,6 +86,11 @@ class Workload:
     @property
     def key(self) -> str:
         return workload_key(self.node, self.name)
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        """`ips` parsed, in the same order (parsed once: selection tests subnets often)."""
+        return self._addresses
 
     @property
     def labels(self) -> frozenset[str]:
@@ -134,6 +142,11 @@ class Workload:
 
 def normalise_ips(values: Iterable[object]) -> tuple[str, ...]:
     """Plain unicast addresses, compressed, deduplicated, IPv4 first then by address."""
+    return tuple(str(a) for a in parse_ips(values))
+
+
+def parse_ips(values: Iterable[object]) -> tuple[Address, ...]:
+    """`normalise_ips`, as address objects; ValueError names `ips[i]`."""
     if isinstance(values, str):
         raise ValueError("ips: a list of addresses, not one string")
     addrs: set[Address] = set()
@@ -150,5 +163,5 @@ def normalise_ips(values: Iterable[object]) -> tuple[str, ...]:
         if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
             raise ValueError(f"ips[{i}]: {value!r} cannot be a workload address")
         addrs.add(addr)
-    return tuple(str(a) for a in sorted(addrs, key=lambda a: (a.version, a.packed)))
+    return tuple(sorted(addrs, key=lambda a: (a.version, a.packed)))
 
