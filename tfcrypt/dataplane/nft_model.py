@@ -1,0 +1,341 @@
+"""The contents of `table inet tfcrypt` as data: what tfcrypt wants, and what nft reports.
+
+Rules of this module:
+- Pure: no I/O. `desired_table(NftDesired)` and `parse_listing(nft -j output)` both return
+  a `TableState`, and the manager diffs the two. Everything the diff compares is a
+  hashable value keyed by the object's name (sets, chains, counters) or by (container,
+  element), so "nothing to do" is `==`.
+- Rules are identified by their comment, `tfcrypt:<hash of the expression we emit>`, never
+  by parsing nft's rendering of an expression back (nft normalises what it prints). A rule
+  whose expression changes gets a new comment, hence is replaced.
+- Classes are the unit of O(1) classification: one verdict-map lookup on the local address
+  picks the class chain, one set lookup on the remote address decides, whatever the number
+  of workloads and policies. Class keys become object names, so they are validated here.
+- One path for IPv4 and IPv6 (`FAMILIES`); addresses are canonicalised with `ipaddress` on
+  both sides so that nft's spelling never shows up as a difference.
+- Anything in the table this module does not recognise (an object kind tfcrypt never
+  creates, an element that is not a plain address) is listed in `TableState.foreign`; the
+  manager answers that by rebuilding the table in one atomic transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tfcrypt.errors import ConfigError
+
+FAMILY = "inet"
+TABLE = "tfcrypt"
+COUNTERS = ("guard_drops", "ingress_drops", "ingress_audit")
+PREROUTING = "prerouting"
+EGRESS_GUARD = "egress_guard"
+COMMENT_PREFIX = "tfcrypt:"
+_MAX_MARK = 0xFFFFFFFF
+_CLASS_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+_RESERVED_KEYS = frozenset({"out", "in"})
+_KNOWN_KINDS = frozenset({"metainfo", "table", "counter", "set", "map", "chain", "rule"})
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Fam:
+    """One address family: suffix of object names, nft payload protocol, set type."""
+
+    suffix: str
+    proto: str
+    addr_type: str
+
+
+FAMILIES = (Fam("v4", "ip", "ipv4_addr"), Fam("v6", "ip6", "ipv6_addr"))
+_BY_TYPE = {f.addr_type: f for f in FAMILIES}
+
+
+@dataclass(frozen=True)
+class NftDesired:
+    """What the core asks of the nftables dataplane.
+
+    `local_class`: local workload IP -> class key; `class_peers`: class key -> remote IPs
+    selected with that class. `mark` is the bit set on selected packets and `mask` the bits
+    tfcrypt owns in the fwmark (None means `mark`). `enforce=False` is observe-only: the
+    class rules count what they would mark or drop, and change no packet.
+    """
+
+    local_class: Mapping[str, str]
+    class_peers: Mapping[str, frozenset[str]]
+    mark: int
+    mask: int | None = None
+    wg_ifname: str = "tfcrypt0"
+    enforce: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mask is None:
+            object.__setattr__(self, "mask", self.mark)
+
+
+@dataclass(frozen=True)
+class BaseHook:
+    type: str
+    hook: str
+    prio: int
+    policy: str
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    """A set (`map` None) or a map whose values are of type `map` (tfcrypt: "verdict")."""
+
+    type: str
+    map: str | None = None
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    chain: str
+    comment: str
+    expr: tuple[str, ...] = ()
+    """Statements as canonical JSON strings (empty for rules read back from nft)."""
+
+    def expr_json(self) -> list[Json]:
+        return [json.loads(s) for s in self.expr]
+
+
+@dataclass
+class TableState:
+    """One view of the table. `elements` maps container -> {address: jump target or None}."""
+
+    counters: set[str] = field(default_factory=set)
+    sets: dict[str, SetSpec] = field(default_factory=dict)
+    chains: dict[str, BaseHook | None] = field(default_factory=dict)
+    elements: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    rules: dict[tuple[str, str], RuleSpec] = field(default_factory=dict)
+    rule_handles: dict[tuple[str, str], int] = field(default_factory=dict)
+    stray_rules: list[tuple[str, int]] = field(default_factory=list)
+    handles: dict[tuple[str, str], int] = field(default_factory=dict)
+    foreign: list[str] = field(default_factory=list)
+    raw_elements: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def items(self) -> dict[tuple[str, ...], object]:
+        """Flat (kind, name[, member]) -> value view that the delta tracker diffs."""
+        out: dict[tuple[str, ...], object] = {("counter", c): "counter" for c in self.counters}
+        out.update({("set", n): s for n, s in self.sets.items()})
+        out.update({("chain", n): ("chain", h) for n, h in self.chains.items()})
+        for name, members in self.elements.items():
+            out.update({("element", name, ip): ("to", t) for ip, t in members.items()})
+        out.update({("rule", c, m): "rule" for c, m in self.rules})
+        return out
+
+
+def set_name(key: str, fam: Fam) -> str:
+    return f"{key}_{fam.suffix}"
+
+
+def out_chain(key: str) -> str:
+    return f"out_{key}"
+
+
+def in_chain(key: str) -> str:
+    return f"in_{key}"
+
+
+def canonical_ip(text: str) -> tuple[Fam, str]:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise ConfigError(f"address {text!r}: {exc}") from exc
+    return FAMILIES[addr.version == 6], str(addr)
+
+
+def validate(d: NftDesired) -> None:
+    mask = d.mask if d.mask is not None else d.mark
+    if not 0 < d.mark <= _MAX_MARK or not 0 < mask <= _MAX_MARK:
+        raise ConfigError(f"mark {d.mark:#x}/{mask:#x}: must be non-zero 32-bit values")
+    if d.mark & mask != d.mark:
+        raise ConfigError(f"mark {d.mark:#x} has bits outside mask {mask:#x}")
+    if not 0 < len(d.wg_ifname) <= 15 or any(c in d.wg_ifname for c in ' /"\\'):
+        raise ConfigError(f"wg_ifname {d.wg_ifname!r}: not an interface name")
+    for key in {*d.local_class.values(), *d.class_peers}:
+        if not _CLASS_KEY.fullmatch(key) or key in _RESERVED_KEYS:
+            raise ConfigError(f"class key {key!r}: must be an identifier (not 'out'/'in')")
+
+
+def _match(op: str, left: Json, right: object) -> Json:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
+def _addr(fam: Fam, field_: str) -> Json:
+    return {"payload": {"protocol": fam.proto, "field": field_}}
+
+
+def _rule(chain: str, *stmts: Json) -> RuleSpec:
+    expr = tuple(json.dumps(s, sort_keys=True, separators=(",", ":")) for s in stmts)
+    digest = hashlib.sha256("\n".join(expr).encode()).hexdigest()[:12]
+    return RuleSpec(chain, COMMENT_PREFIX + digest, expr)
+
+
+def _set_mark(mark: int, mask: int) -> Json:
+    """`meta mark set meta mark | MARK`, clearing the rest of the mask first if it is wider.
+
+    With a wider mask a plain OR could leave another of our bits set, and then neither the
+    guard nor the `ip rule` (both compare `mark & mask == MARK`) would see the packet.
+    """
+    current: Json = _meta("mark")
+    if mask != mark:
+        current = {"&": [current, _MAX_MARK & ~mask]}
+    return {"mangle": {"key": _meta("mark"), "value": {"|": [current, mark]}}}
+
+
+def _class_rules(key: str, d: NftDesired, mask: int) -> list[RuleSpec]:
+    anon_counter: Json = {"counter": {"packets": 0, "bytes": 0}}
+    rules: list[RuleSpec] = []
+    for fam in FAMILIES:
+        peers = "@" + set_name(key, fam)
+        marking = [_set_mark(d.mark, mask)] if d.enforce else []
+        rules.append(
+            _rule(out_chain(key), _match("==", _addr(fam, "daddr"), peers), anon_counter, *marking)
+        )
+    for fam in FAMILIES:
+        peers = "@" + set_name(key, fam)
+        verdict = [{"counter": "ingress_drops"}, {"drop": None}] if d.enforce else [
+            {"counter": "ingress_audit"}
+        ]
+        rules.append(
+            _rule(
+                in_chain(key),
+                _match("!=", _meta("iifname"), d.wg_ifname),
+                _match("==", _addr(fam, "saddr"), peers),
+                *verdict,
+            )
+        )
+    return rules
+
+
+def desired_table(d: NftDesired) -> TableState:
+    """The whole table for `d`; raises ConfigError for input that cannot become nft names."""
+    validate(d)
+    mask = d.mask if d.mask is not None else d.mark
+    state = TableState(counters=set(COUNTERS))
+    state.chains[PREROUTING] = BaseHook("filter", "prerouting", -150, "accept")
+    state.chains[EGRESS_GUARD] = BaseHook("filter", "postrouting", 0, "accept")
+    base_rules: list[RuleSpec] = []
+    for direction, field_ in (("out", "saddr"), ("in", "daddr")):
+        for fam in FAMILIES:
+            name = f"{direction}_{fam.suffix}"
+            state.sets[name] = SetSpec(fam.addr_type, "verdict")
+            state.elements[name] = {}
+            vmap = {"vmap": {"key": _addr(fam, field_), "data": "@" + name}}
+            base_rules.append(_rule(PREROUTING, vmap))
+    base_rules.append(
+        _rule(
+            EGRESS_GUARD,
+            _match("==", {"&": [_meta("mark"), mask]}, d.mark),
+            _match("!=", _meta("oifname"), d.wg_ifname),
+            {"counter": "guard_drops"},
+            {"drop": None},
+        )
+    )
+
+    rules: list[RuleSpec] = []
+    for key in sorted({*d.local_class.values(), *d.class_peers}):
+        state.chains[out_chain(key)] = None
+        state.chains[in_chain(key)] = None
+        for fam in FAMILIES:
+            state.sets[set_name(key, fam)] = SetSpec(fam.addr_type)
+            state.elements[set_name(key, fam)] = {}
+        for ip in d.class_peers.get(key, frozenset()):
+            fam, canon = canonical_ip(ip)
+            state.elements[set_name(key, fam)][canon] = None
+        rules.extend(_class_rules(key, d, mask))
+    for ip, key in d.local_class.items():
+        fam, canon = canonical_ip(ip)
+        state.elements[f"out_{fam.suffix}"][canon] = out_chain(key)
+        state.elements[f"in_{fam.suffix}"][canon] = in_chain(key)
+    state.rules = {(r.chain, r.comment): r for r in [*rules, *base_rules]}
+    return state
+
+
+def parse_listing(listing: Json) -> TableState:
+    """Read `nft -j list table inet tfcrypt` output into a TableState (with handles)."""
+    state = TableState()
+    for entry in listing.get("nftables", []):
+        ((kind, obj),) = entry.items()
+        if kind not in _KNOWN_KINDS:
+            state.foreign.append(f"{kind} {obj.get('name', '?')}")
+        elif kind == "counter":
+            state.counters.add(obj["name"])
+            state.handles[("counter", obj["name"])] = obj["handle"]
+        elif kind in ("set", "map"):
+            _parse_set(state, kind, obj)
+        elif kind == "chain":
+            hook = None
+            if "hook" in obj:
+                hook = BaseHook(obj["type"], obj["hook"], obj["prio"], obj.get("policy", "accept"))
+            state.chains[obj["name"]] = hook
+            state.handles[("chain", obj["name"])] = obj["handle"]
+        elif kind == "rule":
+            _parse_rule(state, obj)
+    return state
+
+
+def _parse_set(state: TableState, kind: str, obj: Json) -> None:
+    name = obj["name"]
+    spec = SetSpec(obj["type"] if isinstance(obj["type"], str) else json.dumps(obj["type"]),
+                   obj.get("map") if kind == "map" else None)
+    if obj.get("flags") or spec.type not in _BY_TYPE:
+        state.foreign.append(f"{kind} {name} of type {spec.type} flags {obj.get('flags')}")
+    state.sets[name] = spec
+    state.handles[("set", name)] = obj["handle"]
+    members: dict[str, str | None] = {}
+    for raw in obj.get("elem", []):
+        key, value = (raw[0], raw[1]) if kind == "map" else (raw, None)
+        if isinstance(key, dict) and "elem" in key:
+            key = key["elem"].get("val")
+        target = value["jump"]["target"] if isinstance(value, dict) and "jump" in value else None
+        if not isinstance(key, str) or (kind == "map" and target is None):
+            state.foreign.append(f"element {json.dumps(raw)} in {name}")
+            continue
+        try:
+            _, canon = canonical_ip(key)
+        except ConfigError:
+            state.foreign.append(f"element {key!r} in {name}")
+            continue
+        members[canon] = target
+        state.raw_elements[(name, canon)] = key
+    state.elements[name] = members
+
+
+def _parse_rule(state: TableState, obj: Json) -> None:
+    chain, comment, handle = obj["chain"], obj.get("comment", ""), obj["handle"]
+    key = (chain, comment)
+    if not comment.startswith(COMMENT_PREFIX) or key in state.rules:
+        state.stray_rules.append((chain, handle))
+        return
+    state.rules[key] = RuleSpec(chain, comment)
+    state.rule_handles[key] = handle
+
+
+def counter_values(listing: Json) -> dict[str, tuple[int, int]]:
+    """Named counters, plus `out:<class>` summed over the anonymous counters of its chain."""
+    out: dict[str, tuple[int, int]] = {}
+    for entry in listing.get("nftables", []):
+        ((kind, obj),) = entry.items()
+        if kind == "counter":
+            out[obj["name"]] = (obj["packets"], obj["bytes"])
+        elif kind == "rule" and obj["chain"].startswith("out_"):
+            for stmt in obj.get("expr", []):
+                counter = stmt.get("counter")
+                if isinstance(counter, dict):
+                    name = "out:" + obj["chain"][4:]
+                    p, b = out.get(name, (0, 0))
+                    out[name] = (p + counter["packets"], b + counter["bytes"])
+    return out
