@@ -193,7 +193,7 @@ class EncryptionPolicy:
             raise Rejected(RejectReason.KEY_MISMATCH,
                            f"payload.name {p['name']!r} does not match key {verified.key!r}")
         try:
-            return _build(p["name"], p["spec"], "payload", strict=False)
+            return _build(p["name"], p["spec"], "spec", strict=False)
         except _FieldError as e:
             raise Rejected(RejectReason.INVALID_FIELD, f"payload.{e.path}: {e.problem}") \
                 from None
