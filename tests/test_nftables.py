@@ -1,0 +1,436 @@
+"""nftables reconciler: against FakeNft, then the real `nft` in fresh network namespaces.
+
+The fake tier proves the transaction logic (idempotence, element-level changes, class
+lifecycle order, adoption, drift, rebuild, failure kept pending). The lab tier proves that
+the kernel accepts the same transactions, lists what the fake predicted, and that on the
+wire a marked packet with no tunnel is dropped by the guard and a plaintext packet of a
+selected pair is dropped at ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tfcrypt.dataplane.nft_json import FakeNft, NftError, SubprocessNft
+from tfcrypt.dataplane.nft_model import NftDesired, desired_table, parse_listing
+from tfcrypt.dataplane.nftables import NftManager
+from tfcrypt.errors import ConfigError
+
+MARK = 0x00100000
+BASE = {"prerouting", "egress_guard"}
+MAPS = {"out_v4", "out_v6", "in_v4", "in_v6"}
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def desired(local: dict[str, str] | None = None, peers: dict[str, set[str]] | None = None,
+            **kw: Any) -> NftDesired:
+    local = {"10.1.0.1": "ca", "10.1.0.2": "cb", "fd00:1::1": "ca"} if local is None else local
+    if peers is None:
+        peers = {"ca": {"10.2.0.1", "10.2.0.2", "fd00:2::1"}, "cb": {"10.3.0.1"}}
+    return NftDesired(local, {k: frozenset(v) for k, v in peers.items()}, mark=MARK, **kw)
+
+
+def applied(d: NftDesired) -> tuple[FakeNft, NftManager]:
+    fake = FakeNft()
+    manager = NftManager(fake)
+    manager.set_desired(d)
+    assert run(manager.apply()).ok
+    return fake, manager
+
+
+def reapply(manager: NftManager, d: NftDesired) -> list[dict[str, Any]]:
+    manager.set_desired(d)
+    report = run(manager.apply())
+    assert report.ok, report.errors
+    assert report.ops == len(manager.last_transaction)
+    return manager.last_transaction
+
+
+def what(cmd: dict[str, Any]) -> tuple[str, str, str]:
+    ((verb, body),) = cmd.items()
+    ((kind, obj),) = body.items()
+    return verb, kind, obj.get("name") or obj.get("chain") or ""
+
+
+def names(listing: dict[str, Any], kind: str) -> set[str]:
+    return {e[kind]["name"] for e in listing["nftables"] if kind in e}
+
+
+# --- against the fake ----------------------------------------------------------------
+
+
+def test_first_apply_builds_the_table_and_a_second_apply_sends_nothing() -> None:
+    fake, manager = applied(desired())
+    before = fake.listing()
+
+    assert run(manager.apply()).ops == 0
+    assert manager.last_transaction == []
+    assert len(fake.transactions) == 1
+    assert fake.listing() == before
+    assert names(before, "set") == {"ca_v4", "ca_v6", "cb_v4", "cb_v6"}
+    assert names(before, "map") == MAPS
+    assert names(before, "chain") == BASE | {"out_ca", "in_ca", "out_cb", "in_cb"}
+    assert names(before, "counter") == {"guard_drops", "ingress_drops", "ingress_audit"}
+    assert parse_listing(before).items() == desired_table(desired()).items()
+    assert manager.pending == frozenset()
+
+
+def test_one_remote_ip_change_is_exactly_one_element_command() -> None:
+    _, manager = applied(desired())
+
+    added = reapply(manager, desired(peers={"ca": {"10.2.0.1", "10.2.0.2", "fd00:2::1",
+                                                   "fd00:2::9"}, "cb": {"10.3.0.1"}}))
+    removed = reapply(manager, desired(peers={"ca": {"10.2.0.1", "fd00:2::1", "fd00:2::9"},
+                                              "cb": {"10.3.0.1"}}))
+
+    assert added == [{"add": {"element": {"family": "inet", "table": "tfcrypt",
+                                          "name": "ca_v6", "elem": ["fd00:2::9"]}}}]
+    assert removed == [{"delete": {"element": {"family": "inet", "table": "tfcrypt",
+                                               "name": "ca_v4", "elem": ["10.2.0.2"]}}}]
+
+
+def test_local_ip_moving_class_replaces_its_map_elements_only() -> None:
+    fake, manager = applied(desired())
+    handles = {n: h for n, h in parse_listing(fake.listing()).handles.items() if n[0] == "set"}
+
+    moved = reapply(manager, desired(local={"10.1.0.1": "cb", "10.1.0.2": "cb",
+                                            "fd00:1::1": "ca"}))
+
+    assert [what(c) for c in moved] == [
+        ("delete", "element", "in_v4"), ("delete", "element", "out_v4"),
+        ("add", "element", "in_v4"), ("add", "element", "out_v4"),
+    ]
+    assert moved[-1]["add"]["element"]["elem"] == [["10.1.0.1", {"jump": {"target": "out_cb"}}]]
+    after = parse_listing(fake.listing())
+    assert after.elements["out_v4"]["10.1.0.1"] == "out_cb"
+    assert {n: h for n, h in after.handles.items() if n[0] == "set"} == handles
+
+
+def test_new_class_objects_exist_before_the_jump_and_go_after_it() -> None:
+    fake, manager = applied(desired())
+
+    added = [what(c) for c in reapply(manager, desired(
+        local={"10.1.0.1": "ca", "10.1.0.2": "cb", "fd00:1::1": "ca", "10.1.0.3": "cc"},
+        peers={"ca": {"10.2.0.1", "10.2.0.2", "fd00:2::1"}, "cb": {"10.3.0.1"},
+               "cc": {"10.4.0.1"}}))]
+    removed = [what(c) for c in reapply(manager, desired())]
+
+    jump = added.index(("add", "element", "out_v4"))
+    for obj in [("add", "set", "cc_v4"), ("add", "set", "cc_v6"), ("add", "chain", "out_cc"),
+                ("add", "chain", "in_cc"), ("add", "element", "cc_v4"), ("add", "rule", "out_cc")]:
+        assert added.index(obj) < jump
+    assert removed.index(("delete", "element", "out_v4")) < removed.index(
+        ("delete", "chain", "out_cc")) < removed.index(("delete", "set", "cc_v4"))
+    assert all(name in ("out_v4", "in_v4", "out_cc", "in_cc", "cc_v4", "cc_v6")
+               for _, _, name in removed)
+    assert fake.listing() == applied(desired())[0].listing()
+
+
+def test_class_removed_entirely_and_empty_desired_keeps_base_chains_and_guard() -> None:
+    fake, manager = applied(desired())
+
+    reapply(manager, desired(local={}, peers={}))
+    state = parse_listing(fake.listing())
+
+    assert set(state.chains) == BASE
+    assert set(state.sets) == MAPS
+    assert all(not members for members in state.elements.values())
+    assert {c for c, _ in state.rules} == BASE
+    assert state.chains["egress_guard"] is not None
+    assert state.chains["egress_guard"].hook == "postrouting"
+    assert run(manager.apply()).ops == 0
+
+
+def test_table_left_by_a_previous_run_is_adopted_and_only_the_difference_applied() -> None:
+    fake, _ = applied(desired())
+    restarted = NftManager(fake)
+
+    assert run(restarted.apply()).ops == 0
+    assert len(fake.transactions) == 1
+    restarted.set_desired(desired())
+    assert run(restarted.apply()).ops == 0
+    changed = reapply(restarted, desired(peers={"ca": {"10.2.0.1", "10.2.0.2", "fd00:2::1"},
+                                                "cb": set()}))
+    assert [what(c) for c in changed] == [("delete", "element", "cb_v4")]
+
+
+def test_drift_is_repaired_with_the_smallest_transaction() -> None:
+    fake, manager = applied(desired())
+    table = fake.table
+    assert table is not None
+    del table["sets"]["ca_v4"]["elem"]["10.2.0.1"]
+    guard = next(r for r in table["rules"] if r["chain"] == "egress_guard")
+    table["rules"].remove(guard)
+    table["rules"].append({"chain": "prerouting", "handle": 999, "expr": [{"accept": None}]})
+
+    repair = [what(c) for c in reapply(manager, desired())]
+
+    assert sorted(repair) == [("add", "element", "ca_v4"), ("add", "rule", "egress_guard"),
+                              ("delete", "rule", "prerouting")]
+    assert parse_listing(fake.listing()).items() == desired_table(desired()).items()
+    assert parse_listing(fake.listing()).stray_rules == []
+
+
+def test_damaged_table_is_rebuilt_in_one_transaction() -> None:
+    fake, manager = applied(desired())
+    assert fake.table is not None
+    fake.table["chains"]["egress_guard"]["hook"] = "forward"
+
+    commands = reapply(manager, desired())
+
+    assert [what(c)[:2] for c in commands[:2]] == [("delete", "table"), ("add", "table")]
+    assert parse_listing(fake.listing()).chains["egress_guard"].hook == "postrouting"
+    assert run(manager.apply()).ops == 0
+
+
+def test_failed_transaction_changes_nothing_stays_pending_and_is_retried() -> None:
+    fake, manager = applied(desired())
+    before = fake.listing()
+    fake.fail_next = "Error: Could not process rule: No buffer space available"
+
+    manager.set_desired(desired(peers={"ca": {"10.2.0.1"}, "cb": {"10.3.0.1", "10.3.0.2"}}))
+    failed = run(manager.apply())
+
+    assert failed.ops == 0
+    assert [(e.key, e.message) for e in failed.errors] == [
+        ("table inet tfcrypt", "Error: Could not process rule: No buffer space available")]
+    assert fake.listing() == before
+    assert ("element", "cb_v4", "10.3.0.2") in manager.pending
+    assert ("element", "ca_v4", "10.2.0.2") in manager.pending
+    retried = run(manager.apply())
+    assert retried.ok and retried.ops == 3
+    assert manager.pending == frozenset()
+
+
+def test_an_invalid_transaction_is_refused_whole_by_the_fake() -> None:
+    fake, _ = applied(desired())
+    before = fake.listing()
+    bad = [{"add": {"element": {"family": "inet", "table": "tfcrypt", "name": "ca_v4",
+                                "elem": ["10.9.9.9"]}}},
+           {"add": {"element": {"family": "inet", "table": "tfcrypt", "name": "out_v4",
+                                "elem": [["10.1.0.1", {"jump": {"target": "out_cb"}}]]}}}]
+    with pytest.raises(NftError, match="File exists"):
+        run(fake.run(bad))
+    assert fake.listing() == before
+
+
+def test_audit_mode_swaps_rules_without_touching_sets() -> None:
+    fake, manager = applied(desired())
+
+    commands = [what(c) for c in reapply(manager, desired(enforce=False))]
+    text = json.dumps(fake.listing())
+
+    assert {(v, k) for v, k, _ in commands} == {("add", "rule"), ("delete", "rule")}
+    assert {n for _, _, n in commands} == {"out_ca", "in_ca", "out_cb", "in_cb"}
+    assert '"mangle"' not in text.split('"egress_guard"')[0]
+    assert text.count('"drop"') == 1
+    assert '"ingress_audit"' in text
+
+
+def test_wider_mask_clears_our_other_bits_when_marking() -> None:
+    fake, _ = applied(desired(mask=0x00300000))
+    rule = next(r for r in fake.table["rules"] if r["chain"] == "out_ca")  # type: ignore[index]
+    guard = next(r for r in fake.table["rules"] if r["chain"] == "egress_guard")  # type: ignore[index]
+
+    assert rule["expr"][-1]["mangle"]["value"] == {
+        "|": [{"&": [{"meta": {"key": "mark"}}, 0xFFCFFFFF]}, MARK]}
+    assert guard["expr"][0]["match"]["left"] == {"&": [{"meta": {"key": "mark"}}, 0x00300000]}
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"local": {"10.1.0.300": "ca"}}, "address"),
+        ({"peers": {"ca": {"10.2.0.0/24"}}}, "address"),
+        ({"local": {"10.1.0.1": "out"}}, "class key"),
+        ({"peers": {"bad-key": set()}}, "class key"),
+        ({"mask": 0x1}, "outside mask"),
+        ({"wg_ifname": "a-very-long-ifname"}, "wg_ifname"),
+    ],
+)
+def test_input_that_cannot_become_nft_names_is_refused(kw: dict[str, Any], message: str) -> None:
+    manager = NftManager(FakeNft())
+    with pytest.raises(ConfigError, match=message):
+        manager.set_desired(desired(**kw))
+    assert manager.desired is None
+
+
+def test_nothing_is_touched_before_desired_state_and_remove_deletes_the_table() -> None:
+    fake, _ = applied(desired())
+    before = fake.listing()
+    fresh = NftManager(fake)
+
+    assert run(fresh.apply()).ops == 0 and fake.listing() == before
+    assert run(fresh.remove()).ops == 1
+    assert fake.table is None
+    assert run(fresh.remove()).ops == 0
+    assert run(fresh.apply()).ops == 0 and fake.table is None
+
+
+def test_counters_and_repr() -> None:
+    fake, manager = applied(desired())
+    fake.bump("guard_drops", 3, 252)
+
+    counters = run(manager.counters())
+
+    assert counters["guard_drops"] == (3, 252)
+    assert counters["ingress_drops"] == (0, 0)
+    assert counters["out:ca"] == (0, 0)
+    assert repr(manager) == "NftManager(nft=FakeNft(table=present), classes=2, pending=0)"
+
+
+# --- real nft in network namespaces --------------------------------------------------
+
+
+def sh(*argv: str, stdin: str | None = None,
+       check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)}: {done.stderr.strip()}")
+    return done
+
+
+@pytest.fixture
+def netns() -> Iterator[Callable[[str], str]]:
+    """`netns(suffix)` -> a fresh namespace named with this run's random prefix."""
+    prefix = "h" + secrets.token_hex(3)
+    made: list[str] = []
+
+    def make(suffix: str) -> str:
+        name = prefix + suffix
+        sh("ip", "netns", "add", name)
+        made.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    try:
+        yield make
+    finally:
+        for name in made:
+            with contextlib.suppress(AssertionError):
+                sh("ip", "netns", "del", name)
+
+
+def nft_text(ns: str) -> str:
+    return sh("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "tfcrypt").stdout
+
+
+@pytest.mark.lab
+def test_real_nft_accepts_what_the_fake_predicts_and_changes_elements_in_place(
+    netns: Callable[[str], str],
+) -> None:
+    ns = netns("n")
+    fake_nft = FakeNft()
+    real, fake = NftManager(SubprocessNft(ns)), NftManager(fake_nft)
+    for manager in (real, fake):
+        manager.set_desired(desired(mask=0x00300000))
+
+    first = run(real.apply())
+    assert first.ok, first.errors
+    assert first.ops == run(fake.apply()).ops
+    listing = run(SubprocessNft(ns).list_table())
+    assert parse_listing(listing).items() == desired_table(desired(mask=0x00300000)).items()
+    assert real.last_transaction == fake.last_transaction
+    text = nft_text(ns)
+    assert "hook postrouting priority filter" in text
+    assert "hook prerouting priority mangle" in text
+
+    assert run(real.apply()).ops == 0 and real.last_transaction == []
+    assert nft_text(ns) == text
+
+    handle = parse_listing(listing).handles[("set", "ca_v4")]
+    change = desired(mask=0x00300000, peers={"ca": {"10.2.0.1", "10.2.0.7", "fd00:2::1"},
+                                             "cb": {"10.3.0.1"}})
+    for manager in (real, fake):
+        manager.set_desired(change)
+    assert run(real.apply()).ops == 2
+    assert run(fake.apply()).ops == 2
+    after = parse_listing(run(SubprocessNft(ns).list_table()))
+    assert after.handles[("set", "ca_v4")] == handle
+    assert set(after.elements["ca_v4"]) == {"10.2.0.1", "10.2.0.7"}
+    assert after.items() == parse_listing(fake_nft.listing()).items()
+
+    with pytest.raises(NftError, match="No such file or directory"):
+        run(SubprocessNft(ns).run([{"add": {"element": {"family": "inet", "table": "tfcrypt",
+                                             "name": "nope_v4", "elem": ["10.0.0.1"]}}}]))
+    assert nft_text(ns) != text and run(real.apply()).ops == 0
+    assert run(real.remove()).ops == 1
+    assert run(SubprocessNft(ns).list_table()) is None
+
+
+PROBE = """table inet probe {
+    chain seen {
+        type filter hook prerouting priority raw;
+        ip saddr 10.77.1.2 ip daddr 10.77.2.2 counter comment "selected"
+        ip saddr 10.77.1.2 ip daddr 10.77.2.3 counter comment "unselected"
+    }
+}
+"""
+"""B's own count of what arrives from W, read before any filtering in B."""
+
+
+def link(a: str, a_if: str, a_ip: str, b: str, b_if: str, b_ip: str) -> None:
+    sh("ip", "-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b)
+    for ns, ifname, ip in ((a, a_if, a_ip), (b, b_if, b_ip)):
+        sh("ip", "-n", ns, "addr", "add", ip, "dev", ifname)
+        sh("ip", "-n", ns, "link", "set", ifname, "up")
+
+
+def ping(ns: str, dst: str, src: str | None = None) -> bool:
+    extra = ["-I", src] if src else []
+    return sh("ip", "netns", "exec", ns, "ping", "-n", "-c1", "-W1", *extra, dst,
+              check=False).returncode == 0
+
+
+@pytest.mark.lab
+def test_guard_drops_marked_packets_without_tunnel_and_ingress_drops_plaintext(
+    netns: Callable[[str], str],
+) -> None:
+    """W (local workload) - A (node, tfcrypt table, no tfcrypt0) - B (remote workloads)."""
+    w, a, b = netns("w"), netns("a"), netns("b")
+    prefix = w[:-1]
+    link(w, prefix + "wa", "10.77.1.2/24", a, prefix + "aw", "10.77.1.1/24")
+    link(a, prefix + "ab", "10.77.2.1/24", b, prefix + "ba", "10.77.2.2/24")
+    sh("ip", "-n", b, "addr", "add", "10.77.2.3/24", "dev", prefix + "ba")
+    sh("ip", "-n", w, "route", "add", "default", "via", "10.77.1.1")
+    sh("ip", "-n", b, "route", "add", "10.77.1.0/24", "via", "10.77.2.1")
+    sh("ip", "netns", "exec", a, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    sh("ip", "netns", "exec", b, "nft", "-f", "-", stdin=PROBE)
+    assert ping(w, "10.77.2.2") and ping(b, "10.77.1.2", src="10.77.2.2")
+
+    manager = NftManager(SubprocessNft(a))
+    manager.set_desired(desired(local={"10.77.1.2": "cw"}, peers={"cw": {"10.77.2.2"}}))
+    assert run(manager.apply()).ok
+    seen_before = probe(b)
+
+    assert not ping(w, "10.77.2.2")
+    assert ping(w, "10.77.2.3")
+    seen = probe(b)
+    assert seen["selected"] == seen_before["selected"]
+    assert seen["unselected"] == seen_before["unselected"] + 1
+    assert not ping(b, "10.77.1.2", src="10.77.2.2")
+    assert ping(b, "10.77.1.2", src="10.77.2.3")
+
+    counters = run(manager.counters())
+    assert counters["guard_drops"][0] == 1
+    assert counters["out:cw"][0] == 1
+    assert counters["ingress_drops"][0] == 1
+
+
+def probe(ns: str) -> dict[str, int]:
+    listing = json.loads(sh("ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet",
+                            "probe").stdout)
+    return {e["rule"]["comment"]: next(s["counter"]["packets"] for s in e["rule"]["expr"]
+                                       if "counter" in s)
+            for e in listing["nftables"] if "rule" in e}
