@@ -194,6 +194,17 @@ def test_damaged_table_is_rebuilt_in_one_transaction() -> None:
     assert run(manager.apply()).ops == 0
 
 
+def test_dormant_table_is_rebuilt_active() -> None:
+    fake, manager = applied(desired())
+    assert fake.table is not None
+    fake.table["flags"] = "dormant"
+
+    commands = reapply(manager, desired())
+
+    assert [what(c)[:2] for c in commands[:2]] == [("delete", "table"), ("add", "table")]
+    assert "flags" not in fake.listing()["nftables"][1]["table"]
+
+
 def test_failed_transaction_changes_nothing_stays_pending_and_is_retried() -> None:
     fake, manager = applied(desired())
     before = fake.listing()
@@ -365,6 +376,12 @@ def test_real_nft_accepts_what_the_fake_predicts_and_changes_elements_in_place(
         run(SubprocessNft(ns).run([{"add": {"element": {"family": "inet", "table": "tfcrypt",
                                              "name": "nope_v4", "elem": ["10.0.0.1"]}}}]))
     assert nft_text(ns) != text and run(real.apply()).ops == 0
+
+    sh("ip", "netns", "exec", ns, "nft", "add", "table", "inet", "tfcrypt", "{ flags dormant; }")
+    assert "dormant" in nft_text(ns)
+    assert run(real.apply()).ok
+    assert "dormant" not in nft_text(ns) and "egress_guard" in nft_text(ns)
+    assert run(real.apply()).ops == 0
     assert run(real.remove()).ops == 1
     assert run(SubprocessNft(ns).list_table()) is None
 

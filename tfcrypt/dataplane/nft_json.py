@@ -34,6 +34,11 @@ class NftError(TfcryptError):
     """`nft` refused a command or a transaction; the message is nft's stderr."""
 
 
+class NftUnreadable(NftError):
+    """`nft -j list` succeeded but printed no valid JSON (nft 1.0.6 truncates its output for
+    a table with flags, e.g. `dormant`): the table exists and is not what tfcrypt built."""
+
+
 class Nft(Protocol):
     async def list_table(self) -> Json | None: ...
 
@@ -71,7 +76,10 @@ class SubprocessNft:
     async def list_table(self) -> Json | None:
         rc, out, err = await self._exec(["-j", "list", "table", FAMILY, TABLE])
         if rc == 0:
-            listing: Json = json.loads(out)
+            try:
+                listing: Json = json.loads(out)
+            except ValueError as exc:
+                raise NftUnreadable(f"nft -j list printed invalid JSON: {exc}") from exc
             return listing
         if err.startswith("Error: No such file or directory"):
             return None
@@ -154,7 +162,8 @@ class FakeNft:
         t = self.table
         assert t is not None
         out: list[Json] = [{"metainfo": {"json_schema_version": 1}},
-                           {"table": {"family": FAMILY, "name": TABLE, "handle": t["handle"]}}]
+                           {"table": {"family": FAMILY, "name": TABLE, "handle": t["handle"],
+                                      **({"flags": t["flags"]} if t.get("flags") else {})}}]
         base = {"family": FAMILY, "table": TABLE}
         for name, c in t["counters"].items():
             out.append({"counter": {**base, "name": name, **c}})

@@ -271,6 +271,8 @@ def parse_listing(listing: Json) -> TableState:
         ((kind, obj),) = entry.items()
         if kind not in _KNOWN_KINDS:
             state.foreign.append(f"{kind} {obj.get('name', '?')}")
+        elif kind == "table" and obj.get("flags"):
+            state.foreign.append(f"table flags {obj['flags']}")
         elif kind == "counter":
             state.counters.add(obj["name"])
             state.handles[("counter", obj["name"])] = obj["handle"]

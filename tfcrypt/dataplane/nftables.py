@@ -15,7 +15,8 @@ Rules of this module:
   counters deleted (map elements before chains before sets). Packets never see an
   intermediate state: the kernel commits the batch as a whole.
 - A table that cannot be reached by small steps (a set of the wrong type, a base chain on
-  the wrong hook, an object kind tfcrypt never creates) is rebuilt: `delete table` and the
+  the wrong hook, an object kind tfcrypt never creates, table flags such as `dormant`
+  that switch the whole table off, a listing nft cannot print) is rebuilt: `delete table` and the
   full contents in the same transaction, so the guard is never absent for a packet.
 - No sweep before intent: until `set_desired()` has been called, `apply()` does nothing
   (a table left by a previous run stays untouched and is adopted by the first apply).
@@ -31,7 +32,7 @@ import logging
 from collections.abc import Iterable
 
 from tfcrypt.dataplane.delta import DeltaTracker, Plan
-from tfcrypt.dataplane.nft_json import Nft, NftError
+from tfcrypt.dataplane.nft_json import Nft, NftError, NftUnreadable
 from tfcrypt.dataplane.nft_model import (
     FAMILY,
     TABLE,
@@ -184,9 +185,12 @@ class NftManager:
             want = self._want
             try:
                 listing = await self._nft.list_table()
+                have = None if listing is None else parse_listing(listing)
+            except NftUnreadable as exc:
+                have = TableState(foreign=[str(exc)])
             except NftError as exc:
                 return self._failed(f"list: {exc}")
-            commands = self._plan(want, listing)
+            commands = self._plan(want, have)
             self.last_transaction = commands
             if not commands:
                 return ApplyReport(0)
@@ -197,11 +201,11 @@ class NftManager:
             self._tracker.load_actual(want.items().items())
             return ApplyReport(len(commands))
 
-    def _plan(self, want: TableState, listing: Json | None) -> list[Json]:
-        have = TableState() if listing is None else parse_listing(listing)
+    def _plan(self, want: TableState, have: TableState | None) -> list[Json]:
         prefix: list[Json] = []
-        if listing is None:
+        if have is None:
             prefix = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+            have = TableState()
         elif reasons := _needs_rebuild(want, have):
             log.warning("nftables: rebuilding table %s %s: %s", FAMILY, TABLE, "; ".join(reasons))
             prefix = [{"delete": {"table": {"family": FAMILY, "name": TABLE}}},
