@@ -11,7 +11,9 @@ Rules:
   "match_tags site: n1-w1 has site=a, n2-w1 has site=b", "same node", "unknown IP".
 - A selected flow whose nodes lack a usable key is reported as dropped: tfcrypt never
   sends a selected flow in plaintext.
-- `diff_selection` computes, per node, the pairs a policy change adds and removes. It
+- `diff_selection` computes the pairs a policy change adds and removes, over all nodes
+  (a pair still selected through another claimant of a conflicting IP is not removed),
+  and per node the (local, remote) pairs each node gains and loses. It
   materialises pairs and classifies once per node: meant for `policy plan`, not for the
   agent loop.
 """
@@ -251,8 +253,8 @@ def diff_selection(before_policies: Mapping[str, EncryptionPolicy],
     all_workloads = tuple(workloads.values())
     before_rules = rules_of(before_policies.values(), Mode.ENFORCE)
     after_rules = rules_of(after_policies.values(), Mode.ENFORCE)
-    added: set[tuple[str, str]] = set()
-    removed: set[tuple[str, str]] = set()
+    before_all: set[tuple[str, str]] = set()
+    after_all: set[tuple[str, str]] = set()
     per_node: dict[str, NodePlan] = {}
     needed: set[str] = set()
     node_of_ip: dict[str, set[str]] = {}
@@ -266,11 +268,12 @@ def diff_selection(before_policies: Mapping[str, EncryptionPolicy],
         plus, minus = after - before, before - after
         if plus or minus:
             per_node[node] = NodePlan(node, len(plus), len(minus))
-        added |= {_unordered(p) for p in plus}
-        removed |= {_unordered(p) for p in minus}
+        before_all |= {_unordered(p) for p in before}
+        after_all |= {_unordered(p) for p in after}
         if after:
             needed.add(node)
             needed |= {n for _, y in after for n in node_of_ip[y] if n != node}
+    added, removed = after_all - before_all, before_all - after_all
     usable = _usable(nodes)
     return PlanDiff(frozenset(added), frozenset(removed), per_node,
                     frozenset(n for n in needed if n not in usable))
