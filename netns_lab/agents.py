@@ -42,7 +42,6 @@ def agent_argv(lab: Lab, node: Node) -> list[str]:
         "--spiffe-socket", str(node.spiffe_socket),
         "--state-dir", str(state_dir(lab, node.name)),
         "--advertise-address", node.underlay_ip,
-        "--workload-subnet", node.workload_subnet,
         "--resync-interval", "5",
     ]
 

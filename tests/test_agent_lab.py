@@ -19,7 +19,7 @@ from conftest import running_lab
 from labtools import PREFIX, Pinger, agent_status, etcdctl, wait_for, wg_peers, workload_ip
 from spiffe import WorkloadApiClient
 
-from netns_lab import Lab, agents
+from netns_lab import Lab, agents, inventory
 from netns_lab.wire import capture, count_packets, ping
 from tfcrypt.identity import sign_envelope
 from tfcrypt.model.node import NodeRecord
@@ -45,12 +45,22 @@ def mesh_formed(lab: Lab, nodes: tuple[str, ...] = NODES) -> bool:
     return True
 
 
+ENCRYPT_ALL = Path(__file__).parent.parent / "examples" / "encrypt-all.yaml"
+
+
+def start_encrypting(lab: Lab, nodes: tuple[str, ...]) -> None:
+    """Agents everywhere, every lab workload in the inventory, the encrypt-all policy."""
+    inventory.publish_workloads(lab)
+    inventory.apply_policy(lab, ENCRYPT_ALL)
+    agents.start_all(lab)
+    wait_for("every agent to select traffic", lambda: all(
+        agent_status(lab, n)["selected_pairs"] for n in nodes))
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     with running_lab(nodes=3, workloads_per_node=1) as lab:
-        agents.start_all(lab)
-        wait_for("every agent to write its status", lambda: all(
-            agent_status(lab, n)["in_sync"] for n in NODES))
+        start_encrypting(lab, NODES)
         yield lab
 
 
@@ -72,7 +82,7 @@ def test_agents_form_a_verified_mesh_and_traffic_crosses_inside_it(
     for node in NODES:
         assert all(p.latest_handshake > 0 for p in wg_peers(lab, node).values())
         allowed = {frozenset(p.allowed_ips) for p in wg_peers(lab, node).values()}
-        others = {frozenset({f"10.200.{o[1]}.0/24"}) for o in NODES if o != node}
+        others = {frozenset({f"10.200.{o[1]}.11/32"}) for o in NODES if o != node}
         assert allowed == others
 
 
@@ -99,7 +109,7 @@ def test_forged_records_are_ignored_and_counted_and_the_real_peer_stays(lab: Lab
                 and now.get("malformed", 0) > before.get("malformed", 0))
 
     wait_for("n1 to count both forgeries", counted)
-    assert wg_peers(lab, "n1")[keys["n2"]].allowed_ips == {"10.200.2.0/24"}
+    assert wg_peers(lab, "n1")[keys["n2"]].allowed_ips == {"10.200.2.11/32"}
     assert base64.b64encode(b"\x07" * 32).decode() not in wg_peers(lab, "n1")
     assert ping(lab, "n1-w1", workload_ip(lab, "n2-w1")) == 3
     wait_for("n2 to republish its overwritten record", lambda:
@@ -179,7 +189,7 @@ def test_a_stopped_node_whose_record_is_deleted_leaves_every_mesh(lab: Lab) -> N
 def test_svid_rotation_resigns_records_without_losing_a_ping() -> None:
     ttl = 10
     with running_lab(nodes=2, workloads_per_node=1, svid_ttl=ttl) as lab:
-        agents.start_all(lab)
+        start_encrypting(lab, ("n1", "n2"))
         wait_for("the mesh", lambda: mesh_formed(lab, ("n1", "n2")))
 
         def serial() -> str:

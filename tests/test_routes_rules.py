@@ -526,3 +526,19 @@ def test_lab_rule_exactly_one_at_our_priority_replacing_a_foreign_one(
             await netlink.aclose()
 
     run(scenario())
+
+
+def test_sibling_managers_sharing_the_proto_do_not_sweep_each_other() -> None:
+    nl = FakeNetlink()
+    siblings = (1820, 1821)
+    tunnel = RuleManager(nl, priority=1820, table=29798, fwmark=0x100000, siblings=siblings)
+    failclosed = RuleManager(nl, priority=1821, table=29799, fwmark=0x100000,
+                             siblings=siblings)
+
+    async def both() -> int:
+        return (await tunnel.apply()).ops + (await failclosed.apply()).ops
+
+    assert asyncio.run(both()) == 4
+    assert asyncio.run(both()) == 0
+    assert sorted(r.priority for f in Family for r in asyncio.run(nl.rules(f))) == \
+        [1820, 1820, 1821, 1821]

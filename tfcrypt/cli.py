@@ -71,9 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"),
                        help="where the private key (0600) and status live (default "
                             "%(default)s)")
-    agent.add_argument("--workload-subnet", action="append", default=[],
-                       help="a workload subnet this node hosts, declared in its record "
-                            "(repeatable)")
+    agent.add_argument("--mark", type=lambda v: int(v, 0), default=0x00100000,
+                       help="fwmark bit for selected packets (default 0x00100000)")
+    agent.add_argument("--mark-mask", type=lambda v: int(v, 0), default=None,
+                       help="mask of the mark bits tfcrypt owns (default: the mark)")
+    agent.add_argument("--route-table", type=int, default=29798,
+                       help="tunnel route table; the next id holds the fail-closed "
+                            "prohibit routes (default %(default)s)")
+    agent.add_argument("--rule-priority", type=int, default=1820,
+                       help="ip rule priority of the tunnel rule; the fail-closed rule "
+                            "takes the next one (default %(default)s)")
     agent.add_argument("--lease-ttl", type=int, default=15,
                        help="seconds the node record outlives a dead agent (default "
                             "%(default)s)")
@@ -141,16 +148,19 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         node_name=args.node, advertise_address=args.advertise_address,
         etcd_endpoints=_etcd(args), spiffe_socket=args.spiffe_socket,
         interface=args.interface, listen_port=args.listen_port, backend=args.backend,
-        state_dir=args.state_dir, prefix=args.prefix,
-        workload_subnets=tuple(args.workload_subnet), lease_ttl=args.lease_ttl,
+        state_dir=args.state_dir, prefix=args.prefix, mark=args.mark,
+        mark_mask=args.mark_mask if args.mark_mask is not None else args.mark,
+        route_table=args.route_table, rule_priority=args.rule_priority,
+        lease_ttl=args.lease_ttl,
         resync_interval=args.resync_interval, mtu=args.mtu)
 
 
 async def _run_agent(cfg: AgentConfig, wireguard_log: str | None) -> None:
+    from tfcrypt.agent.dataplane import Dataplane, RoutingConfig
     from tfcrypt.agent.loop import Agent
     from tfcrypt.dataplane.netlink import PyRoute2Netlink
-    from tfcrypt.dataplane.routes import RouteManager
-    from tfcrypt.dataplane.rules import RuleManager
+    from tfcrypt.dataplane.nft_json import SubprocessNft
+    from tfcrypt.dataplane.nftables import NftManager
     from tfcrypt.identity.svid_source import SvidSource
     from tfcrypt.registry import Registry
     from tfcrypt.wireguard.device import WireGuardManager
@@ -167,9 +177,13 @@ async def _run_agent(cfg: AgentConfig, wireguard_log: str | None) -> None:
         backend = KernelBackend(cfg.interface)  # type: ignore[assignment]
     netlink = PyRoute2Netlink()
     registry = Registry(cfg.etcd_endpoints, prefix=cfg.prefix)
+    dataplane = Dataplane(WireGuardManager(backend), NftManager(SubprocessNft()), netlink,
+                          RoutingConfig(ifname=cfg.interface, tunnel_table=cfg.route_table,
+                                        failclosed_table=cfg.route_table + 1,
+                                        rule_priority=cfg.rule_priority, mark=cfg.mark,
+                                        mask=cfg.mark_mask))
     agent = Agent(cfg, registry=registry, svids=SvidSource(cfg.spiffe_socket),
-                  wireguard=WireGuardManager(backend), routes=RouteManager(netlink, cfg.interface),
-                  rules=RuleManager(netlink), supervise=supervise)
+                  dataplane=dataplane, supervise=supervise)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None

@@ -34,7 +34,10 @@ class AgentConfig:
     backend: str = "userspace"
     state_dir: str = "/var/lib/tfcrypt"
     prefix: str = "/tfcrypt/v1"
-    workload_subnets: tuple[str, ...] = ()
+    mark: int = 0x00100000
+    mark_mask: int = 0x00100000
+    route_table: int = 29798
+    rule_priority: int = 1820
     lease_ttl: int = 15
     resync_interval: float = 10.0
     mtu: int | None = None
@@ -60,11 +63,15 @@ class AgentConfig:
             raise ConfigError(f"--backend: {self.backend!r} is not one of userspace, kernel")
         if not self.etcd_endpoints:
             raise ConfigError("--etcd: at least one endpoint is needed")
-        for cidr in self.workload_subnets:
-            try:
-                ipaddress.ip_network(cidr, strict=True)
-            except ValueError as exc:
-                raise ConfigError(f"--workload-subnet: {cidr!r}: {exc}") from None
+        if not 0 < self.mark <= 0xFFFFFFFF or self.mark & (self.mark - 1):
+            raise ConfigError(f"--mark: {self.mark:#x} must be a single bit")
+        if self.mark_mask & self.mark != self.mark or self.mark_mask > 0xFFFFFFFF:
+            raise ConfigError(f"--mark-mask: {self.mark_mask:#x} must contain the mark "
+                              f"{self.mark:#x}")
+        if not 1 <= self.route_table < 0xFFFFFFFF or self.route_table in (252, 253, 254, 255):
+            raise ConfigError(f"--route-table: {self.route_table} is reserved or out of range")
+        if not 1 <= self.rule_priority <= 32764:
+            raise ConfigError(f"--rule-priority: {self.rule_priority} is not in 1..32764")
         if self.lease_ttl < 5:
             raise ConfigError(f"--lease-ttl: {self.lease_ttl} is below the minimum of 5 s")
         if self.mtu is not None and not 1280 <= self.mtu <= 65535:

@@ -16,5 +16,7 @@ RECONCILES = Counter("tfcrypt_reconciles_total", "Dataplane reconciles", ["resul
 RECONCILE_SECONDS = Histogram("tfcrypt_reconcile_duration_seconds",
                               "Time to compute and apply the desired dataplane")
 PEERS = Gauge("tfcrypt_peers", "WireGuard peers configured")
+SELECTED_PAIRS = Gauge("tfcrypt_selected_pairs",
+                       "(local IP, remote IP) pairs that enforce-mode policies select")
 SVID_EXPIRY = Gauge("tfcrypt_svid_expiry_timestamp_seconds",
                     "When the current X509-SVID expires (unix seconds)")

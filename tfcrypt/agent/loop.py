@@ -26,20 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from tfcrypt import metrics
+from tfcrypt.agent.dataplane import Dataplane
 from tfcrypt.agent.nodekey import NodeKey, key_file_stamp, load_node_key
 from tfcrypt.config import AgentConfig
-from tfcrypt.core.mesh import DesiredMesh, MeshSnapshot, compute_mesh
-from tfcrypt.dataplane.routes import RouteManager
-from tfcrypt.dataplane.rules import RuleManager
+from tfcrypt.core.compute import Desired, Snapshot, compute
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
 from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
-from tfcrypt.identity.view import Family, VerifiedView
+from tfcrypt.identity.view import VerifiedView
+from tfcrypt.model.families import families
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
 from tfcrypt.registry.events import Deleted, Listed, Put
-from tfcrypt.wireguard.device import WireGuardManager
-from tfcrypt.wireguard.model import DesiredDevice, PeerConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +51,19 @@ def _utcnow() -> dt.datetime:
 
 class Agent:
     def __init__(self, cfg: AgentConfig, *, registry: Registry, svids: SvidSource,
-                 wireguard: WireGuardManager, routes: RouteManager, rules: RuleManager,
-                 supervise: Any = None) -> None:
+                 dataplane: Dataplane, supervise: Any = None) -> None:
         self.cfg = cfg
         self.registry = registry
         self.svids = svids
-        self.wg = wireguard
-        self.routes = routes
-        self.rules = rules
+        self.dataplane = dataplane
+        self.wg = dataplane.wireguard
         self._supervise = supervise
-        self.view = VerifiedView({"nodes/": Family(NodeRecord.from_verified)},
+        self.view = VerifiedView(families(),
                                  on_reject=lambda r: metrics.RECORDS_REJECTED.labels(r).inc())
         self.svid: SvidUpdate | None = None
         self.listed = False
         self.node_key: NodeKey | None = None
-        self.mesh: DesiredMesh | None = None
+        self.desired: Desired | None = None
         self.last_reconcile: dict[str, Any] = {}
         self._dirty = asyncio.Event()
         self._publish_needed = asyncio.Event()
@@ -148,8 +144,7 @@ class Agent:
             record = NodeRecord(
                 node=self.cfg.node_name, spiffe_id=self.svid.spiffe_id,
                 wg_public_key=self.node_key.public_key, endpoint=self.cfg.endpoint,
-                workload_subnets=self.cfg.workload_subnets, epoch=self.node_key.epoch,
-                issued_at=int(time.time()))
+                workload_subnets=(), epoch=self.node_key.epoch, issued_at=int(time.time()))
             value = sign_envelope(record.to_payload(), self.svid.private_key,
                                   self.svid.chain)
             self._published = value
@@ -198,6 +193,15 @@ class Agent:
     def in_sync(self) -> bool:
         return self.svid is not None and self.listed and self.node_key is not None
 
+    def snapshot(self) -> Snapshot:
+        assert self.node_key is not None
+        return Snapshot(
+            own_node=self.cfg.node_name,
+            workloads=self.view.of("workloads/"),
+            policies={p.name: p for p in self.view.of("policies/").values()},
+            nodes={r.node: r for r in self.view.of("nodes/").values()},
+            own_public_key=self.node_key.public_key)
+
     async def reconcile(self) -> None:
         if not self.in_sync:
             self._write_status()
@@ -206,44 +210,33 @@ class Agent:
         started = time.monotonic()
         now = _utcnow()
         self.view.expire(now)
-        nodes = self.view.of("nodes/")
-        mesh = compute_mesh(MeshSnapshot(
-            own_node=self.cfg.node_name, own_public_key=self.node_key.public_key,
-            records={r.node: r for r in nodes.values()},
-            not_after={nodes[k].node: t.timestamp() for k, t in self.view.not_after.items()
-                       if k in nodes},
-            now=now.timestamp()))
-        if self.mesh is None or mesh.conflicts != self.mesh.conflicts:
-            for conflict in mesh.conflicts:
-                log.warning("mesh conflict: %s", conflict)
-        self.mesh = mesh
-        self.wg.set_desired(DesiredDevice(
-            private_key_b64=self.node_key.key.private_key_b64,
-            listen_port=self.cfg.listen_port,
-            mtu=self.cfg.mtu or DEFAULT_MTU,
-            peers={k: PeerConfig(public_key=k, endpoint=p.endpoint, allowed_ips=p.allowed_ips)
-                   for k, p in mesh.peers.items()}))
-        self.routes.set_desired(mesh.routes)
-        self.rules.set_desired(True)
-        errors: list[str] = []
-        ops = 0
-        for name, manager in (("wireguard", self.wg), ("routes", self.routes),
-                              ("rules", self.rules)):
-            report = await manager.apply()
-            ops += report.ops
-            errors += [f"{name}: {e}" for e in report.errors]
+        desired = compute(self.snapshot())
+        if self.desired is None or desired.conflicts != self.desired.conflicts:
+            for conflict in desired.conflicts:
+                log.warning("inventory conflict: %s", conflict)
+        if desired.missing_peers and (self.desired is None or
+                                      desired.missing_peers != self.desired.missing_peers):
+            log.warning("selected traffic to %s is dropped: no verified key",
+                        ", ".join(sorted(desired.missing_peers)))
+        self.desired = desired
+        self.dataplane.set_desired(desired, private_key_b64=self.node_key.key.private_key_b64,
+                                   listen_port=self.cfg.listen_port,
+                                   mtu=self.cfg.mtu or DEFAULT_MTU)
+        result = await self.dataplane.apply()
         duration = time.monotonic() - started
-        metrics.RECONCILES.labels("error" if errors else "ok").inc()
+        metrics.RECONCILES.labels("error" if result.errors else "ok").inc()
         metrics.RECONCILE_SECONDS.observe(duration)
-        metrics.PEERS.set(len(mesh.peers))
-        if ops:
-            log.info("reconciled: %d change(s), %d peer(s), %d route(s)%s", ops,
-                     len(mesh.peers), len(mesh.routes),
-                     f", errors: {'; '.join(errors)}" if errors else "")
-        elif errors:
-            log.warning("reconcile left items pending: %s", "; ".join(errors))
+        metrics.PEERS.set(len(desired.peers))
+        metrics.SELECTED_PAIRS.set(desired.selected_pair_count)
+        if result.ops:
+            log.info("reconciled: %s; %d peer(s), %d selected pair(s), %d class(es)%s",
+                     ", ".join(f"{n} {c}" for n, c in result.changed.items()),
+                     len(desired.peers), desired.selected_pair_count, len(desired.class_peers),
+                     f"; errors: {'; '.join(result.errors)}" if result.errors else "")
+        elif result.errors:
+            log.warning("reconcile left items pending: %s", "; ".join(result.errors))
         self.last_reconcile = {"at": now.isoformat(), "duration_s": round(duration, 4),
-                               "ops": ops, "errors": errors}
+                               "ops": result.ops, "errors": result.errors}
         self._write_status()
 
     # -- status --------------------------------------------------------------------
@@ -251,6 +244,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         nk = self.node_key
         svid = self.svid
+        d = self.desired
         reg = self.registry
         return {
             "node": self.cfg.node_name,
@@ -269,8 +263,17 @@ class Agent:
                              "last_error": self.svids.state.last_error},
             "peers": [{"node": p.node, "public_key": p.public_key, "endpoint": p.endpoint,
                        "allowed_ips": sorted(p.allowed_ips)}
-                      for p in (self.mesh.peers.values() if self.mesh else ())],
-            "conflicts": list(self.mesh.conflicts) if self.mesh else [],
+                      for p in (d.peers.values() if d else ())],
+            "policies": {
+                "enforce": sorted(p.name for p in self.view.of("policies/").values()
+                                  if p.enforced),
+                "audit": sorted(p.name for p in self.view.of("policies/").values()
+                                if not p.enforced)},
+            "workloads": len(self.view.of("workloads/")),
+            "selected_pairs": d.selected_pair_count if d else 0,
+            "audit_pairs": d.audit.pair_count if d else 0,
+            "missing_peers": sorted(d.missing_peers) if d else [],
+            "conflicts": list(d.conflicts) if d else [],
             "rejected": dict(self.view.rejections),
             "last_reconcile": self.last_reconcile,
         }

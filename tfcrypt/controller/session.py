@@ -16,32 +16,21 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from spiffe import WorkloadApiClient
 
 from tfcrypt.errors import ConfigError, TfcryptError
-from tfcrypt.identity import Authorizer, ChainTime, TrustBundles, sign_envelope
+from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
 from tfcrypt.identity.svid_source import SvidUpdate, update_from_context
-from tfcrypt.identity.view import Family, VerifiedView
-from tfcrypt.model.node import NodeRecord
-from tfcrypt.model.policy import EncryptionPolicy
-from tfcrypt.model.workload import Workload
+from tfcrypt.identity.view import VerifiedView
+from tfcrypt.model.families import families
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
 
 FETCH_TIMEOUT = 10.0
-
-
-def families() -> Mapping[str, Family]:
-    """How each key family under the prefix is read (shared by agents and controllers)."""
-    return {
-        "nodes/": Family(NodeRecord.from_verified, ChainTime.NOW),
-        "workloads/": Family(Workload.from_verified, ChainTime.ISSUED_AT),
-        "policies/": Family(EncryptionPolicy.from_verified, ChainTime.ISSUED_AT),
-    }
 
 
 def fetch_svid(socket_path: str) -> SvidUpdate:

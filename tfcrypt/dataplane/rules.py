@@ -41,6 +41,9 @@ class RuleManager:
     them; when removing, this rule goes first (`set_desired(False)` then `apply()`), then
     the routes.
 
+    Several managers may share the proto (tfcrypt's tunnel and fail-closed rules): each is
+    told its `siblings`' priorities so that neither sweeps the other's rule as a leftover.
+
     Pitfalls:
     - A fwmark without a mask is reported by the kernel with mask 0xffffffff; the desired
       rule is normalised the same way so a second apply sees no difference.
@@ -58,6 +61,7 @@ class RuleManager:
         mask: int | None = None,
         families: Iterable[Family] = (Family.V4, Family.V6),
         proto: int = DEFAULT_PROTO,
+        siblings: Iterable[int] = (),
     ) -> None:
         if not 1 <= priority <= 32765:
             raise ConfigError(f"rule priority {priority}: must lie between 1 and 32765")
@@ -73,6 +77,7 @@ class RuleManager:
         if not self.families:
             raise ConfigError("rule families: at least one")
         self.proto = proto
+        self.siblings = frozenset(siblings) - {priority}
         self._netlink = netlink
         self._present = True
         self._tracker: DeltaTracker[KernelRule, KernelRule] = DeltaTracker()
@@ -135,8 +140,10 @@ class RuleManager:
         return ApplyReport(ops, tuple(errors))
 
     def _ours(self, rule: KernelRule) -> bool:
+        """At our priority, or a leftover with our proto that no sibling manager owns."""
         at_our_priority = rule.priority == self.priority and rule.family in self.families
-        return at_our_priority or rule.proto == self.proto
+        return at_our_priority or (rule.proto == self.proto
+                                   and rule.priority not in self.siblings)
 
     def _normalised(self, rule: KernelRule) -> KernelRule:
         """A rule at our priority from a kernel without rule protocols counts as ours."""

@@ -1,0 +1,104 @@
+"""The node's dataplane as one object: every reconciler, and the order they apply in.
+
+Apply order, and why (the security argument lives here, in one place):
+1. Fail-closed routing: table FAILCLOSED holds `prohibit default` (v4 and v6) and a rule
+   one priority after the tunnel rule sends marked packets there. A marked packet whose
+   tunnel route is missing (device vanished, route not yet there) is refused instead of
+   falling through to the main table in plaintext.
+2. The WireGuard device and its peers: a peer's allowed IPs are in place before any
+   packet is steered to it.
+3. Tunnel routing: table TUNNEL holds `default dev <wg>` and the tunnel rule sends marked
+   packets there.
+4. nftables last: classification (the marks), the egress guard and strict ingress are
+   one atomic transaction, so marks never exist without the guard that drops a marked
+   packet about to leave by any interface but the tunnel.
+A pair that becomes unselected loses its allowed IP in step 2 before its mark goes in
+step 4: in between, its packets are dropped by WireGuard (no peer), never sent in clear.
+Each reconciler keeps failed items pending; a failure of one does not stop the others,
+because each layer on its own is fail-closed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tfcrypt.core.compute import Desired
+from tfcrypt.dataplane.netlink import Family, Netlink, RouteType
+from tfcrypt.dataplane.nft_model import NftDesired
+from tfcrypt.dataplane.nftables import NftManager
+from tfcrypt.dataplane.routes import RouteManager, RouteSpec
+from tfcrypt.dataplane.rules import RuleManager
+from tfcrypt.wireguard.device import WireGuardManager
+from tfcrypt.wireguard.model import DesiredDevice, PeerConfig
+
+DEFAULTS = ("0.0.0.0/0", "::/0")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    ifname: str = "tfcrypt0"
+    tunnel_table: int = 29798
+    failclosed_table: int = 29799
+    rule_priority: int = 1820
+    mark: int = 0x00100000
+    mask: int = 0x00100000
+
+
+@dataclass
+class ApplyResult:
+    ops: int = 0
+    errors: list[str] = field(default_factory=list)
+    changed: dict[str, int] = field(default_factory=dict)
+
+
+class Dataplane:
+    def __init__(self, wireguard: WireGuardManager, nft: NftManager, netlink: Netlink,
+                 routing: RoutingConfig) -> None:
+        r = routing
+        self.routing = r
+        self.wireguard = wireguard
+        self.nft = nft
+        self.failclosed_routes = RouteManager(netlink, r.ifname, table=r.failclosed_table)
+        priorities = (r.rule_priority, r.rule_priority + 1)
+        self.failclosed_rule = RuleManager(netlink, priority=r.rule_priority + 1,
+                                           table=r.failclosed_table, fwmark=r.mark,
+                                           mask=r.mask, families=(Family.V4, Family.V6),
+                                           siblings=priorities)
+        self.tunnel_routes = RouteManager(netlink, r.ifname, table=r.tunnel_table)
+        self.tunnel_rule = RuleManager(netlink, priority=r.rule_priority,
+                                       table=r.tunnel_table, fwmark=r.mark, mask=r.mask,
+                                       families=(Family.V4, Family.V6), siblings=priorities)
+
+    def set_desired(self, desired: Desired, *, private_key_b64: str, listen_port: int,
+                    mtu: int) -> None:
+        r = self.routing
+        self.failclosed_routes.set_desired(
+            {cidr: RouteSpec(type=RouteType.PROHIBIT) for cidr in DEFAULTS})
+        self.failclosed_rule.set_desired(True)
+        self.wireguard.set_desired(DesiredDevice(
+            private_key_b64=private_key_b64, listen_port=listen_port, mtu=mtu,
+            peers={k: PeerConfig(public_key=k, endpoint=p.endpoint, allowed_ips=p.allowed_ips)
+                   for k, p in desired.peers.items()}))
+        self.tunnel_routes.set_desired(DEFAULTS)
+        self.tunnel_rule.set_desired(True)
+        self.nft.set_desired(NftDesired(
+            local_class=desired.local_class, class_peers=desired.class_peers,
+            mark=r.mark, mask=r.mask, wg_ifname=r.ifname))
+
+    def _in_order(self) -> tuple[tuple[str, object], ...]:
+        return (("failclosed routes", self.failclosed_routes),
+                ("failclosed rule", self.failclosed_rule),
+                ("wireguard", self.wireguard),
+                ("tunnel routes", self.tunnel_routes),
+                ("tunnel rule", self.tunnel_rule),
+                ("nftables", self.nft))
+
+    async def apply(self) -> ApplyResult:
+        result = ApplyResult()
+        for name, manager in self._in_order():
+            report = await manager.apply()  # type: ignore[attr-defined]
+            result.ops += report.ops
+            if report.ops:
+                result.changed[name] = report.ops
+            result.errors += [f"{name}: {e}" for e in report.errors]
+        return result
