@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import agents
+from . import agents, inventory
+from .errors import LabError
 from .lab import Lab, down
 from .layout import Layout
 from .wire import capture, count_packets, ping
 
 PINGS = 3
+ENCRYPT_ALL = Path(__file__).resolve().parent.parent / "examples" / "encrypt-all.yaml"
 
 
 TUNNEL = "inside WireGuard"
@@ -65,20 +66,25 @@ class Progress:
               flush=True)
 
 
-def _wait_for_mesh(lab: Lab, timeout: float = 30.0) -> None:
+def _agent_status(lab: Lab, node: str) -> dict[str, Any]:
+    try:
+        return json.loads((agents.state_dir(lab, node) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait_for_enforcement(lab: Lab, timeout: float = 30.0) -> None:
+    """Every agent has every other node as a verified peer and has classified traffic."""
     nodes = [n["name"] for n in lab.status()["nodes"]]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        counts = []
-        for node in nodes:
-            out = subprocess.run([*lab.exec_prefix(node), "wg", "show", "tfcrypt0", "peers"],
-                                 capture_output=True, text=True)
-            counts.append(len(out.stdout.split()) if out.returncode == 0 else -1)
-        if all(c == len(nodes) - 1 for c in counts):
+        states = [_agent_status(lab, n) for n in nodes]
+        if all(len(st.get("peers", ())) == len(nodes) - 1 and st.get("selected_pairs")
+               and not st.get("last_reconcile", {}).get("errors", True) for st in states):
             return
         time.sleep(0.3)
-    state = {n["name"]: n["agent"] for n in lab.status()["nodes"]}
-    raise RuntimeError(f"the mesh did not form in {timeout:.0f}s: {json.dumps(state)}")
+    raise LabError(f"the agents did not converge in {timeout:.0f}s: "
+                   f"{json.dumps({n: _agent_status(lab, n) for n in nodes})[:2000]}")
 
 
 @dataclass(frozen=True)
@@ -137,10 +143,13 @@ def run(name: str, nodes: int, workloads_per_node: int, keep: bool) -> int:
         progress.step(f"bringing up lab {name}: {nodes} nodes, {workloads_per_node} "
                       "workloads each, etcd, the SPIFFE Workload API")
         lab.up()
-        progress.step("starting a tfcrypt agent in every node (SVID, signed record in etcd)")
+        progress.step("starting a tfcrypt agent in every node (SVID, signed record in etcd); "
+                      "publishing the workloads and the encrypt-all policy")
         agents.start_all(lab)
+        inventory.publish_workloads(lab)
+        inventory.apply_policy(lab, ENCRYPT_ALL)
         progress.step("waiting for every node to verify the others and configure them")
-        _wait_for_mesh(lab)
+        _wait_for_enforcement(lab)
         progress.step("pinging every pair of workloads on different nodes while "
                       "capturing the underlay")
         with tempfile.TemporaryDirectory(prefix="tfcrypt-demo-") as tmp:

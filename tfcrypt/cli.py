@@ -120,7 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     pol_del.add_argument("name")
     pol_list = pol_sub.add_parser("list", help="policies as agents would believe them")
     pol_list.add_argument("--json", action="store_true")
-    controller_parsers = [wl_set, wl_del, wl_list, pol_apply, pol_del, pol_list]
+    pol_plan = pol_sub.add_parser(
+        "plan", help="which pairs a policy file would newly encrypt or stop encrypting (an "
+                     "audit-mode policy is shown as if enforced), and whether every node it "
+                     "needs has a verified key")
+    pol_plan.add_argument("-f", "--file", required=True)
+    pol_plan.add_argument("--json", action="store_true")
+
+    expl = sub.add_parser("explain", help="is the flow SRC_IP -> DST_IP encrypted, by which "
+                                          "policy and rule, or why not")
+    expl.add_argument("src_ip", metavar="SRC_IP")
+    expl.add_argument("dst_ip", metavar="DST_IP")
+    expl.add_argument("--json", action="store_true")
+    controller_parsers = [wl_set, wl_del, wl_list, pol_apply, pol_del, pol_list, pol_plan,
+                          expl]
 
     status = sub.add_parser("status", help="what the local agent last reported")
     for p in controller_parsers:
@@ -227,12 +240,20 @@ async def _controller_command(args: argparse.Namespace) -> int:
     controller_ids = tuple(args.controller_id or
                            ("spiffe://{trust_domain}/tfcrypt/controller",))
     policy = commands.read_policy_file(args.file) \
-        if args.command == "policy" and args.policy_command == "apply" else None
+        if args.command == "policy" and args.policy_command in ("apply", "plan") else None
     workload = commands.build_workload(args.name, args.node, args.ip, args.tag) \
         if args.command == "workload" and args.workload_command == "set" else None
     async with session(_etcd(args), args.prefix, args.spiffe_socket, controller_ids) as s:
-        if workload is not None:
+        if args.command == "explain":
+            explanation = await commands.explain_flow(s, args.src_ip, args.dst_ip)
+            print(json.dumps(explanation.to_json(), indent=2) if args.json
+                  else explanation.render())
+        elif workload is not None:
             print(await commands.workload_set(s, workload))
+        elif policy is not None and args.policy_command == "plan":
+            plan = await commands.policy_plan(s, policy)
+            print(json.dumps(commands.plan_to_json(plan), indent=2) if args.json
+                  else commands.render_plan(plan))
         elif policy is not None:
             print(await commands.policy_apply(s, policy))
         elif args.command == "workload" and args.workload_command == "delete":
@@ -265,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 nk = load_node_key(args.state_dir, time.time())
             print(json.dumps({"public_key": nk.public_key, "epoch": nk.epoch}))
             return 0
-        if args.command in ("workload", "policy"):
+        if args.command in ("workload", "policy", "explain"):
             return asyncio.run(_controller_command(args))
         if args.command == "status":
             path = Path(args.state_dir) / "status.json"

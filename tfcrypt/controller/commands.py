@@ -12,13 +12,20 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tfcrypt.controller.session import ControllerSession
+from tfcrypt.core.explain import Explanation, PlanDiff, diff_selection, explain
 from tfcrypt.errors import ConfigError
-from tfcrypt.model.policy import EncryptionPolicy, parse_policy_document, policy_key
+from tfcrypt.identity.view import VerifiedView
+from tfcrypt.model.node import NodeRecord
+from tfcrypt.model.policy import EncryptionPolicy, Mode, parse_policy_document, policy_key
 from tfcrypt.model.tags import sorted_tag_texts
 from tfcrypt.model.workload import Workload, workload_key
 
@@ -103,3 +110,67 @@ async def policy_rows(s: ControllerSession) -> list[dict[str, Any]]:
     rows += [{"key": k, "verified": False, "rejected": view.last_rejection.get(k)}
              for k in sorted(view.raw) if k.startswith("policies/") and k not in view.records]
     return rows
+
+
+def _global_view(view: VerifiedView) -> tuple[dict[str, Workload],
+                                                dict[str, EncryptionPolicy],
+                                                dict[str, NodeRecord]]:
+    return (view.of("workloads/"),
+            {p.name: p for p in view.of("policies/").values()},
+            {r.node: r for r in view.of("nodes/").values()})
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The global view `explain` reads: every workload, policy and verified node."""
+
+    workloads: Mapping[str, Workload]
+    policies: Mapping[str, EncryptionPolicy]
+    nodes: Mapping[str, NodeRecord]
+
+
+async def explain_flow(s: ControllerSession, src_ip: str, dst_ip: str) -> Explanation:
+    for what, ip in (("SRC_IP", src_ip), ("DST_IP", dst_ip)):
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ConfigError(f"{what}: {ip!r} is not an IP address") from None
+    return explain(Inventory(*_global_view(await s.read_view())), src_ip, dst_ip)
+
+
+async def policy_plan(s: ControllerSession, policy: EncryptionPolicy) -> dict[str, Any]:
+    """What enforcing `policy` (as written, or as if enforced when it is audit-mode) would
+    change, and whether every node it needs has a verified key."""
+    workloads, policies, nodes = _global_view(await s.read_view())
+    enforced = dataclasses.replace(policy, mode=Mode.ENFORCE)
+    diff = diff_selection(policies, {**policies, policy.name: enforced}, workloads, nodes)
+    affected = sorted(set(diff.per_node) | diff.missing_peers)
+    return {
+        "policy": policy.name,
+        "as_if_enforced": not policy.enforced,
+        "diff": diff,
+        "nodes": [{"node": n, "verified_key": n in nodes and n not in diff.missing_peers,
+                   "added": diff.per_node[n].added if n in diff.per_node else 0,
+                   "removed": diff.per_node[n].removed if n in diff.per_node else 0}
+                  for n in affected],
+    }
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    diff: PlanDiff = plan["diff"]
+    head = f"policy {plan['policy']}" + (" (audit mode; shown as if enforced)"
+                                         if plan["as_if_enforced"] else "")
+    lines = [head, diff.render(), "", "node  verified key  pairs added  pairs removed"]
+    lines += [f"{n['node']:<4}  {'yes' if n['verified_key'] else 'NO':<12}  "
+              f"{n['added']:<11}  {n['removed']}" for n in plan["nodes"]]
+    if any(not n["verified_key"] for n in plan["nodes"]):
+        lines.append("NOT READY: selected traffic to nodes without a verified key is dropped")
+    else:
+        lines.append("ready: every node the change needs has a verified key "
+                     "(each agent's `tfcrypt status` shows its handshakes)")
+    return "\n".join(lines)
+
+
+def plan_to_json(plan: dict[str, Any]) -> dict[str, Any]:
+    return {**plan, "diff": plan["diff"].to_json(),
+            "ready": all(n["verified_key"] for n in plan["nodes"])}
