@@ -17,8 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from spiffe import WorkloadApiClient
+
 from netns_lab import Lab
 from netns_lab.wire import parse_ping, ping_argv
+from tfcrypt.identity import sign_envelope
+from tfcrypt.model.node import NodeRecord
 
 T = TypeVar("T")
 PREFIX = "/tfcrypt/v1"
@@ -99,3 +103,11 @@ def etcdctl(lab: Lab, *args: str, input: bytes | None = None) -> str:
     out = run_in(lab, "controller", ["etcdctl", f"--endpoints={endpoints}", *args],
                  input=input)
     return out.stdout.decode() if isinstance(out.stdout, bytes) else out.stdout
+
+
+def sign_as(lab: Lab, signer: str, record: NodeRecord) -> bytes:
+    """`record` signed with node `signer`'s real SVID, fetched from its lab socket."""
+    socket = next(n["spiffe_socket"] for n in lab.status()["nodes"] if n["name"] == signer)
+    with WorkloadApiClient(socket_path=f"unix:{socket}") as client:
+        svid = client.fetch_x509_svid(timeout=10)
+    return sign_envelope(record.to_payload(), svid.private_key, svid.cert_chain)

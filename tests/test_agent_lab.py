@@ -16,12 +16,19 @@ from pathlib import Path
 
 import pytest
 from conftest import running_lab
-from labtools import PREFIX, Pinger, agent_status, etcdctl, wait_for, wg_peers, workload_ip
-from spiffe import WorkloadApiClient
+from labtools import (
+    PREFIX,
+    Pinger,
+    agent_status,
+    etcdctl,
+    sign_as,
+    wait_for,
+    wg_peers,
+    workload_ip,
+)
 
 from netns_lab import Lab, agents, inventory
 from netns_lab.wire import capture, count_packets, ping
-from tfcrypt.identity import sign_envelope
 from tfcrypt.model.node import NodeRecord
 
 pytestmark = pytest.mark.lab
@@ -86,13 +93,6 @@ def test_agents_form_a_verified_mesh_and_traffic_crosses_inside_it(
         assert allowed == others
 
 
-def _sign_as(lab: Lab, signer: str, record: NodeRecord) -> bytes:
-    socket = next(n["spiffe_socket"] for n in lab.status()["nodes"] if n["name"] == signer)
-    with WorkloadApiClient(socket_path=f"unix:{socket}") as client:
-        svid = client.fetch_x509_svid(timeout=10)
-    return sign_envelope(record.to_payload(), svid.private_key, svid.cert_chain)
-
-
 def test_forged_records_are_ignored_and_counted_and_the_real_peer_stays(lab: Lab) -> None:
     keys = public_keys(lab)
     before = agent_status(lab, "n1")["rejected"]
@@ -100,7 +100,7 @@ def test_forged_records_are_ignored_and_counted_and_the_real_peer_stays(lab: Lab
         node="n2", spiffe_id="spiffe://lab.tfcrypt/tfcrypt/node/n3",
         wg_public_key=base64.b64encode(b"\x07" * 32).decode(), endpoint="10.77.0.13:51820",
         workload_subnets=("10.200.2.0/24",), epoch=2**40, issued_at=int(time.time()))
-    etcdctl(lab, "put", f"{PREFIX}/nodes/n2", input=_sign_as(lab, "n3", forged))
+    etcdctl(lab, "put", f"{PREFIX}/nodes/n2", input=sign_as(lab, "n3", forged))
     etcdctl(lab, "put", f"{PREFIX}/nodes/n9", input=b'{"v": 1, "payload": "{}"}')
 
     def counted() -> bool:

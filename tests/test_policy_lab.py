@@ -1,0 +1,238 @@
+"""Tag-selective encryption in the lab, proven on the underlay.
+
+3 nodes x 3 workloads with Tungsten Fabric style tags; the controller CLI publishes the
+inventory and policies; agents enforce. Expectations come from the plain pairwise
+definition (tfcrypt.core.selection.is_selected_pairwise), observations from tcpdump on
+every port of the underlay bridge. Tests run in file order on one lab.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import running_lab
+from labtools import PREFIX, agent_status, etcdctl, sign_as, wait_for, wg_peers
+
+from netns_lab import Lab, agents, inventory
+from netns_lab.wire import capture, count_packets, ping
+from tfcrypt.core.selection import is_selected_pairwise
+from tfcrypt.model.node import NodeRecord
+from tfcrypt.model.policy import parse_policy_document
+from tfcrypt.model.workload import Workload
+
+pytestmark = pytest.mark.lab
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+NODES = ("n1", "n2", "n3")
+TAGS = {
+    "n1-w1": ["application=payments", "site=a"],
+    "n1-w2": ["application=shop", "tier=api", "site=a"],
+    "n1-w3": ["application=shop", "tier=db", "site=b", "label=pci"],
+    "n2-w1": ["application=shop", "tier=db", "site=a"],
+    "n2-w2": ["application=payments", "site=b"],
+    "n2-w3": ["application=web", "site=a"],
+    "n3-w1": ["application=shop", "tier=api", "site=b"],
+    "n3-w2": ["application=shop", "tier=db", "site=b"],
+    "n3-w3": ["application=web", "label=pci"],
+}
+POLICIES = ("payments.yaml", "shop-db-same-site.yaml")
+
+
+def workloads(lab: Lab) -> dict[str, Workload]:
+    return {w["name"]: Workload(w["name"], w["node"], (w["ip"],), frozenset(TAGS[w["name"]]))
+            for w in lab.status()["workloads"]}  # type: ignore[arg-type]
+
+
+def expected_pairs(lab: Lab, files: tuple[str, ...]) -> dict[tuple[str, str], bool]:
+    policies = [parse_policy_document((EXAMPLES / f).read_text(), f) for f in files]
+    wls = workloads(lab)
+    return {(a.name, b.name): is_selected_pairwise(a, a.ips[0], b, b.ips[0], policies)
+            for a, b in itertools.combinations(wls.values(), 2) if a.node != b.node}
+
+
+def converged(lab: Lab, files: tuple[str, ...]) -> bool:
+    """Every agent reports the pair count the definition implies for its node."""
+    expected = expected_pairs(lab, files)
+    wls = workloads(lab)
+    for node in NODES:
+        want = sum(1 for (a, b), sel in expected.items()
+                   if sel and node in (wls[a].node, wls[b].node))
+        st = agent_status(lab, node)
+        if st.get("selected_pairs") != want or st["last_reconcile"].get("errors"):
+            return False
+    return True
+
+
+def observe(lab: Lab, pcap: Path) -> dict[tuple[str, str], str]:
+    """Ping every cross-node pair once while capturing; what the underlay saw per pair."""
+    wls = workloads(lab)
+    pairs = [(a, b) for a, b in itertools.combinations(sorted(wls), 2)
+             if wls[a].node != wls[b].node]
+    with capture(lab, pcap):
+        received = {p: ping(lab, p[0], wls[p[1]].ips[0], count=2, interval=0.05)
+                    for p in pairs}
+    seen = {}
+    for a, b in pairs:
+        plain = count_packets(pcap, f"icmp and host {wls[a].ips[0]} and host {wls[b].ips[0]}")
+        seen[(a, b)] = ("plaintext" if plain else "tunnel") if received[(a, b)] else "lost"
+    return seen
+
+
+def assert_split(lab: Lab, files: tuple[str, ...], pcap: Path) -> None:
+    expected = expected_pairs(lab, files)
+    seen = observe(lab, pcap)
+    wrong = {p: (("tunnel" if expected[p] else "plaintext"), seen[p]) for p in expected
+             if seen[p] != ("tunnel" if expected[p] else "plaintext")}
+    assert not wrong, f"(expected, observed) per pair: {wrong}"
+    assert any(expected.values()) and not all(expected.values()), "the split is not tested"
+    assert count_packets(pcap, "udp port 51820") > 0
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with running_lab(nodes=3, workloads_per_node=3) as lab:
+        inventory.publish_workloads(lab, TAGS)
+        for f in POLICIES:
+            inventory.apply_policy(lab, EXAMPLES / f)
+        agents.start_all(lab)
+        wait_for("the agents to enforce the policies", lambda: converged(lab, POLICIES))
+        yield lab
+
+
+def test_only_selected_pairs_cross_inside_wireguard(lab: Lab, tmp_path: Path) -> None:
+    assert_split(lab, POLICIES, tmp_path / "split.pcap")
+
+
+def test_the_split_follows_policy_changes_and_deletion(lab: Lab, tmp_path: Path) -> None:
+    inventory.delete_policy(lab, "payments")
+    wait_for("agents to drop the payments policy",
+             lambda: converged(lab, ("shop-db-same-site.yaml",)), timeout=5)
+    assert_split(lab, ("shop-db-same-site.yaml",), tmp_path / "deleted.pcap")
+    inventory.apply_policy(lab, EXAMPLES / "payments.yaml")
+    wait_for("agents to enforce payments again", lambda: converged(lab, POLICIES), timeout=5)
+    assert_split(lab, POLICIES, tmp_path / "reapplied.pcap")
+
+
+def test_explain_and_plan_tell_the_operator(lab: Lab) -> None:
+    out = inventory.tfcrypt(lab, "explain", "10.200.1.11", "10.200.2.13")
+    assert "selected" in out and "payments rule 0: selects" in out
+    out = inventory.tfcrypt(lab, "explain", "10.200.1.12", "10.200.2.11")
+    assert "match_tags site" not in out and "selected" in out
+    out = inventory.tfcrypt(lab, "explain", "10.200.1.12", "10.200.3.12")
+    assert "not selected" in out and "match_tags site" in out
+    plan = inventory.tfcrypt(lab, "policy", "plan", "-f", str(EXAMPLES / "pci-audit.yaml"))
+    assert "as if enforced" in plan and "ready" in plan
+
+
+def test_killing_wireguard_go_leaks_nothing_and_the_agent_restores_it(
+        lab: Lab, tmp_path: Path) -> None:
+    wls = workloads(lab)
+    selected = ("n1-w1", "n2-w3")   # payments <-> any
+    unselected = ("n1-w2", "n2-w3")
+    wg_pid = _wireguard_go_pid(lab, "n1")
+    assert wg_pid is not None
+    pcap = tmp_path / "kill.pcap"
+    with capture(lab, pcap):
+        sel = subprocess.Popen([*lab.exec_prefix(selected[0]), "ping", "-n", "-q", "-i",
+                                "0.05", "-c", "120", "-W", "1", wls[selected[1]].ips[0]],
+                               stdout=subprocess.PIPE, text=True)
+        uns = subprocess.Popen([*lab.exec_prefix(unselected[0]), "ping", "-n", "-q", "-i",
+                                "0.05", "-c", "120", "-W", "1", wls[unselected[1]].ips[0]],
+                               stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
+        subprocess.run(["kill", "-9", str(wg_pid)], check=True)
+        uns_out, _ = uns.communicate(timeout=60)
+        sel.communicate(timeout=60)
+    a, b = wls[selected[0]].ips[0], wls[selected[1]].ips[0]
+    assert count_packets(pcap, f"icmp and host {a} and host {b}") == 0, "plaintext leaked"
+    assert " 0% packet loss" in uns_out, uns_out
+    wait_for("the agent to restore the tunnel",
+             lambda: _wireguard_go_pid(lab, "n1") not in (None, wg_pid)
+             and ping(lab, selected[0], b) == 3, timeout=30)
+    assert_split(lab, POLICIES, tmp_path / "after.pcap")
+
+
+def _wireguard_go_pid(lab: Lab, node: str) -> int | None:
+    out = subprocess.run([*lab.exec_prefix(node), "sh", "-c",
+                          "for p in /proc/[0-9]*; do "
+                          "[ \"$(cat $p/comm 2>/dev/null)\" = wireguard-go ] && "
+                          "[ \"$(readlink $p/ns/net)\" = \"$(readlink /proc/self/ns/net)\" ] "
+                          "&& basename $p; done"], capture_output=True, text=True).stdout
+    pids = out.split()
+    return int(pids[0]) if pids else None
+
+
+def test_injected_plaintext_of_a_selected_pair_is_dropped_by_the_receiver(lab: Lab) -> None:
+    before = agent_counters(lab, "n2")
+    script = Path(__file__).parent / "lab_scripts" / "inject_icmp.py"
+    subprocess.run([*lab.exec_prefix("n1"), sys.executable, str(script), "10.200.1.11",
+                    "10.200.2.13", "eth0", "5"], check=True, capture_output=True, timeout=30)
+    wait_for("n2's strict ingress to count the injected packets",
+             lambda: agent_counters(lab, "n2")["ingress_drops"] >= before["ingress_drops"] + 5)
+
+
+def agent_counters(lab: Lab, node: str) -> dict[str, int]:
+    out = subprocess.run([*lab.exec_prefix(node), "nft", "-j", "list", "counters", "table",
+                          "inet", "tfcrypt"], capture_output=True, text=True, check=True).stdout
+    return {c["counter"]["name"]: c["counter"]["packets"]
+            for c in json.loads(out)["nftables"] if "counter" in c}
+
+
+def test_tags_changed_and_workload_moved_are_followed(lab: Lab) -> None:
+    keys = {n: agent_status(lab, n)["public_key"] for n in NODES}
+    # n2-w3 (application=web) becomes payments: now selected with n3-w1 too.
+    inventory.set_workload(lab, "n2-w3", ["application=payments", "site=a"])
+    TAGS["n2-w3"] = ["application=payments", "site=a"]
+    wait_for("n3 to give n2 the address of n2-w3",
+             lambda: "10.200.2.13/32" in wg_peers(lab, "n3")[keys["n2"]].allowed_ips,
+             timeout=5)
+    # moved in the inventory to n3: n1 now expects 10.200.2.13 from n3, not n2
+    inventory.set_workload(lab, "n2-w3", ["application=payments", "site=a"], node="n3",
+                           ips=["10.200.2.13"])
+    wait_for("n1 to move the address to n3's peer", lambda: (
+        "10.200.2.13/32" in wg_peers(lab, "n1")[keys["n3"]].allowed_ips
+        and "10.200.2.13/32" not in wg_peers(lab, "n1")[keys["n2"]].allowed_ips), timeout=5)
+    inventory.set_workload(lab, "n2-w3", ["application=web", "site=a"], node="n2",
+                           ips=["10.200.2.13"])
+    TAGS["n2-w3"] = ["application=web", "site=a"]
+    wait_for("the inventory to be back", lambda: converged(lab, POLICIES), timeout=5)
+
+
+def test_a_node_claiming_another_nodes_subnet_in_its_record_gets_none_of_it(
+        lab: Lab) -> None:
+    st = agent_status(lab, "n3")
+    record = NodeRecord(node="n3", spiffe_id="spiffe://lab.tfcrypt/tfcrypt/node/n3",
+                        wg_public_key=st["public_key"], endpoint="10.77.0.13:51820",
+                        workload_subnets=("10.200.2.0/24",), epoch=st["epoch"],
+                        issued_at=int(time.time()))
+    etcdctl(lab, "put", f"{PREFIX}/nodes/n3", input=sign_as(lab, "n3", record))
+    time.sleep(1)
+    keys = {n: agent_status(lab, n)["public_key"] for n in NODES}
+    assert not any(ip.startswith("10.200.2.")
+                   for ip in wg_peers(lab, "n1")[keys["n3"]].allowed_ips)
+    assert "10.200.2.11/32" in wg_peers(lab, "n1")[keys["n2"]].allowed_ips
+
+
+def test_a_removed_peer_record_drops_selected_traffic_instead_of_leaking(
+        lab: Lab, tmp_path: Path) -> None:
+    wls = workloads(lab)
+    key = agent_status(lab, "n2")["public_key"]
+    assert agents.stop_agent(lab, "n2")
+    etcdctl(lab, "del", f"{PREFIX}/nodes/n2")
+    wait_for("n1 to drop n2", lambda: key not in wg_peers(lab, "n1"), timeout=10)
+    a, b = wls["n1-w1"].ips[0], wls["n2-w3"].ips[0]          # payments -> web: selected
+    c, d = wls["n1-w2"].ips[0], wls["n2-w3"].ips[0]          # shop api -> web: not selected
+    pcap = tmp_path / "removed.pcap"
+    with capture(lab, pcap):
+        assert ping(lab, "n1-w1", b) == 0
+        assert ping(lab, "n1-w2", d) == 3
+    assert count_packets(pcap, f"icmp and host {a} and host {b}") == 0
+    assert count_packets(pcap, f"icmp and host {c} and host {d}") > 0
+    assert "n2" in agent_status(lab, "n1")["missing_peers"]
