@@ -87,21 +87,16 @@ def compute(snap: Snapshot) -> Desired:
     index = RemoteIndex(own, workloads)
     enforced = classify(own, workloads, rules_of(snap.policies.values(), Mode.ENFORCE), index)
     records, conflicts = usable_records(snap.nodes, own, snap.own_public_key)
-    claims = ip_claims(workloads)
-    conflicts += claim_conflicts(claims)
+    claims = IpClaims(workloads)
+    conflicts += claims.conflicts()
 
-    allowed: dict[str, set[str]] = {node: set() for node in records}
-    missing: set[str] = set()
-    for ip in enforced_remote_ips(enforced):
-        owners = {w.node for w in claims[ip]}
-        missing.update(n for n in owners if n != own and n not in records)
-        if len(owners) == 1:
-            (node,) = owners
-            if node in allowed:
-                allowed[node].add(host_cidr(ip))
-    peers = {rec.wg_public_key: PeerDesired(rec.node, rec.wg_public_key, rec.endpoint,
-                                            frozenset(allowed[rec.node]))
-             for rec in records.values()}
+    selected = enforced_remote_ips(enforced)
+    peers = {rec.wg_public_key: PeerDesired(
+        rec.node, rec.wg_public_key, rec.endpoint,
+        frozenset(map(host_cidr, selected.intersection(claims.ips_of(rec.node))
+                      - claims.contested)))
+        for rec in records.values()}
+    missing = claims.nodes_touching([selected], exclude={own, *records})
     return Desired(
         local_class=dict(sorted(enforced.local_class.items())),
         class_peers=dict(sorted(enforced.class_peers.items())),
@@ -130,23 +125,41 @@ def usable_records(nodes: Mapping[str, NodeRecord], own_node: str,
     return usable, conflicts
 
 
-def ip_claims(workloads: Iterable[Workload]) -> dict[str, list[Workload]]:
-    """Every workload IP and the workloads that claim it."""
-    claims: dict[str, list[Workload]] = {}
-    for w in workloads:
-        for ip in w.ips:
-            claims.setdefault(ip, []).append(w)
-    return claims
+class IpClaims:
+    """Which workloads claim each IP; built in one pass, most IPs having one claimant."""
 
+    def __init__(self, workloads: Iterable[Workload]) -> None:
+        self._first: dict[str, Workload] = {}
+        self._more: dict[str, list[Workload]] = {}
+        self._by_node: dict[str, list[str]] = {}
+        for w in workloads:
+            self._by_node.setdefault(w.node, []).extend(w.ips)
+            for ip in w.ips:
+                first = self._first.setdefault(ip, w)
+                if first is not w:
+                    self._more.setdefault(ip, [first]).append(w)
+        self.contested = frozenset(ip for ip, owners in self._more.items()
+                                   if len({w.node for w in owners}) > 1)
 
-def claim_conflicts(claims: Mapping[str, list[Workload]]) -> list[str]:
-    found = []
-    for ip, owners in claims.items():
-        if len(owners) > 1:
+    def ips_of(self, node: str) -> list[str]:
+        """Every IP a workload on `node` claims (contested ones included)."""
+        return self._by_node.get(node, [])
+
+    def nodes_touching(self, ip_sets: Iterable[frozenset[str]], exclude: Iterable[str]
+                       ) -> frozenset[str]:
+        """Nodes, except `exclude`, that claim an IP in one of `ip_sets`."""
+        skip = set(exclude)
+        sets = list(ip_sets)
+        return frozenset(node for node, ips in self._by_node.items() if node not in skip
+                         and any(not s.isdisjoint(ips) for s in sets))
+
+    def conflicts(self) -> list[str]:
+        found = []
+        for ip, owners in self._more.items():
             keys = sorted(w.key.removeprefix("workloads/") for w in owners)
             effect = "" if len({w.node for w in owners}) == 1 else ": given to no peer"
             found.append(f"ip {ip} claimed by {', '.join(keys)}{effect}")
-    return sorted(found)
+        return sorted(found)
 
 
 def enforced_remote_ips(classes: Classes) -> frozenset[str]:
@@ -158,7 +171,7 @@ def host_cidr(ip: str) -> str:
 
 
 def _audit(snap: Snapshot, workloads: tuple[Workload, ...], index: RemoteIndex,
-           enforced: Classes, claims: Mapping[str, list[Workload]],
+           enforced: Classes, claims: IpClaims,
            records: Mapping[str, NodeRecord]) -> AuditReport:
     """Pairs each audit policy would add beyond the enforced ones, counted per class group."""
     audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
@@ -167,22 +180,21 @@ def _audit(snap: Snapshot, workloads: tuple[Workload, ...], index: RemoteIndex,
         return AuditReport()
     classes = [classify(snap.own_node, workloads, rules_of([p], Mode.AUDIT), index)
                for p in audited]
-    groups: Counter[tuple[str | None, ...]] = Counter()
-    for ip in set().union(*(c.local_class for c in classes)):
-        groups[(enforced.local_class.get(ip), *(c.local_class.get(ip) for c in classes))] += 1
+    groups: Counter[tuple[str | None, ...]] = Counter(
+        (enforced.local_class.get(ip), *(c.local_class.get(ip) for c in classes))
+        for ip in set().union(*(c.local_class for c in classes)))
     per_policy = dict.fromkeys((p.name for p in audited), 0)
     total = 0
-    added_ips: set[str] = set()
+    added_sets: list[frozenset[str]] = []
     for (enforced_key, *keys), n in groups.items():
         enforced_set = enforced.class_peers[enforced_key] if enforced_key else frozenset()
-        added: set[str] = set()
+        extras: list[frozenset[str]] = []
         for policy, cls, key in zip(audited, classes, keys, strict=True):
             if key is not None:
-                extra = cls.class_peers[key] - enforced_set
-                per_policy[policy.name] += n * len(extra)
-                added |= extra
+                extras.append(cls.class_peers[key] - enforced_set)
+                per_policy[policy.name] += n * len(extras[-1])
+        added = extras[0] if len(extras) == 1 else frozenset().union(*extras)
         total += n * len(added)
-        added_ips |= added
-    missing = {w.node for ip in added_ips for w in claims[ip]
-               if w.node != snap.own_node and w.node not in records}
-    return AuditReport(total, per_policy, frozenset(missing))
+        added_sets.append(added)
+    missing = claims.nodes_touching(added_sets, exclude={snap.own_node, *records})
+    return AuditReport(total, per_policy, missing)

@@ -64,6 +64,7 @@ class Workload:
     tags: frozenset[Tag]
     _addresses: tuple[Address, ...] = field(init=False, repr=False, compare=False)
     _values: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    _tag_keys: frozenset[tuple[str, str]] = field(init=False, repr=False, compare=False)
     _labels: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +82,7 @@ class Workload:
         object.__setattr__(self, "tags", tags)
         object.__setattr__(self, "_values",
                            {t.type: t.value for t in tags if t.single_valued})
+        object.__setattr__(self, "_tag_keys", frozenset((t.type, t.value) for t in tags))
         object.__setattr__(self, "_labels", frozenset(t.value for t in tags if not t.single_valued))
 
     @property
@@ -91,6 +93,11 @@ class Workload:
     def addresses(self) -> tuple[Address, ...]:
         """`ips` parsed, in the same order (parsed once: selection tests subnets often)."""
         return self._addresses
+
+    @property
+    def tag_keys(self) -> frozenset[tuple[str, str]]:
+        """`tags` as (type, value) tuples: hashed and compared in C, for indexes at scale."""
+        return self._tag_keys
 
     @property
     def labels(self) -> frozenset[str]:

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.<name>`; numbers go to stdout as JSON, never into tests."""
