@@ -110,6 +110,28 @@ def test_only_selected_pairs_cross_inside_wireguard(lab: Lab, tmp_path: Path) ->
     assert_split(lab, POLICIES, tmp_path / "split.pcap")
 
 
+def kernel_state(lab: Lab, node: str) -> list[str]:
+    """What the agent owns in the kernel, without counters and handshake times."""
+    def run(*argv: str) -> str:
+        return subprocess.run([*lab.exec_prefix(node), *argv], capture_output=True,
+                              text=True, check=True).stdout
+    wg = [" ".join(f[:4]) for f in (line.split("\t") for line in
+                                    run("wg", "show", "tfcrypt0", "dump").splitlines())]
+    return [run("nft", "-s", "list", "table", "inet", "tfcrypt"), run("ip", "rule"),
+            run("ip", "route", "show", "table", "29798"),
+            run("ip", "route", "show", "table", "29799"), *wg]
+
+
+def test_a_resync_with_the_same_inputs_changes_nothing(lab: Lab) -> None:
+    before = kernel_state(lab, "n1")
+    last = agent_status(lab, "n1")["last_reconcile"]["at"]
+    resync = wait_for("the next periodic resync", lambda: (
+        r if (r := agent_status(lab, "n1")["last_reconcile"])["at"] != last else None),
+        timeout=15)
+    assert resync["ops"] == 0 and not resync["errors"]
+    assert kernel_state(lab, "n1") == before
+
+
 def test_the_split_follows_policy_changes_and_deletion(lab: Lab, tmp_path: Path) -> None:
     inventory.delete_policy(lab, "payments")
     wait_for("agents to drop the payments policy",
