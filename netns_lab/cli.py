@@ -67,16 +67,16 @@ def _build_parser() -> argparse.ArgumentParser:
     ag.add_argument("node", help="node name (n1, n2, ...)")
     ag.add_argument("action", choices=agents.ACTIONS)
 
-    dm = sub.add_parser("demo", help="the main job: a lab with agents, traffic between "
-                                     "every cross-node pair, and what the underlay saw",
-                        description="Bring up a lab with tfcrypt agents, drive traffic "
-                                    "between every pair of workloads on different nodes "
-                                    "while capturing the underlay, and print one row per "
-                                    "pair with a verdict; exit 1 on any mismatch.")
+    dm = sub.add_parser("demo", help="the main job: tag-selective encryption proven on the "
+                                     "wire, in two acts",
+                        description="Bring up a 3-node lab with tfcrypt agents, publish the "
+                                    "inventory of examples/demo-inventory.yaml and two "
+                                    "policies, drive traffic between every pair of workloads "
+                                    "on different nodes while capturing the underlay, and "
+                                    "print one row per pair with a verdict; then apply an "
+                                    "audit-mode policy, show its plan, enforce it, and print "
+                                    "the table again. Exit 1 on any mismatch.")
     dm.add_argument("--name", default="demo", type=_name, help="lab name (default demo)")
-    dm.add_argument("--nodes", type=int, default=3, help="node count (default 3)")
-    dm.add_argument("--workloads-per-node", type=int, default=2,
-                    help="workloads per node (default 2)")
     dm.add_argument("--keep", action="store_true",
                     help="leave the lab up to explore; says how to take it down")
 
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise
         return 0
     if args.command == "demo":
-        return demo.run(args.name, args.nodes, args.workloads_per_node, args.keep)
+        return demo.run(args.name, args.keep)
     if args.command == "down":
         if down(args.name):
             print(f"lab {args.name} is down")

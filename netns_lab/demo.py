@@ -1,11 +1,18 @@
-"""`python -m netns_lab demo`: bring up a lab with tfcrypt agents and prove on the wire
-that traffic between workloads on different nodes crosses the underlay only inside
-WireGuard.
+"""`python -m netns_lab demo`: tag-selective encryption, proven on the wire, in one run.
 
-This is the demo of the identity-bound mesh (every cross-node flow encrypted, TF's
-encryption-mode all). The tag-selective demo replaces the expectation column once
-policies exist. Exit status is non-zero if any row's observation differs from its
-expectation.
+Act 1 brings up a 3-node lab, starts a tfcrypt agent in every node, publishes the
+inventory of examples/demo-inventory.yaml (a small shop application and a pci payments
+service across two sites) and two enforce-mode policies, drives traffic between every
+pair of workloads on different nodes while capturing the underlay, and prints one row
+per pair: the tags, what tfcrypt should do (selected by which policy and rule, or not),
+what the wire showed, and a verdict. Act 2 applies an audit-mode policy, shows
+`tfcrypt policy plan` for it, enforces it, and prints the table again with the changed
+rows marked. Exit status 1 on any mismatch.
+
+The expected column comes from tfcrypt's own explain() over the same inventory and
+policies; the observed column only from tcpdump on every port of the underlay bridge. A
+node-to-node ping is a control row: it must be seen in plaintext, which proves the
+capture would see plaintext if a selected flow leaked.
 """
 
 from __future__ import annotations
@@ -14,9 +21,17 @@ import itertools
 import json
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from tfcrypt.core.compute import Snapshot, compute
+from tfcrypt.core.explain import explain
+from tfcrypt.model.policy import EncryptionPolicy, parse_policy_document
+from tfcrypt.model.workload import Workload
 
 from . import agents, inventory
 from .errors import LabError
@@ -24,12 +39,12 @@ from .lab import Lab, down
 from .layout import Layout
 from .wire import capture, count_packets, ping
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+INVENTORY = EXAMPLES / "demo-inventory.yaml"
+ACT1 = ("payments.yaml", "shop-db-same-site.yaml")
+AUDIT, ENFORCE = "pci-audit.yaml", "pci-enforce.yaml"
 PINGS = 3
-ENCRYPT_ALL = Path(__file__).resolve().parent.parent / "examples" / "encrypt-all.yaml"
-
-
-TUNNEL = "inside WireGuard"
-PLAINTEXT = "plaintext"
+TUNNEL, PLAINTEXT, NOTHING = "inside WireGuard", "plaintext", "no traffic"
 
 
 @dataclass(frozen=True)
@@ -38,22 +53,27 @@ class Row:
 
     src: str
     dst: str
+    src_tags: str
+    dst_tags: str
     expected: str
-    received: int
-    plaintext: int
-    tunnel: int
-
-    @property
-    def observed(self) -> str:
-        if self.received == 0:
-            return "no traffic"
-        if self.plaintext:
-            return PLAINTEXT
-        return TUNNEL if self.tunnel else "not seen"
+    why: str
+    observed: str
+    changed: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.observed == self.expected and self.received == PINGS
+        return self.observed == self.expected
+
+
+@dataclass(frozen=True)
+class Flow:
+    src: str
+    dst: str
+    target: str  # the lab target that sends the ping
+    src_ip: str
+    dst_ip: str
+    src_node_ip: str
+    dst_node_ip: str
 
 
 class Progress:
@@ -66,6 +86,102 @@ class Progress:
               flush=True)
 
 
+def load_tags(path: Path = INVENTORY) -> dict[str, list[str]]:
+    return {str(k): [str(t) for t in v] for k, v in yaml.safe_load(path.read_text()).items()}
+
+
+def load_policies(files: tuple[str, ...]) -> dict[str, EncryptionPolicy]:
+    policies = [parse_policy_document((EXAMPLES / f).read_text(), f) for f in files]
+    return {p.name: p for p in policies}
+
+
+def lab_workloads(status: Mapping[str, Any], tags: Mapping[str, list[str]]
+                  ) -> dict[str, Workload]:
+    return {w["name"]: Workload(w["name"], w["node"], (w["ip"],),
+                                frozenset(tags.get(w["name"], ())))  # type: ignore[arg-type]
+            for w in status["workloads"]}
+
+
+def _flows(status: Mapping[str, Any]) -> list[Flow]:
+    node_ip = {n["name"]: n["underlay_ip"] for n in status["nodes"]}
+    flows = [Flow(a["name"], b["name"], a["name"], a["ip"], b["ip"], node_ip[a["node"]],
+                  node_ip[b["node"]])
+             for a, b in itertools.combinations(status["workloads"], 2)
+             if a["node"] != b["node"]]
+    n1, n2 = status["nodes"][:2]
+    flows.append(Flow(f"{n1['name']} (node)", f"{n2['name']} (node)", n1["name"],
+                      n1["underlay_ip"], n2["underlay_ip"], n1["underlay_ip"],
+                      n2["underlay_ip"]))
+    return flows
+
+
+@dataclass(frozen=True)
+class _Inventory:
+    workloads: Mapping[str, Workload]
+    policies: Mapping[str, EncryptionPolicy]
+    nodes: Mapping[str, Any]
+
+
+def _expectation(flow: Flow, wls: Mapping[str, Workload],
+                 policies: Mapping[str, EncryptionPolicy]) -> tuple[str, str]:
+    if flow.src not in wls:
+        return PLAINTEXT, "control: node to node, not a workload flow"
+    e = explain(_Inventory({w.key: w for w in wls.values()}, policies, {}),
+                flow.src_ip, flow.dst_ip)
+    if not e.selected:
+        return PLAINTEXT, "no enforce rule selects it"
+    first = e.matches[0]
+    return TUNNEL, f"{first.policy} rule {first.rule}"
+
+
+def measure(lab: Lab, tags: Mapping[str, list[str]],
+            policies: Mapping[str, EncryptionPolicy], workdir: Path,
+            previous: Mapping[tuple[str, str], Row] | None = None) -> list[Row]:
+    status = lab.status()
+    wls = lab_workloads(status, tags)
+    flows = _flows(status)
+    pcap = workdir / f"underlay-{time.monotonic_ns()}.pcap"
+    with capture(lab, pcap):
+        received = [ping(lab, f.target, f.dst_ip, PINGS, interval=0.1) for f in flows]
+    rows = []
+    for f, got in zip(flows, received, strict=True):
+        plain = count_packets(pcap, f"icmp and host {f.src_ip} and host {f.dst_ip}")
+        tunnel = count_packets(pcap, f"udp port 51820 and host {f.src_node_ip} "
+                                     f"and host {f.dst_node_ip}")
+        observed = PLAINTEXT if plain else (TUNNEL if got == PINGS and tunnel else NOTHING)
+        expected, why = _expectation(f, wls, policies)
+        before = (previous or {}).get((f.src, f.dst))
+        rows.append(Row(f.src, f.dst, _short(tags.get(f.src)), _short(tags.get(f.dst)),
+                        expected, why, observed,
+                        changed=before is not None and before.expected != expected))
+    return rows
+
+
+def _short(tags: list[str] | None) -> str:
+    return " ".join(t.split("=", 1)[1] if not t.startswith("label=") else t
+                    for t in tags) if tags else "-"
+
+
+def table(rows: list[Row]) -> str:
+    head = ("", "source", "tags", "destination", "tags", "expected", "by",
+            "observed on the underlay", "verdict")
+    lines = [("*" if r.changed else "", r.src, r.src_tags, r.dst, r.dst_tags, r.expected,
+              r.why, r.observed, "ok" if r.ok else "MISMATCH") for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head).rstrip(),
+                      fmt.format(*("-" * w for w in widths)).rstrip(),
+                      *(fmt.format(*line).rstrip() for line in lines)])
+
+
+def summary(rows: list[Row]) -> str:
+    bad = sum(not r.ok for r in rows)
+    selected = sum(r.expected == TUNNEL for r in rows)
+    return (f"{len(rows) - bad} of {len(rows)} flows as expected ({selected} selected, "
+            f"inside WireGuard; the rest plaintext)"
+            + (f"; {bad} MISMATCH(ES)" if bad else ""))
+
+
 def _agent_status(lab: Lab, node: str) -> dict[str, Any]:
     try:
         return json.loads((agents.state_dir(lab, node) / "status.json").read_text())
@@ -73,102 +189,87 @@ def _agent_status(lab: Lab, node: str) -> dict[str, Any]:
         return {}
 
 
-def _wait_for_enforcement(lab: Lab, timeout: float = 30.0) -> None:
-    """Every agent has every other node as a verified peer and has classified traffic."""
-    nodes = [n["name"] for n in lab.status()["nodes"]]
+def wait_for_enforcement(lab: Lab, tags: Mapping[str, list[str]],
+                         policies: Mapping[str, EncryptionPolicy],
+                         timeout: float = 30.0) -> None:
+    """Every agent reports the selected pair count tfcrypt's core computes for its node,
+    with every other node as a peer and no pending error."""
+    status = lab.status()
+    nodes = [n["name"] for n in status["nodes"]]
+    wls = {w.key: w for w in lab_workloads(status, tags).values()}
+    want = {n: compute(Snapshot(n, wls, policies, {}, "")).selected_pair_count
+            for n in nodes}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        states = [_agent_status(lab, n) for n in nodes]
-        if all(len(st.get("peers", ())) == len(nodes) - 1 and st.get("selected_pairs")
-               and not st.get("last_reconcile", {}).get("errors", True) for st in states):
+        states = {n: _agent_status(lab, n) for n in nodes}
+        if all(st.get("selected_pairs") == want[n] and len(st.get("peers", ())) == len(nodes) - 1
+               and st.get("last_reconcile", {}).get("errors") == [] for n, st in states.items()):
             return
-        time.sleep(0.3)
-    raise LabError(f"the agents did not converge in {timeout:.0f}s: "
+        time.sleep(0.2)
+    raise LabError(f"the agents did not converge in {timeout:.0f}s (want {want}): "
                    f"{json.dumps({n: _agent_status(lab, n) for n in nodes})[:2000]}")
 
 
-@dataclass(frozen=True)
-class Flow:
-    src: str
-    dst: str
-    target: str  # the lab target that sends the ping
-    src_ip: str
-    dst_ip: str
-    src_node_ip: str
-    dst_node_ip: str
-    expected: str
-
-
-def _flows(status: dict[str, Any]) -> list[Flow]:
-    """Every cross-node workload pair, plus node-to-node as a control that the capture
-    does see plaintext when there is some."""
-    node_ip = {n["name"]: n["underlay_ip"] for n in status["nodes"]}
-    flows = [Flow(a["name"], b["name"], a["name"], a["ip"], b["ip"], node_ip[a["node"]],
-                  node_ip[b["node"]], TUNNEL)
-             for a, b in itertools.combinations(status["workloads"], 2)
-             if a["node"] != b["node"]]
-    n1, n2 = status["nodes"][:2]
-    flows.append(Flow(f"{n1['name']} (node)", f"{n2['name']} (node)", n1["name"],
-                      n1["underlay_ip"], n2["underlay_ip"], n1["underlay_ip"],
-                      n2["underlay_ip"], PLAINTEXT))
-    return flows
-
-
-def _measure(lab: Lab, workdir: Path) -> list[Row]:
-    flows = _flows(lab.status())
-    pcap = workdir / "underlay.pcap"
-    with capture(lab, pcap):
-        received = [ping(lab, f.target, f.dst_ip, PINGS) for f in flows]
-    return [Row(f.src, f.dst, f.expected, got,
-                plaintext=count_packets(pcap, f"icmp and host {f.src_ip} and host {f.dst_ip}"),
-                tunnel=count_packets(pcap, f"udp port 51820 and host {f.src_node_ip} "
-                                           f"and host {f.dst_node_ip}"))
-            for f, got in zip(flows, received, strict=True)]
-
-
-def _table(rows: list[Row]) -> str:
-    head = ("source", "destination", "expected", "observed on the underlay", "verdict")
-    lines = [(r.src, r.dst, r.expected, r.observed, "ok" if r.ok else "MISMATCH")
-             for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)),
-                      *(fmt.format(*line) for line in lines)])
-
-
-def run(name: str, nodes: int, workloads_per_node: int, keep: bool) -> int:
-    progress = Progress(5)
-    lab = Lab(Layout(name, nodes, workloads_per_node))
+def run(name: str, keep: bool = False, *,
+        before_measure: Callable[[Lab], None] | None = None) -> int:
+    """The whole demo; `before_measure` is a test hook that may break the lab on purpose."""
+    progress = Progress(7)
+    tags = load_tags()
+    lab = Lab(Layout(name, 3, 3))
+    failed = False
     try:
-        progress.step(f"bringing up lab {name}: {nodes} nodes, {workloads_per_node} "
-                      "workloads each, etcd, the SPIFFE Workload API")
+        progress.step(f"bringing up lab {name}: 3 nodes x 3 workloads, etcd, the SPIFFE "
+                      "Workload API")
         lab.up()
-        progress.step("starting a tfcrypt agent in every node (SVID, signed record in etcd); "
-                      "publishing the workloads and the encrypt-all policy")
+        progress.step("starting a tfcrypt agent in every node; publishing the inventory "
+                      f"({INVENTORY.name}) and policies {', '.join(ACT1)}")
         agents.start_all(lab)
-        inventory.publish_workloads(lab)
-        inventory.apply_policy(lab, ENCRYPT_ALL)
-        progress.step("waiting for every node to verify the others and configure them")
-        _wait_for_enforcement(lab)
-        progress.step("pinging every pair of workloads on different nodes while "
-                      "capturing the underlay")
+        inventory.publish_workloads(lab, tags)
+        for f in ACT1:
+            inventory.apply_policy(lab, EXAMPLES / f)
+        policies = load_policies(ACT1)
+        wait_for_enforcement(lab, tags, policies)
+        if before_measure is not None:
+            before_measure(lab)
+        progress.step("act 1: pinging every cross-node pair while capturing the underlay")
         with tempfile.TemporaryDirectory(prefix="tfcrypt-demo-") as tmp:
-            rows = _measure(lab, Path(tmp))
-        progress.step("result")
-        print(_table(rows))
-        bad = sum(not r.ok for r in rows)
-        print(f"\n{len(rows) - bad} of {len(rows)} flows as expected: every cross-node "
-              f"workload pair only inside WireGuard, the node-to-node control in plaintext"
-              f"{'' if not bad else f'; {bad} MISMATCH(ES)'}")
+            act1 = measure(lab, tags, policies, Path(tmp))
+            print(table(act1))
+            print(summary(act1), flush=True)
+            failed |= any(not r.ok for r in act1)
+            if failed:
+                print("act 2 skipped: act 1 shows a mismatch, fix that first", flush=True)
+                return 1
+
+            progress.step(f"act 2: applying {AUDIT} (audit mode: computed, not enforced)")
+            inventory.apply_policy(lab, EXAMPLES / AUDIT)
+            print(inventory.tfcrypt(lab, "policy", "plan", "-f", str(EXAMPLES / AUDIT)))
+            progress.step(f"enforcing it ({ENFORCE})")
+            inventory.apply_policy(lab, EXAMPLES / ENFORCE)
+            policies = load_policies((*ACT1, ENFORCE))
+            wait_for_enforcement(lab, tags, policies)
+            progress.step("act 2: the same traffic again (* = expectation changed)")
+            act2 = measure(lab, tags, policies, Path(tmp),
+                           previous={(r.src, r.dst): r for r in act1})
+            print(table(act2))
+            print(summary(act2), flush=True)
+            failed |= any(not r.ok for r in act2)
+        progress.step("done: " + ("MISMATCH, see the rows marked above" if failed
+                                  else "every flow as expected"))
         if keep:
+            explain_cmd = " ".join(inventory.controller_argv(lab, "explain", "10.200.1.13",
+                                                             "10.200.2.11"))
             print(f"\nThe lab stays up. Explore it:\n"
                   f"  python -m netns_lab status --name {name}\n"
                   f"  python -m netns_lab exec --name {name} n1 -- wg show\n"
+                  f"  python -m netns_lab exec --name {name} n1 -- nft list table inet tfcrypt\n"
                   f"  python -m netns_lab exec --name {name} n1 -- python -m tfcrypt status "
                   f"--state-dir {agents.state_dir(lab, 'n1')}\n"
+                  f"  {explain_cmd}\n"
                   f"Take it down with: python -m netns_lab down --name {name}")
-        return 1 if bad else 0
+        return 1 if failed else 0
     finally:
         if not keep:
             down(name)
             print(f"lab {name} is down", flush=True)
+

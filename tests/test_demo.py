@@ -1,0 +1,55 @@
+"""The demo is the README's main command: its own verdict is asserted, and it must
+notice when the dataplane is broken on purpose."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import new_lab_name
+
+from netns_lab import Lab, agents, demo
+
+pytestmark = pytest.mark.lab
+
+
+def test_the_demo_passes_and_cleans_up() -> None:
+    name = new_lab_name()
+    out = subprocess.run([sys.executable, "-m", "netns_lab", "demo", "--name", name],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("flows as expected") == 2
+    assert "MISMATCH" not in out.stdout
+    rows = [line.split() for line in out.stdout.splitlines()]
+    # act 2 marks the pairs the pci policy newly selects, e.g. reports <-> shop web
+    assert any(r[:2] == ["*", "n1-w1"] and "n3-w3" in r and r[-1] == "ok" for r in rows)
+    assert any("(node)" in r and r[-1] == "ok" for r in rows)
+    assert "audit mode; shown as if enforced" in out.stdout
+    assert not Path(f"/run/netns_lab/{name}").exists()
+
+
+def _remove_the_mark_rule_on_n1(lab: Lab) -> None:
+    """Stop n1's agent (so nothing repairs it) and delete every rule that sets the mark."""
+    assert agents.stop_agent(lab, "n1")
+    listing = json.loads(subprocess.run(
+        [*lab.exec_prefix("n1"), "nft", "-j", "list", "table", "inet", "tfcrypt"],
+        capture_output=True, text=True, check=True).stdout)
+    marking = [r["rule"] for r in (o for o in listing["nftables"]) if "rule" in r
+               and "mangle" in json.dumps(r["rule"]["expr"])]
+    assert marking, "no marking rule found to remove"
+    for rule in marking:
+        subprocess.run([*lab.exec_prefix("n1"), "nft", "delete", "rule", "inet", "tfcrypt",
+                        rule["chain"], "handle", str(rule["handle"])], check=True)
+
+
+def test_the_demo_reports_a_broken_dataplane_and_fails(capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    code = demo.run(new_lab_name(), before_measure=_remove_the_mark_rule_on_n1)
+    out = capsys.readouterr().out
+    assert code == 1
+    mismatches = [line for line in out.splitlines() if line.endswith("MISMATCH")]
+    assert mismatches and all("n1-" in line for line in mismatches)
+    assert any("plaintext" in line for line in mismatches)
