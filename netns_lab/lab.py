@@ -297,7 +297,7 @@ class Lab:
         workload_api.write_config(self.layout, self.svid_ttl)
         rec = self.start_process(WORKLOAD_API, workload_api.server_argv(self.layout),
                                  log_name="workload-api.log")
-        workload_api.wait_ready(self.layout, lambda: procs.is_running(rec), rec.log)
+        workload_api.wait_ready(self.layout, rec.pid, lambda: procs.is_running(rec), rec.log)
         return rec
 
     def workload_api_stop(self) -> None:

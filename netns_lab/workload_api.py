@@ -48,12 +48,17 @@ def ready_file(layout: Layout) -> Path:
     return layout.spire_dir / "ready"
 
 
-def wait_ready(layout: Layout, alive: Any, log: str, timeout: float = READY_TIMEOUT) -> None:
-    """Wait for the ready file; `alive()` says whether the server process still runs."""
+def wait_ready(layout: Layout, pid: int, alive: Any, log: str,
+               timeout: float = READY_TIMEOUT) -> None:
+    """Wait until the ready file names `pid`: a file left by a killed server names
+    another one. `alive()` says whether the server process still runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if ready_file(layout).exists():
-            return
+        try:
+            if ready_file(layout).read_text().strip() == str(pid):
+                return
+        except FileNotFoundError:
+            pass
         if not alive():
             raise LabError(f"Workload API server exited before it was ready: see {log}")
         time.sleep(0.1)

@@ -381,3 +381,23 @@ def test_failure_half_way_through_up_removes_what_was_made(tmp_path: Path) -> No
     assert res.returncode != 0
     assert len(res.stderr.strip().splitlines()) == 1 and "etcd member e1 exited" in res.stderr
     assert_gone(name, [])
+
+
+def test_every_lab_socket_serves_its_own_identity_with_a_valid_chain(lab3: Lab) -> None:
+    from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store
+    from spiffe import WorkloadApiClient
+
+    s = status(lab3.name)
+    sockets = {n["spiffe_socket"]: n["spiffe_id"] for n in s["nodes"]}
+    sockets[s["controller"]["spiffe_socket"]] = s["controller"]["spiffe_id"]
+    for socket, spiffe_id in sockets.items():
+        with WorkloadApiClient(socket_path=f"unix:{socket}") as client:
+            ctx = client.fetch_x509_context(timeout=10)
+        svid = ctx.default_svid
+        assert str(svid.spiffe_id) == spiffe_id
+        (bundle,) = ctx.x509_bundle_set.bundles
+        verifier = (PolicyBuilder().store(Store(list(bundle.x509_authorities)))
+                    .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+                                        ee_policy=ExtensionPolicy.permit_all())
+                    .build_client_verifier())
+        verifier.verify(svid.leaf, svid.cert_chain[1:])
