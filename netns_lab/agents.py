@@ -21,6 +21,7 @@ from .procs import ProcessRecord, is_running
 
 AGENT = "agent"
 ACTIONS = ("start", "stop", "kill", "restart")
+METRICS_ADDRESS = "127.0.0.1:9477"  # the node's own loopback: each node is a namespace
 
 
 def _node(lab: Lab, name: str) -> Node:
@@ -34,6 +35,11 @@ def state_dir(lab: Lab, node: str) -> Path:
     return agent_state_dir(lab.run_dir, node)
 
 
+def status_socket(lab: Lab, node: str) -> Path:
+    """The agent's status API socket: in its state dir, since nodes share /run."""
+    return state_dir(lab, node) / "agent.sock"
+
+
 def agent_argv(lab: Lab, node: Node) -> list[str]:
     return [
         sys.executable, "-m", "tfcrypt", "agent",
@@ -43,6 +49,8 @@ def agent_argv(lab: Lab, node: Node) -> list[str]:
         "--state-dir", str(state_dir(lab, node.name)),
         "--advertise-address", node.underlay_ip,
         "--resync-interval", "5",
+        "--status-socket", str(status_socket(lab, node.name)),
+        "--metrics-address", METRICS_ADDRESS,
     ]
 
 

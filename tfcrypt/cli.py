@@ -1,7 +1,10 @@
 """`tfcrypt` command line.
 
 Every command takes --etcd and --spiffe-socket (or TFCRYPT_ETCD, TFCRYPT_SPIFFE_SOCKET).
+`agent`, `status` and `uninstall` also read `--config FILE` (YAML); precedence is flags >
+TFCRYPT_* environment > file > defaults (tfcrypt/config.py, docs/operations.md).
 Errors in what the user typed exit with status 2 and one line naming the option.
+`status` exits 0 healthy, 1 unhealthy, 2 when the agent cannot be reached.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,12 +25,17 @@ from tfcrypt import __version__
 from tfcrypt.config import (
     DEFAULT_ETCD,
     DEFAULT_SPIFFE_SOCKET,
+    KEYS,
     AgentConfig,
-    default_node_name,
+    agent_config,
     env_default,
+    resolve,
     split_endpoints,
+    unknown_env,
 )
 from tfcrypt.errors import ConfigError, TfcryptError
+
+EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -56,40 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tfcrypt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    agent = sub.add_parser("agent", help="run the per-node daemon")
-    _common(agent)
-    agent.add_argument("--node", default=default_node_name(),
-                       help="this node's name (env TFCRYPT_NODE_NAME; default the hostname)")
-    agent.add_argument("--advertise-address", default=env_default("ADVERTISE_ADDRESS"),
-                       help="underlay address peers reach this node at (required)")
-    agent.add_argument("--interface", default=env_default("INTERFACE", "tfcrypt0"),
-                       help="WireGuard interface name (default %(default)s)")
-    agent.add_argument("--listen-port", type=int, default=51820,
-                       help="WireGuard UDP port (default %(default)s)")
-    agent.add_argument("--backend", default=env_default("BACKEND", "userspace"),
-                       help="userspace (wireguard-go) or kernel (default %(default)s)")
-    agent.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"),
-                       help="where the private key (0600) and status live (default "
-                            "%(default)s)")
-    agent.add_argument("--mark", type=lambda v: int(v, 0), default=0x00100000,
-                       help="fwmark bit for selected packets (default 0x00100000)")
-    agent.add_argument("--mark-mask", type=lambda v: int(v, 0), default=None,
-                       help="mask of the mark bits tfcrypt owns (default: the mark)")
-    agent.add_argument("--route-table", type=int, default=29798,
-                       help="tunnel route table; the next id holds the fail-closed "
-                            "prohibit routes (default %(default)s)")
-    agent.add_argument("--rule-priority", type=int, default=1820,
-                       help="ip rule priority of the tunnel rule; the fail-closed rule "
-                            "takes the next one (default %(default)s)")
-    agent.add_argument("--lease-ttl", type=int, default=15,
-                       help="seconds the node record outlives a dead agent (default "
-                            "%(default)s)")
-    agent.add_argument("--resync-interval", type=float, default=10.0,
-                       help="seconds between full reconciles (default %(default)s)")
-    agent.add_argument("--mtu", type=int, default=None,
-                       help="WireGuard MTU (default 1420: 1500 minus 80 bytes of overhead)")
-    agent.add_argument("--wireguard-log", default=None,
-                       help="file for wireguard-go's output (default: in the state dir)")
+    agent = sub.add_parser(
+        "agent", help="run the per-node daemon",
+        description="Every option is also a TFCRYPT_<KEY> environment variable and a key of "
+                    "the --config file; flags win over the environment, which wins over "
+                    "the file.")
+    _config_option(agent)
+    _key_options(agent)
 
     keys = sub.add_parser("keys", help="manage this node's WireGuard key")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -135,40 +117,84 @@ def build_parser() -> argparse.ArgumentParser:
     controller_parsers = [wl_set, wl_del, wl_list, pol_apply, pol_del, pol_list, pol_plan,
                           expl]
 
-    status = sub.add_parser("status", help="what the local agent last reported")
+    status = sub.add_parser(
+        "status", help="ask the local agent how it is: a table, or --json; exit 0 healthy, "
+                       "1 unhealthy, 2 agent unreachable")
+    _config_option(status)
+    _key_options(status, ("status_socket",))
+    status.add_argument("--json", action="store_true", help="the status document as JSON")
+    status.add_argument("--probe", action="store_true",
+                        help="print one line (healthy, or why not) and set the exit code: "
+                             "for liveness/readiness probes")
+    status.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds to wait for the agent (default %(default)s)")
+    status.add_argument("--state-dir", default=None,
+                        help="read <state-dir>/status.json (written after every reconcile) "
+                             "instead of asking the agent's socket")
+
+    unin = sub.add_parser(
+        "uninstall", help="remove everything the agent put in the kernel (nftables table, "
+                          "ip rules, routes, WireGuard device) and its state files; the agent "
+                          "must be stopped first")
+    _config_option(unin)
+    _key_options(unin, UNINSTALL_KEYS)
+    unin.add_argument("--keep-key", action="store_true",
+                      help="keep the WireGuard private key and epoch in the state dir")
+
     for p in controller_parsers:
         _common(p)
         p.add_argument("--controller-id", action="append", default=None,
                        help="SPIFFE IDs allowed to write workloads and policies "
                             "(default spiffe://<trust-domain>/tfcrypt/controller)")
-    for p in (rotate, show, status):
+    for p in (rotate, show):
         _common(p)
         p.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"),
                        help="the agent's state directory (default %(default)s)")
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+UNINSTALL_KEYS = ("interface", "backend", "state_dir", "route_table", "rule_priority",
+                  "status_socket")
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", default=env_default("CONFIG"),
+                   help="YAML file of configuration keys (env TFCRYPT_CONFIG)")
+
+
+def _key_options(p: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """One flag per configuration key; None means "not given", so lower layers apply."""
+    defaults = {f: getattr(AgentConfig, f) for f in AgentConfig.__dataclass_fields__
+                if hasattr(AgentConfig, f)}
+    for key in KEYS:
+        if names is not None and key.name not in names:
+            continue
+        default = defaults.get(key.field)
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        elif isinstance(default, int) and key.name in ("mark", "mark_mask"):
+            default = hex(default)
+        shown = "none" if default is None else default
+        if key.name == "node_name":
+            shown = "the hostname"
+        elif key.name == "advertise_address":
+            shown = "required"
+        repeat = key.name in ("etcd", "controller_ids")
+        p.add_argument(key.option, dest=key.name, default=None,
+                       action="append" if repeat else "store", metavar=key.name.upper(),
+                       help=f"{key.help} (env {key.env}; default {shown})".replace("%",
+                                                                                   "%%"))
+
+
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    return {k.name: getattr(args, k.name, None) for k in KEYS}
 
 
 def _agent_config(args: argparse.Namespace) -> AgentConfig:
-    if not args.advertise_address:
-        raise ConfigError("--advertise-address: required (the underlay IP peers use)")
-    return AgentConfig(
-        node_name=args.node, advertise_address=args.advertise_address,
-        etcd_endpoints=_etcd(args), spiffe_socket=args.spiffe_socket,
-        interface=args.interface, listen_port=args.listen_port, backend=args.backend,
-        state_dir=args.state_dir, prefix=args.prefix, mark=args.mark,
-        mark_mask=args.mark_mask if args.mark_mask is not None else args.mark,
-        route_table=args.route_table, rule_priority=args.rule_priority,
-        lease_ttl=args.lease_ttl,
-        resync_interval=args.resync_interval, mtu=args.mtu)
+    return agent_config(_flags(args), os.environ, args.config)
 
 
-async def _run_agent(cfg: AgentConfig, wireguard_log: str | None) -> None:
+async def _run_agent(cfg: AgentConfig) -> None:
     from tfcrypt.agent.dataplane import Dataplane, RoutingConfig
     from tfcrypt.agent.loop import Agent
     from tfcrypt.dataplane.netlink import PyRoute2Netlink
@@ -183,7 +209,8 @@ async def _run_agent(cfg: AgentConfig, wireguard_log: str | None) -> None:
         from tfcrypt.wireguard.userspace import UserspaceBackend
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         backend = UserspaceBackend(
-            cfg.interface, log_path=wireguard_log or Path(cfg.state_dir) / "wireguard-go.log")
+            cfg.interface,
+            log_path=cfg.wireguard_log or Path(cfg.state_dir) / "wireguard-go.log")
         supervise = backend.supervise
     else:
         from tfcrypt.wireguard.kernel import KernelBackend
@@ -197,6 +224,17 @@ async def _run_agent(cfg: AgentConfig, wireguard_log: str | None) -> None:
                                         mask=cfg.mark_mask))
     agent = Agent(cfg, registry=registry, svids=SvidSource(cfg.spiffe_socket),
                   dataplane=dataplane, supervise=supervise)
+    metrics_server = None
+    if cfg.metrics_address:
+        from tfcrypt import metrics
+        from tfcrypt.config import split_host_port
+        host, port = split_host_port(cfg.metrics_address)
+        try:
+            metrics_server = metrics.serve(host, port)
+        except OSError as exc:
+            raise ConfigError(f"metrics_address: cannot listen on {cfg.metrics_address}: "
+                              f"{exc.strerror}") from None
+        logging.getLogger("tfcrypt").info("metrics on http://%s/metrics", cfg.metrics_address)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -207,6 +245,8 @@ async def _run_agent(cfg: AgentConfig, wireguard_log: str | None) -> None:
     except asyncio.CancelledError:
         logging.getLogger("tfcrypt").info("stopping; the dataplane stays in place")
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):
             await registry.aclose()
         with contextlib.suppress(Exception):
@@ -269,15 +309,70 @@ async def _controller_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_command(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from tfcrypt import status_view
+    from tfcrypt.agent.status_api import StatusApiError, fetch_status
+
+    socket = resolve(_flags(args), os.environ, args.config, ["status_socket"]).get(
+        "status_socket", AgentConfig.status_socket)
+    try:
+        if args.state_dir:
+            doc = json.loads((Path(args.state_dir) / "status.json").read_text())
+        else:
+            doc = fetch_status(socket, timeout=args.timeout)
+    except (StatusApiError, OSError, ValueError) as exc:
+        print(f"tfcrypt: cannot reach the agent: {exc}\n"
+              "  Is it running (systemctl status tfcrypt, or the tfcrypt pod on this node)? "
+              "Does --status-socket / TFCRYPT_STATUS_SOCKET / status_socket in the config "
+              "file name the agent's socket?", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    now = dt.datetime.now(dt.UTC)
+    verdict = doc.get("health") or status_view.health(doc, now).to_json()
+    if args.probe:
+        print("healthy" if verdict["healthy"] else
+              "unhealthy: " + "; ".join(verdict["reasons"]))
+    elif args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(status_view.render(doc, now))
+    return EXIT_HEALTHY if verdict["healthy"] else EXIT_UNHEALTHY
+
+
+def _uninstall_command(args: argparse.Namespace) -> int:
+    from tfcrypt.uninstall import UninstallConfig, uninstall
+
+    values = resolve(_flags(args), os.environ, args.config, UNINSTALL_KEYS)
+    values.pop("_origin", None)
+    cfg = UninstallConfig(**values, keep_key=args.keep_key)
+    done = asyncio.run(uninstall(cfg))
+    for line in done:
+        print(line)
+    if not done:
+        print("nothing to remove")
+    if args.keep_key:
+        print(f"the private key stays in {cfg.state_dir}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "agent":
-            _setup_logging(args.log_level)
             cfg = _agent_config(args)
-            asyncio.run(_run_agent(cfg, args.wireguard_log))
+            from tfcrypt.agent.logs import setup_logging
+            setup_logging(cfg.log_level, cfg.log_format)
+            for name in unknown_env(os.environ):
+                logging.getLogger("tfcrypt").warning(
+                    "%s is not a tfcrypt configuration key: ignored", name)
+            asyncio.run(_run_agent(cfg))
             return 0
+        if args.command == "status":
+            return _status_command(args)
+        if args.command == "uninstall":
+            return _uninstall_command(args)
         if args.command == "keys":
             from tfcrypt.agent.nodekey import load_node_key, rotate_node_key
             if args.keys_command == "rotate":
@@ -288,14 +383,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in ("workload", "policy", "explain"):
             return asyncio.run(_controller_command(args))
-        if args.command == "status":
-            path = Path(args.state_dir) / "status.json"
-            try:
-                print(path.read_text())
-            except OSError as exc:
-                print(f"tfcrypt: no agent status at {path}: {exc.strerror}", file=sys.stderr)
-                return 1
-            return 0
     except ConfigError as exc:
         print(f"tfcrypt: {exc}", file=sys.stderr)
         return 2

@@ -1,26 +1,45 @@
-"""Agent configuration: one frozen value, validated once at start.
+"""Agent configuration: one frozen value, resolved from four layers and validated once.
 
-Every field has a default that works in the lab; sources are, by precedence, command-line
-flags, then `TFCRYPT_*` environment variables, then the defaults here. An invalid value
-raises ConfigError naming the option, before the agent touches the kernel or etcd.
+Rules:
+- Precedence, highest first: command-line flags, `TFCRYPT_*` environment variables, the
+  YAML file given by `--config` (or `TFCRYPT_CONFIG`), the defaults of `AgentConfig`.
+  A layer that does not mention a key leaves it to the layers below.
+- Every key is described once in `KEYS`: its file name (`listen_port`), its flag
+  (`--listen-port`) and its environment variable (`TFCRYPT_LISTEN_PORT`) derive from it.
+- Every value is validated before the agent touches the kernel or etcd; an error names
+  where the value came from and the key: `tfcrypt.yaml: listen_port: 70000 is not in
+  1..65535`, `TFCRYPT_LISTEN_PORT: ...`, `--listen-port: ...`.
+- Unknown keys in the file are refused (a typo must not silently fall back to a
+  default). Unknown `TFCRYPT_*` variables are only reported by `unknown_env()`: the
+  environment is shared with the controller commands and other tools.
+- Defaults work in the lab with flags only (no file needed).
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 import socket
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from tfcrypt.errors import ConfigError
 
 NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+ENV_PREFIX = "TFCRYPT_"
 
 DEFAULT_ETCD = ("http://127.0.0.1:2379",)
 DEFAULT_SPIFFE_SOCKET = "/run/spire/sockets/agent.sock"
+DEFAULT_STATUS_SOCKET = "/run/tfcrypt/agent.sock"
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -43,41 +62,20 @@ class AgentConfig:
     mtu: int | None = None
     node_id_template: str = "spiffe://{trust_domain}/tfcrypt/node/{node}"
     controller_ids: tuple[str, ...] = ("spiffe://{trust_domain}/tfcrypt/controller",)
-    extra: Mapping[str, str] = field(default_factory=dict)
+    status_socket: str = DEFAULT_STATUS_SOCKET
+    metrics_address: str | None = None
+    etcd_grace: float = 60.0
+    log_format: str = "text"
+    log_level: str = "info"
+    wireguard_log: str | None = None
 
     def __post_init__(self) -> None:
-        if not NODE_NAME.match(self.node_name):
-            raise ConfigError(f"--node: {self.node_name!r} is not a valid node name "
-                              "(lowercase letters, digits, '-' and '.', at most 63)")
-        try:
-            ipaddress.ip_address(self.advertise_address)
-        except ValueError:
-            raise ConfigError(f"--advertise-address: {self.advertise_address!r} is not an "
-                              "IP address") from None
-        if not IFNAME.match(self.interface):
-            raise ConfigError(f"--interface: {self.interface!r} is not a valid interface "
-                              "name (1-15 characters)")
-        if not 1 <= self.listen_port <= 65535:
-            raise ConfigError(f"--listen-port: {self.listen_port} is not in 1..65535")
-        if self.backend not in ("userspace", "kernel"):
-            raise ConfigError(f"--backend: {self.backend!r} is not one of userspace, kernel")
-        if not self.etcd_endpoints:
-            raise ConfigError("--etcd: at least one endpoint is needed")
-        if not 0 < self.mark <= 0xFFFFFFFF or self.mark & (self.mark - 1):
-            raise ConfigError(f"--mark: {self.mark:#x} must be a single bit")
-        if self.mark_mask & self.mark != self.mark or self.mark_mask > 0xFFFFFFFF:
-            raise ConfigError(f"--mark-mask: {self.mark_mask:#x} must contain the mark "
-                              f"{self.mark:#x}")
-        if not 1 <= self.route_table < 0xFFFFFFFF or self.route_table in (252, 253, 254, 255):
-            raise ConfigError(f"--route-table: {self.route_table} is reserved or out of range")
-        if not 1 <= self.rule_priority <= 32764:
-            raise ConfigError(f"--rule-priority: {self.rule_priority} is not in 1..32764")
-        if self.lease_ttl < 5:
-            raise ConfigError(f"--lease-ttl: {self.lease_ttl} is below the minimum of 5 s")
-        if self.mtu is not None and not 1280 <= self.mtu <= 65535:
-            raise ConfigError(f"--mtu: {self.mtu} is not in 1280..65535")
-        if not self.prefix.startswith("/") or self.prefix.endswith("/"):
-            raise ConfigError(f"--prefix: {self.prefix!r} must start and not end with '/'")
+        for f in fields(self):
+            key = KEYS_BY_FIELD[f.name]
+            if (problem := key.problem(getattr(self, f.name))) is not None:
+                raise ConfigError(f"{key.name}: {problem}")
+        if (problem := _cross_problem(self.mark, self.mark_mask)) is not None:
+            raise ConfigError(f"mark_mask: {problem}")
 
     @property
     def endpoint(self) -> str:
@@ -93,15 +91,307 @@ class AgentConfig:
         return tuple(c.format(trust_domain=trust_domain) for c in self.controller_ids)
 
 
+# -- value parsers: str (flag, env) or a YAML value in, typed value out, ValueError(why) --
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    try:
+        return int(value.strip(), 0)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an integer") from None
+
+
+def _float(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number") from None
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
+    def inner(value: object) -> Any:
+        return None if value is None or value == "" else parse(value)
+    return inner
+
+
 def split_endpoints(value: str | Sequence[str]) -> tuple[str, ...]:
     """`--etcd a,b` and repeated `--etcd a --etcd b` both mean [a, b]."""
     items = [value] if isinstance(value, str) else list(value)
     return tuple(p.strip() for item in items for p in item.split(",") if p.strip())
 
 
+def _list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return split_endpoints(value)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return split_endpoints(value)
+    raise ValueError(f"{value!r} is not a list of strings")
+
+
+# -- checks: a valid value gives None, an invalid one the reason, without the key --------
+
+def _in_range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"{v} is not in {lo}..{hi}"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(choices)}"
+
+
+def _node_name(v: str) -> str | None:
+    return None if NODE_NAME.match(v) else (
+        f"{v!r} is not a valid node name (lowercase letters, digits, '-' and '.', at most 63)")
+
+
+def _ip(v: str) -> str | None:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return f"{v!r} is not an IP address"
+    return None
+
+
+def _ifname(v: str) -> str | None:
+    return None if IFNAME.match(v) else f"{v!r} is not a valid interface name (1-15 characters)"
+
+
+def _endpoints(v: tuple[str, ...]) -> str | None:
+    if not v:
+        return "at least one endpoint is needed"
+    bad = [e for e in v if not re.match(r"^(https?://)?[^\s/]+:\d+$", e)]
+    return f"{bad[0]!r} is not host:port or http(s)://host:port" if bad else None
+
+
+def _single_bit(v: int) -> str | None:
+    ok = 0 < v <= 0xFFFFFFFF and not v & (v - 1)
+    return None if ok else f"{v:#x} must be a single bit of a 32-bit mark"
+
+
+def _mask(v: int) -> str | None:
+    return None if 0 < v <= 0xFFFFFFFF else f"{v:#x} is not a 32-bit mask"
+
+
+def _table(v: int) -> str | None:
+    ok = 1 <= v < 0xFFFFFFFF and v not in (252, 253, 254, 255) and v + 1 not in (252, 253, 254)
+    return None if ok else f"{v} (and the next id, used for fail-closed routes) must be free " \
+                           "table ids (not 0, 252-255)"
+
+
+def _prefix(v: str) -> str | None:
+    return None if v.startswith("/") and not v.endswith("/") else \
+        f"{v!r} must start and not end with '/'"
+
+
+def _template(v: str) -> str | None:
+    return None if "{node}" in v and v.startswith("spiffe://") else \
+        f"{v!r} must be a spiffe:// ID containing {{node}}"
+
+
+def _spiffe_ids(v: tuple[str, ...]) -> str | None:
+    bad = [i for i in v if not i.startswith("spiffe://")]
+    if not v:
+        return "at least one controller ID is needed"
+    return f"{bad[0]!r} is not a spiffe:// ID" if bad else None
+
+
+def _absolute(v: str) -> str | None:
+    return None if v.startswith("/") else f"{v!r} is not an absolute path"
+
+
+def _socket_path(v: str) -> str | None:
+    if len(v.encode()) > 107:
+        return f"{v!r} is longer than a Unix socket path may be (107 bytes)"
+    return _absolute(v)
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT`; ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ipaddress.ip_address(host)
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: port is not in 1..65535")
+    return host, int(port)
+
+
+def _host_port(v: str | None) -> str | None:
+    if v is None:
+        return None
+    try:
+        split_host_port(v)
+    except ValueError as exc:
+        return f"{v!r} is not IP:PORT ({exc})"
+    return None
+
+
+def _cross_problem(mark: int, mask: int) -> str | None:
+    return None if mask & mark == mark else f"{mask:#x} must contain the mark {mark:#x}"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: how it is spelled in each layer, parsed and checked."""
+
+    name: str
+    field: str
+    parse: Callable[[object], Any]
+    check: Callable[[Any], str | None] | None
+    help: str
+    flag: str = ""
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def option(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        return self.check(value) if self.check is not None else None
+
+
+KEYS: tuple[Key, ...] = (
+    Key("node_name", "node_name", _str, _node_name, "this node's name",
+        "--node"),
+    Key("advertise_address", "advertise_address", _str, _ip,
+        "underlay address peers reach this node at"),
+    Key("etcd", "etcd_endpoints", _list, _endpoints, "etcd endpoints, comma separated"),
+    Key("spiffe_socket", "spiffe_socket", _str, _socket_path, "SPIFFE Workload API socket"),
+    Key("interface", "interface", _str, _ifname, "WireGuard interface name"),
+    Key("listen_port", "listen_port", _int, _in_range(1, 65535), "WireGuard UDP port"),
+    Key("backend", "backend", _str, _one_of("userspace", "kernel"),
+        "userspace (wireguard-go) or kernel"),
+    Key("state_dir", "state_dir", _str, _absolute,
+        "where the private key (0600), its epoch and status.json live"),
+    Key("prefix", "prefix", _str, _prefix, "etcd key prefix"),
+    Key("mark", "mark", _int, _single_bit, "fwmark bit for selected packets"),
+    Key("mark_mask", "mark_mask", _int, _mask,
+        "mask of the mark bits tfcrypt owns (default: the mark)"),
+    Key("route_table", "route_table", _int, _table,
+        "tunnel route table; the next id holds the fail-closed prohibit routes"),
+    Key("rule_priority", "rule_priority", _int, _in_range(1, 32764),
+        "ip rule priority of the tunnel rule; the fail-closed rule takes the next one"),
+    Key("lease_ttl", "lease_ttl", _int, _in_range(5, 3600),
+        "seconds the node record outlives a dead agent"),
+    Key("resync_interval", "resync_interval", _float, _in_range(0.5, 3600),
+        "seconds between full reconciles"),
+    Key("mtu", "mtu", _optional(_int), _in_range(1280, 65535),
+        "WireGuard MTU (default 1420: 1500 minus 80 bytes of overhead)"),
+    Key("node_id_template", "node_id_template", _str, _template,
+        "SPIFFE ID of a node; {trust_domain} and {node} are filled in"),
+    Key("controller_ids", "controller_ids", _list, _spiffe_ids,
+        "SPIFFE IDs allowed to write workloads and policies", "--controller-id"),
+    Key("status_socket", "status_socket", _str, _socket_path,
+        "Unix socket of the local status API"),
+    Key("metrics_address", "metrics_address", _optional(_str), _host_port,
+        "IP:PORT to serve Prometheus metrics on (default: off)"),
+    Key("etcd_grace", "etcd_grace", _float, _in_range(0, 86400),
+        "seconds etcd may be unreachable before the agent reports itself unhealthy"),
+    Key("log_format", "log_format", _str, _one_of(*LOG_FORMATS), "text or json"),
+    Key("log_level", "log_level", _str, _one_of(*LOG_LEVELS), "debug, info, warning, error"),
+    Key("wireguard_log", "wireguard_log", _optional(_str), _absolute,
+        "file for wireguard-go's output (default: in the state dir)"),
+)
+KEYS_BY_NAME = {k.name: k for k in KEYS}
+KEYS_BY_FIELD = {k.field: k for k in KEYS}
+ENV_ONLY = frozenset({"CONFIG"})
+
+
+def read_config_file(path: str | Path) -> dict[str, object]:
+    """The YAML mapping in `path`; unknown keys and non-mappings are ConfigError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config file must be a mapping of key: value")
+    for key in data:
+        if key not in KEYS_BY_NAME:
+            close = difflib.get_close_matches(str(key), KEYS_BY_NAME, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{path}: {key}: unknown key{hint}")
+    return data
+
+
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """`TFCRYPT_*` variables that are not configuration keys (worth a warning)."""
+    known = {k.env for k in KEYS} | {ENV_PREFIX + n for n in ENV_ONLY}
+    return sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known)
+
+
+def resolve(flags: Mapping[str, object], env: Mapping[str, str],
+            file: str | Path | None, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Validated values of `names` (default all keys) by field name; absent keys omitted.
+
+    `flags` maps key names to the values typed on the command line (None = not given).
+    """
+    data = read_config_file(file) if file else {}
+    out: dict[str, Any] = {}
+    for key in KEYS if names is None else [KEYS_BY_NAME[n] for n in names]:
+        if flags.get(key.name) is not None:
+            raw, origin = flags[key.name], key.option
+        elif key.env in env:
+            raw, origin = env[key.env], key.env
+        elif key.name in data:
+            raw, origin = data[key.name], f"{file}: {key.name}"
+        else:
+            continue
+        try:
+            value = key.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+        if (problem := key.problem(value)) is not None:
+            raise ConfigError(f"{origin}: {problem}")
+        out[key.field] = value
+        out.setdefault("_origin", {})[key.field] = origin
+    return out
+
+
+def agent_config(flags: Mapping[str, object], env: Mapping[str, str] | None = None,
+                 file: str | Path | None = None) -> AgentConfig:
+    """The agent's configuration from flags, environment and file, or ConfigError."""
+    env = os.environ if env is None else env
+    values = resolve(flags, env, file)
+    origin: dict[str, str] = values.pop("_origin", {})
+    if "advertise_address" not in values:
+        raise ConfigError("advertise_address: required (the underlay IP peers use); set "
+                          "--advertise-address, TFCRYPT_ADVERTISE_ADDRESS or "
+                          "advertise_address in the config file")
+    values.setdefault("node_name", default_node_name())
+    if "mark_mask" not in values and "mark" in values:
+        values["mark_mask"] = values["mark"]
+    mark = values.get("mark", AgentConfig.mark)
+    mask = values.get("mark_mask", AgentConfig.mark_mask)
+    if (problem := _cross_problem(mark, mask)) is not None:
+        raise ConfigError(f"{origin.get('mark_mask', 'mark_mask')}: {problem}")
+    return AgentConfig(**values)
+
+
 def env_default(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"TFCRYPT_{name}", default)
+    return os.environ.get(f"{ENV_PREFIX}{name}", default)
 
 
 def default_node_name() -> str:
-    return env_default("NODE_NAME") or socket.gethostname().split(".")[0].lower()
+    return socket.gethostname().split(".")[0].lower()

@@ -1,8 +1,30 @@
-"""Prometheus metrics of the agent (prometheus-client); names are part of the interface."""
+"""Prometheus metrics of the agent (prometheus-client); names are part of the interface.
+
+Rules:
+- Events the agent sees itself (reconciles, rejections) are ordinary counters and
+  histograms, incremented where they happen.
+- State the kernel owns (per-peer handshakes and bytes from the WireGuard device, drop
+  counters from `table inet tfcrypt`) is sampled after every reconcile and resync into
+  `DATAPLANE` and exposed as it was sampled; ages are computed at scrape time. Peers that
+  went away disappear from the next scrape instead of lingering as stale series.
+- Kernel counters reset when their object is rebuilt (wireguard-go restarted, a damaged
+  table rebuilt): they are exported as counters, and `rate()` handles resets.
+- Peers are labelled by node name, never by key material.
+- The HTTP endpoint is off unless `metrics_address` is set (docs/operations.md).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tfcrypt.status_view import handshake_state
 
 RECORDS_REJECTED = Counter(
     "tfcrypt_records_rejected_total", "Values read from etcd that were not believed",
@@ -15,8 +37,100 @@ STATE_PROBLEMS = Counter(
 RECONCILES = Counter("tfcrypt_reconciles_total", "Dataplane reconciles", ["result"])
 RECONCILE_SECONDS = Histogram("tfcrypt_reconcile_duration_seconds",
                               "Time to compute and apply the desired dataplane")
-PEERS = Gauge("tfcrypt_peers", "WireGuard peers configured")
+PEERS = Gauge("tfcrypt_peers", "WireGuard peers the selection needs")
 SELECTED_PAIRS = Gauge("tfcrypt_selected_pairs",
                        "(local IP, remote IP) pairs that enforce-mode policies select")
 SVID_EXPIRY = Gauge("tfcrypt_svid_expiry_timestamp_seconds",
                     "When the current X509-SVID expires (unix seconds)")
+HEALTHY = Gauge("tfcrypt_healthy", "1 if the agent's health verdict is healthy, else 0")
+
+
+@dataclass(frozen=True)
+class PeerSample:
+    node: str
+    last_handshake: float | None
+    rx_bytes: int
+    tx_bytes: int
+
+
+class DataplaneCollector(Collector):
+    """The last sample of kernel-owned state, exposed at scrape time."""
+
+    DROPS = {"guard_drops": "guard", "ingress_drops": "strict_ingress"}
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._peers: tuple[PeerSample, ...] = ()
+        self._counters: dict[str, tuple[int, int]] = {}
+        self._svid_expiry: float | None = None
+
+    def update(self, peers: Sequence[PeerSample],
+               counters: Mapping[str, tuple[int, int]] | None) -> None:
+        """Replace the sample; `counters` None keeps the previous nft counters."""
+        with self._lock:
+            self._peers = tuple(peers)
+            if counters is not None:
+                self._counters = dict(counters)
+
+    def set_svid_expiry(self, timestamp: float) -> None:
+        with self._lock:
+            self._svid_expiry = timestamp
+        SVID_EXPIRY.set(timestamp)
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.time()
+        with self._lock:
+            peers, counters, expiry = self._peers, dict(self._counters), self._svid_expiry
+        if expiry is not None:
+            left = GaugeMetricFamily("tfcrypt_svid_expiry_seconds",
+                                     "Seconds until the current X509-SVID expires "
+                                     "(negative: expired)")
+            left.add_metric([], expiry - now)
+            yield left
+        by_state = GaugeMetricFamily("tfcrypt_peers_by_handshake",
+                                     "Configured peers by handshake state (recent: within "
+                                     "180 s)", labels=["state"])
+        age = GaugeMetricFamily("tfcrypt_peer_handshake_age_seconds",
+                                "Seconds since the latest handshake with a peer",
+                                labels=["peer"])
+        rx = CounterMetricFamily("tfcrypt_peer_received_bytes",
+                                 "Bytes received from a peer through the tunnel",
+                                 labels=["peer"])
+        tx = CounterMetricFamily("tfcrypt_peer_sent_bytes",
+                                 "Bytes sent to a peer through the tunnel", labels=["peer"])
+        states = dict.fromkeys(("recent", "stale", "never"), 0)
+        for p in peers:
+            peer_age = None if p.last_handshake is None else max(0.0, now - p.last_handshake)
+            states[handshake_state(peer_age)] += 1
+            if peer_age is not None:
+                age.add_metric([p.node], peer_age)
+            rx.add_metric([p.node], p.rx_bytes)
+            tx.add_metric([p.node], p.tx_bytes)
+        for state, n in states.items():
+            by_state.add_metric([state], n)
+        drops = CounterMetricFamily("tfcrypt_dropped_packets",
+                                    "Packets dropped by the nftables guards: guard (a marked "
+                                    "packet leaving outside the tunnel), strict_ingress (a "
+                                    "selected pair arriving in plaintext)", labels=["reason"])
+        drop_bytes = CounterMetricFamily("tfcrypt_dropped_bytes",
+                                         "Bytes dropped by the nftables guards",
+                                         labels=["reason"])
+        for name, reason in self.DROPS.items():
+            packets, nbytes = counters.get(name, (0, 0))
+            drops.add_metric([reason], packets)
+            drop_bytes.add_metric([reason], nbytes)
+        audit = CounterMetricFamily("tfcrypt_strict_ingress_audit_packets",
+                                    "Plaintext packets of audit-mode pairs that strict "
+                                    "ingress would drop")
+        audit.add_metric([], counters.get("ingress_audit", (0, 0))[0])
+        yield from (by_state, age, rx, tx, drops, drop_bytes, audit)
+
+
+DATAPLANE = DataplaneCollector()
+REGISTRY.register(DATAPLANE)
+
+
+def serve(host: str, port: int) -> object:
+    """Start the scrape endpoint in a daemon thread; returns the server (has shutdown())."""
+    server, _thread = start_http_server(port, addr=host)
+    return server

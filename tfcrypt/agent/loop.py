@@ -11,6 +11,9 @@ Rules:
   the same pass: the route goes when the peer goes, and the rule stays.
 - On exit (SIGTERM, SIGINT) the dataplane and the etcd record stay as they are: a
   restart must not disturb traffic; the record's lease lapses if no agent returns.
+- Status is computed when asked (status API) and after every reconcile (status.json,
+  metrics samples): it reads the device and the nft counters, never changes them.
+  A reconcile that changed the kernel logs one line: what changed and why.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tfcrypt import metrics
+from tfcrypt import metrics, status_view
 from tfcrypt.agent.dataplane import Dataplane
+from tfcrypt.agent.logs import change_summary
 from tfcrypt.agent.nodekey import NodeKey, key_file_stamp, load_node_key
+from tfcrypt.agent.status_api import StatusServer
 from tfcrypt.config import AgentConfig
 from tfcrypt.core.compute import Desired, Snapshot, compute
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
@@ -38,11 +43,15 @@ from tfcrypt.model.node import NodeRecord
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
 from tfcrypt.registry.events import Deleted, Listed, Put
+from tfcrypt.wireguard.errors import WireGuardError
+from tfcrypt.wireguard.model import DeviceState
 
 log = logging.getLogger(__name__)
 
 DEBOUNCE = 0.05
 DEFAULT_MTU = 1420  # 1500-byte underlay minus the 80 bytes of WireGuard over IPv6
+DROP_NAMES = {"guard_drops": "guard", "ingress_drops": "strict_ingress",
+              "ingress_audit": "strict_ingress_audit"}
 
 
 def _utcnow() -> dt.datetime:
@@ -70,11 +79,15 @@ class Agent:
         self._state_dir = Path(cfg.state_dir)
         self._own_key = f"nodes/{cfg.node_name}"
         self._published: bytes | None = None
+        self._causes: list[str] = []
+        self._etcd_down_since: dt.datetime | None = _utcnow()
+        self.status_server = StatusServer(cfg.status_socket, self.collect_status)
 
     # -- tasks -----------------------------------------------------------------------
 
     async def run(self) -> None:
         self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self.status_server.start()
         fallback = None
         try:
             await self.wg.backend.ensure_device()
@@ -93,6 +106,7 @@ class Agent:
             tg.create_task(self._publisher())
             tg.create_task(self._watch_key_file())
             tg.create_task(self._reconciler())
+            tg.create_task(self.status_server.serve())
             if self._supervise is not None:
                 tg.create_task(self._supervise())
                 tg.create_task(self._follow_device_restarts())
@@ -106,7 +120,8 @@ class Agent:
                           update.spiffe_id, expected)
                 continue
             self.svid = update
-            metrics.SVID_EXPIRY.set(update.not_after.timestamp())
+            metrics.DATAPLANE.set_svid_expiry(update.not_after.timestamp())
+            self._causes.append(f"SVID serial {update.serial:x}")
             authorizer = Authorizer(
                 trust_domain=update.trust_domain,
                 node_id_template=self.cfg.node_id_template,
@@ -122,14 +137,17 @@ class Agent:
                 case Listed(items=items):
                     self.view.replace_all({k: i.value for k, i in items.items()}, now)
                     self.listed = True
+                    self._causes.append("etcd listed")
                     self._publish_needed.set()  # our record may have vanished meanwhile
                 case Put(rel_key=key, value=value):
                     self.view.put(key, value, now)
+                    self._causes.append(f"put {key}")
                     if key == self._own_key and value != self._published:
                         log.warning("%s was overwritten by someone else; republishing", key)
                         self._publish_needed.set()
                 case Deleted(rel_key=key):
                     self.view.delete(key)
+                    self._causes.append(f"deleted {key}")
                     if key == self._own_key:
                         self._publish_needed.set()
             self._dirty.set()
@@ -167,6 +185,7 @@ class Agent:
             self.node_key = load_node_key(self._state_dir, time.time())
             log.info("wireguard key rotated: public key %s, epoch %d",
                      self.node_key.public_key, self.node_key.epoch)
+            self._causes.append("key rotated")
             await self.reconcile()  # the device gets the new key before peers hear of it
             self._publish_needed.set()
 
@@ -177,6 +196,7 @@ class Agent:
             await restarted.wait()
             restarted.clear()
             log.warning("wireguard device %s was restarted; re-applying", self.cfg.interface)
+            self._causes.append("device restarted")
             self._dirty.set()
 
     async def _reconciler(self) -> None:
@@ -204,7 +224,8 @@ class Agent:
 
     async def reconcile(self) -> None:
         if not self.in_sync:
-            self._write_status()
+            del self._causes[:-50]
+            await self._write_status()
             return
         assert self.node_key is not None
         started = time.monotonic()
@@ -218,7 +239,8 @@ class Agent:
                                       desired.missing_peers != self.desired.missing_peers):
             log.warning("selected traffic to %s is dropped: no verified key",
                         ", ".join(sorted(desired.missing_peers)))
-        self.desired = desired
+        previous, self.desired = self.desired, desired
+        causes, self._causes = self._causes, []
         self.dataplane.set_desired(desired, private_key_b64=self.node_key.key.private_key_b64,
                                    listen_port=self.cfg.listen_port,
                                    mtu=self.cfg.mtu or DEFAULT_MTU)
@@ -229,61 +251,134 @@ class Agent:
         metrics.PEERS.set(len(desired.peers))
         metrics.SELECTED_PAIRS.set(desired.selected_pair_count)
         if result.ops:
-            log.info("reconciled: %s; %d peer(s), %d selected pair(s), %d class(es)%s",
-                     ", ".join(f"{n} {c}" for n, c in result.changed.items()),
-                     len(desired.peers), desired.selected_pair_count, len(desired.class_peers),
-                     f"; errors: {'; '.join(result.errors)}" if result.errors else "")
+            log.info("reconciled", extra={"fields": {
+                "event": "dataplane_changed", **change_summary(previous, desired),
+                "ops": dict(result.changed), "peers_total": len(desired.peers),
+                "classes_total": len(desired.class_peers), "why": _why(causes),
+                **({"errors": result.errors} if result.errors else {})}})
         elif result.errors:
             log.warning("reconcile left items pending: %s", "; ".join(result.errors))
         self.last_reconcile = {"at": now.isoformat(), "duration_s": round(duration, 4),
-                               "ops": result.ops, "errors": result.errors}
-        self._write_status()
+                               "ops": result.ops, "errors": result.errors,
+                               "changed": dict(result.changed)}
+        await self._write_status()
 
     # -- status --------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def _etcd_state(self, now: dt.datetime) -> dict[str, Any]:
+        reg = self.registry
+        if reg.connected:
+            self._etcd_down_since = None
+        elif self._etcd_down_since is None:
+            self._etcd_down_since = now
+        down = self._etcd_down_since
+        return {"connected": reg.connected, "last_revision": reg.last_revision,
+                "relists": reg.relists, "reconnects": reg.reconnects,
+                "last_error": reg.last_error,
+                "disconnected_since": down.isoformat() if down else None}
+
+    async def _device_state(self) -> DeviceState | None:
+        try:
+            return await self.wg.status()
+        except (WireGuardError, OSError) as exc:
+            log.debug("status: wireguard %s unreadable: %s", self.cfg.interface, exc)
+            return None
+
+    async def _counters(self) -> dict[str, tuple[int, int]] | None:
+        try:
+            return await self.dataplane.nft.counters()
+        except Exception as exc:  # status must answer whatever nft says
+            log.debug("status: nft counters unreadable: %s", exc)
+            return None
+
+    def _peer_rows(self, device: DeviceState | None, now: float) -> list[dict[str, Any]]:
+        d = self.desired
+        ids = {r.node: r.spiffe_id for r in self.view.of("nodes/").values()}
+        rows = []
+        for p in sorted(d.peers.values() if d else (), key=lambda p: p.node):
+            actual = device.peers.get(p.public_key) if device else None
+            shake = actual.last_handshake if actual else None
+            age = None if shake is None else max(0.0, now - shake)
+            rows.append({
+                "node": p.node, "spiffe_id": ids.get(p.node), "public_key": p.public_key,
+                "endpoint": (actual.endpoint if actual and actual.endpoint else p.endpoint),
+                "allowed_ips": sorted(p.allowed_ips), "allowed_ip_count": len(p.allowed_ips),
+                "configured": device is not None and actual is not None,
+                "latest_handshake": (dt.datetime.fromtimestamp(shake, dt.UTC).isoformat()
+                                     if shake else None),
+                "handshake_age_s": None if age is None else round(age, 1),
+                "handshake": status_view.handshake_state(age),
+                "rx_bytes": actual.rx_bytes if actual else 0,
+                "tx_bytes": actual.tx_bytes if actual else 0})
+        return rows
+
+    async def collect_status(self) -> dict[str, Any]:
+        """The status document (docs/operations.md), with its health verdict."""
+        now = _utcnow()
+        device = await self._device_state()
+        counters = await self._counters()
+        peers = self._peer_rows(device, now.timestamp())
+        metrics.DATAPLANE.update(
+            [metrics.PeerSample(r["node"], device.peers[r["public_key"]].last_handshake,
+                                r["rx_bytes"], r["tx_bytes"])
+             for r in peers if r["configured"] and device is not None], counters)
         nk = self.node_key
         svid = self.svid
         d = self.desired
-        reg = self.registry
-        return {
+        policies = self.view.of("policies/").values()
+        status: dict[str, Any] = {
+            "generated_at": now.isoformat(),
             "node": self.cfg.node_name,
             "spiffe_id": svid.spiffe_id if svid else None,
             "svid_expires": svid.not_after.isoformat() if svid else None,
             "public_key": nk.public_key if nk else None,
+            "public_key_fingerprint": status_view.fingerprint(nk.public_key) if nk else None,
             "epoch": nk.epoch if nk else None,
             "key_problem": nk.key.problem if nk else None,
+            "interface": self.cfg.interface,
+            "listen_port": device.listen_port if device else self.cfg.listen_port,
+            "device_present": device is not None,
             "in_sync": self.in_sync,
-            "etcd": {"connected": reg.connected, "last_revision": reg.last_revision,
-                     "relists": reg.relists, "reconnects": reg.reconnects,
-                     "last_error": reg.last_error},
+            "etcd": self._etcd_state(now),
+            "etcd_grace_s": self.cfg.etcd_grace,
             "workload_api": {"connected": self.svids.state.connected,
                              "waiting_for_socket": self.svids.state.waiting_for_socket,
                              "errors": dict(self.svids.state.errors),
                              "last_error": self.svids.state.last_error},
-            "peers": [{"node": p.node, "public_key": p.public_key, "endpoint": p.endpoint,
-                       "allowed_ips": sorted(p.allowed_ips)}
-                      for p in (d.peers.values() if d else ())],
-            "policies": {
-                "enforce": sorted(p.name for p in self.view.of("policies/").values()
-                                  if p.enforced),
-                "audit": sorted(p.name for p in self.view.of("policies/").values()
-                                if not p.enforced)},
+            "peers": peers,
+            "policies": {"enforce": sorted(p.name for p in policies if p.enforced),
+                         "audit": sorted(p.name for p in policies if not p.enforced)},
             "workloads": len(self.view.of("workloads/")),
             "selected_pairs": d.selected_pair_count if d else 0,
             "audit_pairs": d.audit.pair_count if d else 0,
             "missing_peers": sorted(d.missing_peers) if d else [],
             "conflicts": list(d.conflicts) if d else [],
+            "drops": {DROP_NAMES[name]: {"packets": p, "bytes": b}
+                      for name, (p, b) in sorted((counters or {}).items())
+                      if name in DROP_NAMES},
             "rejected": dict(self.view.rejections),
             "last_reconcile": self.last_reconcile,
         }
+        verdict = status_view.health(status, now)
+        metrics.HEALTHY.set(1 if verdict.healthy else 0)
+        status["health"] = verdict.to_json()
+        return status
 
-    def _write_status(self) -> None:
-        """status.json in the state dir, replaced atomically (read by `tfcrypt status`)."""
+    async def _write_status(self) -> None:
+        """status.json in the state dir, replaced atomically (for scripts and the lab)."""
         path = self._state_dir / "status.json"
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(self.status(), indent=1, sort_keys=True))
+            tmp.write_text(json.dumps(await self.collect_status(), indent=1, sort_keys=True))
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc)
+
+
+def _why(causes: list[str]) -> str:
+    """The inputs behind a reconcile, deduplicated, at most a few named."""
+    unique = list(dict.fromkeys(causes))
+    if not unique:
+        return "periodic resync (drift repaired)"
+    shown = ", ".join(unique[:4])
+    return shown + (f" and {len(unique) - 4} more" if len(unique) > 4 else "")

@@ -1,0 +1,179 @@
+"""Configuration: precedence flags > env > file > defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tfcrypt.cli import main
+from tfcrypt.config import KEYS, AgentConfig, agent_config, resolve, unknown_env
+from tfcrypt.errors import ConfigError
+
+NEEDED = {"advertise_address": "10.77.0.11", "node_name": "n1"}
+
+# One invalid value per key (as YAML text, as typed), and what the error must say.
+BAD = {
+    "node_name": ("Node_1", "is not a valid node name"),
+    "advertise_address": ("10.0.0.300", "is not an IP address"),
+    "etcd": ("not a url", "is not host:port"),
+    "spiffe_socket": ("relative/agent.sock", "is not an absolute path"),
+    "interface": ("a-name-longer-than-15", "is not a valid interface name"),
+    "listen_port": ("70000", "70000 is not in 1..65535"),
+    "backend": ("ebpf", "'ebpf' is not one of userspace, kernel"),
+    "state_dir": ("var/lib/tfcrypt", "is not an absolute path"),
+    "prefix": ("/tfcrypt/v1/", "must start and not end with '/'"),
+    "mark": ("0x3", "must be a single bit"),
+    "mark_mask": ("0x100000000", "is not a 32-bit mask"),
+    "route_table": ("254", "must be free table ids"),
+    "rule_priority": ("40000", "40000 is not in 1..32764"),
+    "lease_ttl": ("2", "2 is not in 5..3600"),
+    "resync_interval": ("soon", "'soon' is not a number"),
+    "mtu": ("9", "9 is not in 1280..65535"),
+    "node_id_template": ("spiffe://td/node", "must be a spiffe:// ID containing {node}"),
+    "controller_ids": ("https://controller", "is not a spiffe:// ID"),
+    "status_socket": ("/run/" + "x" * 120, "longer than a Unix socket path"),
+    "metrics_address": ("localhost", "is not IP:PORT"),
+    "etcd_grace": ("-1", "-1.0 is not in 0..86400"),
+    "log_format": ("xml", "'xml' is not one of text, json"),
+    "log_level": ("verbose", "'verbose' is not one of debug, info, warning, error"),
+    "wireguard_log": ("wg.log", "is not an absolute path"),
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tfcrypt.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_key_has_an_invalid_example() -> None:
+    assert set(BAD) == {k.name for k in KEYS}
+
+
+@pytest.mark.parametrize(("flag", "env", "file", "want"), [
+    (None, None, None, 51820),
+    (None, None, "1001", 1001),
+    (None, "1002", "1001", 1002),
+    ("1003", "1002", "1001", 1003),
+    ("1003", None, None, 1003),
+    ("1003", None, "1001", 1003),
+    (None, "1002", None, 1002),
+])
+def test_precedence_is_flags_then_env_then_file_then_defaults(
+        tmp_path: Path, flag: str | None, env: str | None, file: str | None, want: int) -> None:
+    path = write(tmp_path, f"listen_port: {file}\n") if file else None
+    cfg = agent_config({**NEEDED, "listen_port": flag},
+                       {"TFCRYPT_LISTEN_PORT": env} if env else {}, path)
+    assert cfg.listen_port == want
+
+
+def test_layers_combine_key_by_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "interface: wgfile\nlease_ttl: 30\netcd: [http://e1:2379, e2:2379]\n"
+                           "log_format: json\n")
+    cfg = agent_config({**NEEDED, "interface": "wgflag"},
+                       {"TFCRYPT_LEASE_TTL": "20", "TFCRYPT_MARK": "0x200"}, path)
+    assert (cfg.interface, cfg.lease_ttl, cfg.log_format) == ("wgflag", 20, "json")
+    assert cfg.etcd_endpoints == ("http://e1:2379", "e2:2379")
+    assert (cfg.mark, cfg.mark_mask) == (0x200, 0x200)  # the mask defaults to the mark
+
+
+def test_defaults_need_only_what_has_no_default() -> None:
+    cfg = agent_config(NEEDED, {}, None)
+    assert cfg == AgentConfig(node_name="n1", advertise_address="10.77.0.11")
+    assert (cfg.status_socket, cfg.metrics_address) == ("/run/tfcrypt/agent.sock", None)
+    with pytest.raises(ConfigError, match=r"^advertise_address: required .*"
+                                          r"--advertise-address, TFCRYPT_ADVERTISE_ADDRESS"):
+        agent_config({"node_name": "n1"}, {}, None)
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_an_invalid_value_from_the_file_names_the_file_and_key(tmp_path: Path, key: str) -> None:
+    value, why = BAD[key]
+    path = write(tmp_path, f"{key}: {value}\n")
+    with pytest.raises(ConfigError) as err:
+        agent_config(NEEDED if key not in NEEDED else {}, {}, path)
+    assert str(err.value).startswith(f"{path}: {key}: "), err.value
+    assert why in str(err.value)
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_an_invalid_value_from_env_or_flag_names_the_variable_or_option(key: str) -> None:
+    spec = next(k for k in KEYS if k.name == key)
+    value, why = BAD[key]
+    with pytest.raises(ConfigError) as err:
+        agent_config({**NEEDED, key: None}, {spec.env: value}, None)
+    assert str(err.value).startswith(f"{spec.env}: ") and why in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        agent_config({**NEEDED, key: value}, {}, None)
+    assert str(err.value).startswith(f"{spec.option}: ") and why in str(err.value)
+
+
+def test_listen_port_message_is_exactly_as_documented(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen_port: 70000\n")
+    with pytest.raises(ConfigError) as err:
+        agent_config(NEEDED, {}, path)
+    assert str(err.value) == f"{path}: listen_port: 70000 is not in 1..65535"
+
+
+def test_a_mask_without_the_mark_names_mark_mask(tmp_path: Path) -> None:
+    path = write(tmp_path, "mark: 0x100\nmark_mask: 0xff\n")
+    with pytest.raises(ConfigError, match=r"tfcrypt.yaml: mark_mask: 0xff must contain "
+                                          r"the mark 0x100"):
+        agent_config(NEEDED, {}, path)
+    with pytest.raises(ConfigError, match=r"^--mark-mask: 0xf must contain"):
+        agent_config({**NEEDED, "mark_mask": "0xf"}, {}, None)
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("listen_prot: 51820\n", "listen_prot: unknown key (did you mean listen_port?)"),
+    ("colour: blue\n", "colour: unknown key"),
+    ("- listen_port\n", "must be a mapping"),
+    ("listen_port: [\n", "not valid YAML"),
+])
+def test_unknown_keys_and_malformed_files_are_refused(tmp_path: Path, text: str,
+                                                      why: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        agent_config(NEEDED, {}, path)
+    assert str(err.value).startswith(f"{path}: ") and why in str(err.value)
+
+
+def test_a_value_of_the_wrong_type_in_the_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"wireguard_log: \[1, 2\] is not a string"):
+        agent_config(NEEDED, {}, write(tmp_path, "wireguard_log: [1, 2]\n"))
+    with pytest.raises(ConfigError, match=r"listen_port: True is not an integer"):
+        agent_config(NEEDED, {}, write(tmp_path, "listen_port: yes\n"))
+
+
+def test_an_empty_file_means_defaults_and_a_missing_file_is_an_error(tmp_path: Path) -> None:
+    assert agent_config(NEEDED, {}, write(tmp_path, "")).listen_port == 51820
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        agent_config(NEEDED, {}, tmp_path / "absent.yaml")
+
+
+def test_unknown_environment_variables_are_reported_not_refused() -> None:
+    env = {"TFCRYPT_LISTEN_PROT": "1", "TFCRYPT_CONFIG": "/x", "TFCRYPT_ETCD": "a:1",
+           "HOME": "/root"}
+    assert unknown_env(env) == ["TFCRYPT_LISTEN_PROT"]
+    assert agent_config(NEEDED, env, None).etcd_endpoints == ("a:1",)
+
+
+def test_a_partial_resolve_validates_only_its_keys_but_still_refuses_unknown_ones(
+        tmp_path: Path) -> None:
+    path = write(tmp_path, "status_socket: /run/x.sock\nlisten_port: 70000\n")
+    assert resolve({}, {}, path, ["status_socket"])["status_socket"] == "/run/x.sock"
+    with pytest.raises(ConfigError, match="bogus: unknown key"):
+        resolve({}, {}, write(tmp_path, "bogus: 1\n"), ["status_socket"])
+
+
+def test_the_cli_exits_2_with_one_line_naming_the_key(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "listen_port: 70000\n")
+    monkeypatch.delenv("TFCRYPT_LISTEN_PORT", raising=False)
+    assert main(["agent", "--config", str(path), "--advertise-address", "10.0.0.1"]) == 2
+    assert capsys.readouterr().err == f"tfcrypt: {path}: listen_port: 70000 is not in 1..65535\n"
+    monkeypatch.setenv("TFCRYPT_BACKEND", "ebpf")
+    assert main(["agent", "--advertise-address", "10.0.0.1"]) == 2
+    assert capsys.readouterr().err.startswith("tfcrypt: TFCRYPT_BACKEND: 'ebpf' is not one of")

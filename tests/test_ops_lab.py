@@ -1,0 +1,212 @@
+"""Operating a real agent: `tfcrypt status`, metrics, restart, config file, uninstall.
+
+One 2-node lab (one workload per node, encrypt-all); everything the tests run inside a
+node goes through `lab.exec_prefix`, as an operator's `kubectl exec` would. Tests run
+in file order on the same lab: the kernel state of n1 before any agent ran is recorded
+first, and the last test proves uninstall restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import running_lab
+from labtools import agent_status, wait_for, workload_ip
+from prometheus_client.parser import text_string_to_metric_families
+
+from netns_lab import Lab, agents, inventory
+from netns_lab.wire import ping
+
+pytestmark = pytest.mark.lab
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+METRICS_URL = f"http://{agents.METRICS_ADDRESS}/metrics"
+
+
+def run(lab: Lab, node: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*lab.exec_prefix(node), *argv], capture_output=True, text=True,
+                          check=check, timeout=60)
+
+
+def tfcrypt(lab: Lab, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(lab, node, sys.executable, "-m", "tfcrypt", *args, check=False)
+
+
+def status(lab: Lab, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return tfcrypt(lab, node, "status", "--status-socket",
+                   str(agents.status_socket(lab, node)), *args)
+
+
+def kernel_baseline(lab: Lab, node: str) -> dict[str, str]:
+    """What a node's kernel holds that tfcrypt could have touched."""
+    return {"ruleset": run(lab, node, "nft", "list", "ruleset").stdout,
+            "rules": run(lab, node, "ip", "rule").stdout,
+            "routes": run(lab, node, "ip", "route", "show", "table", "all").stdout,
+            "links": run(lab, node, "ip", "-br", "link").stdout}
+
+
+def dataplane(lab: Lab, node: str) -> list[str]:
+    """tfcrypt's kernel objects without counters and handshake times."""
+    wg = [" ".join(line.split("\t")[:4])
+          for line in run(lab, node, "wg", "show", "tfcrypt0", "dump").stdout.splitlines()]
+    return [run(lab, node, "nft", "-s", "list", "table", "inet", "tfcrypt").stdout,
+            run(lab, node, "ip", "rule").stdout,
+            run(lab, node, "ip", "route", "show", "table", "29798").stdout,
+            run(lab, node, "ip", "route", "show", "table", "29799").stdout, *wg]
+
+
+def healthy(lab: Lab, node: str) -> dict[str, Any] | None:
+    out = status(lab, node, "--json")
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def scrape(lab: Lab, node: str) -> dict[str, Any]:
+    """The node's metrics over HTTP from inside its namespace, parsed: {sample name: {labels
+    as a sorted tuple: value}}, plus the family types under "_types"."""
+    body = run(lab, node, sys.executable, "-c",
+               "import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("
+               f"{METRICS_URL!r}, timeout=5).read().decode())").stdout
+    out: dict[str, Any] = {"_types": {}}
+    for family in text_string_to_metric_families(body):
+        out["_types"][family.name] = family.type
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with running_lab(nodes=2, workloads_per_node=1) as lab:
+        lab.before = kernel_baseline(lab, "n1")  # type: ignore[attr-defined]
+        inventory.publish_workloads(lab)
+        inventory.apply_policy(lab, EXAMPLES / "encrypt-all.yaml")
+        agents.start_all(lab)
+        for node in ("n1", "n2"):
+            wait_for(f"{node} to report healthy with a selected pair",
+                     lambda n=node: (st := healthy(lab, n)) and st["selected_pairs"] == 1)
+        assert ping(lab, "n1-w1", workload_ip(lab, "n2-w1"), count=3, interval=0.1) == 3
+        yield lab
+
+
+def test_status_prints_a_table_and_json_and_exits_0_when_healthy(lab: Lab) -> None:
+    table = status(lab, "n1")
+    assert table.returncode == 0, table.stderr
+    text = table.stdout
+    assert "tfcrypt agent on n1: HEALTHY" in text
+    assert "spiffe://" in text and "/tfcrypt/node/n1" in text
+    assert "encrypt-all" in text and "connected, revision" in text
+    header = next(line for line in text.splitlines() if line.startswith("NODE"))
+    assert header.split() == ["NODE", "SPIFFE", "ID", "ENDPOINT", "HANDSHAKE", "RX", "TX",
+                              "ALLOWED", "IPS"]
+    row = next(line for line in text.splitlines() if line.startswith("n2 "))
+    assert "/tfcrypt/node/n2" in row and ":51820" in row and "ago" in row
+
+    doc = json.loads(status(lab, "n1", "--json").stdout)
+    assert doc["health"] == {"healthy": True, "reasons": []}
+    (peer,) = doc["peers"]
+    assert peer["node"] == "n2" and peer["configured"] and peer["handshake"] == "recent"
+    assert peer["spiffe_id"].endswith("/tfcrypt/node/n2")
+    assert peer["allowed_ip_count"] == 1 and peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0
+    assert doc["selected_pairs"] == 1 and doc["policies"]["enforce"] == ["encrypt-all"]
+    assert set(doc["drops"]) >= {"guard", "strict_ingress"}
+    assert doc["etcd"]["connected"] and doc["etcd"]["last_revision"] > 0
+    assert len(doc["public_key_fingerprint"].split(":")) == 8
+    assert doc["public_key"] == agent_status(lab, "n1")["public_key"]  # status.json kept
+
+    probe = status(lab, "n1", "--probe")
+    assert (probe.returncode, probe.stdout.strip()) == (0, "healthy")
+
+
+def test_status_exits_2_and_says_how_to_fix_when_no_agent_answers(lab: Lab) -> None:
+    out = tfcrypt(lab, "n1", "status", "--status-socket", "/run/tfcrypt-none/agent.sock")
+    assert out.returncode == 2
+    assert "cannot reach the agent" in out.stderr and "--status-socket" in out.stderr
+
+
+def test_metrics_are_served_and_parse(lab: Lab) -> None:
+    m = scrape(lab, "n1")
+    types = m["_types"]
+    assert types["tfcrypt_reconciles"] == "counter"
+    assert types["tfcrypt_reconcile_duration_seconds"] == "histogram"
+    assert sum(m["tfcrypt_reconciles_total"].values()) >= 1
+    assert m["tfcrypt_reconcile_duration_seconds_count"][()] >= 1
+    assert m["tfcrypt_peers_by_handshake"][(("state", "recent"),)] == 1
+    assert m["tfcrypt_peers_by_handshake"][(("state", "never"),)] == 0
+    assert m["tfcrypt_peer_handshake_age_seconds"][(("peer", "n2"),)] < 180
+    assert m["tfcrypt_peer_received_bytes_total"][(("peer", "n2"),)] > 0
+    assert m["tfcrypt_peer_sent_bytes_total"][(("peer", "n2"),)] > 0
+    assert m["tfcrypt_selected_pairs"][()] == 1
+    assert set(m["tfcrypt_dropped_packets_total"]) == {(("reason", "guard"),),
+                                                        (("reason", "strict_ingress"),)}
+    assert 0 < m["tfcrypt_svid_expiry_seconds"][()] <= 600
+    assert m["tfcrypt_healthy"][()] == 1
+
+
+def test_sigterm_leaves_the_dataplane_and_a_new_agent_adopts_it_without_changes(
+        lab: Lab, tmp_path: Path) -> None:
+    before = dataplane(lab, "n1")
+    log = Path(agents.running_agent(lab, "n1").log)  # type: ignore[union-attr]
+    assert agents.stop_agent(lab, "n1")
+    assert dataplane(lab, "n1") == before
+    assert not agents.status_socket(lab, "n1").exists()
+    assert ping(lab, "n1-w1", workload_ip(lab, "n2-w1"), count=2, interval=0.1) == 2
+
+    config = agents.state_dir(lab, "n1") / "tfcrypt.yaml"
+    config.write_text("etcd_grace: 3\nlog_format: json\n")
+    spec = next(n for n in lab.layout.all_nodes() if n.name == "n1")
+    rec = lab.start_process(agents.AGENT, [*agents.agent_argv(lab, spec), "--config",
+                                           str(config)], node="n1",
+                            log_name="agent-n1-restarted.log")
+    wait_for("the new agent to be healthy", lambda: healthy(lab, "n1"))
+    wait_for("a reconcile of the new agent",
+             lambda: json.loads(status(lab, "n1", "--json").stdout)["last_reconcile"])
+    assert dataplane(lab, "n1") == before
+    events = [json.loads(line) for line in Path(rec.log).read_text().splitlines()
+              if line.startswith("{")]
+    assert events and all({"ts", "level", "logger", "msg"} <= e.keys() for e in events)
+    assert not [e for e in events if e.get("event") == "dataplane_changed"], events
+    assert "reconciled event=dataplane_changed peers=+n2" in log.read_text()  # first agent
+
+
+def test_unhealthy_with_the_reason_while_etcd_is_down(lab: Lab) -> None:
+    lab.etcd_stop(["e1"])
+    try:
+        out = wait_for("status to exit 1 naming etcd", lambda: (
+            o if (o := status(lab, "n1", "--probe")).returncode == 1
+            and "etcd unreachable" in o.stdout else None), timeout=30)
+        assert out.stdout.startswith("unhealthy: ")
+        table = status(lab, "n1")
+        assert table.returncode == 1
+        assert "UNHEALTHY" in table.stdout and "Unhealthy because:" in table.stdout
+        assert "DISCONNECTED" in table.stdout
+    finally:
+        lab.etcd_start(["e1"])
+    wait_for("n1 to be healthy again", lambda: healthy(lab, "n1"), timeout=60)
+
+
+def test_uninstall_restores_the_kernel_as_it_was_before_the_agent(lab: Lab) -> None:
+    state = agents.state_dir(lab, "n1")
+    args = ("uninstall", "--state-dir", str(state), "--status-socket",
+            str(agents.status_socket(lab, "n1")))
+    refused = tfcrypt(lab, "n1", *args)
+    assert refused.returncode == 1 and "an agent is running" in refused.stderr
+    for rec in lab.find_processes(agents.AGENT, "n1"):
+        lab.stop_process(rec)
+
+    first = tfcrypt(lab, "n1", *args)
+    assert first.returncode == 0, first.stderr
+    said = first.stdout
+    assert "deleted nftables table inet tfcrypt" in said
+    assert "ip rules at priority 1820" in said and "ip rules at priority 1821" in said
+    assert "from table 29799" in said and "stopped wireguard-go pid" in said
+    assert not (state / "wireguard.key").exists()
+    assert kernel_baseline(lab, "n1") == lab.before  # type: ignore[attr-defined]
+
+    second = tfcrypt(lab, "n1", *args)
+    assert (second.returncode, second.stdout.strip()) == (0, "nothing to remove")

@@ -1,0 +1,118 @@
+"""Structured logs: one event per line, as text or JSON, and what a reconcile changed.
+
+Rules:
+- One event is one line in both formats: newlines inside a message or a traceback are
+  escaped, so `grep`, journald and log shippers never split an event.
+- `--log-format json` gives `{"ts", "level", "logger", "msg", ...}` plus the structured
+  fields a call passes as `extra={"fields": {...}}`; text gives
+  `TS LEVEL LOGGER: MSG key=value ...` with the same fields.
+- A dataplane change is logged once, by the reconcile that made it: `change_summary`
+  says what changed in the desired state (peers, their allowed IPs, classes, set
+  elements) and the caller adds why (the inputs that marked the state dirty). Node names
+  and addresses only: never key material.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from tfcrypt.core.compute import Desired
+
+MAX_LISTED = 5
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    extra = getattr(record, "fields", None)
+    return dict(extra) if isinstance(extra, Mapping) else {}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname.lower(),
+                               "logger": record.name, "msg": record.getMessage()}
+        doc.update(_fields(record))
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str, sort_keys=False)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        fields = _fields(record)
+        if fields:
+            line += " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+        if record.exc_info:
+            line += " exc=" + self.formatException(record.exc_info)
+        return line.replace("\n", "\\n")
+
+
+def _text(value: object) -> str:
+    if isinstance(value, list | tuple | set | frozenset):
+        text = ",".join(map(str, value))
+    elif isinstance(value, Mapping):
+        text = ",".join(f"{k}:{v}" for k, v in value.items())
+    else:
+        text = str(value)
+    return json.dumps(text) if not text or any(c in text for c in ' "=') else text
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Root logging for the agent: stderr, one event per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# -- what a reconcile changed ------------------------------------------------------------
+
+def _listed(prefix: str, names: Iterable[str]) -> list[str]:
+    items = sorted(names)
+    shown = [prefix + n for n in items[:MAX_LISTED]]
+    return shown + ([f"{prefix}{len(items) - MAX_LISTED} more"] if len(items) > MAX_LISTED
+                    else [])
+
+
+def change_summary(before: Desired | None, after: Desired) -> dict[str, Any]:
+    """What differs between two desired states, as loggable fields (empty: nothing)."""
+    old_peers = {p.node: p for p in (before.peers.values() if before else ())}
+    new_peers = {p.node: p for p in after.peers.values()}
+    added = new_peers.keys() - old_peers.keys()
+    removed = old_peers.keys() - new_peers.keys()
+    changed = {n for n in new_peers.keys() & old_peers.keys()
+               if new_peers[n] != old_peers[n]}
+    old_ips = {(p.node, ip) for p in old_peers.values() for ip in p.allowed_ips}
+    new_ips = {(p.node, ip) for p in new_peers.values() for ip in p.allowed_ips}
+    old_classes = set(before.class_peers) if before else set()
+    new_classes = set(after.class_peers)
+    old_elems = _elements(before) if before else set()
+    new_elems = _elements(after)
+    out: dict[str, Any] = {}
+    if added or removed or changed:
+        out["peers"] = _listed("+", added) + _listed("-", removed) + _listed("~", changed)
+    if new_ips != old_ips:
+        out["allowed_ips"] = f"+{len(new_ips - old_ips)} -{len(old_ips - new_ips)}"
+    if new_classes != old_classes:
+        out["classes"] = f"+{len(new_classes - old_classes)} -{len(old_classes - new_classes)}"
+    if new_elems != old_elems:
+        out["elements"] = f"+{len(new_elems - old_elems)} -{len(old_elems - new_elems)}"
+    if before is None or after.selected_pair_count != before.selected_pair_count:
+        out["selected_pairs"] = after.selected_pair_count
+    return out
+
+
+def _elements(d: Desired) -> set[tuple[str, str, str]]:
+    """nftables set elements: local address -> class, and each class's remote addresses."""
+    return ({("local", ip, cls) for ip, cls in d.local_class.items()}
+            | {("remote", cls, ip) for cls, ips in d.class_peers.items() for ip in ips})
