@@ -269,14 +269,9 @@ POLICY_TABLE = [
     _case("unknown-spec-field", policy(rule(PAYMENTS, ANY), spec={"selector": {}}), False),
     _case("wrong-kind", {**policy(rule(ANY, ANY)), "kind": "NetworkPolicy"}, False),
     _case("bad-name", policy(rule(ANY, ANY), name="Payments_1"), False),
-    pytest.param(policy(rule(ep(subnet="10.0.0.0"), ANY)), False, id="subnet-bare-address",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "known difference: the parser reads a bare address as a /32 or /128, "
-                     "the CRD (format cidr) requires an explicit prefix length"))),
+    pytest.param(policy(rule(ep(subnet="10.0.0.0"), ANY)), False, id="subnet-bare-address"),
     pytest.param(policy(rule(ep(subnet="10.0.0.0/255.0.0.0"), ANY)), False,
-                 id="subnet-netmask", marks=pytest.mark.xfail(strict=True, reason=(
-                     "known difference: the parser accepts address/netmask, Go's "
-                     "ParseCIDR (format cidr) only a prefix length"))),
+                 id="subnet-netmask"),
 ]
 
 

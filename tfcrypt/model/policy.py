@@ -341,6 +341,13 @@ def normalise_match_tags(values: Sequence[object]) -> tuple[str, ...]:
 
 
 def _parse_subnet(value: str) -> Network:
+    """address/prefix-length only, as the CRD's `format: cidr` (Go's ParseCIDR) reads it:
+    a bare address or an address/netmask would mean one thing here and be refused by the
+    API server."""
+    _, slash, prefix = value.partition("/")
+    if not slash or not prefix.isdigit():
+        raise ValueError(f"{value!r} is not a network CIDR (address/prefix-length, "
+                         "e.g. 10.0.0.0/24)")
     try:
         return ipaddress.ip_network(value, strict=True)
     except ValueError:
