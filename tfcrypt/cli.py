@@ -1,6 +1,7 @@
 """`tfcrypt` command line.
 
-Every command takes --etcd and --spiffe-socket (or TFCRYPT_ETCD, TFCRYPT_SPIFFE_SOCKET).
+Commands that talk to etcd take --etcd and --spiffe-socket (or TFCRYPT_ETCD,
+TFCRYPT_SPIFFE_SOCKET).
 `agent`, `status` and `uninstall` also read `--config FILE` (YAML); precedence is flags >
 TFCRYPT_* environment > file > defaults (tfcrypt/config.py, docs/operations.md).
 Errors in what the user typed exit with status 2 and one line naming the option.
