@@ -19,6 +19,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,9 @@ async def _device(ifname: str, backend: str) -> str | None:
         from tfcrypt.wireguard.userspace import UserspaceBackend
         userspace = UserspaceBackend(ifname)
         pid = await UapiClient(userspace.socket_path).server_pid()
+        if pid is not None and not _same_netns(pid):
+            return (f"left wireguard-go pid {pid} alone: it serves {userspace.socket_path} "
+                    "from another network namespace")
         if pid is not None:
             await userspace.destroy()
             done = f"stopped wireguard-go pid {pid} serving {ifname}"
@@ -98,6 +102,14 @@ async def _device(ifname: str, backend: str) -> str | None:
                     await ipr.link("del", index=indexes[0])
         done = f"deleted interface {ifname}"
     return done
+
+
+def _same_netns(pid: int) -> bool:
+    """/run/wireguard is shared by every network namespace of the mount namespace."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return False
 
 
 def _files(state_dir: Path, keep_key: bool) -> list[str]:
