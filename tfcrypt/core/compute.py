@@ -26,10 +26,11 @@ Rules (DESIGN.md, "Policy model" and "Dataplane"; docs/policy.md):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
-from tfcrypt.core.selection import Classes, RemoteIndex, classify, rules_of
+from tfcrypt.core.selection import Classes, RemoteIndex, classify, rules_of, union_of
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import EncryptionPolicy, Mode
 from tfcrypt.model.workload import Workload
@@ -90,11 +91,10 @@ def compute(snap: Snapshot) -> Desired:
     claims = IpClaims(workloads)
     conflicts += claims.conflicts()
 
-    selected = enforced_remote_ips(enforced)
+    selected = enforced.selected_remote_ips()
     peers = {rec.wg_public_key: PeerDesired(
         rec.node, rec.wg_public_key, rec.endpoint,
-        frozenset(map(host_cidr, selected.intersection(claims.ips_of(rec.node))
-                      - claims.contested)))
+        allowed_ips(selected, claims.ips_of(rec.node), claims.contested))
         for rec in records.values()}
     missing = claims.nodes_touching([selected], exclude={own, *records})
     return Desired(
@@ -106,6 +106,15 @@ def compute(snap: Snapshot) -> Desired:
         audit=_audit(snap, workloads, index, enforced, claims, records),
         conflicts=tuple(conflicts),
     )
+
+
+def allowed_ips(selected: frozenset[str] | set[str], node_ips: Iterable[str],
+                contested: frozenset[str] | set[str]) -> frozenset[str]:
+    """A peer's allowed IPs: its node's selected IPs that no other node claims, as hosts."""
+    found = selected.intersection(node_ips)
+    if contested:
+        found -= contested
+    return frozenset(map(host_cidr, found))
 
 
 def usable_records(nodes: Mapping[str, NodeRecord], own_node: str,
@@ -126,18 +135,26 @@ def usable_records(nodes: Mapping[str, NodeRecord], own_node: str,
 
 
 class IpClaims:
-    """Which workloads claim each IP; built in one pass, most IPs having one claimant."""
+    """Which workloads claim each IP; built in one pass, most IPs having one claimant.
+
+    When no IP is claimed twice (the usual inventory), counting is all it takes: the
+    per-IP owner map is only built when the count says some IP has several claimants.
+    """
 
     def __init__(self, workloads: Iterable[Workload]) -> None:
-        self._first: dict[str, Workload] = {}
-        self._more: dict[str, list[Workload]] = {}
+        workloads = tuple(workloads)
         self._by_node: dict[str, list[str]] = {}
         for w in workloads:
             self._by_node.setdefault(w.node, []).extend(w.ips)
-            for ip in w.ips:
-                first = self._first.setdefault(ip, w)
-                if first is not w:
-                    self._more.setdefault(ip, [first]).append(w)
+        self._more: dict[str, list[Workload]] = {}
+        flat = list(chain.from_iterable(self._by_node.values()))
+        if len(set(flat)) != len(flat):
+            first: dict[str, Workload] = {}
+            for w in workloads:
+                for ip in w.ips:
+                    owner = first.setdefault(ip, w)
+                    if owner is not w:
+                        self._more.setdefault(ip, [owner]).append(w)
         self.contested = frozenset(ip for ip, owners in self._more.items()
                                    if len({w.node for w in owners}) > 1)
 
@@ -148,22 +165,32 @@ class IpClaims:
     def nodes_touching(self, ip_sets: Iterable[frozenset[str]], exclude: Iterable[str]
                        ) -> frozenset[str]:
         """Nodes, except `exclude`, that claim an IP in one of `ip_sets`."""
-        skip = set(exclude)
+        candidates = self.nodes_except(exclude)
+        if not candidates:
+            return frozenset()
         sets = list(ip_sets)
-        return frozenset(node for node, ips in self._by_node.items() if node not in skip
-                         and any(not s.isdisjoint(ips) for s in sets))
+        return frozenset(node for node in candidates
+                         if any(not s.isdisjoint(self._by_node[node]) for s in sets))
+
+    def nodes_except(self, exclude: Iterable[str]) -> list[str]:
+        """Nodes that claim some IP, except `exclude`."""
+        skip = set(exclude)
+        return [node for node in self._by_node if node not in skip]
 
     def conflicts(self) -> list[str]:
-        found = []
-        for ip, owners in self._more.items():
-            keys = sorted(w.key.removeprefix("workloads/") for w in owners)
-            effect = "" if len({w.node for w in owners}) == 1 else ": given to no peer"
-            found.append(f"ip {ip} claimed by {', '.join(keys)}{effect}")
-        return sorted(found)
+        return sorted(conflict_text(ip, owners) for ip, owners in self._more.items())
+
+
+def conflict_text(ip: str, owners: Iterable[Workload]) -> str:
+    """How an IP claimed by several workloads is reported."""
+    owners = list(owners)
+    keys = sorted(w.key.removeprefix("workloads/") for w in owners)
+    effect = "" if len({w.node for w in owners}) == 1 else ": given to no peer"
+    return f"ip {ip} claimed by {', '.join(keys)}{effect}"
 
 
 def enforced_remote_ips(classes: Classes) -> frozenset[str]:
-    return frozenset().union(*classes.class_peers.values())
+    return classes.selected_remote_ips()
 
 
 def host_cidr(ip: str) -> str:
@@ -180,21 +207,63 @@ def _audit(snap: Snapshot, workloads: tuple[Workload, ...], index: RemoteIndex,
         return AuditReport()
     classes = [classify(snap.own_node, workloads, rules_of([p], Mode.AUDIT), index)
                for p in audited]
-    groups: Counter[tuple[str | None, ...]] = Counter(
-        (enforced.local_class.get(ip), *(c.local_class.get(ip) for c in classes))
-        for ip in set().union(*(c.local_class for c in classes)))
+    groups = audit_groups(enforced.local_class, [c.local_class for c in classes])
     per_policy = dict.fromkeys((p.name for p in audited), 0)
     total = 0
+    exclude = {snap.own_node, *records}
+    need_added = bool(claims.nodes_except(exclude))
     added_sets: list[frozenset[str]] = []
+    extras_of = AuditExtras()
     for (enforced_key, *keys), n in groups.items():
-        enforced_set = enforced.class_peers[enforced_key] if enforced_key else frozenset()
-        extras: list[frozenset[str]] = []
-        for policy, cls, key in zip(audited, classes, keys, strict=True):
-            if key is not None:
-                extras.append(cls.class_peers[key] - enforced_set)
-                per_policy[policy.name] += n * len(extras[-1])
-        added = extras[0] if len(extras) == 1 else frozenset().union(*extras)
-        total += n * len(added)
+        enforced_set = enforced.class_peers[enforced_key] if enforced_key else _NONE
+        sets = [cls.class_peers[key] if key is not None else None
+                for cls, key in zip(classes, keys, strict=True)]
+        counts, count, added = extras_of(enforced_set, sets, need_added)
+        for policy, policy_count in zip(audited, counts, strict=True):
+            per_policy[policy.name] += n * policy_count
+        total += n * count
         added_sets.append(added)
-    missing = claims.nodes_touching(added_sets, exclude={snap.own_node, *records})
+    missing = claims.nodes_touching(added_sets, exclude=exclude) if need_added else frozenset()
     return AuditReport(total, per_policy, missing)
+
+
+def audit_groups(enforced: Mapping[str, str], audited: Sequence[Mapping[str, str]]
+                 ) -> Counter[tuple[str | None, ...]]:
+    """How many local IPs share each (enforced class, audit class per policy) tuple, over
+    the IPs some audit policy classifies."""
+    return Counter((enforced.get(ip), *(c.get(ip) for c in audited))
+                   for ip in set().union(*audited))
+
+
+class AuditExtras:
+    """What one group's audit sets add beyond its enforced set, memoised by set identity.
+
+    Counting is |A| - |A & E|: the intersection is mostly small, so it costs lookups,
+    not inserts; the added sets themselves are only built when some node without a
+    usable record could be touched by them. Holds the sets it saw, so an id is never
+    reused while it is a memo key.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[int, ...], tuple[tuple[int, ...], int, frozenset[str]]] = {}
+        self._alive: list[object] = []
+
+    def __call__(self, enforced: frozenset[str], audited: Sequence[frozenset[str] | None],
+                 need_added: bool) -> tuple[tuple[int, ...], int, frozenset[str]]:
+        """(per audit policy: how many IPs it adds; how many they add together; and, if
+        `need_added`, the IPs they add)."""
+        key = (id(enforced), *(id(a) if a is not None else 0 for a in audited))
+        found = self._memo.get(key)
+        if found is None:
+            counts = tuple(len(a) - len(a & enforced) if a is not None else 0
+                           for a in audited)
+            present = [a for a in audited if a is not None]
+            together = union_of(present)
+            count = counts[0] if len(audited) == 1 else len(together) - len(together & enforced)
+            added = together - enforced if need_added else _NONE
+            found = self._memo[key] = (counts, count, added)
+            self._alive.append((enforced, audited))
+        return found
+
+
+_NONE: frozenset[str] = frozenset()

@@ -27,14 +27,15 @@ import ipaddress
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
-from tfcrypt.model.workload import Workload
+from tfcrypt.model.workload import Address, Workload
 
 CLASS_KEY_PREFIX = "c"
 CLASS_KEY_HEX = 10
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def endpoint_matches(endpoint: Endpoint, workload: Workload, ip: str) -> bool:
@@ -83,6 +84,20 @@ class RuleRef:
     policy: str
     index: int
     rule: Rule
+    _networks: tuple[Network | None, Network | None] = field(
+        init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_networks",
+                           (self.rule.endpoint1.network, self.rule.endpoint2.network))
+
+    def side_matches(self, side: int, workload: Workload, address: Address) -> bool:
+        """`endpoint_matches` for side 1 or 2, with the subnet parsed once per rule."""
+        endpoint = self.rule.endpoint1 if side == 1 else self.rule.endpoint2
+        if endpoint.tags is not None:
+            return endpoint.tags <= workload.tags
+        network = self._networks[side - 1]
+        return network is None or address in network
 
 
 def rules_of(policies: Iterable[EncryptionPolicy], mode: Mode) -> tuple[RuleRef, ...]:
@@ -107,7 +122,13 @@ class Membership:
 
 def memberships(workload: Workload, ip: str, rules: Sequence[RuleRef]) -> frozenset[Membership]:
     """Every rule side (a, ip) can stand on; a rule whose match_tags a lacks contributes none."""
-    found: set[Membership] = set()
+    return workload_memberships(workload, rules).get(ip, frozenset())
+
+
+def workload_memberships(workload: Workload, rules: Sequence[RuleRef]
+                         ) -> dict[str, frozenset[Membership]]:
+    """`memberships` of each of the workload's IPs that has any."""
+    found: dict[str, set[Membership]] = {}
     for ref in rules:
         values: list[str] = []
         for tag_type in ref.rule.match_tags:
@@ -116,10 +137,12 @@ def memberships(workload: Workload, ip: str, rules: Sequence[RuleRef]) -> frozen
                 break
             values.append(value)
         else:
-            for side, endpoint in ((1, ref.rule.endpoint1), (2, ref.rule.endpoint2)):
-                if endpoint_matches(endpoint, workload, ip):
-                    found.add(Membership(ref.policy, ref.index, side, tuple(values)))
-    return frozenset(found)
+            for ip, address in zip(workload.ips, workload.addresses, strict=True):
+                for side in (1, 2):
+                    if ref.side_matches(side, workload, address):
+                        found.setdefault(ip, set()).add(
+                            Membership(ref.policy, ref.index, side, tuple(values)))
+    return {ip: frozenset(ms) for ip, ms in found.items()}
 
 
 def class_key(signature: Iterable[Membership]) -> str:
@@ -129,75 +152,212 @@ def class_key(signature: Iterable[Membership]) -> str:
     return CLASS_KEY_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:CLASS_KEY_HEX]
 
 
+SelectorKey = tuple[frozenset[tuple[str, str]], str | None]
+
+
 class RemoteIndex:
-    """The workloads of every node but one, indexed for `select`.
+    """The workloads of every node but one, indexed for `select`, optionally kept current.
 
-    Postings are lists of workload positions keyed by (type, value) tuples, intersected
-    as C sets: at 100,000 workloads a Python-level subset test per candidate is the cost
-    that matters. Results are cached per (endpoint, required tags), so rules sharing a
-    selector share the work.
+    Postings are sets of remote IPs keyed by (type, value) tuples, intersected in C: at
+    100,000 workloads a Python-level test per candidate is the cost that matters. A
+    selector's result is cached by (required tag keys, subnet), so rules sharing a
+    selector share the work and the frozenset. `update` applies workload changes and
+    rewrites only the cached results that the changed IPs enter or leave, returning the
+    previous ones: the incremental core needs both sides of the change.
 
-    Pitfall: an IP claimed by both a local and a remote workload is a remote IP here (the
-    remote claim selects it); compute keeps it out of every peer's allowed IPs.
+    Pitfalls: an IP claimed by two remote workloads sits in the postings of both; a
+    multi-key selector re-checks such an IP against one claimant at a time. An IP claimed
+    by both a local and a remote workload is a remote IP here (the remote claim selects
+    it); compute keeps it out of every peer's allowed IPs.
     """
 
     def __init__(self, own_node: str, workloads: Iterable[Workload]) -> None:
         self.own_node = own_node
-        self.workloads = tuple(w for w in workloads if w.node != own_node)
-        self._ips = [w.ips for w in self.workloads]
-        self._postings: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for i, w in enumerate(self.workloads):
+        remote = [w for w in workloads if w.node != own_node]
+        self._remote = {w.key: w for w in remote}
+        lists: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for w in remote:
+            ips = w.ips
             for tag_key in w.tag_keys:
-                self._postings[tag_key].append(i)
-        self._all_ips: frozenset[str] | None = None
+                lists[tag_key].extend(ips)
+        self._postings = {k: set(v) for k, v in lists.items()}
+        flat = list(chain.from_iterable(w.ips for w in remote))
+        self._all = set(flat)
+        self._claimants: dict[str, list[Workload]] | None = None
+        self._multi: set[str] = set()
+        if len(flat) != len(self._all):
+            self._multi = {ip for ip, ws in self._claimant_map().items() if len(ws) > 1}
         self._sorted: dict[int, tuple[list[int], list[str]]] | None = None
-        self._cache: dict[tuple[object, ...], frozenset[str]] = {}
+        self._cache: dict[SelectorKey, frozenset[str]] = {}
+        self._networks: dict[str, Network] = {}
+
+    @property
+    def workloads(self) -> tuple[Workload, ...]:
+        return tuple(self._remote.values())
 
     def all_ips(self) -> frozenset[str]:
-        if self._all_ips is None:
-            self._all_ips = frozenset(chain.from_iterable(self._ips))
-        return self._all_ips
+        return self._lookup((frozenset(), None))
 
-    def select(self, endpoint: Endpoint, required: Iterable[tuple[str, str]]) -> frozenset[str]:
-        """Remote IPs y of workloads b with (b, y) in `endpoint` and `required` tags on b."""
+    def selector_key(self, endpoint: Endpoint, required: Iterable[tuple[str, str]]
+                     ) -> SelectorKey:
+        """The cache key of (endpoint, required tags on the remote side)."""
         wanted = set(required)
         if endpoint.tags is not None:
             wanted |= {(t.type, t.value) for t in endpoint.tags}
-        cache_key = (tuple(sorted(wanted)), endpoint.subnet)
-        found = self._cache.get(cache_key)
+        return frozenset(wanted), endpoint.subnet
+
+    def select(self, endpoint: Endpoint, required: Iterable[tuple[str, str]]) -> frozenset[str]:
+        """Remote IPs y of workloads b with (b, y) in `endpoint` and `required` tags on b."""
+        return self._lookup(self.selector_key(endpoint, required))
+
+    def result(self, key: SelectorKey) -> frozenset[str]:
+        """The current result of a selector `select` has seen."""
+        return self._cache[key]
+
+    def _lookup(self, key: SelectorKey) -> frozenset[str]:
+        found = self._cache.get(key)
         if found is None:
-            found = self._select(wanted, endpoint.network)
-            self._cache[cache_key] = found
+            found = self._cache[key] = self._select(*key)
         return found
 
-    def _select(self, wanted: set[tuple[str, str]],
-                network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
-                ) -> frozenset[str]:
-        if not wanted:
-            return self.all_ips() if network is None else self._ips_in(network)
-        postings = sorted((self._postings.get(k, []) for k in wanted), key=len)
-        candidates = set(postings[0]).intersection(*postings[1:])
+    def _network(self, subnet: str | None) -> Network | None:
+        if subnet is None:
+            return None
+        network = self._networks.get(subnet)
         if network is None:
-            return frozenset(chain.from_iterable(map(self._ips.__getitem__, candidates)))
-        return frozenset(ip for i in candidates
-                         for ip, addr in zip(self._ips[i], self.workloads[i].addresses,
-                                             strict=True)
-                         if addr in network)
+            network = self._networks[subnet] = ipaddress.ip_network(subnet)
+        return network
 
-    def _ips_in(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> frozenset[str]:
-        if self._sorted is None:
-            pairs: dict[int, list[tuple[int, str]]] = {4: [], 6: []}
-            for w in self.workloads:
-                for ip, addr in zip(w.ips, w.addresses, strict=True):
-                    pairs[addr.version].append((int(addr), ip))
-            self._sorted = {}
-            for version, items in pairs.items():
-                items.sort()
-                self._sorted[version] = ([n for n, _ in items], [ip for _, ip in items])
-        numbers, ips = self._sorted[network.version]
+    def _select(self, wanted: frozenset[tuple[str, str]], subnet: str | None) -> frozenset[str]:
+        network = self._network(subnet)
+        sets = [self._postings.get(k, _EMPTY) for k in wanted]
+        if network is not None:
+            sets.append(self._ips_in(network))
+        if not sets:
+            return frozenset(self._all)
+        sets.sort(key=len)
+        found = sets[0].intersection(*sets[1:])
+        if len(wanted) > 1 and self._multi:
+            found -= {y for y in found & self._multi if not self._holds(y, wanted, None)}
+        return frozenset(found)
+
+    def _holds(self, ip: str, wanted: frozenset[tuple[str, str]],
+               network: Network | None) -> bool:
+        """Whether one remote claimant of `ip` carries every wanted tag (and ip in network)."""
+        claimants = self._claimant_map().get(ip)
+        if not claimants:
+            return False
+        if network is not None and ipaddress.ip_address(ip) not in network:
+            return False
+        return any(wanted <= w.tag_keys for w in claimants)
+
+    def _claimant_map(self) -> dict[str, list[Workload]]:
+        if self._claimants is None:
+            self._claimants = {}
+            for w in self._remote.values():
+                for ip in w.ips:
+                    self._claimants.setdefault(ip, []).append(w)
+        return self._claimants
+
+    def _ips_in(self, network: Network) -> set[str]:
+        numbers, ips = self._sorted_of(network.version)
         lo = bisect.bisect_left(numbers, int(network.network_address))
         hi = bisect.bisect_right(numbers, int(network.broadcast_address))
-        return frozenset(ips[lo:hi])
+        return set(ips[lo:hi])
+
+    def _sorted_of(self, version: int) -> tuple[list[int], list[str]]:
+        """Remote IPs of one version sorted as numbers (ordered by index: sorting ints as
+        keys is several times cheaper than sorting (int, str) tuples)."""
+        if self._sorted is None:
+            numbers: dict[int, list[int]] = {4: [], 6: []}
+            texts: dict[int, list[str]] = {4: [], 6: []}
+            seen: set[str] = set()
+            for w in self._remote.values():
+                for ip, addr in zip(w.ips, w.addresses, strict=True):
+                    if ip not in seen:
+                        seen.add(ip)
+                        numbers[addr.version].append(int(addr))
+                        texts[addr.version].append(ip)
+            self._sorted = {}
+            for v in (4, 6):
+                order = sorted(range(len(numbers[v])), key=numbers[v].__getitem__)
+                self._sorted[v] = ([numbers[v][i] for i in order], [texts[v][i] for i in order])
+        return self._sorted[version]
+
+    # -- keeping the index current (the incremental core) ---------------------------------
+
+    def update(self, removed: Iterable[Workload], added: Iterable[Workload]
+               ) -> tuple[set[str], dict[SelectorKey, frozenset[str]]]:
+        """Apply workload changes; return the IPs touched and the previous result of every
+        cached selector whose result changed. Local workloads are ignored."""
+        claimants = self._claimant_map()
+        touched: set[str] = set()
+        for w in removed:
+            if w.node == self.own_node:
+                continue
+            del self._remote[w.key]
+            touched.update(w.ips)
+            for ip, addr in zip(w.ips, w.addresses, strict=True):
+                others = claimants[ip]
+                others.remove(w)
+                if not others:
+                    del claimants[ip]
+                    self._all.discard(ip)
+                    self._sorted_remove(ip, addr)
+                for tag_key in w.tag_keys:
+                    if not any(tag_key in c.tag_keys for c in others):
+                        posting = self._postings[tag_key]
+                        posting.discard(ip)
+                        if not posting:
+                            del self._postings[tag_key]
+        for w in added:
+            if w.node == self.own_node:
+                continue
+            self._remote[w.key] = w
+            touched.update(w.ips)
+            for ip, addr in zip(w.ips, w.addresses, strict=True):
+                if ip not in claimants:
+                    self._all.add(ip)
+                    self._sorted_insert(ip, addr)
+                claimants.setdefault(ip, []).append(w)
+                for tag_key in w.tag_keys:
+                    self._postings.setdefault(tag_key, set()).add(ip)
+        for ip in touched:
+            if len(claimants.get(ip, ())) > 1:
+                self._multi.add(ip)
+            else:
+                self._multi.discard(ip)
+        return touched, self._refresh(touched)
+
+    def _refresh(self, touched: set[str]) -> dict[SelectorKey, frozenset[str]]:
+        previous: dict[SelectorKey, frozenset[str]] = {}
+        for key, old in list(self._cache.items()):
+            wanted, subnet = key
+            network = self._network(subnet)
+            now = {y for y in touched if self._holds(y, wanted, network)}
+            enter = now - old
+            leave = (touched - now) & old
+            if enter or leave:
+                previous[key] = old
+                new = old - leave if leave else old
+                self._cache[key] = new | enter if enter else new
+        return previous
+
+    def _sorted_insert(self, ip: str, addr: Address) -> None:
+        if self._sorted is not None:
+            numbers, ips = self._sorted[addr.version]
+            at = bisect.bisect_left(numbers, int(addr))
+            numbers.insert(at, int(addr))
+            ips.insert(at, ip)
+
+    def _sorted_remove(self, ip: str, addr: Address) -> None:
+        if self._sorted is not None:
+            numbers, ips = self._sorted[addr.version]
+            at = bisect.bisect_left(numbers, int(addr))
+            del numbers[at], ips[at]
+
+
+_EMPTY: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -206,10 +366,16 @@ class Classes:
 
     Every local IP with at least one membership has a class, even if its remote set is
     empty today: then a remote workload appearing later only adds set elements.
+    `signatures` and `remote_of` are how the classes were made (not compared): the
+    incremental core starts from them.
     """
 
     local_class: Mapping[str, str]
     class_peers: Mapping[str, frozenset[str]]
+    signatures: Mapping[str, frozenset[Membership]] = field(default_factory=dict,
+                                                              compare=False)
+    remote_of: Mapping[Membership, frozenset[str]] = field(default_factory=dict,
+                                                           compare=False)
 
     def pairs(self) -> frozenset[tuple[str, str]]:
         """(local ip, remote ip) pairs; quadratic, for tests and small inventories."""
@@ -224,6 +390,21 @@ class Classes:
     def pair_count(self) -> int:
         return sum(len(self.class_peers[key]) for key in self.local_class.values())
 
+    def selected_remote_ips(self) -> frozenset[str]:
+        """Every remote IP in some class set: the union of the distinct membership sets."""
+        return union_of(self.remote_of.values())
+
+
+def local_signatures(own_node: str, workloads: Iterable[Workload], rules: Sequence[RuleRef]
+                     ) -> dict[str, frozenset[Membership]]:
+    """Each local IP's signature: the memberships of every local workload claiming it."""
+    signature_of: dict[str, frozenset[Membership]] = {}
+    for a in workloads:
+        if a.node == own_node:
+            for ip, found in workload_memberships(a, rules).items():
+                signature_of[ip] = signature_of.get(ip, frozenset()) | found
+    return signature_of
+
 
 def classify(own_node: str, workloads: Iterable[Workload], rules: Sequence[RuleRef],
              index: RemoteIndex | None = None) -> Classes:
@@ -231,33 +412,40 @@ def classify(own_node: str, workloads: Iterable[Workload], rules: Sequence[RuleR
     workloads = tuple(workloads)
     if index is None:
         index = RemoteIndex(own_node, workloads)
+    signature_of = local_signatures(own_node, workloads, rules)
     by_ref = {(ref.policy, ref.index): ref.rule for ref in rules}
-    signature_of: dict[str, set[Membership]] = {}
-    for a in workloads:
-        if a.node != own_node:
-            continue
-        for x in a.ips:
-            found = memberships(a, x, rules)
-            if found:
-                signature_of.setdefault(x, set()).update(found)
-
     remote_of: dict[Membership, frozenset[str]] = {}
     keys: dict[frozenset[Membership], str] = {}
+    signatures: dict[str, frozenset[Membership]] = {}
     class_peers: dict[str, frozenset[str]] = {}
-    for signature in sorted({frozenset(s) for s in signature_of.values()}, key=sorted):
+    for signature in sorted(set(signature_of.values()), key=sorted):
         key = _unique_key(class_key(signature), class_peers)
         keys[signature] = key
+        signatures[key] = signature
         for m in signature:
             if m not in remote_of:
-                remote_of[m] = _remote_for(m, by_ref[(m.policy, m.rule)], index)
-        class_peers[key] = frozenset().union(*(remote_of[m] for m in signature))
-    local_class = {x: keys[frozenset(s)] for x, s in signature_of.items()}
-    return Classes(local_class, class_peers)
+                remote_of[m] = index.select(*remote_selector(m, by_ref[(m.policy, m.rule)]))
+        class_peers[key] = union_of(remote_of[m] for m in signature)
+    local_class = {x: keys[s] for x, s in signature_of.items()}
+    return Classes(local_class, class_peers, signatures, remote_of)
 
 
-def _remote_for(m: Membership, rule: Rule, index: RemoteIndex) -> frozenset[str]:
+def remote_selector(m: Membership, rule: Rule) -> tuple[Endpoint, list[tuple[str, str]]]:
+    """What the remote side of membership `m` must satisfy: the other endpoint, and the
+    local values of the rule's match_tags types."""
     other = rule.endpoint2 if m.side == 1 else rule.endpoint1
-    return index.select(other, zip(rule.match_tags, m.values, strict=True))
+    return other, list(zip(rule.match_tags, m.values, strict=True))
+
+
+def union_of(sets: Iterable[frozenset[str]]) -> frozenset[str]:
+    """The union, returning the one set itself when all others are the same object, and
+    copying the largest set first (a C-level copy, cheaper than re-inserting it)."""
+    distinct = sorted({id(s): s for s in sets}.values(), key=len, reverse=True)
+    if not distinct:
+        return _EMPTY
+    if len(distinct) == 1:
+        return distinct[0]
+    return distinct[0].union(*distinct[1:])
 
 
 def _unique_key(key: str, taken: Mapping[str, object]) -> str:
