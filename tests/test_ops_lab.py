@@ -83,6 +83,8 @@ def scrape(lab: Lab, node: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     with running_lab(nodes=2, workloads_per_node=1) as lab:
+        wait_for("IPv6 duplicate address detection to finish in n1 (it adds local routes)",
+                 lambda: not run(lab, "n1", "ip", "-6", "addr", "show", "tentative").stdout)
         lab.before = kernel_baseline(lab, "n1")  # type: ignore[attr-defined]
         inventory.publish_workloads(lab)
         inventory.apply_policy(lab, EXAMPLES / "encrypt-all.yaml")
@@ -206,7 +208,11 @@ def test_uninstall_restores_the_kernel_as_it_was_before_the_agent(lab: Lab) -> N
     assert "ip rules at priority 1820" in said and "ip rules at priority 1821" in said
     assert "from table 29799" in said and "stopped wireguard-go pid" in said
     assert not (state / "wireguard.key").exists()
-    assert kernel_baseline(lab, "n1") == lab.before  # type: ignore[attr-defined]
+    after = kernel_baseline(lab, "n1")
+    before = lab.before  # type: ignore[attr-defined]
+    assert after == before, {k: (sorted(set(before[k].splitlines()) - set(after[k].splitlines())),
+                                 sorted(set(after[k].splitlines()) - set(before[k].splitlines())))
+                             for k in before if before[k] != after[k]}
 
     second = tfcrypt(lab, "n1", *args)
     assert (second.returncode, second.stdout.strip()) == (0, "nothing to remove")
