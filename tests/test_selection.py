@@ -1,6 +1,7 @@
 """The class-based selection equals the pairwise definition, on random inventories.
 
-Also: audit never touches enforced state, union semantics, allowed IPs, class keys that
+Also: the incremental core equals compute after every step of random change sequences;
+audit never touches enforced state, union semantics, allowed IPs, class keys that
 remote changes cannot move, explain and plan agreeing with the definition, and sequences
 of snapshots replayed forward, reversed, with empties and squashed (STYLE.md point 10).
 """
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from tfcrypt.core.compute import Desired, Snapshot, compute, host_cidr
 from tfcrypt.core.explain import diff_selection, explain
+from tfcrypt.core.incremental import IncrementalCore
 from tfcrypt.core.selection import is_selected_pairwise
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
@@ -299,3 +301,62 @@ def test_sequences_forward_reversed_with_empties_and_squashed() -> None:
         for variant in variants:
             outputs = replay(variant)
             assert outputs == [expected(name) for name in variant], variant
+
+
+# --- the incremental core equals compute after every step ------------------------------------
+
+def one_workload() -> st.SearchStrategy[Workload]:
+    return st.builds(lambda name, node, ips, tags: Workload(name, node, tuple(ips), tags),
+                     st.sampled_from(("w0", "w1", "w2", "w3", "w4")), st.sampled_from(NODES),
+                     st.sets(st.sampled_from(IPS), min_size=1, max_size=2), tag_sets())
+
+
+steps = st.one_of(
+    st.tuples(st.just("put"), one_workload()),
+    st.tuples(st.just("delete"), st.integers(0, 30)),
+    st.tuples(st.just("record"), st.sampled_from(NODES), st.integers(0, 5)),
+    st.tuples(st.just("policies"), policy_sets(max_size=2)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(inventories(), st.sampled_from(NODES[:2]), st.lists(st.tuples(steps, st.booleans()),
+                                                           max_size=10))
+def test_incremental_core_equals_compute_after_every_change(
+        inv: tuple[list[Workload], list[EncryptionPolicy], dict[str, NodeRecord]], own: str,
+        sequence: list[tuple[tuple[object, ...], bool]]) -> None:
+    workloads, policies, nodes = inv
+    core = IncrementalCore(own)
+    snap = snapshot(own, workloads, policies, nodes)
+    assert core.update(snap) == compute(snap)
+    for step, tell_keys in sequence:
+        wmap, pmap, rmap = dict(snap.workloads), dict(snap.policies), dict(snap.nodes)
+        changed: set[str] = set()
+        match step:
+            case ("put", Workload() as w):
+                wmap[w.key] = w
+                changed.add(w.key)
+            case ("delete", int(i)) if wmap:
+                gone = sorted(wmap)[i % len(wmap)]
+                del wmap[gone]
+                changed.add(gone)
+            case ("record", str(node), 0):
+                rmap.pop(node, None)
+            case ("record", str(node), int(k)):
+                rmap[node] = dataclasses.replace(record(node), wg_public_key=key_of(k))
+            case ("policies", list(ps)):
+                pmap = {p.name: p for p in ps}
+        snap = Snapshot(own, wmap, pmap, rmap, snap.own_public_key)
+        got = core.update(snap, changed if tell_keys else None)
+        assert got == compute(snap), step
+
+
+def test_incremental_core_applies_a_workload_change_without_rebuilding() -> None:
+    core = IncrementalCore("n1")
+    store = dict(STATES["moved-tags"])
+    core.update(snapshot_of(store))
+    store["w:b"] = W("b", "n2", "10.0.0.2", "site=y")
+    store["w:d"] = W("d", "n1", "10.0.0.4", "application=pay", "site=x")
+    snap = snapshot_of(store)
+    assert core.update(snap, {"workloads/n2/b", "workloads/n1/d"}) == compute(snap)
+    assert core.rebuilds == 1

@@ -1,0 +1,485 @@
+"""IncrementalCore: compute() kept current across snapshots, for the agent's loop.
+
+Rules (docs/policy.md; DESIGN.md "Shape of the code"):
+- `IncrementalCore(own_node).update(snapshot)` always returns a Desired equal (`==`) to
+  `compute(snapshot)`; tests/test_selection.py checks it on random sequences of changes.
+- It keeps the indexes of the previous snapshot and applies only what changed: a workload
+  change touches its IPs' claims, the cached selector results those IPs enter or leave,
+  the class sets built from those selectors, and the peers of the nodes that claim them;
+  a local workload change re-signs its IPs and may add or drop a class. A policy change
+  (or a 40-bit class key collision, or another own node) rebuilds from scratch.
+- Which workloads changed: diffing two 100,000-entry mappings costs more than applying
+  one change, so the caller that knows (a watch event names its key) passes the keys;
+  without them every value is compared by identity, then equality.
+- Pure like the rest of the core: no I/O, no clock. The Desired values it returns are
+  never mutated afterwards (new frozensets replace changed ones), so the caller may keep
+  the previous one to compare.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+
+from tfcrypt.core.compute import (
+    AuditReport,
+    Desired,
+    PeerDesired,
+    Snapshot,
+    allowed_ips,
+    conflict_text,
+    usable_records,
+)
+from tfcrypt.core.selection import (
+    Membership,
+    RemoteIndex,
+    RuleRef,
+    SelectorKey,
+    class_key,
+    classify,
+    remote_selector,
+    rules_of,
+    union_of,
+    workload_memberships,
+)
+from tfcrypt.model.node import NodeRecord
+from tfcrypt.model.policy import EncryptionPolicy, Mode
+from tfcrypt.model.workload import Workload
+
+_EMPTY: frozenset[str] = frozenset()
+
+
+class _Rebuild(Exception):
+    """An incremental step met a case only a full rebuild handles (class key collision)."""
+
+
+class Claims:
+    """Who claims each IP, kept current: conflicts, contested IPs and per-node IP lists."""
+
+    def __init__(self, workloads: Iterable[Workload]) -> None:
+        self.owners: dict[str, list[Workload]] = {}
+        self.on_node: dict[str, dict[str, Workload]] = {}
+        self.contested: set[str] = set()
+        self.conflicts: dict[str, str] = {}
+        for w in workloads:
+            self.add(w)
+        self.refresh(self.owners)
+
+    def add(self, w: Workload) -> None:
+        self.on_node.setdefault(w.node, {})[w.key] = w
+        for ip in w.ips:
+            self.owners.setdefault(ip, []).append(w)
+
+    def remove(self, w: Workload) -> None:
+        node = self.on_node[w.node]
+        del node[w.key]
+        if not node:
+            del self.on_node[w.node]
+        for ip in w.ips:
+            owners = self.owners[ip]
+            owners.remove(w)
+            if not owners:
+                del self.owners[ip]
+
+    def refresh(self, ips: Iterable[str]) -> None:
+        """Recompute the conflict state of `ips` after adds and removes."""
+        for ip in ips:
+            owners = self.owners.get(ip, ())
+            if len(owners) > 1:
+                self.conflicts[ip] = conflict_text(ip, owners)
+            else:
+                self.conflicts.pop(ip, None)
+            if len({w.node for w in owners}) > 1:
+                self.contested.add(ip)
+            else:
+                self.contested.discard(ip)
+
+    def ips_of(self, node: str) -> list[str]:
+        return [ip for w in self.on_node.get(node, {}).values() for ip in w.ips]
+
+    def nodes_of(self, ip: str) -> set[str]:
+        return {w.node for w in self.owners.get(ip, ())}
+
+
+class ClassTable:
+    """One rule set's classes for the local IPs, kept current.
+
+    Pitfall: a class's key depends only on its signature; a new signature whose hash
+    collides with a live class would get a suffix that depends on order, which compute
+    assigns in sorted order: that case raises _Rebuild rather than guess.
+    """
+
+    def __init__(self, own_node: str, workloads: Sequence[Workload], rules: Sequence[RuleRef],
+                 index: RemoteIndex) -> None:
+        self.own_node = own_node
+        self.rules = rules
+        self.index = index
+        self._by_ref = {(ref.policy, ref.index): ref.rule for ref in rules}
+        built = classify(own_node, workloads, rules, index)
+        self.local_class: dict[str, str] = dict(built.local_class)
+        self.class_peers: dict[str, frozenset[str]] = dict(built.class_peers)
+        self.signature: dict[str, frozenset[Membership]] = dict(built.signatures)
+        self.key_of: dict[frozenset[Membership], str] = {s: k for k, s in self.signature.items()}
+        self.users: Counter[str] = Counter(self.local_class.values())
+        self.members: dict[str, dict[str, frozenset[Membership]]] = {
+            w.key: workload_memberships(w, rules) for w in workloads if w.node == own_node}
+        self._selectors: dict[str, frozenset[SelectorKey]] = {
+            k: frozenset(self._selector(m) for m in s) for k, s in self.signature.items()}
+
+    def _selector(self, m: Membership) -> SelectorKey:
+        endpoint, required = remote_selector(m, self._by_ref[(m.policy, m.rule)])
+        self.index.select(endpoint, required)
+        return self.index.selector_key(endpoint, required)
+
+    def local_changed(self, removed: Iterable[Workload], added: Iterable[Workload],
+                      claims: Claims) -> tuple[list[frozenset[str]], list[frozenset[str]]]:
+        """Re-sign the IPs of changed local workloads; return the sets of the classes that
+        appeared and of those that disappeared."""
+        touched: set[str] = set()
+        for w in removed:
+            if w.node == self.own_node:
+                self.members.pop(w.key, None)
+                touched.update(w.ips)
+        for w in added:
+            if w.node == self.own_node:
+                self.members[w.key] = workload_memberships(w, self.rules)
+                touched.update(w.ips)
+        appeared: list[frozenset[str]] = []
+        gone: list[frozenset[str]] = []
+        for ip in touched:
+            signature = frozenset().union(*(
+                self.members[w.key].get(ip, frozenset()) for w in claims.owners.get(ip, ())
+                if w.node == self.own_node))
+            old = self.local_class.pop(ip, None)
+            if old is not None:
+                self.users[old] -= 1
+                if not self.users[old]:
+                    del self.users[old]
+                    gone.append(self._drop(old))
+            if signature:
+                key = self.key_of.get(signature)
+                if key is None:
+                    key = self._add(signature)
+                    appeared.append(self.class_peers[key])
+                self.local_class[ip] = key
+                self.users[key] += 1
+        return appeared, gone
+
+    def _add(self, signature: frozenset[Membership]) -> str:
+        key = class_key(signature)
+        if key in self.signature:
+            raise _Rebuild
+        selectors = frozenset(self._selector(m) for m in signature)
+        self.signature[key] = signature
+        self.key_of[signature] = key
+        self._selectors[key] = selectors
+        self.class_peers[key] = union_of(self.index.result(s) for s in selectors)
+        return key
+
+    def _drop(self, key: str) -> frozenset[str]:
+        del self.key_of[self.signature.pop(key)]
+        del self._selectors[key]
+        return self.class_peers.pop(key)
+
+    def remote_changed(self, changed: Mapping[SelectorKey, frozenset[str]], touched: set[str]
+                       ) -> dict[str, frozenset[str]]:
+        """Apply changed selector results to the class sets; return the replaced sets by
+        key. Classes with the same old set and the same change share the new set."""
+        if not changed:
+            return {}
+        previous: dict[str, frozenset[str]] = {}
+        made: dict[tuple[int, frozenset[str], frozenset[str]], frozenset[str]] = {}
+        for key, selectors in self._selectors.items():
+            if selectors.isdisjoint(changed):
+                continue
+            old = self.class_peers[key]
+            now = {y for y in touched
+                   if any(y in self.index.result(s) for s in selectors)}
+            enter = frozenset(now - old)
+            leave = frozenset((touched - now) & old)
+            if not (enter or leave):
+                continue
+            memo = (id(old), enter, leave)
+            new = made.get(memo)
+            if new is None:
+                new = old - leave if leave else old
+                new = made[memo] = new | enter if enter else new
+            previous[key] = old
+            self.class_peers[key] = new
+        return previous
+
+    @property
+    def pair_count(self) -> int:
+        return sum(len(self.class_peers[k]) for k in self.local_class.values())
+
+
+class IncrementalCore:
+    """compute() for one node, kept current across snapshots (see the module rules).
+
+    Call `update(snapshot, changed_workloads)` after every batch of input events; pass
+    the keys (of `snapshot.workloads`) that were put or deleted since the previous call
+    when known, or None to have them found by comparison. Policies and node records are
+    always compared (they are few).
+    """
+
+    def __init__(self, own_node: str) -> None:
+        self.own_node = own_node
+        self.desired: Desired | None = None
+        self.rebuilds = 0
+
+    # -- entry point -----------------------------------------------------------------
+
+    def update(self, snap: Snapshot, changed_workloads: Iterable[str] | None = None) -> Desired:
+        """The Desired of `snap` (== compute(snap)), reusing what did not change."""
+        if snap.own_node != self.own_node:
+            raise ValueError(f"snapshot of {snap.own_node}, core of {self.own_node}")
+        if self.desired is None or dict(snap.policies) != self._policies:
+            return self._rebuild(snap)
+        keys = (self._changed_keys(snap.workloads) if changed_workloads is None
+                else set(changed_workloads))
+        try:
+            self._apply_workloads(snap.workloads, keys)
+        except _Rebuild:
+            return self._rebuild(snap)
+        if dict(snap.nodes) != self._nodes or snap.own_public_key != self._own_key:
+            self._apply_records(snap)
+        self.desired = self._assemble()
+        return self.desired
+
+    def _changed_keys(self, workloads: Mapping[str, Workload]) -> set[str]:
+        old = self._workloads
+        keys = {k for k, w in workloads.items() if old.get(k) is not w and old.get(k) != w}
+        new_keys = sum(1 for k in keys if k not in old)
+        if len(old) - len(workloads) + new_keys:
+            keys |= old.keys() - workloads.keys()
+        return keys
+
+    # -- full rebuild ----------------------------------------------------------------
+
+    def _rebuild(self, snap: Snapshot) -> Desired:
+        self.rebuilds += 1
+        own = self.own_node
+        workloads = tuple(snap.workloads.values())
+        self._workloads: dict[str, Workload] = dict(snap.workloads)
+        self._policies: dict[str, EncryptionPolicy] = dict(snap.policies)
+        self._index = RemoteIndex(own, workloads)
+        self._enforced = ClassTable(own, workloads,
+                                    rules_of(snap.policies.values(), Mode.ENFORCE), self._index)
+        audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
+                         key=lambda p: p.name)
+        self._audit_names = [p.name for p in audited]
+        self._audit = [ClassTable(own, workloads, rules_of([p], Mode.AUDIT), self._index)
+                       for p in audited]
+        self._claims = Claims(workloads)
+        self._selected: set[str] = set(union_of(self._enforced.class_peers.values()))
+        self._group_stats: dict[tuple[str | None, ...], tuple[tuple[int, ...], int]] = {}
+        self._audit_missing: set[str] = set()
+        self._set_records(snap)
+        self._peers: dict[str, PeerDesired] = {}
+        self._missing: set[str] = set()
+        self._refresh_nodes(set(self._records) | set(self._claims.on_node))
+        self._refresh_audit(set(self._claims.on_node))
+        self.desired = self._assemble()
+        return self.desired
+
+    def _set_records(self, snap: Snapshot) -> None:
+        self._nodes: dict[str, NodeRecord] = dict(snap.nodes)
+        self._own_key = snap.own_public_key
+        self._records, self._key_conflicts = usable_records(snap.nodes, self.own_node,
+                                                            snap.own_public_key)
+
+    # -- workload changes ------------------------------------------------------------
+
+    def _apply_workloads(self, workloads: Mapping[str, Workload], keys: set[str]) -> None:
+        removed: list[Workload] = []
+        added: list[Workload] = []
+        for key in keys:
+            old, new = self._workloads.get(key), workloads.get(key)
+            if old == new:
+                continue
+            if old is not None:
+                removed.append(old)
+                del self._workloads[key]
+            if new is not None:
+                added.append(new)
+                self._workloads[key] = new
+        if not (removed or added):
+            return
+        claims = self._claims
+        for w in removed:
+            claims.remove(w)
+        for w in added:
+            claims.add(w)
+        ips = {ip for w in (*removed, *added) for ip in w.ips}
+        was_contested = {ip for ip in ips if ip in claims.contested}
+        claims.refresh(ips)
+        dirty_nodes = {w.node for w in (*removed, *added)}
+        dirty_nodes |= {n for ip in ips if (ip in claims.contested) != (ip in was_contested)
+                        for n in claims.nodes_of(ip)}
+
+        tables = [self._enforced, *self._audit]
+        before = [dict(t.class_peers) for t in tables]
+        touched, changed = self._index.update(removed, added)
+        replaced = [t.remote_changed(changed, touched) for t in tables]
+        flips = self._reselect(touched) if replaced[0] else set()
+        self._audit_delta(before, replaced, touched)
+
+        appeared, gone = self._enforced.local_changed(removed, added, claims)
+        for table in self._audit:
+            table.local_changed(removed, added, claims)
+        flips |= self._class_sets_changed(appeared, gone)
+        dirty_nodes |= {n for ip in flips for n in claims.nodes_of(ip)}
+        self._refresh_nodes(dirty_nodes)
+        local_moved = any(w.node == self.own_node for w in (*removed, *added))
+        audit_nodes = set(claims.on_node) if local_moved else dirty_nodes | {
+            n for ip in touched for n in claims.nodes_of(ip)}
+        self._refresh_audit(audit_nodes)
+
+    def _reselect(self, touched: set[str]) -> set[str]:
+        """After remote changes: which touched IPs entered or left the selected set."""
+        sets = list(self._enforced.class_peers.values())
+        flips = set()
+        for y in touched:
+            now = any(y in s for s in sets)
+            if now != (y in self._selected):
+                flips.add(y)
+                (self._selected.add if now else self._selected.discard)(y)
+        return flips
+
+    def _class_sets_changed(self, appeared: list[frozenset[str]], gone: list[frozenset[str]]
+                            ) -> set[str]:
+        """After local changes: IPs that entered or left the selected set."""
+        flips: set[str] = set()
+        remaining = sorted(self._enforced.class_peers.values(), key=len, reverse=True)
+        for s in gone:
+            candidates: frozenset[str] | set[str] = s
+            for other in remaining:
+                if not candidates:
+                    break
+                candidates = candidates - other
+            self._selected -= candidates
+            flips |= candidates
+        for s in appeared:
+            new = s - self._selected
+            self._selected |= new
+            flips |= new
+        return flips
+
+    # -- records ---------------------------------------------------------------------
+
+    def _apply_records(self, snap: Snapshot) -> None:
+        old = self._records
+        self._set_records(snap)
+        nodes = {n for n in old.keys() | self._records.keys()
+                 if old.get(n) != self._records.get(n)}
+        self._refresh_nodes(nodes)
+        self._refresh_audit(nodes)
+
+    def _refresh_nodes(self, nodes: Iterable[str]) -> None:
+        """Peers and missing_peers for `nodes`, from the selected set and the records."""
+        nodes = set(nodes)
+        for peer_key in [k for k, p in self._peers.items() if p.node in nodes]:
+            del self._peers[peer_key]
+        for node in nodes:
+            self._missing.discard(node)
+            if node == self.own_node:
+                continue
+            rec = self._records.get(node)
+            ips = self._claims.ips_of(node)
+            if rec is not None:
+                self._peers[rec.wg_public_key] = PeerDesired(
+                    rec.node, rec.wg_public_key, rec.endpoint,
+                    allowed_ips(self._selected, ips, self._claims.contested))
+            elif any(ip in self._selected for ip in ips):
+                self._missing.add(node)
+
+    # -- audit -----------------------------------------------------------------------
+
+    def _groups(self) -> Counter[tuple[str | None, ...]]:
+        audited = [t.local_class for t in self._audit]
+        enforced = self._enforced.local_class
+        return Counter((enforced.get(ip), *(c.get(ip) for c in audited))
+                       for ip in set().union(*audited))
+
+    def _sets_of(self, group: tuple[str | None, ...], peers: Sequence[Mapping[str, frozenset[str]]]
+                 ) -> tuple[frozenset[str], list[frozenset[str] | None]]:
+        enforced_key, *keys = group
+        enforced = peers[0][enforced_key] if enforced_key else _EMPTY
+        return enforced, [peers[i + 1][k] if k is not None else None for i, k in enumerate(keys)]
+
+    def _audit_delta(self, before: list[dict[str, frozenset[str]]],
+                     replaced: list[dict[str, frozenset[str]]], touched: set[str]) -> None:
+        """Move each group's counts by what the touched IPs changed in its sets."""
+        if not self._audit or not any(replaced):
+            return
+        now = [t.class_peers for t in [self._enforced, *self._audit]]
+        for group, (counts, count) in list(self._group_stats.items()):
+            if not any(k is not None and k in r for k, r in zip(group, replaced, strict=True)):
+                continue
+            e0, a0 = self._sets_of(group, before)
+            e1, a1 = self._sets_of(group, now)
+            delta = [0] * len(a0)
+            total = 0
+            for y in touched:
+                was = [a is not None and y in a and y not in e0 for a in a0]
+                is_ = [a is not None and y in a and y not in e1 for a in a1]
+                for i, (w, n) in enumerate(zip(was, is_, strict=True)):
+                    delta[i] += n - w
+                total += any(is_) - any(was)
+            self._group_stats[group] = (tuple(c + d for c, d in zip(counts, delta, strict=True)),
+                                        count + total)
+
+    def _refresh_audit(self, nodes: Iterable[str]) -> None:
+        """Counts for groups not seen before, and audit missing_peers for `nodes`."""
+        if not self._audit:
+            return
+        groups = self._groups()
+        now = [t.class_peers for t in [self._enforced, *self._audit]]
+        stats = {}
+        for group in groups:
+            found = self._group_stats.get(group)
+            if found is None:
+                enforced, audited = self._sets_of(group, now)
+                counts = tuple(len(a) - len(a & enforced) if a is not None else 0
+                               for a in audited)
+                together = union_of(a for a in audited if a is not None)
+                count = counts[0] if len(audited) == 1 else (
+                    len(together) - len(together & enforced))
+                found = (counts, count)
+            stats[group] = found
+        self._group_stats = stats
+        self._groups_now = groups
+        nodes = set(nodes)
+        self._audit_missing -= nodes
+        candidates = [n for n in nodes if n != self.own_node and n not in self._records]
+        if candidates:
+            added = union_of(union_of(a for a in audited if a is not None) - enforced
+                             for enforced, audited in (self._sets_of(g, now) for g in groups))
+            self._audit_missing.update(
+                n for n in candidates if not added.isdisjoint(self._claims.ips_of(n)))
+
+    def _audit_report(self) -> AuditReport:
+        if not self._audit:
+            return AuditReport()
+        per_policy = dict.fromkeys(self._audit_names, 0)
+        total = 0
+        for group, n in self._groups_now.items():
+            counts, count = self._group_stats[group]
+            for name, c in zip(self._audit_names, counts, strict=True):
+                per_policy[name] += n * c
+            total += n * count
+        return AuditReport(total, per_policy, frozenset(self._audit_missing))
+
+    # -- output ----------------------------------------------------------------------
+
+    def _assemble(self) -> Desired:
+        enforced = self._enforced
+        return Desired(
+            local_class=dict(sorted(enforced.local_class.items())),
+            class_peers=dict(sorted(enforced.class_peers.items())),
+            peers=dict(sorted(self._peers.items())),
+            selected_pair_count=enforced.pair_count,
+            missing_peers=frozenset(self._missing),
+            audit=self._audit_report(),
+            conflicts=(*self._key_conflicts, *sorted(self._claims.conflicts.values())),
+        )
