@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import running_lab
-from labtools import agent_status, wait_for, workload_ip
+from labtools import Pinger, agent_status, wait_for, workload_ip
 from prometheus_client.parser import text_string_to_metric_families
 
 from netns_lab import Lab, agents, inventory
-from netns_lab.wire import ping
+from netns_lab.wire import capture, count_packets, ping
 
 pytestmark = pytest.mark.lab
 
@@ -148,6 +149,28 @@ def test_metrics_are_served_and_parse(lab: Lab) -> None:
                                                         (("reason", "strict_ingress"),)}
     assert 0 < m["tfcrypt_svid_expiry_seconds"][()] <= 600
     assert m["tfcrypt_healthy"][()] == 1
+
+
+def test_sigkill_under_traffic_loses_no_packet_and_leaks_none(lab: Lab,
+                                                              tmp_path: Path) -> None:
+    src, dst = workload_ip(lab, "n1-w1"), workload_ip(lab, "n2-w1")
+    before = dataplane(lab, "n1")
+    pcap = tmp_path / "sigkill.pcap"
+    with capture(lab, pcap):
+        pinger = Pinger(lab, "n1-w1", dst, count=60, interval=0.05)
+        try:
+            time.sleep(0.5)
+            assert agents.stop_agent(lab, "n1", kill=True)
+            assert agents.status_socket(lab, "n1").exists()  # left behind by SIGKILL
+            agents.start_agent(lab, "n1")
+            wait_for("the restarted agent to be healthy", lambda: healthy(lab, "n1"))
+            sent, received = pinger.result()
+        finally:
+            pinger.kill()
+    assert (sent, received) == (60, 60)
+    assert count_packets(pcap, f"icmp and host {src} and host {dst}") == 0
+    assert count_packets(pcap, "udp port 51820") > 0
+    assert dataplane(lab, "n1") == before
 
 
 def test_sigterm_leaves_the_dataplane_and_a_new_agent_adopts_it_without_changes(
