@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
 
 from tfcrypt.core.compute import (
     AuditReport,
@@ -125,6 +126,8 @@ class ClassTable:
             w.key: workload_memberships(w, rules) for w in workloads if w.node == own_node}
         self._selectors: dict[str, frozenset[SelectorKey]] = {
             k: frozenset(self._selector(m) for m in s) for k, s in self.signature.items()}
+        self.selector_users: Counter[SelectorKey] = Counter(
+            chain.from_iterable(self._selectors.values()))
 
     def _selector(self, m: Membership) -> SelectorKey:
         endpoint, required = remote_selector(m, self._by_ref[(m.policy, m.rule)])
@@ -132,9 +135,10 @@ class ClassTable:
         return self.index.selector_key(endpoint, required)
 
     def local_changed(self, removed: Iterable[Workload], added: Iterable[Workload],
-                      claims: Claims) -> tuple[list[frozenset[str]], list[frozenset[str]]]:
-        """Re-sign the IPs of changed local workloads; return the sets of the classes that
-        appeared and of those that disappeared."""
+                      claims: Claims) -> tuple[set[SelectorKey], set[SelectorKey]]:
+        """Re-sign the IPs of changed local workloads; return the selectors that some class
+        started using and those that no class uses any more (a class set is the union of
+        its selectors' results, so only these can move the selected set)."""
         touched: set[str] = set()
         for w in removed:
             if w.node == self.own_node:
@@ -144,8 +148,8 @@ class ClassTable:
             if w.node == self.own_node:
                 self.members[w.key] = workload_memberships(w, self.rules)
                 touched.update(w.ips)
-        appeared: list[frozenset[str]] = []
-        gone: list[frozenset[str]] = []
+        appeared: set[SelectorKey] = set()
+        gone: set[SelectorKey] = set()
         for ip in touched:
             signature = frozenset().union(*(
                 self.members[w.key].get(ip, frozenset()) for w in claims.owners.get(ip, ())
@@ -155,17 +159,17 @@ class ClassTable:
                 self.users[old] -= 1
                 if not self.users[old]:
                     del self.users[old]
-                    gone.append(self._drop(old))
+                    gone |= self._drop(old)
             if signature:
                 key = self.key_of.get(signature)
                 if key is None:
-                    key = self._add(signature)
-                    appeared.append(self.class_peers[key])
+                    key, new = self._add(signature)
+                    appeared |= new
                 self.local_class[ip] = key
                 self.users[key] += 1
-        return appeared, gone
+        return appeared - gone, gone - appeared
 
-    def _add(self, signature: frozenset[Membership]) -> str:
+    def _add(self, signature: frozenset[Membership]) -> tuple[str, set[SelectorKey]]:
         key = class_key(signature)
         if key in self.signature:
             raise _Rebuild
@@ -174,12 +178,20 @@ class ClassTable:
         self.key_of[signature] = key
         self._selectors[key] = selectors
         self.class_peers[key] = union_of(self.index.result(s) for s in selectors)
-        return key
+        first = {s for s in selectors if not self.selector_users[s]}
+        self.selector_users.update(selectors)
+        return key, first
 
-    def _drop(self, key: str) -> frozenset[str]:
+    def _drop(self, key: str) -> set[SelectorKey]:
         del self.key_of[self.signature.pop(key)]
-        del self._selectors[key]
-        return self.class_peers.pop(key)
+        del self.class_peers[key]
+        released = set()
+        for s in self._selectors.pop(key):
+            self.selector_users[s] -= 1
+            if not self.selector_users[s]:
+                del self.selector_users[s]
+                released.add(s)
+        return released
 
     def remote_changed(self, changed: Mapping[SelectorKey, frozenset[str]], touched: set[str]
                        ) -> dict[str, frozenset[str]]:
@@ -263,6 +275,7 @@ class IncrementalCore:
         self._workloads: dict[str, Workload] = dict(snap.workloads)
         self._policies: dict[str, EncryptionPolicy] = dict(snap.policies)
         self._index = RemoteIndex(own, workloads)
+        self._index.update((), ())
         self._enforced = ClassTable(own, workloads,
                                     rules_of(snap.policies.values(), Mode.ENFORCE), self._index)
         audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
@@ -327,7 +340,7 @@ class IncrementalCore:
         appeared, gone = self._enforced.local_changed(removed, added, claims)
         for table in self._audit:
             table.local_changed(removed, added, claims)
-        flips |= self._class_sets_changed(appeared, gone)
+        flips |= self._selectors_changed(appeared, gone)
         dirty_nodes |= {n for ip in flips for n in claims.nodes_of(ip)}
         self._refresh_nodes(dirty_nodes)
         local_moved = any(w.node == self.own_node for w in (*removed, *added))
@@ -346,13 +359,16 @@ class IncrementalCore:
                 (self._selected.add if now else self._selected.discard)(y)
         return flips
 
-    def _class_sets_changed(self, appeared: list[frozenset[str]], gone: list[frozenset[str]]
-                            ) -> set[str]:
-        """After local changes: IPs that entered or left the selected set."""
+    def _selectors_changed(self, appeared: set[SelectorKey], gone: set[SelectorKey]
+                           ) -> set[str]:
+        """After local changes: IPs that entered or left the selected set (the union of
+        the results of the selectors some enforced class uses)."""
+        index = self._enforced.index
         flips: set[str] = set()
-        remaining = sorted(self._enforced.class_peers.values(), key=len, reverse=True)
-        for s in gone:
-            candidates: frozenset[str] | set[str] = s
+        if gone:
+            candidates: frozenset[str] | set[str] = union_of(index.result(s) for s in gone)
+            remaining = sorted((index.result(s) for s in self._enforced.selector_users),
+                               key=len, reverse=True)
             for other in remaining:
                 if not candidates:
                     break
@@ -360,7 +376,7 @@ class IncrementalCore:
             self._selected -= candidates
             flips |= candidates
         for s in appeared:
-            new = s - self._selected
+            new = index.result(s) - self._selected
             self._selected |= new
             flips |= new
         return flips
