@@ -111,12 +111,13 @@ def test_only_selected_pairs_cross_inside_wireguard(lab: Lab, tmp_path: Path) ->
 
 
 def kernel_state(lab: Lab, node: str) -> list[str]:
-    """What the agent owns in the kernel, without counters and handshake times."""
+    """What the agent owns in the kernel, without counters and handshake times (peers
+    sorted: wireguard-go lists them in Go map order)."""
     def run(*argv: str) -> str:
         return subprocess.run([*lab.exec_prefix(node), *argv], capture_output=True,
                               text=True, check=True).stdout
-    wg = [" ".join(f[:4]) for f in (line.split("\t") for line in
-                                    run("wg", "show", "tfcrypt0", "dump").splitlines())]
+    wg = sorted(" ".join(f[:4]) for f in (line.split("\t") for line in
+                                           run("wg", "show", "tfcrypt0", "dump").splitlines()))
     return [run("nft", "-s", "list", "table", "inet", "tfcrypt"), run("ip", "rule"),
             run("ip", "route", "show", "table", "29798"),
             run("ip", "route", "show", "table", "29799"), *wg]
