@@ -32,6 +32,7 @@ from tfcrypt.core.compute import (
     usable_records,
 )
 from tfcrypt.core.selection import (
+    ClaimMap,
     Membership,
     RemoteIndex,
     RuleRef,
@@ -58,18 +59,18 @@ class Claims:
     """Who claims each IP, kept current: conflicts, contested IPs and per-node IP lists."""
 
     def __init__(self, workloads: Iterable[Workload]) -> None:
-        self.owners: dict[str, list[Workload]] = {}
+        self.owners = ClaimMap()
         self.on_node: dict[str, dict[str, Workload]] = {}
         self.contested: set[str] = set()
         self.conflicts: dict[str, str] = {}
         for w in workloads:
             self.add(w)
-        self.refresh(self.owners)
+        self.refresh(self.owners.shared())
 
     def add(self, w: Workload) -> None:
         self.on_node.setdefault(w.node, {})[w.key] = w
         for ip in w.ips:
-            self.owners.setdefault(ip, []).append(w)
+            self.owners.add(ip, w)
 
     def remove(self, w: Workload) -> None:
         node = self.on_node[w.node]
@@ -77,15 +78,12 @@ class Claims:
         if not node:
             del self.on_node[w.node]
         for ip in w.ips:
-            owners = self.owners[ip]
-            owners.remove(w)
-            if not owners:
-                del self.owners[ip]
+            self.owners.remove(ip, w)
 
     def refresh(self, ips: Iterable[str]) -> None:
         """Recompute the conflict state of `ips` after adds and removes."""
         for ip in ips:
-            owners = self.owners.get(ip, ())
+            owners = self.owners.get(ip)
             if len(owners) > 1:
                 self.conflicts[ip] = conflict_text(ip, owners)
             else:
@@ -99,7 +97,7 @@ class Claims:
         return [ip for w in self.on_node.get(node, {}).values() for ip in w.ips]
 
     def nodes_of(self, ip: str) -> set[str]:
-        return {w.node for w in self.owners.get(ip, ())}
+        return {w.node for w in self.owners.get(ip)}
 
 
 class ClassTable:
@@ -152,7 +150,7 @@ class ClassTable:
         gone: set[SelectorKey] = set()
         for ip in touched:
             signature = frozenset().union(*(
-                self.members[w.key].get(ip, frozenset()) for w in claims.owners.get(ip, ())
+                self.members[w.key].get(ip, frozenset()) for w in claims.owners.get(ip)
                 if w.node == self.own_node))
             old = self.local_class.pop(ip, None)
             if old is not None:

@@ -155,6 +155,51 @@ def class_key(signature: Iterable[Membership]) -> str:
 SelectorKey = tuple[frozenset[tuple[str, str]], str | None]
 
 
+class ClaimMap:
+    """IP -> the workloads claiming it, without a container per IP.
+
+    Nearly every IP has one claimant; 110,000 one-element lists would be 110,000 more
+    objects for the cyclic garbage collector to walk on every full collection, which at
+    this scale costs more than building them. Extra claimants live in a small side map.
+    """
+
+    def __init__(self) -> None:
+        self._one: dict[str, Workload] = {}
+        self._more: dict[str, list[Workload]] = {}
+
+    def add(self, ip: str, w: Workload) -> None:
+        more = self._more.get(ip)
+        if more is not None:
+            more.append(w)
+        elif ip in self._one:
+            self._more[ip] = [self._one.pop(ip), w]
+        else:
+            self._one[ip] = w
+
+    def remove(self, ip: str, w: Workload) -> None:
+        more = self._more.get(ip)
+        if more is None:
+            del self._one[ip]
+            return
+        more.remove(w)
+        if len(more) == 1:
+            self._one[ip] = more[0]
+            del self._more[ip]
+
+    def get(self, ip: str) -> Sequence[Workload]:
+        one = self._one.get(ip)
+        return (one,) if one is not None else self._more.get(ip, ())
+
+    def __contains__(self, ip: str) -> bool:
+        return ip in self._one or ip in self._more
+
+    def shared(self) -> list[str]:
+        """IPs with more than one claimant."""
+        return list(self._more)
+
+
+
+
 class RemoteIndex:
     """The workloads of every node but one, indexed for `select`, optionally kept current.
 
@@ -183,10 +228,10 @@ class RemoteIndex:
         self._postings = {k: set(v) for k, v in lists.items()}
         flat = list(chain.from_iterable(w.ips for w in remote))
         self._all = set(flat)
-        self._claimants: dict[str, list[Workload]] | None = None
+        self._claimants: ClaimMap | None = None
         self._multi: set[str] = set()
         if len(flat) != len(self._all):
-            self._multi = {ip for ip, ws in self._claimant_map().items() if len(ws) > 1}
+            self._multi = set(self._claimant_map().shared())
         self._sorted: dict[int, tuple[list[int], list[str]]] | None = None
         self._cache: dict[SelectorKey, frozenset[str]] = {}
         self._networks: dict[str, Network] = {}
@@ -251,12 +296,12 @@ class RemoteIndex:
             return False
         return any(wanted <= w.tag_keys for w in claimants)
 
-    def _claimant_map(self) -> dict[str, list[Workload]]:
+    def _claimant_map(self) -> ClaimMap:
         if self._claimants is None:
-            self._claimants = {}
+            self._claimants = ClaimMap()
             for w in self._remote.values():
                 for ip in w.ips:
-                    self._claimants.setdefault(ip, []).append(w)
+                    self._claimants.add(ip, w)
         return self._claimants
 
     def _ips_in(self, network: Network) -> set[str]:
@@ -298,10 +343,9 @@ class RemoteIndex:
             del self._remote[w.key]
             touched.update(w.ips)
             for ip, addr in zip(w.ips, w.addresses, strict=True):
-                others = claimants[ip]
-                others.remove(w)
+                claimants.remove(ip, w)
+                others = claimants.get(ip)
                 if not others:
-                    del claimants[ip]
                     self._all.discard(ip)
                     self._sorted_remove(ip, addr)
                 for tag_key in w.tag_keys:
@@ -319,11 +363,11 @@ class RemoteIndex:
                 if ip not in claimants:
                     self._all.add(ip)
                     self._sorted_insert(ip, addr)
-                claimants.setdefault(ip, []).append(w)
+                claimants.add(ip, w)
                 for tag_key in w.tag_keys:
                     self._postings.setdefault(tag_key, set()).add(ip)
         for ip in touched:
-            if len(claimants.get(ip, ())) > 1:
+            if len(claimants.get(ip)) > 1:
                 self._multi.add(ip)
             else:
                 self._multi.discard(ip)
