@@ -31,6 +31,7 @@ from typing import Any
 from tfcrypt import metrics, status_view
 from tfcrypt.agent.dataplane import Dataplane
 from tfcrypt.agent.logs import change_summary
+from tfcrypt.agent.monitor import KernelScope, watch
 from tfcrypt.agent.nodekey import NodeKey, key_file_stamp, load_node_key
 from tfcrypt.agent.status_api import StatusServer
 from tfcrypt.config import AgentConfig
@@ -107,6 +108,8 @@ class Agent:
             tg.create_task(self._watch_key_file())
             tg.create_task(self._reconciler())
             tg.create_task(self.status_server.serve())
+            tg.create_task(watch(KernelScope.of(self.cfg.interface, self.cfg.route_table,
+                                                self.cfg.rule_priority), self._kernel_drift))
             if self._supervise is not None:
                 tg.create_task(self._supervise())
                 tg.create_task(self._follow_device_restarts())
@@ -198,6 +201,12 @@ class Agent:
             log.warning("wireguard device %s was restarted; re-applying", self.cfg.interface)
             self._causes.append("device restarted")
             self._dirty.set()
+
+    def _kernel_drift(self, why: str) -> None:
+        """A monitor saw our kernel objects change (by hand, or by our own apply)."""
+        if why not in self._causes:
+            self._causes.append(why)
+        self._dirty.set()
 
     async def _reconciler(self) -> None:
         while True:
