@@ -128,9 +128,7 @@ class ClassTable:
             chain.from_iterable(self._selectors.values()))
 
     def _selector(self, m: Membership) -> SelectorKey:
-        endpoint, required = remote_selector(m, self._by_ref[(m.policy, m.rule)])
-        self.index.select(endpoint, required)
-        return self.index.selector_key(endpoint, required)
+        return self.index.register(*remote_selector(m, self._by_ref[(m.policy, m.rule)]))
 
     def local_changed(self, removed: Iterable[Workload], added: Iterable[Workload],
                       claims: Claims) -> tuple[set[SelectorKey], set[SelectorKey]]:
@@ -191,7 +189,7 @@ class ClassTable:
                 released.add(s)
         return released
 
-    def remote_changed(self, changed: Mapping[SelectorKey, frozenset[str]], touched: set[str]
+    def remote_changed(self, changed: set[SelectorKey], touched: set[str]
                        ) -> dict[str, frozenset[str]]:
         """Apply changed selector results to the class sets; return the replaced sets by
         key. Classes with the same old set and the same change share the new set."""
@@ -273,7 +271,6 @@ class IncrementalCore:
         self._workloads: dict[str, Workload] = dict(snap.workloads)
         self._policies: dict[str, EncryptionPolicy] = dict(snap.policies)
         self._index = RemoteIndex(own, workloads)
-        self._index.update((), ())
         self._enforced = ClassTable(own, workloads,
                                     rules_of(snap.policies.values(), Mode.ENFORCE), self._index)
         audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
@@ -281,6 +278,7 @@ class IncrementalCore:
         self._audit_names = [p.name for p in audited]
         self._audit = [ClassTable(own, workloads, rules_of([p], Mode.AUDIT), self._index)
                        for p in audited]
+        self._index.track()
         self._claims = Claims(workloads)
         self._selected: set[str] = set(union_of(self._enforced.class_peers.values()))
         self._group_stats: dict[tuple[str | None, ...], tuple[tuple[int, ...], int]] = {}

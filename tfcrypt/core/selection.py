@@ -206,9 +206,8 @@ class RemoteIndex:
     Postings are sets of remote IPs keyed by (type, value) tuples, intersected in C: at
     100,000 workloads a Python-level test per candidate is the cost that matters. A
     selector's result is cached by (required tag keys, subnet), so rules sharing a
-    selector share the work and the frozenset. `update` applies workload changes and
-    rewrites only the cached results that the changed IPs enter or leave, returning the
-    previous ones: the incremental core needs both sides of the change.
+    selector share the work and the frozenset. After `track`, `update` applies workload
+    changes and edits in place the cached results the changed IPs enter or leave.
 
     Pitfalls: an IP claimed by two remote workloads sits in the postings of both; a
     multi-key selector re-checks such an IP against one claimant at a time. An IP claimed
@@ -233,7 +232,8 @@ class RemoteIndex:
         if len(flat) != len(self._all):
             self._multi = set(self._claimant_map().shared())
         self._sorted: dict[int, tuple[list[int], list[str]]] | None = None
-        self._cache: dict[SelectorKey, frozenset[str]] = {}
+        self._cache: dict[SelectorKey, frozenset[str] | set[str]] = {}
+        self._tracked = False
         self._networks: dict[str, Network] = {}
 
     @property
@@ -253,16 +253,32 @@ class RemoteIndex:
 
     def select(self, endpoint: Endpoint, required: Iterable[tuple[str, str]]) -> frozenset[str]:
         """Remote IPs y of workloads b with (b, y) in `endpoint` and `required` tags on b."""
-        return self._lookup(self.selector_key(endpoint, required))
+        return frozenset(self._lookup(self.selector_key(endpoint, required)))
 
-    def result(self, key: SelectorKey) -> frozenset[str]:
-        """The current result of a selector `select` has seen."""
+    def register(self, endpoint: Endpoint, required: Iterable[tuple[str, str]]) -> SelectorKey:
+        """Make sure the selector is cached (so `update` keeps it current); its key."""
+        key = self.selector_key(endpoint, required)
+        self._lookup(key)
+        return key
+
+    def result(self, key: SelectorKey) -> frozenset[str] | set[str]:
+        """The current result of a registered selector. Once `track` was called it is a
+        live set that later updates change in place: copy it to keep it."""
         return self._cache[key]
 
-    def _lookup(self, key: SelectorKey) -> frozenset[str]:
+    def track(self) -> None:
+        """Switch to incremental use: claimants mapped, selector results kept as live sets
+        changed in place by `update` (a change then costs its size, not the result's)."""
+        self._claimant_map()
+        self._tracked = True
+        for key, found in self._cache.items():
+            self._cache[key] = set(found)
+
+    def _lookup(self, key: SelectorKey) -> frozenset[str] | set[str]:
         found = self._cache.get(key)
         if found is None:
-            found = self._cache[key] = self._select(*key)
+            found = self._select(*key)
+            self._cache[key] = set(found) if self._tracked else found
         return found
 
     def _network(self, subnet: str | None) -> Network | None:
@@ -332,9 +348,9 @@ class RemoteIndex:
     # -- keeping the index current (the incremental core) ---------------------------------
 
     def update(self, removed: Iterable[Workload], added: Iterable[Workload]
-               ) -> tuple[set[str], dict[SelectorKey, frozenset[str]]]:
-        """Apply workload changes; return the IPs touched and the previous result of every
-        cached selector whose result changed. Local workloads are ignored."""
+               ) -> tuple[set[str], set[SelectorKey]]:
+        """Apply workload changes; return the IPs touched and the cached selectors whose
+        result changed. Local workloads are ignored."""
         claimants = self._claimant_map()
         touched: set[str] = set()
         for w in removed:
@@ -373,8 +389,8 @@ class RemoteIndex:
                 self._multi.discard(ip)
         return touched, self._refresh(touched)
 
-    def _refresh(self, touched: set[str]) -> dict[SelectorKey, frozenset[str]]:
-        previous: dict[SelectorKey, frozenset[str]] = {}
+    def _refresh(self, touched: set[str]) -> set[SelectorKey]:
+        changed: set[SelectorKey] = set()
         for key, old in list(self._cache.items()):
             wanted, subnet = key
             network = self._network(subnet)
@@ -382,10 +398,12 @@ class RemoteIndex:
             enter = now - old
             leave = (touched - now) & old
             if enter or leave:
-                previous[key] = old
-                new = old - leave if leave else old
-                self._cache[key] = new | enter if enter else new
-        return previous
+                changed.add(key)
+                live = old if isinstance(old, set) else set(old)
+                live -= leave
+                live |= enter
+                self._cache[key] = live
+        return changed
 
     def _sorted_insert(self, ip: str, addr: Address) -> None:
         if self._sorted is not None:
@@ -481,15 +499,15 @@ def remote_selector(m: Membership, rule: Rule) -> tuple[Endpoint, list[tuple[str
     return other, list(zip(rule.match_tags, m.values, strict=True))
 
 
-def union_of(sets: Iterable[frozenset[str]]) -> frozenset[str]:
-    """The union, returning the one set itself when all others are the same object, and
-    copying the largest set first (a C-level copy, cheaper than re-inserting it)."""
+def union_of(sets: Iterable[frozenset[str] | set[str]]) -> frozenset[str]:
+    """The union as a frozenset: the one set itself when all others are the same object,
+    else a copy of the largest set (a C-level copy, cheaper than re-inserting it) with
+    the others added."""
     distinct = sorted({id(s): s for s in sets}.values(), key=len, reverse=True)
     if not distinct:
         return _EMPTY
-    if len(distinct) == 1:
-        return distinct[0]
-    return distinct[0].union(*distinct[1:])
+    first = distinct[0] if isinstance(distinct[0], frozenset) else frozenset(distinct[0])
+    return first.union(*distinct[1:]) if len(distinct) > 1 else first
 
 
 def _unique_key(key: str, taken: Mapping[str, object]) -> str:
