@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -387,3 +388,33 @@ class Scenario:
                 failures.append(f"(d) never reported during the fault: {r.what} "
                                 f"(last error: {r.error or '-'})")
         assert not failures, f"{self.name}: " + "; ".join(failures) + f" | {res}"
+
+
+def wireguard_go_pid(lab: Lab, node: str) -> int | None:
+    """The wireguard-go running in `node`'s network namespace (found by namespace, not
+    by name alone: every node's wireguard-go has the same name)."""
+    out = run(lab, node, "sh", "-c",
+              "for p in /proc/[0-9]*; do "
+              "[ \"$(cat $p/comm 2>/dev/null)\" = wireguard-go ] && "
+              "[ \"$(readlink $p/ns/net)\" = \"$(readlink /proc/self/ns/net)\" ] "
+              "&& basename $p; done", check=False).stdout.split()
+    return int(out[0]) if out else None
+
+
+def agent_log(lab: Lab, node: str) -> Path:
+    rec = agents.running_agent(lab, node)
+    assert rec is not None, f"no agent running in {node}"
+    return Path(rec.log)
+
+
+def applied_at(lab: Lab, node: str, why: str, since: float) -> float | None:
+    """When `node`'s agent logged a dataplane change caused by `why` (e.g. "put
+    workloads/n1/n1-w3"), at or after `since` (unix seconds); None if not yet."""
+    for line in agent_log(lab, node).read_text(errors="replace").splitlines():
+        if "event=dataplane_changed" not in line or why not in line:
+            continue
+        with contextlib.suppress(ValueError, IndexError):
+            t = datetime.fromisoformat(line.split()[0]).timestamp()
+            if t >= since:
+                return t
+    return None

@@ -10,8 +10,11 @@ selection. Harness and its checks (a)-(d): tests/faults.py. Table: docs/faults.m
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -19,15 +22,20 @@ from conftest import running_lab
 from faults import (
     Flow,
     Scenario,
+    agent_log,
     lab_workloads,
     load_policies,
+    metrics,
     publish,
+    run,
     selected_pairs,
     status_json,
+    successes,
+    wireguard_go_pid,
 )
-from labtools import wait_for
+from labtools import etcdctl, wait_for, wg_peers
 
-from netns_lab import Lab, agents
+from netns_lab import Lab, agents, inventory
 
 pytestmark = pytest.mark.lab
 
@@ -97,4 +105,249 @@ def test_1_agent_restart_under_traffic(lab: Lab, tmp_path: Path, kill: bool) -> 
         agents.start_agent(lab, "n1")
         wait_for("the restarted agent healthy", lambda: healthy(lab, "n1"), timeout=30)
         sc.fault_ended()
+    print(sc.result)
+
+
+# ------------------------------------------------------------------ 2. the WireGuard device
+
+DEVICE_BOUND_S = 10.0
+MTU = 1420
+
+
+def peer_rx(lab: Lab, node: str, peer: str) -> float:
+    return metrics(lab, node)["tfcrypt_peer_received_bytes_total"][(("peer", peer),)]
+
+
+def device_reported(lab: Lab, rx_before: float) -> str | None:
+    """What n1's status or metrics show of a lost device: absent, unhealthy, or (after the
+    agent restarted it) the per-peer byte counter reset."""
+    doc = status_json(lab, "n1")[1]
+    if doc is not None and not doc["device_present"]:
+        return "status device_present false"
+    if doc is not None and not doc["health"]["healthy"]:
+        return f"status unhealthy: {doc['health']['reasons']}"
+    if peer_rx(lab, "n1", "n2") < rx_before:
+        return "metrics tfcrypt_peer_received_bytes_total{peer=n2} reset (device restarted)"
+    return None
+
+
+def device_repair_logged(lab: Lab, since: float) -> str | None:
+    """The agent's log line of the reconcile that repaired the device. Status shows the
+    repair only until the next reconcile (often a fraction of a second later)."""
+    log = agent_log(lab, "n1").read_text(errors="replace").splitlines()
+    return next((line for line in log if "event=dataplane_changed" in line and "wireguard:"
+                 in line and datetime.fromisoformat(line.split()[0]).timestamp() >= since),
+                None)
+
+
+def mtu_of(lab: Lab, node: str) -> int:
+    words = run(lab, node, "ip", "link", "show", "tfcrypt0").stdout.split()
+    return int(words[words.index("mtu") + 1])
+
+
+@pytest.mark.parametrize("fault", ["kill-wireguard-go", "link-del", "mtu"])
+def test_2_wireguard_device_faults(lab: Lab, tmp_path: Path, fault: str) -> None:
+    old_pid = wireguard_go_pid(lab, "n1")
+    assert old_pid is not None
+    with scenario(lab, tmp_path, fault, DEVICE_BOUND_S) as sc:
+        if fault == "mtu":
+            started = time.time()
+            sc.expect_report("agent log: a dataplane_changed event with WireGuard ops",
+                             lambda: device_repair_logged(lab, started))
+        else:
+            rx_before = peer_rx(lab, "n1", "n2")
+            sc.expect_report("device loss", lambda: device_reported(lab, rx_before))
+        sc.fault_started()
+        if fault == "kill-wireguard-go":
+            run(lab, "n1", "kill", "-9", str(old_pid))
+        elif fault == "link-del":
+            run(lab, "n1", "ip", "link", "del", "tfcrypt0")
+        else:
+            run(lab, "n1", "ip", "link", "set", "dev", "tfcrypt0", "mtu", "1300")
+        sc.wait_reported()
+        if fault == "mtu":
+            wait_for("the agent to restore the MTU", lambda: mtu_of(lab, "n1") == MTU)
+        else:
+            wait_for("a new wireguard-go", lambda: wireguard_go_pid(lab, "n1") not in
+                     (None, old_pid))
+        wait_for("n1 healthy", lambda: healthy(lab, "n1"))
+        sc.fault_ended()
+    assert mtu_of(lab, "n1") == MTU
+    print(sc.result)
+
+
+# ------------------------------------------------------------------ 3. etcd
+
+ETCD_BOUND_S = 10.0
+ETCD_OUTAGE_S = 20.0  # the issue says 60 s; shortened to keep the file within budget
+ETCD_IPS = ("10.77.0.2", "10.77.0.3", "10.77.0.4")
+
+
+def etcd_state(lab: Lab, node: str) -> dict[str, object]:
+    doc = status_json(lab, node)[1]
+    assert doc is not None
+    return doc["etcd"]
+
+
+def test_3a_one_etcd_member_of_three_killed(lab: Lab, tmp_path: Path) -> None:
+    before = {n: etcd_state(lab, n)["reconnects"] for n in NODES}
+    with scenario(lab, tmp_path, "etcd-member", ETCD_BOUND_S) as sc:
+        sc.expect_report("an agent saw its etcd connection break and reconnected", lambda: [
+            (n, st) for n in NODES if (st := etcd_state(lab, n))["reconnects"] > before[n]
+            or not st["connected"]])
+        sc.fault_started()
+        lab.etcd_stop(["e1"], kill=True)
+        sc.wait_reported()
+        lab.etcd_start(["e1"])
+        sc.fault_ended()
+    assert all(etcd_state(lab, n)["connected"] for n in NODES)
+
+
+def test_3b_all_etcd_members_stopped(lab: Lab, tmp_path: Path) -> None:
+    with scenario(lab, tmp_path, "etcd-all", ETCD_BOUND_S) as sc:
+        sc.expect_report("both agents: etcd connected false", lambda: all(
+            not etcd_state(lab, n)["connected"] for n in NODES))
+        sc.fault_started()
+        lab.etcd_stop(["e1", "e2", "e3"])
+        down_at = time.monotonic()
+        sc.wait_reported()
+        time.sleep(max(0.0, ETCD_OUTAGE_S - (time.monotonic() - down_at)))
+        lab.etcd_start(["e1", "e2", "e3"])
+        wait_for("both agents reconnected", lambda: all(
+            etcd_state(lab, n)["connected"] for n in NODES), timeout=30)
+        sc.fault_ended()
+
+
+CUT_TABLE = "faultcut"
+
+
+def cut_etcd(lab: Lab, node: str) -> None:
+    """Partition `node` from etcd: refuse new connections to the members with a reset and
+    kill the established ones (its own nftables table, removed by `heal_etcd`)."""
+    ips = ", ".join(ETCD_IPS)
+    script = (f"table inet {CUT_TABLE} {{\n chain out {{\n"
+              "  type filter hook output priority 0;\n"
+              f"  ip daddr {{ {ips} }} tcp dport 2379 reject with tcp reset\n }}\n}}\n")
+    subprocess.run([*lab.exec_prefix(node), "nft", "-f", "-"], input=script, text=True,
+                   check=True, capture_output=True, timeout=30)
+    for ip in ETCD_IPS:
+        run(lab, node, "ss", "-K", "dst", ip, "dport", "=", "2379", check=False)
+
+
+def heal_etcd(lab: Lab, node: str) -> None:
+    run(lab, node, "nft", "delete", "table", "inet", CUT_TABLE, check=False)
+
+
+def etcd_revision(lab: Lab) -> int:
+    return int(json.loads(etcdctl(lab, "get", "/tfcrypt", "-w", "json"))["header"]["revision"])
+
+
+def converged(lab: Lab, tags: dict[str, list[str]]) -> bool:
+    want = len(selected_pairs(lab_workloads(lab, tags), load_policies(POLICIES)))
+    docs = [status_json(lab, n)[1] for n in NODES]
+    return all(d is not None and d["selected_pairs"] == want and d["workloads"] == len(tags)
+               for d in docs)
+
+
+def test_3c_compaction_while_one_agent_is_cut_from_etcd(lab: Lab, tmp_path: Path) -> None:
+    relists = etcd_state(lab, "n2")["relists"]
+    changed = {**TAGS, "n2-w3": ["application=payments"]}
+    with scenario(lab, tmp_path, "etcd-compact", ETCD_BOUND_S) as sc:
+        sc.expect_report("n2: etcd connected false", lambda: not etcd_state(lab, "n2")["connected"])
+        sc.fault_started()
+        try:
+            cut_etcd(lab, "n2")
+            sc.wait_reported()
+            inventory.set_workload(lab, "n2-w3", changed["n2-w3"])
+            wait_for("n1 to apply the change", lambda: status_json(lab, "n1")[1][
+                "selected_pairs"] == len(selected_pairs(lab_workloads(lab, changed),
+                                                        load_policies(POLICIES))))
+            etcdctl(lab, "compact", str(etcd_revision(lab)))
+            assert not etcd_state(lab, "n2")["connected"]
+        finally:
+            heal_etcd(lab, "n2")
+        wait_for("n2 to relist and see the change", lambda: converged(lab, changed)
+                 and etcd_state(lab, "n2")["relists"] > relists, timeout=30)
+        sc.set_selected(selected_pairs(lab_workloads(lab, changed), load_policies(POLICIES)))
+        sc.fault_ended()
+    inventory.set_workload(lab, "n2-w3", TAGS["n2-w3"])
+    wait_for("the inventory restored", lambda: converged(lab, TAGS))
+
+
+# ------------------------------------------------------------------ 4. Workload API / SVID
+
+SVID_TTL_S = 20
+SVID_BOUND_S = 20.0
+
+
+def svid_left(lab: Lab, node: str) -> float:
+    doc = status_json(lab, node)[1]
+    assert doc is not None and doc["svid_expires"]
+    return datetime.fromisoformat(doc["svid_expires"]).timestamp() - time.time()
+
+
+def svid_expired_reported(lab: Lab, node: str) -> list[str] | None:
+    rc, doc = status_json(lab, node)
+    if rc == 1 and doc is not None and any("svid" in r.lower() for r in doc["health"]["reasons"]):
+        return doc["health"]["reasons"]
+    return None
+
+
+def restart_workload_api(lab: Lab, ttl: int) -> None:
+    lab.svid_ttl = ttl
+    lab.workload_api_stop()
+    lab.workload_api_start()
+
+
+def test_4_workload_api_down_until_the_svid_expires(lab: Lab, tmp_path: Path) -> None:
+    long_ttl = lab.svid_ttl
+    restart_workload_api(lab, SVID_TTL_S)
+    restored = False
+    try:
+        wait_for("both agents to hold a short SVID", lambda: all(
+            svid_left(lab, n) <= SVID_TTL_S + 1 for n in NODES), timeout=30)
+        wait_for("both agents healthy", lambda: all_healthy(lab), timeout=30)
+        with scenario(lab, tmp_path, "svid-expiry", SVID_BOUND_S) as sc:
+            for node in NODES:
+                sc.expect_report(f"{node}: unhealthy, SVID expired",
+                                 lambda n=node: svid_expired_reported(lab, n))
+            sc.fault_started()
+            lab.workload_api_stop()
+            sc.wait_reported(timeout=SVID_TTL_S + 30)
+            restart_workload_api(lab, long_ttl)
+            restored = True
+            wait_for("both agents healthy", lambda: all_healthy(lab), timeout=60)
+            sc.fault_ended()
+        print(sc.result)
+    finally:
+        if not restored:
+            restart_workload_api(lab, long_ttl)
+
+
+# ------------------------------------------------------------------ 5. a peer's lease lapses
+
+LEASE_TTL_S = 15
+LEASE_BOUND_S = 15.0
+
+
+def test_5_peer_agent_gone_longer_than_its_lease(lab: Lab, tmp_path: Path) -> None:
+    n2_key = status_json(lab, "n2")[1]["public_key"]  # type: ignore[index]
+    with scenario(lab, tmp_path, "lease", LEASE_BOUND_S) as sc:
+        sc.expect_report("n1: n2 missing, unhealthy", lambda: (
+            (d := status_json(lab, "n1")[1]) is not None and "n2" in d["missing_peers"]
+            and not d["health"]["healthy"] and d["health"]["reasons"]))
+        sc.fault_started()
+        assert agents.stop_agent(lab, "n2")
+        sc.wait_reported(timeout=LEASE_TTL_S + 30)
+        missing_at = time.time()
+        assert n2_key not in wg_peers(lab, "n1"), "n2 is still a peer of n1"
+        time.sleep(3)
+        dropped_until = time.time()
+        agents.start_agent(lab, "n2")
+        wait_for("both agents healthy", lambda: all_healthy(lab), timeout=30)
+        sc.fault_ended()
+    passed = {f"{s}->{d} {p}": n for s, d in ((SELECTED.a, SELECTED.b), (SELECTED.b, SELECTED.a))
+              for p, times in successes(sc.log_of(s, d)).items()
+              if (n := sum(1 for t in times if missing_at + 1 <= t <= dropped_until))}
+    assert not passed, f"selected traffic crossed while n2 had no verified record: {passed}"
     print(sc.result)
