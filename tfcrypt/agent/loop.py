@@ -35,11 +35,12 @@ from tfcrypt.agent.monitor import KernelScope, watch
 from tfcrypt.agent.nodekey import NodeKey, key_file_stamp, load_node_key
 from tfcrypt.agent.status_api import StatusServer
 from tfcrypt.config import AgentConfig
-from tfcrypt.core.compute import Desired, Snapshot, compute
+from tfcrypt.core.compute import Desired, Snapshot
+from tfcrypt.core.incremental import IncrementalCore
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
 from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
 from tfcrypt.identity.view import VerifiedView
-from tfcrypt.model.families import families
+from tfcrypt.model.families import WORKLOADS, families
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
@@ -74,6 +75,9 @@ class Agent:
         self.listed = False
         self.node_key: NodeKey | None = None
         self.desired: Desired | None = None
+        self.core = IncrementalCore(cfg.node_name)
+        # workload keys changed since the last reconcile; None = unknown, diff everything
+        self._changed_workloads: set[str] | None = None
         self.last_reconcile: dict[str, Any] = {}
         self._dirty = asyncio.Event()
         self._publish_needed = asyncio.Event()
@@ -129,7 +133,8 @@ class Agent:
                 trust_domain=update.trust_domain,
                 node_id_template=self.cfg.node_id_template,
                 controller_ids=self.cfg.controller_ids)
-            self.view.set_trust(TrustBundles(update.bundles), authorizer, _utcnow())
+            if self.view.set_trust(TrustBundles(update.bundles), authorizer, _utcnow()):
+                self._changed_workloads = None  # everything was verified again
             self._publish_needed.set()
             self._dirty.set()
 
@@ -139,21 +144,29 @@ class Agent:
             match event:
                 case Listed(items=items):
                     self.view.replace_all({k: i.value for k, i in items.items()}, now)
+                    self._changed_workloads = None  # anything may have changed
                     self.listed = True
                     self._causes.append("etcd listed")
                     self._publish_needed.set()  # our record may have vanished meanwhile
                 case Put(rel_key=key, value=value):
                     self.view.put(key, value, now)
+                    self._note_changed(key)
                     self._causes.append(f"put {key}")
                     if key == self._own_key and value != self._published:
                         log.warning("%s was overwritten by someone else; republishing", key)
                         self._publish_needed.set()
                 case Deleted(rel_key=key):
                     self.view.delete(key)
+                    self._note_changed(key)
                     self._causes.append(f"deleted {key}")
                     if key == self._own_key:
                         self._publish_needed.set()
             self._dirty.set()
+
+    def _note_changed(self, key: str) -> None:
+        """Tell the incremental core which workload keys an event touched."""
+        if key.startswith(WORKLOADS) and self._changed_workloads is not None:
+            self._changed_workloads.add(key)
 
     async def _publisher(self) -> None:
         """Publish our signed record whenever the SVID, the key or etcd's view changes."""
@@ -240,7 +253,8 @@ class Agent:
         started = time.monotonic()
         now = _utcnow()
         self.view.expire(now)
-        desired = compute(self.snapshot())
+        changed, self._changed_workloads = self._changed_workloads, set()
+        desired = self.core.update(self.snapshot(), changed)
         if self.desired is None or desired.conflicts != self.desired.conflicts:
             for conflict in desired.conflicts:
                 log.warning("inventory conflict: %s", conflict)
