@@ -597,11 +597,12 @@ def test_9_a_hand_deleted_ip_rule_is_repaired_within_a_second_and_nothing_leaks(
 # ---------------------------------------------------------------- 10. burst
 
 GHOSTS = 50
+CHURN = 50
 
 
 def burst_plan(lab: Lab) -> tuple[list[dict[str, Any]], list[Workload], list[EncryptionPolicy]]:
     """1,000 controller writes: 50 ghost workloads on n3 flipping between payments and web
-    10 times each, 10 policies rewritten 45 times each, n1-w1 and n2-w1 rewritten 25 times
+    10 times each, 50 policies rewritten 9 times each, n1-w1 and n2-w1 rewritten 25 times
     each with tags that keep them selected. Returns the plan and the final inventory."""
     base = int(time.time() * 1000) + 60_000
     ips = {w["name"]: w["ip"] for w in lab.status()["workloads"]}
@@ -615,8 +616,8 @@ def burst_plan(lab: Lab) -> tuple[list[dict[str, Any]], list[Workload], list[Enc
                          frozenset({f"application={app}"}))
             plan.append({"key": w.key, "payload": w.to_payload(epoch=base + i, issued_at=0)})
             final_wls[w.name] = w
-    for i in range(45):
-        for k in range(10):
+    for i in range(9):
+        for k in range(CHURN):
             pol = policy_from_document({
                 "apiVersion": "tfcrypt.io/v1alpha1", "kind": "EncryptionPolicy",
                 "metadata": {"name": f"churn-{k}"}, "spec": {"mode": "enforce", "rules": [
@@ -656,14 +657,14 @@ def test_10_a_burst_of_1000_updates_coalesces_converges_and_never_leaks(
         sc.fault_ended()
     done = {n: reconciles(lab, n) - before[n] for n in NODES}
     print(f"burst: {wrote}, reconciles per node {done}; {sc.result}")
-    assert wrote["seconds"] < 5, wrote
+    assert wrote["seconds"] < 2, wrote
     for n in NODES:
         assert done[n] < len(plan) / 5, f"{n} reconciled {done[n]} times for 1,000 updates"
         assert status(lab, n)["selected_pairs"] == sum(
             1 for p in selected_pairs(final_wls, final_pols)
             if n in {w.node for w in final_wls if set(w.ips) & p})
     cleanup = [{"key": f"workloads/n3/ghost-{j}", "delete": True} for j in range(GHOSTS)]
-    cleanup += [{"key": f"policies/churn-{k}", "delete": True} for k in range(10)]
+    cleanup += [{"key": f"policies/churn-{k}", "delete": True} for k in range(CHURN)]
     write_plan(lab, tmp_path, cleanup)
 
 
@@ -672,18 +673,19 @@ def test_10_a_burst_of_1000_updates_coalesces_converges_and_never_leaks(
 @pytest.mark.lab
 def test_11_a_running_agent_survives_a_burst_of_garbage(settled: Lab, tmp_path: Path) -> None:
     lab = settled
-    keys = st.sampled_from(sorted(VALID_PAYLOADS))
-    values: list[tuple[str, bytes]] = []
-    seen: set[bytes] = set()
-    while len(values) < 300:
-        key = keys.example()
-        value = hostile_value(key).example()
-        if value in seen:
-            continue
-        seen.add(value)
-        family = key.partition("/")[0]
-        values.append((f"{family}/g{len(values)}" if family != "workloads"
-                       else f"workloads/n3/g{len(values)}", value))
+    drawn: dict[bytes, str] = {}
+
+    @settings(max_examples=400, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def draw(data: st.DataObject) -> None:
+        key = data.draw(FAMILY_KEYS)
+        drawn.setdefault(data.draw(hostile_value(key)), key.partition("/")[0])
+
+    draw()
+    values = [(f"workloads/n3/g{i}" if family == "workloads" else f"{family}/g{i}", value)
+              for i, (value, family) in enumerate(list(drawn.items())[:300])]
+    assert len(values) >= 200
     before_state = kernel_state(lab, "n1")
     before = {n: sum(status(lab, n)["rejected"].values()) for n in ("n1", "n3")}
     wrote = write_plan(lab, tmp_path, [{"key": k, "raw": raw(v)} for k, v in values])
