@@ -35,12 +35,13 @@ from tfcrypt.dataplane.delta import DeltaTracker, Plan
 from tfcrypt.dataplane.nft_json import Nft, NftError, NftUnreadable
 from tfcrypt.dataplane.nft_model import (
     FAMILY,
+    LOCAL_MAPS,
     TABLE,
+    DesiredTable,
     Json,
     NftDesired,
     TableState,
     counter_values,
-    desired_table,
     parse_listing,
 )
 from tfcrypt.dataplane.routes import ApplyReport, ItemError
@@ -48,6 +49,8 @@ from tfcrypt.dataplane.routes import ApplyReport, ItemError
 log = logging.getLogger(__name__)
 
 Key = tuple[str, ...]
+_Planned = tuple[list[Json], TableState, TableState, Plan[Key, object]]
+"""(commands, want, have, plan) of one apply."""
 _ERROR_KEY = f"table {FAMILY} {TABLE}"
 
 
@@ -139,80 +142,140 @@ def build_transaction(want: TableState, have: TableState, plan: Plan[Key, object
 class NftManager:
     """Reconciles `table inet tfcrypt` with an `NftDesired`.
 
+    Full and incremental applies (after Felix: apply deltas, resync periodically):
+    - `apply(full=True)` lists the table and diffs everything: drift is seen and repaired.
+      The first apply, the one after a failed list or transaction, and after `remove()`
+      are always full, whatever the caller asks.
+    - `apply()` plans against the last known actual state (what was listed, plus what was
+      committed since) and diffs elements only of the sets whose desired members changed
+      since the last success, plus the skeleton (chains, rules, local maps): it costs the
+      change, not the table. Drift made by hand is not seen until the next full apply.
+    - If the incremental plan must delete a rule this manager created since the last listing
+      (its kernel handle is unknown), the apply lists first, i.e. becomes full.
+
     Pitfalls:
     - nft refuses to add a map element whose key exists with another verdict (EEXIST): a
       local address moving to another class is a delete and an add of that one element.
     - Rule expressions are not compared (nft prints them normalised); the comment carries a
       hash of the expression we emitted, so a rule someone edited in place keeping our
-      comment is not detected. Rules without our comment are removed.
+      comment is not detected. Rules without our comment are removed (on a full apply).
     - Counters live in the kernel: a rebuild (only for a damaged table) resets them.
     """
 
     def __init__(self, nft: Nft) -> None:
         self._nft = nft
-        self._desired: NftDesired | None = None
-        self._want: TableState | None = None
-        self._tracker: DeltaTracker[Key, object] = DeltaTracker()
+        self._table = DesiredTable()
+        self._actual = TableState()
+        self._known = False
+        self._dirty: set[str] = set()
         self._lock = asyncio.Lock()
         self.last_transaction: list[Json] = []
+        self.last_full = False
 
     def __repr__(self) -> str:
-        classes = 0 if self._want is None else len(list(class_keys(self._want)))
+        classes = 0 if self.desired is None else len(list(class_keys(self._table.state)))
         return f"NftManager(nft={self._nft!r}, classes={classes}, pending={len(self.pending)})"
 
     def set_desired(self, desired: NftDesired) -> None:
-        """Record intent (no I/O); raises ConfigError for input that cannot be nft names."""
-        want = desired_table(desired)
-        self._desired, self._want = desired, want
-        self._tracker.set_desired(want.items())
+        """Record intent (no I/O; costs the classes that changed); raises ConfigError for
+        input that cannot be nft names, and then keeps the previous intent."""
+        self._dirty |= self._table.update(desired)
 
     @property
     def desired(self) -> NftDesired | None:
-        return self._desired
+        return self._table.desired
 
     @property
     def pending(self) -> frozenset[Key]:
-        """Objects whose kernel state differed from desired after the last apply."""
-        if self._want is None:
+        """What differs between desired and the last known actual state (after a failed
+        apply: what that apply tried to do)."""
+        if self.desired is None:
             return frozenset()
-        plan = self._tracker.plan()
+        sets = self._dirty | set(LOCAL_MAPS) if self._known else None
+        plan = self._diff(self._table.state, self._actual, sets)
         return frozenset(plan.upserts) | plan.deletions
 
-    async def apply(self) -> ApplyReport:
+    async def apply(self, full: bool = False) -> ApplyReport:
+        """Bring the table to the desired state and return the number of commands sent.
+
+        `full=True` lists the kernel table and diffs all of it (periodic resync, monitor
+        events); the default plans against the last known state, and is full anyway when
+        that state cannot be trusted (first apply, after a failure)."""
         async with self._lock:
-            if self._want is None:
+            if self.desired is None:
                 return ApplyReport(0)
-            want = self._want
-            try:
-                listing = await self._nft.list_table()
-                have = None if listing is None else parse_listing(listing)
-            except NftUnreadable as exc:
-                have = TableState(foreign=[str(exc)])
-            except NftError as exc:
-                return self._failed(f"list: {exc}")
-            commands = self._plan(want, have)
+            planned = None
+            if self._known and not full:
+                planned = self._incremental_plan()
+            self.last_full = planned is None
+            if planned is None:
+                self._known = False
+                try:
+                    listing = await self._nft.list_table()
+                    have = (TableState() if listing is None
+                            else parse_listing(listing, self._table.canonical))
+                except NftUnreadable as exc:
+                    have, listing = TableState(foreign=[str(exc)]), {}
+                except NftError as exc:
+                    return self._failed(f"list: {exc}")
+                planned = self._full_plan(have, absent=listing is None)
+            commands, want, have, plan = planned
             self.last_transaction = commands
-            if not commands:
-                return ApplyReport(0)
-            try:
-                await asyncio.shield(self._nft.run(commands))
-            except NftError as exc:
-                return self._failed(str(exc))
-            self._tracker.load_actual(want.items().items())
+            dirty, self._dirty = self._dirty, set()
+            if commands:
+                try:
+                    await asyncio.shield(self._nft.run(commands))
+                except NftError as exc:
+                    self._known = False
+                    self._dirty |= dirty
+                    return self._failed(str(exc))
+            self._actual, self._known = _committed(have, want, plan), True
             return ApplyReport(len(commands))
 
-    def _plan(self, want: TableState, have: TableState | None) -> list[Json]:
+    def _incremental_plan(self) -> _Planned | None:
+        """Commands against the last known state, or None when a full listing is needed."""
+        want, have = self._table.state, self._actual
+        plan = self._diff(want, have, self._dirty | set(LOCAL_MAPS))
+        dead = {k[1] for k in plan.deletions if k[0] == "chain"}
+        if not all((k[1], k[2]) in have.rule_handles for k in plan.deletions
+                   if k[0] == "rule" and k[1] not in dead):
+            return None
+        return build_transaction(want, have, plan), want, have, plan
+
+    def _full_plan(self, have: TableState, absent: bool) -> _Planned:
+        want = self._table.state
         prefix: list[Json] = []
-        if have is None:
+        if absent:
             prefix = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
-            have = TableState()
         elif reasons := _needs_rebuild(want, have):
             log.warning("nftables: rebuilding table %s %s: %s", FAMILY, TABLE, "; ".join(reasons))
             prefix = [{"delete": {"table": {"family": FAMILY, "name": TABLE}}},
                       {"add": {"table": {"family": FAMILY, "name": TABLE}}}]
             have = TableState()
-        self._tracker.load_actual(have.items().items())
-        return prefix + build_transaction(want, have, self._tracker.plan())
+        self._actual = have
+        plan = self._diff(want, have, None)
+        return prefix + build_transaction(want, have, plan), want, have, plan
+
+    @staticmethod
+    def _diff(want: TableState, have: TableState, sets: set[str] | None) -> Plan[Key, object]:
+        """The plan: skeleton objects always; elements of `sets` only (None: every set)."""
+        tracker: DeltaTracker[Key, object] = DeltaTracker()
+        tracker.set_desired(want.items(()))
+        tracker.load_actual(have.items(()).items())
+        plan = tracker.plan()
+        upserts, deletions = dict(plan.upserts), set(plan.deletions)
+        names = want.elements.keys() | have.elements.keys() if sets is None else sets
+        for name in names:
+            w, h = want.elements.get(name), have.elements.get(name, {})
+            if w is None:
+                deletions.update(("element", name, ip) for ip in h)
+                continue
+            upserts.update((("element", name, ip), ("to", w[ip])) for ip in w.keys() - h.keys())
+            deletions.update(("element", name, ip) for ip in h.keys() - w.keys())
+            if want.sets[name].map:
+                upserts.update((("element", name, ip), ("to", t)) for ip, t in w.items()
+                               if ip in h and h[ip] != t)
+        return Plan(upserts, frozenset(deletions))
 
     def _failed(self, message: str) -> ApplyReport:
         log.warning("nftables: %s: %s", _ERROR_KEY, message)
@@ -226,8 +289,8 @@ class NftManager:
     async def remove(self) -> ApplyReport:
         """Delete the whole table (uninstall) and forget the desired state."""
         async with self._lock:
-            self._desired = self._want = None
-            self._tracker = DeltaTracker()
+            self._table = DesiredTable()
+            self._actual, self._known, self._dirty = TableState(), False, set()
             try:
                 if await self._nft.list_table() is None:
                     return ApplyReport(0)
@@ -237,6 +300,51 @@ class NftManager:
             except NftError as exc:
                 return self._failed(str(exc))
             return ApplyReport(1)
+
+
+def _committed(have: TableState, want: TableState, plan: Plan[Key, object]) -> TableState:
+    """`have` after the transaction for `plan` succeeded (mutated in place: O(plan)).
+
+    Rules created here have no known handle; stray rules and foreign objects are gone."""
+    dead_sets = {k[1] for k in plan.deletions if k[0] == "set"}
+    dead_chains = {k[1] for k in plan.deletions if k[0] == "chain"}
+    for key in plan.deletions:
+        kind, name = key[0], key[1]
+        if kind == "counter":
+            have.counters.discard(name)
+        elif kind == "set":
+            have.sets.pop(name, None)
+            have.elements.pop(name, None)
+        elif kind == "chain":
+            have.chains.pop(name, None)
+        elif kind == "element" and name not in dead_sets:
+            have.elements.get(name, {}).pop(key[2], None)
+            have.raw_elements.pop((name, key[2]), None)
+        elif kind == "rule":
+            have.rules.pop((name, key[2]), None)
+            have.rule_handles.pop((name, key[2]), None)
+        have.handles.pop((kind, name), None)
+    for chain, comment in [k for k in have.rules if k[0] in dead_chains]:
+        have.rules.pop((chain, comment))
+        have.rule_handles.pop((chain, comment), None)
+    if dead_sets:
+        have.raw_elements = {k: v for k, v in have.raw_elements.items() if k[0] not in dead_sets}
+    for key in plan.upserts:
+        kind, name = key[0], key[1]
+        if kind == "counter":
+            have.counters.add(name)
+        elif kind == "set":
+            have.sets[name] = want.sets[name]
+            have.elements.setdefault(name, {})
+        elif kind == "chain":
+            have.chains[name] = want.chains[name]
+        elif kind == "element":
+            have.elements.setdefault(name, {})[key[2]] = want.elements[name][key[2]]
+            have.raw_elements.pop((name, key[2]), None)
+        elif kind == "rule":
+            have.rules[(name, key[2])] = want.rules[(name, key[2])]
+    have.stray_rules, have.foreign = [], []
+    return have
 
 
 def class_keys(state: TableState) -> Iterable[str]:
