@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator
@@ -302,6 +303,137 @@ def test_counters_and_repr() -> None:
     assert repr(manager) == "NftManager(nft=FakeNft(table=present), classes=2, pending=0)"
 
 
+class CountingNft(FakeNft):
+    """FakeNft that counts listings; `during_run` is called inside the next transaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lists = 0
+        self.during_run: Callable[[], None] | None = None
+
+    async def list_table(self) -> dict[str, Any] | None:
+        self.lists += 1
+        return await super().list_table()
+
+    async def run(self, commands: list[dict[str, Any]]) -> None:
+        if self.during_run is not None:
+            hook, self.during_run = self.during_run, None
+            await asyncio.sleep(0)
+            hook()
+        await super().run(commands)
+
+
+def counted(d: NftDesired) -> tuple[CountingNft, NftManager]:
+    fake = CountingNft()
+    manager = NftManager(fake)
+    manager.set_desired(d)
+    assert run(manager.apply()).ok and manager.last_full
+    return fake, manager
+
+
+def test_incremental_apply_sends_the_changed_element_without_listing() -> None:
+    fake, manager = counted(desired())
+    assert fake.lists == 1
+
+    assert run(manager.apply()).ops == 0 and not manager.last_full
+    assert run(manager.apply(full=True)).ops == 0 and manager.last_full
+    assert fake.lists == 2
+    one = reapply(manager, desired(peers={"ca": {"10.2.0.1", "10.2.0.2", "fd00:2::1",
+                                                 "10.2.0.3"}, "cb": {"10.3.0.1"}}))
+
+    assert one == [{"add": {"element": {"family": "inet", "table": "tfcrypt",
+                                        "name": "ca_v4", "elem": ["10.2.0.3"]}}}]
+    assert fake.lists == 2 and not manager.last_full
+    assert run(manager.apply()).ops == 0 and run(manager.apply(full=True)).ops == 0
+
+
+def test_a_failed_transaction_makes_the_next_apply_list_again() -> None:
+    fake, manager = counted(desired())
+    fake.fail_next = "Error: Could not process rule: No buffer space available"
+    manager.set_desired(desired(peers={"ca": {"10.2.0.1"}, "cb": {"10.3.0.1"}}))
+
+    assert not run(manager.apply()).ok and fake.lists == 1
+    fake.table["sets"]["cb_v4"]["elem"].clear()  # type: ignore[index]
+    assert run(manager.apply()).ok
+
+    assert manager.last_full and fake.lists == 2
+    assert sorted(what(c) for c in manager.last_transaction) == [
+        ("add", "element", "cb_v4"), ("delete", "element", "ca_v4"),
+        ("delete", "element", "ca_v6")]
+    assert parse_listing(fake.listing()).items() == desired_table(
+        desired(peers={"ca": {"10.2.0.1"}, "cb": {"10.3.0.1"}})).items()
+
+
+def test_replacing_a_rule_created_since_the_last_listing_lists_first() -> None:
+    fake, manager = counted(desired())
+
+    audit = [what(c) for c in reapply(manager, desired(enforce=False))]
+
+    assert fake.lists == 2 and manager.last_full
+    assert {(v, k) for v, k, _ in audit} == {("add", "rule"), ("delete", "rule")}
+    assert reapply(manager, desired(enforce=False)) == [] and fake.lists == 2
+
+
+def test_an_address_spelled_two_ways_stays_while_one_spelling_remains() -> None:
+    _, manager = counted(desired(peers={"ca": {"fd00:2::9", "fd00:2:0::9"}}))
+
+    assert reapply(manager, desired(peers={"ca": {"fd00:2:0::9"}})) == []
+    assert reapply(manager, desired(peers={"ca": {"fd00:2:0::9", "10.2.0.1"}})) == [
+        {"add": {"element": {"family": "inet", "table": "tfcrypt", "name": "ca_v4",
+                             "elem": ["10.2.0.1"]}}}]
+    assert [what(c) for c in reapply(manager, desired(peers={"ca": {"10.2.0.1"}}))] == [
+        ("delete", "element", "ca_v6")]
+    assert run(manager.apply(full=True)).ops == 0
+
+
+def test_refused_desired_state_keeps_the_previous_one() -> None:
+    _, manager = counted(desired())
+    before = manager.desired
+
+    with pytest.raises(ConfigError, match="address"):
+        manager.set_desired(desired(peers={"ca": {"10.2.0.1", "10.2.0.300"}, "cb": set()}))
+
+    assert manager.desired is before
+    assert run(manager.apply()).ops == 0 and manager.pending == frozenset()
+
+
+def test_intent_recorded_during_a_transaction_is_applied_by_the_next_apply() -> None:
+    fake, manager = counted(desired())
+    later = desired(peers={"ca": {"10.2.0.1", "10.2.0.2", "fd00:2::1"}, "cb": {"10.3.0.9"}})
+    fake.during_run = lambda: manager.set_desired(later)
+    manager.set_desired(desired(peers={"ca": {"10.2.0.1"}, "cb": {"10.3.0.1"}}))
+
+    assert run(manager.apply()).ok
+    assert ("element", "cb_v4", "10.3.0.9") in manager.pending
+    run(manager.apply())
+
+    assert parse_listing(fake.listing()).items() == desired_table(later).items()
+    assert fake.lists == 1 and run(manager.apply(full=True)).ops == 0
+
+
+def _random_desired(rng: random.Random) -> NftDesired:
+    keys = rng.sample(["ca", "cb", "cc", "cd"], rng.randint(0, 4))
+    local = {f"10.1.0.{i}": rng.choice(keys) for i in range(1, 4)} if keys else {}
+    if keys and rng.random() < 0.5:
+        local["fd00:1::1"] = rng.choice(keys)
+    pool = [f"10.2.0.{i}" for i in range(1, 7)] + [f"fd00:2::{i}" for i in range(1, 4)]
+    peers = {k: set(rng.sample(pool, rng.randint(0, 4))) for k in keys if rng.random() < 0.8}
+    return desired(local=local, peers=peers, enforce=rng.random() < 0.8)
+
+
+def test_incremental_applies_track_the_kernel_through_random_changes() -> None:
+    rng = random.Random(1820)
+    fake, manager = counted(desired())
+    for step in range(80):
+        d = _random_desired(rng)
+        manager.set_desired(d)
+        assert run(manager.apply()).ok
+        assert parse_listing(fake.listing()).items() == desired_table(d).items()
+        assert manager.pending == frozenset()
+        if step % 4 == 3:
+            assert run(manager.apply(full=True)).ops == 0, manager.last_transaction
+
+
 # --- real nft in network namespaces --------------------------------------------------
 
 
@@ -386,6 +518,33 @@ def test_real_nft_accepts_what_the_fake_predicts_and_changes_elements_in_place(
     assert run(real.apply()).ops == 0
     assert run(real.remove()).ops == 1
     assert run(SubprocessNft(ns).list_table()) is None
+
+
+@pytest.mark.lab
+def test_real_nft_hand_drift_is_left_by_incremental_and_repaired_by_full_apply(
+    netns: Callable[[str], str],
+) -> None:
+    ns = netns("d")
+    manager = NftManager(SubprocessNft(ns))
+    manager.set_desired(desired())
+    assert run(manager.apply()).ok
+    text = nft_text(ns)
+    sh("ip", "netns", "exec", ns, "nft", "delete", "element", "inet", "tfcrypt", "ca_v4",
+       "{ 10.2.0.1 }")
+    sh("ip", "netns", "exec", ns, "nft", "add", "rule", "inet", "tfcrypt", "prerouting",
+       "accept")
+
+    changed = reapply(manager, desired(peers={"ca": {"10.2.0.1", "10.2.0.2", "fd00:2::1"},
+                                              "cb": {"10.3.0.1", "10.3.0.2"}}))
+
+    assert [what(c) for c in changed] == [("add", "element", "cb_v4")]
+    drifted = parse_listing(run(SubprocessNft(ns).list_table()))
+    assert "10.2.0.1" not in drifted.elements["ca_v4"] and drifted.stray_rules
+    repair = [what(c) for c in reapply(manager, desired(), full=True)]
+    assert sorted(repair) == [("add", "element", "ca_v4"), ("delete", "element", "cb_v4"),
+                              ("delete", "rule", "prerouting")]
+    assert nft_text(ns) == text
+    assert run(manager.apply()).ops == 0 and run(manager.apply(full=True)).ops == 0
 
 
 PROBE = """table inet probe {

@@ -169,7 +169,9 @@ def test_drift_repaired() -> None:
     fake.peers[PEER_C] = PeerState(PEER_C, None, frozenset({"10.9.0.0/24"}), None, 0, 0, 0)
     fake.mtu = 1500
 
-    report = run(manager.apply())
+    assert run(manager.apply()).ops == 0 and not manager.last_full
+    report = run(manager.apply(full=True))
+    assert manager.last_full
     assert report.ok and report.ops == 4
     assert sorted(fake.calls[-4:]) == sorted(["device", "link", f"upsert {PEER_A}",
                                               f"remove {PEER_C}"])

@@ -3,8 +3,13 @@
 Rules:
 - `set_desired()` only records; `apply()` does the I/O. Before `set_desired()` has been
   called, `apply()` changes nothing: no sweep of peers before inputs are in sync.
-- Every apply reads actual state from the backend (never trusts memory), so a restarted
-  daemon, a drifted peer or a previous run's leftovers are seen and repaired.
+- Full and incremental applies. `apply(full=True)` reads actual state from the backend
+  (UAPI get) and diffs everything, so a restarted daemon, a drifted peer or a previous
+  run's leftovers are seen and repaired. `apply()` trusts what the last apply read and wrote
+  and only writes the peers whose desired `PeerConfig` differs from it: O(changed peers),
+  no read. It is full anyway when memory cannot be trusted: the first apply, after any
+  failed write, when the device is not the one we configured (adopted, started or
+  restarted), and when the device's own settings (key, port, MTU) are to change.
 - Decide, then act: the whole plan is computed with no `await`, then executed under
   `asyncio.shield` so a cancelled apply does not stop between writes.
 - Order when adding: private key and listen port, then link MTU/up, then peers; removals
@@ -60,12 +65,22 @@ class _Plan:
 
 
 class WireGuardManager:
-    """Reconciles one WireGuard device through a backend."""
+    """Reconciles one WireGuard device through a backend.
+
+    Pitfalls:
+    - WireGuard moves an allowed IP to the peer that was given it last. The core never
+      gives one IP to two peers, so writes in any order converge; a drift of that kind
+      (someone else's write) is only seen by a full apply.
+    - A failed UAPI write may have applied part of its lines: after any error the next
+      apply reads the device again.
+    """
 
     def __init__(self, backend: WireGuardBackend) -> None:
         self.backend = backend
         self._desired: DesiredDevice | None = None
         self._peers: DeltaTracker[str, PeerConfig] = DeltaTracker()
+        self._applied_device: tuple[str, int, int] | None = None
+        self.last_full = False
 
     def __repr__(self) -> str:
         return f"WireGuardManager({self.backend.ifname!r})"
@@ -81,20 +96,32 @@ class WireGuardManager:
     async def status(self) -> DeviceState:
         return await self.backend.get_state()
 
-    async def apply(self) -> ApplyReport:
+    async def apply(self, full: bool = False) -> ApplyReport:
+        """Bring the device to the desired state; `full=True` reads the device first and
+        repairs drift (periodic resync, monitor events). See the module rules for when an
+        apply is full anyway."""
         desired = self._desired
         if desired is None:
             return ApplyReport(0)
+        device = (desired.private_key_b64, desired.listen_port, desired.mtu)
+        trusted, self._applied_device = self._applied_device == device, None
         try:
             origin = await self.backend.ensure_device()
-            actual = await self.backend.get_state()
+            full = full or not trusted or origin is not DeviceOrigin.PRESENT
+            actual = await self.backend.get_state() if full else None
         except WireGuardError as exc:
             log.warning("wireguard %s unavailable: %s", self.backend.ifname, exc)
             return ApplyReport(0, [ApplyError("device", str(exc))])
         if origin is DeviceOrigin.RESTARTED:
             log.warning("wireguard %s was gone and is restarted; re-applying", self.backend.ifname)
-        plan = self._plan(desired, actual)
+        self.last_full = full
+        if actual is None:
+            plan = _Plan(None, None, None, False, self._peers.plan())
+        else:
+            plan = self._plan(desired, actual)
         ops, errors = await asyncio.shield(self._execute(plan))
+        if not errors:
+            self._applied_device = device
         return ApplyReport(ops, errors, origin)
 
     def _plan(self, desired: DesiredDevice, actual: DeviceState) -> _Plan:
@@ -139,7 +166,7 @@ class WireGuardManager:
             except WireGuardError as exc:
                 errors.append(ApplyError(f"peer {key}", str(exc)))
             else:
-                self._peers.applied_upsert(key)
+                self._peers.actual[key] = peer  # what was written, even if desired moved on
         for key in sorted(plan.peers.deletions):
             ops += 1
             try:
