@@ -35,7 +35,7 @@ from tfcrypt.wireguard import (
 )
 from tfcrypt.wireguard.kernel import KernelBackend
 from tfcrypt.wireguard.keys import generate_private_key
-from tfcrypt.wireguard.model import encode_key
+from tfcrypt.wireguard.model import encode_key, normalise_cidrs
 from tfcrypt.wireguard.uapi import parse_get, peer_remove, peer_upsert, split_errno
 from tfcrypt.wireguard.userspace import UserspaceBackend
 
@@ -245,9 +245,82 @@ def test_vanished_device_restarted_and_fully_reapplied() -> None:
     run(manager.apply())
 
     fake.vanish()
-    report = run(manager.apply())
+    assert run(manager.apply()).ops == 0 and not manager.last_full
+    report = run(manager.apply(full=True))
     assert report.origin is DeviceOrigin.RESTARTED and report.ok and report.ops == 4
     assert fake.restarts == 1 and set(fake.peers) == {PEER_A, PEER_B}
+
+
+class CountingBackend(FakeBackend):
+    """FakeBackend that counts device reads (`get_state`) and probes (`ensure_device`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.probes = 0
+
+    async def get_state(self) -> DeviceState:
+        self.reads += 1
+        return await super().get_state()
+
+    async def ensure_device(self) -> DeviceOrigin:
+        self.probes += 1
+        return await super().ensure_device()
+
+
+def test_incremental_apply_writes_only_the_changed_peer_without_reading() -> None:
+    fake = CountingBackend()
+    manager = WireGuardManager(fake)
+    manager.set_desired(two_peers())
+    run(manager.apply())
+    assert (fake.reads, fake.probes) == (1, 1)
+
+    assert run(manager.apply()).ops == 0 and run(manager.apply(full=True)).ops == 0
+    assert (fake.reads, fake.probes) == (2, 2)
+    moved = replace(two_peers().peers[PEER_A], allowed_ips=frozenset({"10.1.0.0/24",
+                                                                      "10.1.9.9/32"}))
+    manager.set_desired(desired(a=moved, b=two_peers().peers[PEER_B]))
+    report = run(manager.apply())
+
+    assert report.ok and report.ops == 1 and fake.calls[-1] == f"upsert {PEER_A}"
+    assert (fake.reads, fake.probes) == (2, 2) and not manager.last_full
+    assert fake.peers[PEER_A].allowed_ips == {"10.1.0.0/24", "10.1.9.9/32"}
+    assert run(manager.apply()).ops == 0 and run(manager.apply(full=True)).ops == 0
+
+
+def test_failed_write_device_change_or_restart_makes_the_next_apply_read() -> None:
+    fake = CountingBackend()
+    manager = WireGuardManager(fake)
+    manager.set_desired(two_peers())
+    run(manager.apply())
+    fake.vanish()
+    manager.set_desired(desired(a=two_peers().peers[PEER_A]))
+
+    failed = run(manager.apply())
+    assert not failed.ok and not manager.last_full and fake.reads == 1
+    healed = run(manager.apply())
+    assert healed.ok and manager.last_full and healed.origin is DeviceOrigin.RESTARTED
+    assert set(fake.peers) == {PEER_A} and fake.reads == 2
+
+    manager.set_desired(replace(desired(a=two_peers().peers[PEER_A]), mtu=1380))
+    assert run(manager.apply()).ok and manager.last_full and fake.mtu == 1380
+
+    fake.vanish()
+    assert run(fake.ensure_device()) is DeviceOrigin.RESTARTED
+    reapplied = run(manager.apply())
+    assert manager.last_full and reapplied.ops == 3 and set(fake.peers) == {PEER_A}
+    assert run(manager.apply()).ops == 0 and not manager.last_full
+
+
+def test_canonical_allowed_ips_are_kept_as_given() -> None:
+    given = frozenset({"10.1.0.0/24", "fd00::/64"})
+    assert normalise_cidrs(given) == given
+    assert normalise_cidrs(given) is given
+    assert PeerConfig(PEER_A, None, given).allowed_ips is given
+    assert normalise_cidrs(["10.1.0.7/24", "10.1.0.0/24", "fd00:0::1/64"]) == given
+    assert normalise_cidrs(frozenset({"10.1.0.7/24"})) == {"10.1.0.0/24"}
+    with pytest.raises(ValueError):
+        normalise_cidrs(frozenset({"10.1.0.300/32"}))
 
 
 def test_allowed_ip_moving_between_peers_converges() -> None:

@@ -7,9 +7,12 @@ Rules:
   (UAPI get) and diffs everything, so a restarted daemon, a drifted peer or a previous
   run's leftovers are seen and repaired. `apply()` trusts what the last apply read and wrote
   and only writes the peers whose desired `PeerConfig` differs from it: O(changed peers),
-  no read. It is full anyway when memory cannot be trusted: the first apply, after any
-  failed write, when the device is not the one we configured (adopted, started or
-  restarted), and when the device's own settings (key, port, MTU) are to change.
+  no probe, no read (the backend's `ensure_device` of wireguard-go is itself a UAPI get of
+  every peer). It is full anyway when memory cannot be trusted: the first apply, after any
+  failed write or probe, after the backend restarted the device, and when the device's own
+  settings (key, port, MTU) are to change. An incremental apply reports the device as
+  PRESENT without probing: a vanished device shows up as write errors, and the next apply
+  is full (probe, restart, re-apply everything).
 - Decide, then act: the whole plan is computed with no `await`, then executed under
   `asyncio.shield` so a cancelled apply does not stop between writes.
 - Order when adding: private key and listen port, then link MTU/up, then peers; removals
@@ -80,6 +83,7 @@ class WireGuardManager:
         self._desired: DesiredDevice | None = None
         self._peers: DeltaTracker[str, PeerConfig] = DeltaTracker()
         self._applied_device: tuple[str, int, int] | None = None
+        self._restarts = _restarts(backend)
         self.last_full = False
 
     def __repr__(self) -> str:
@@ -97,29 +101,32 @@ class WireGuardManager:
         return await self.backend.get_state()
 
     async def apply(self, full: bool = False) -> ApplyReport:
-        """Bring the device to the desired state; `full=True` reads the device first and
-        repairs drift (periodic resync, monitor events). See the module rules for when an
-        apply is full anyway."""
+        """Bring the device to the desired state; `full=True` probes and reads the device
+        first and repairs drift (periodic resync, monitor events, device restarts). See the
+        module rules for when an apply is full anyway."""
         desired = self._desired
         if desired is None:
             return ApplyReport(0)
         device = (desired.private_key_b64, desired.listen_port, desired.mtu)
-        trusted, self._applied_device = self._applied_device == device, None
+        trusted = self._applied_device == device and self._restarts == _restarts(self.backend)
+        self.last_full = full or not trusted
+        if not self.last_full:
+            ops, errors = await asyncio.shield(self._execute(
+                _Plan(None, None, None, False, self._peers.plan())))
+            if errors:
+                self._applied_device = None
+            return ApplyReport(ops, errors, DeviceOrigin.PRESENT)
+        self._applied_device = None
         try:
             origin = await self.backend.ensure_device()
-            full = full or not trusted or origin is not DeviceOrigin.PRESENT
-            actual = await self.backend.get_state() if full else None
+            actual = await self.backend.get_state()
         except WireGuardError as exc:
             log.warning("wireguard %s unavailable: %s", self.backend.ifname, exc)
             return ApplyReport(0, [ApplyError("device", str(exc))])
         if origin is DeviceOrigin.RESTARTED:
             log.warning("wireguard %s was gone and is restarted; re-applying", self.backend.ifname)
-        self.last_full = full
-        if actual is None:
-            plan = _Plan(None, None, None, False, self._peers.plan())
-        else:
-            plan = self._plan(desired, actual)
-        ops, errors = await asyncio.shield(self._execute(plan))
+        self._restarts = _restarts(self.backend)
+        ops, errors = await asyncio.shield(self._execute(self._plan(desired, actual)))
         if not errors:
             self._applied_device = device
         return ApplyReport(ops, errors, origin)
@@ -178,6 +185,13 @@ class WireGuardManager:
         for error in errors:
             log.warning("wireguard %s: %s failed: %s", backend.ifname, error.item, error.reason)
         return ops, errors
+
+
+def _restarts(backend: WireGuardBackend) -> int | None:
+    """How often the backend restarted a vanished device (its supervisor may do so between
+    two applies, and a restarted device has lost every peer); None if it does not say."""
+    count = getattr(backend, "restarts", None)
+    return count if isinstance(count, int) else None
 
 
 def _as_desired(actual: PeerConfig, desired: PeerConfig | None) -> PeerConfig:
