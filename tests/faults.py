@@ -276,9 +276,11 @@ class Scenario:
         self._ended = time.time()
         self.result.fault_s = self._ended - self._started
 
-    def set_selected(self, pairs: frozenset[Pair]) -> None:
-        """The selected address pairs from now on (after an inventory change)."""
-        self.timeline.append((time.time(), pairs))
+    def set_selected(self, pairs: frozenset[Pair], at: float | None = None) -> None:
+        """The selected address pairs from `at` (default: now) on, after an inventory
+        change; which instant counts is the test's stated semantics (docs/faults.md)."""
+        self.timeline.append((time.time() if at is None else at, pairs))
+        self.timeline.sort(key=lambda entry: entry[0])
 
     def pair(self, a: str, b: str) -> Pair:
         return frozenset((self._ips[a], self._ips[b]))
@@ -418,3 +420,52 @@ def applied_at(lab: Lab, node: str, why: str, since: float) -> float | None:
             if t >= since:
                 return t
     return None
+
+
+class KeyWatch:
+    """`etcdctl watch --prefix` in the controller namespace, noting when each key's event
+    arrived: the commit time of a write, as an observer sees it (agents debounce 50 ms
+    after their watch delivers, so they act after this watcher has heard).
+
+    Used as a context manager; the etcdctl process is killed by PID on exit.
+    """
+
+    def __init__(self, lab: Lab, prefix: str) -> None:
+        endpoints = ",".join(lab.status()["etcd"]["endpoints"])
+        self.argv = [*lab.exec_prefix("controller"), "etcdctl", f"--endpoints={endpoints}",
+                     "watch", "--prefix", prefix]
+        self.prefix = prefix
+        self.seen: list[tuple[float, str]] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> KeyWatch:
+        self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(self.prefix):
+                self.seen.append((time.time(), line.strip()))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        if self._proc is not None:
+            self._proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+
+    def committed(self, key: str, since: float, timeout: float = 10.0) -> float:
+        """When an event of `key` (full etcd key) arrived at or after `since`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hit = next((t for t, k in list(self.seen) if k == key and t >= since), None)
+            if hit is not None:
+                return hit
+            time.sleep(0.02)
+        raise AssertionError(f"no etcd event for {key} since {since}")

@@ -13,16 +13,20 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+import faults
 import pytest
 from conftest import running_lab
 from faults import (
+    PROTOS,
     Flow,
+    KeyWatch,
     Scenario,
     agent_log,
+    applied_at,
     lab_workloads,
     load_policies,
     metrics,
@@ -33,9 +37,10 @@ from faults import (
     successes,
     wireguard_go_pid,
 )
-from labtools import etcdctl, wait_for, wg_peers
+from labtools import PREFIX, etcdctl, wait_for, wg_peers
 
 from netns_lab import Lab, agents, inventory
+from tfcrypt.model.workload import Workload
 
 pytestmark = pytest.mark.lab
 
@@ -351,3 +356,98 @@ def test_5_peer_agent_gone_longer_than_its_lease(lab: Lab, tmp_path: Path) -> No
               if (n := sum(1 for t in times if missing_at + 1 <= t <= dropped_until))}
     assert not passed, f"selected traffic crossed while n2 had no verified record: {passed}"
     print(sc.result)
+
+
+# ------------------------------------------------------------------ 6. workload lifecycle
+
+LIFECYCLE_BOUND_S = 10.0
+MOVING = Flow("n1-w3", "n2-w3")
+
+
+def inventory_of(lab: Lab, extra: dict[str, tuple[str, list[str]]]) -> list[Workload]:
+    """TAGS' workloads plus `extra` {name: (address, tags)} on n1."""
+    return [*lab_workloads(lab, TAGS),
+            *(Workload(n, "n1", (ip,), frozenset(t)) for n, (ip, t) in extra.items())]
+
+
+def applied_by_both(lab: Lab, why: str, since: float) -> tuple[float, float]:
+    """When n1's and n2's agents applied the change `why` (their dataplane_changed log)."""
+    times = wait_for(f"both agents to apply {why}", lambda: (
+        t if all(t := [applied_at(lab, n, why, since) for n in NODES]) else None),
+        timeout=LIFECYCLE_BOUND_S)
+    return times[0], times[1]
+
+
+def test_6_workload_deleted_created_and_address_reused(lab: Lab, tmp_path: Path) -> None:
+    """Transition semantics (docs/faults.md): a pair is plaintext-forbidden from the
+    moment BOTH agents applied its selection (the later dataplane_changed log) until the
+    FIRST agent applied its deselection; before the later apply a node cannot know the
+    flow is selected, and that window is measured and printed, not asserted."""
+    ip = next(w["ip"] for w in lab.status()["workloads"] if w["name"] == "n1-w3")
+    policies = load_policies(POLICIES)
+    pair = frozenset((ip, next(w["ip"] for w in lab.status()["workloads"]
+                               if w["name"] == "n2-w3")))
+    edges: dict[str, tuple[float, float]] = {}
+    one_side: dict[str, tuple[float, float]] = {}
+
+    def change(step: str, write: Callable[[], object], key: str,
+               extra: dict[str, tuple[str, list[str]]]) -> None:
+        t0 = time.time()
+        write()
+        committed = watch.committed(f"{PREFIX}/{key}", t0)
+        why = f"{'put' if extra else 'deleted'} {key}"
+        first, later = sorted(applied_by_both(lab, why, t0 - 0.002))  # log ts: ms, floored
+        now_selected = selected_pairs(inventory_of(lab, extra), policies)
+        edge = later if pair in now_selected else committed
+        sc.set_selected(now_selected, at=edge)
+        edges[step] = (committed, edge)
+        one_side[step] = (first, later)
+
+    def flowing_since(t: float) -> bool:
+        return all(any(x >= t for x in successes(sc.log_of(s, d))[p])
+                   for s, d in ((MOVING.a, MOVING.b), (MOVING.b, MOVING.a)) for p in PROTOS)
+
+    want = len(selected_pairs(inventory_of(lab, {"n1-w3": (ip, ["application=payments"])}),
+                              policies))
+    with KeyWatch(lab, f"{PREFIX}/workloads/") as watch, \
+            scenario(lab, tmp_path, "lifecycle", LIFECYCLE_BOUND_S, extra_flows=[MOVING]) as sc:
+        sc.expect_report("both agents: selected_pairs grew with the new workload", lambda: all(
+            (d := status_json(lab, n)[1]) is not None and d["selected_pairs"] == want
+            for n in NODES))
+        sc.fault_started()
+        # created and already sending before its record reaches the nodes
+        payments = {"n1-w3": (ip, ["application=payments"])}
+        change("created", lambda: inventory.set_workload(lab, "n1-w3", payments["n1-w3"][1]),
+               "workloads/n1/n1-w3", payments)
+        sc.wait_reported()
+        t = time.time()
+        wait_for("the new selected flow to pass (in the tunnel)", lambda: flowing_since(t))
+        # deleted while it keeps sending (terminating pod)
+        change("deleted", lambda: inventory.tfcrypt(lab, "workload", "delete", "n1-w3"),
+               "workloads/n1/n1-w3", {})
+        # its address reused by a new workload with other tags, then selected again
+        inventory.set_workload(lab, "n1-reuse", ["application=shop"], node="n1", ips=[ip])
+        wait_for("both agents to believe n1-reuse", lambda: all(
+            status_json(lab, n)[1]["workloads"] == len(TAGS) + 1 for n in NODES))
+        reused = {"n1-reuse": (ip, ["application=payments"])}
+        change("reused-selected", lambda: inventory.set_workload(
+            lab, "n1-reuse", reused["n1-reuse"][1], node="n1", ips=[ip]),
+            "workloads/n1/n1-reuse", reused)
+        t = time.time()
+        wait_for("the reused address's selected flow to pass", lambda: flowing_since(t))
+        change("reused-deselected", lambda: inventory.set_workload(
+            lab, "n1-reuse", ["application=shop"], node="n1", ips=[ip]),
+            "workloads/n1/n1-reuse", {"n1-reuse": (ip, ["application=shop"])})
+        inventory.tfcrypt(lab, "workload", "delete", "n1-reuse")
+        wait_for("the inventory back to its start", lambda: converged(lab, TAGS))
+        sc.fault_ended()
+    plain = faults.packet_times(sc.pcap, f"host {min(pair)} and host {max(pair)}")
+    windows = {step: (round(edge - t0, 3), sum(1 for x in plain if t0 <= x < edge))
+               for step, (t0, edge) in edges.items()}
+    windows["between the two agents' applies"] = tuple(  # type: ignore[assignment]
+        sum(1 for x in plain if a <= x < b) for a, b in one_side.values())
+    windows["terminating, after its deletion"] = (0.0, sum(
+        1 for x in plain if edges["deleted"][1] <= x < edges["reused-selected"][0]))
+    print("(commit-to-edge seconds, plaintext packets in that window):", windows, sc.result)
+    assert [x for x in plain if x < edges["created"][0]], \
+        "the capture never saw the moving pair in plaintext while it was unselected"
