@@ -3,11 +3,15 @@
 Rules of this module:
 - Ownership is the table: tfcrypt owns `table inet tfcrypt` and everything in it, and
   touches nothing outside it. Whatever is in the table and not desired is removed.
-- One apply = one read (`nft -j list table`) and at most one atomic transaction holding
-  only the difference: set and map ELEMENTS are added and removed one by one (a set whose
-  class still exists is never flushed and reloaded), objects of new classes are created and
+- One apply = at most one read and at most one atomic transaction holding only the
+  difference: set and map ELEMENTS are added and removed one by one (a set whose class
+  still exists is never flushed and reloaded), objects of new classes are created and
   those of vanished classes deleted, base chains and rules are created if missing. A second
   apply with the same desired state sends nothing.
+- The read (`nft -j list table`, O(table)) happens only on a full apply; an incremental
+  apply plans against the last known actual state and diffs only the sets whose desired
+  members changed, so it costs the change. Memory is never trusted after a failure: the
+  next apply lists again.
 - Order inside the transaction makes every reference valid when it is made or dropped:
   removals of map elements, stale rules and set elements first; then new counters, sets,
   maps and chains; then their elements and rules; then the map elements that jump into new
@@ -22,7 +26,7 @@ Rules of this module:
   (a table left by a previous run stays untouched and is adopted by the first apply).
 - Decide, then act: the command list is built with no await in between; the transaction is
   shielded from cancellation; if nft refuses it, nothing changed in the kernel, the error
-  is reported and everything stays pending for the next apply.
+  is reported and everything stays pending for the next (full) apply.
 """
 
 from __future__ import annotations
