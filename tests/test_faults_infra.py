@@ -10,6 +10,7 @@ selection. Harness and its checks (a)-(d): tests/faults.py. Table: docs/faults.m
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import time
@@ -150,7 +151,15 @@ def mtu_of(lab: Lab, node: str) -> int:
     return int(words[words.index("mtu") + 1])
 
 
-@pytest.mark.parametrize("fault", ["kill-wireguard-go", "link-del", "mtu"])
+MTU_DRIFT_NOT_REPAIRED = (
+    "since f99e3d8 the WireGuardManager reads the device (and so sees MTU drift) only on a "
+    "full apply, and the agent never asks for one on its periodic resync or on a monitor's "
+    "'link tfcrypt0 changed' event: an MTU changed by hand stays (docs/faults.md)")
+
+
+@pytest.mark.parametrize("fault", [
+    "kill-wireguard-go", "link-del",
+    pytest.param("mtu", marks=pytest.mark.xfail(reason=MTU_DRIFT_NOT_REPAIRED, strict=False))])
 def test_2_wireguard_device_faults(lab: Lab, tmp_path: Path, fault: str) -> None:
     old_pid = wireguard_go_pid(lab, "n1")
     assert old_pid is not None
@@ -298,6 +307,13 @@ def svid_expired_reported(lab: Lab, node: str) -> list[str] | None:
     return None
 
 
+def longest_pause(sc: Scenario, flow: Flow) -> float:
+    """The longest time without a successful TCP exchange of `flow`, either direction."""
+    times = sorted(t for s, d in ((flow.a, flow.b), (flow.b, flow.a))
+                   for t in successes(sc.log_of(s, d))["tcp"])
+    return round(max((b - a for a, b in itertools.pairwise(times)), default=0.0), 2)
+
+
 def restart_workload_api(lab: Lab, ttl: int) -> None:
     lab.svid_ttl = ttl
     lab.workload_api_stop()
@@ -323,7 +339,7 @@ def test_4_workload_api_down_until_the_svid_expires(lab: Lab, tmp_path: Path) ->
             restored = True
             wait_for("both agents healthy", lambda: all_healthy(lab), timeout=60)
             sc.fault_ended()
-        print(sc.result)
+        print("longest selected pause (s):", longest_pause(sc, SELECTED), sc.result)
     finally:
         if not restored:
             restart_workload_api(lab, long_ttl)
