@@ -56,6 +56,7 @@ TAGS = {
 SELECTED = Flow("n1-w1", "n2-w1")
 UNSELECTED = Flow("n1-w2", "n2-w2")
 NODES = ("n1", "n2")
+OBSERVED: dict[str, int] = {}  # measured by one scenario, judged by a stricter test after it
 
 
 def healthy(lab: Lab, node: str) -> bool:
@@ -465,5 +466,20 @@ def test_6_workload_deleted_created_and_address_reused(lab: Lab, tmp_path: Path)
     windows["terminating, after its deletion"] = (0.0, sum(
         1 for x in plain if edges["deleted"][1] <= x < edges["reused-selected"][0]))
     print("(commit-to-edge seconds, plaintext packets in that window):", windows, sc.result)
+    OBSERVED["terminating plaintext"] = windows["terminating, after its deletion"][1]
     assert [x for x in plain if x < edges["created"][0]], \
         "the capture never saw the moving pair in plaintext while it was unselected"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a deleted workload is no longer in the inventory, so a terminating pod that keeps "
+    "sending after its record is deleted goes out in plaintext (Cilium's terminating-"
+    "endpoint advisory); holding it needs the controller to delete the record only after "
+    "the pod's network is gone, or agents to keep a deleted address selected for a grace "
+    "period (docs/faults.md)"))
+def test_6_a_terminating_workload_never_sends_plaintext_after_its_deletion() -> None:
+    if "terminating plaintext" not in OBSERVED:
+        pytest.skip("measured by test_6_workload_deleted_created_and_address_reused")
+    assert OBSERVED["terminating plaintext"] == 0, (
+        f"{OBSERVED['terminating plaintext']} plaintext packets (counted twice: ingress and "
+        "egress port of the bridge) of the deleted workload's flow after its deletion")
