@@ -93,10 +93,16 @@ class Dataplane:
                 ("tunnel rule", self.tunnel_rule),
                 ("nftables", self.nft))
 
-    async def apply(self) -> ApplyResult:
+    async def apply(self, full: bool = False) -> ApplyResult:
+        """Apply in order. `full` makes the WireGuard and nftables managers read the kernel
+        and repair drift; otherwise they apply only what changed since their last known
+        state (O(change), not O(table)). Routes and rules are few and always re-read."""
         result = ApplyResult()
         for name, manager in self._in_order():
-            report = await manager.apply()  # type: ignore[attr-defined]
+            if manager is self.wireguard or manager is self.nft:
+                report = await manager.apply(full=full)  # type: ignore[attr-defined]
+            else:
+                report = await manager.apply()  # type: ignore[attr-defined]
             result.ops += report.ops
             if report.ops:
                 result.changed[name] = report.ops

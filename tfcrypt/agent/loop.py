@@ -19,7 +19,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -51,6 +50,7 @@ from tfcrypt.wireguard.model import DeviceState
 log = logging.getLogger(__name__)
 
 DEBOUNCE = 0.05
+OWN_EVENTS_WINDOW = 1.0  # seconds after an apply that changed something: events are ours
 DEFAULT_MTU = 1420  # 1500-byte underlay minus the 80 bytes of WireGuard over IPv6
 DROP_NAMES = {"guard_drops": "guard", "ingress_drops": "strict_ingress",
               "ingress_audit": "strict_ingress_audit"}
@@ -76,6 +76,10 @@ class Agent:
         self.node_key: NodeKey | None = None
         self.desired: Desired | None = None
         self.core = IncrementalCore(cfg.node_name)
+        # full applies read the kernel and repair drift; others apply only what changed
+        self._full_needed = True
+        self._applying = False
+        self._own_changes_until = 0.0
         # workload keys changed since the last reconcile; None = unknown, diff everything
         self._changed_workloads: set[str] | None = None
         self.last_reconcile: dict[str, Any] = {}
@@ -145,6 +149,7 @@ class Agent:
                 case Listed(items=items):
                     self.view.replace_all({k: i.value for k, i in items.items()}, now)
                     self._changed_workloads = None  # anything may have changed
+                    self._full_needed = True
                     self.listed = True
                     self._causes.append("etcd listed")
                     self._publish_needed.set()  # our record may have vanished meanwhile
@@ -213,18 +218,29 @@ class Agent:
             restarted.clear()
             log.warning("wireguard device %s was restarted; re-applying", self.cfg.interface)
             self._causes.append("device restarted")
+            self._full_needed = True
             self._dirty.set()
 
     def _kernel_drift(self, why: str) -> None:
-        """A monitor saw our kernel objects change (by hand, or by our own apply)."""
+        """A monitor saw our kernel objects change (by hand, or by our own apply).
+
+        Events that arrive while we apply, or just after an apply that changed something,
+        are most likely our own: they get an incremental reconcile (which finds nothing to
+        do). Any other event gets a full one, which reads the kernel and repairs it. A hand
+        change that lands inside our own window is repaired by the periodic resync.
+        """
         if why not in self._causes:
             self._causes.append(why)
+        if not self._applying and time.monotonic() >= self._own_changes_until:
+            self._full_needed = True
         self._dirty.set()
 
     async def _reconciler(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._dirty.wait(), timeout=self.cfg.resync_interval)
+            except TimeoutError:
+                self._full_needed = True  # the periodic full resync repairs any drift
             await asyncio.sleep(DEBOUNCE)
             self._dirty.clear()
             await self.reconcile()
@@ -267,7 +283,14 @@ class Agent:
         self.dataplane.set_desired(desired, private_key_b64=self.node_key.key.private_key_b64,
                                    listen_port=self.cfg.listen_port,
                                    mtu=self.cfg.mtu or DEFAULT_MTU)
-        result = await self.dataplane.apply()
+        full, self._full_needed = self._full_needed, False
+        self._applying = True
+        try:
+            result = await self.dataplane.apply(full=full)
+        finally:
+            self._applying = False
+        if result.ops:
+            self._own_changes_until = time.monotonic() + OWN_EVENTS_WINDOW
         duration = time.monotonic() - started
         metrics.RECONCILES.labels("error" if result.errors else "ok").inc()
         metrics.RECONCILE_SECONDS.observe(duration)
