@@ -527,21 +527,35 @@ def _changes_since(lab: Lab, node: str, since: int) -> str:
                      if "dataplane_changed" in line)
 
 
-def _repair_window(lab: Lab, node: str, argv: list[str], probe: Any) -> float:
-    """Seconds from just before `argv` ran in `node` until `probe()` holds again."""
+def _repair_window(lab: Lab, node: str, argv: list[str], probe: Any) -> tuple[float, float]:
+    """(just before `argv` ran in `node`, when `probe()` held again), unix seconds."""
     start = time.time()
     run_in(lab, node, argv)
-    while time.time() - start < 10:
-        if probe():
-            break
+    while time.time() - start < 10 and not probe():
         time.sleep(0.005)
-    return time.time() - start
+    return start, time.time()
+
+
+OWN_CHANGES_S = 1.5  # the agent takes events within 1 s of its own change as its own
+
+
+@pytest.fixture
+def n1_table_restored(settled: Lab) -> Iterator[Lab]:
+    """If n1's agent did not repair its table, restart it (its first apply is full), so a
+    failure here does not leave the next scenarios on a node without classification."""
+    table = _nft_table(settled, "n1")
+    yield settled
+    if _nft_table(settled, "n1") != table:
+        agents.stop_agent(settled, "n1")
+        agents.start_agent(settled, "n1")
+        wait_for("n1's table back after an agent restart",
+                 lambda: _nft_table(settled, "n1") == table, timeout=30)
 
 
 @pytest.mark.lab
 def test_9_a_hand_flush_is_repaired_within_a_second_and_strict_ingress_drops_the_rest(
-        settled: Lab, tmp_path: Path) -> None:
-    lab = settled
+        n1_table_restored: Lab, tmp_path: Path) -> None:
+    lab = n1_table_restored
     table = _nft_table(lab, "n1")
     drops_before = status(lab, "n2")["drops"]["strict_ingress"]["packets"]
     initially = selected_pairs(lab_workloads(lab, TAGS), load_policies(POLICIES))
@@ -549,13 +563,13 @@ def test_9_a_hand_flush_is_repaired_within_a_second_and_strict_ingress_drops_the
         mark = _log_size(lab, "n1")
         sc.expect_report("n1 logs the repair, caused by the nft events",
                          lambda: "nft delete" in _changes_since(lab, "n1", mark))
+        time.sleep(OWN_CHANGES_S)   # a hand change, not one racing the agent's own
         sc.fault_started()
-        sc.set_selected(frozenset())      # the window itself is judged below, not by (a)
-        window = _repair_window(lab, "n1", ["nft", "flush", "table", "inet", "tfcrypt"],
-                                lambda: _nft_table(lab, "n1") == table)
-        sc.set_selected(initially)
-        opened = sc.timeline[-2][0]
-        closed = sc.timeline[-1][0]
+        opened, closed = _repair_window(lab, "n1", ["nft", "flush", "table", "inet", "tfcrypt"],
+                                        lambda: _nft_table(lab, "n1") == table)
+        sc.set_selected(frozenset(), at=opened)   # the window is judged below, not by (a)
+        sc.set_selected(initially, at=closed)
+        window = closed - opened
         sc.wait_reported()
         sc.fault_ended()
     a, b = sorted(sc.pair(SELECTED.a, SELECTED.b))
@@ -585,9 +599,11 @@ def test_9_a_hand_deleted_ip_rule_is_repaired_within_a_second_and_nothing_leaks(
         mark = _log_size(lab, "n1")
         sc.expect_report("n1 logs the repair, caused by the netlink event",
                          lambda: "ip rule deleted at 1820" in _changes_since(lab, "n1", mark))
+        time.sleep(OWN_CHANGES_S)
         sc.fault_started()
-        window = _repair_window(lab, "n1", ["ip", "rule", "del", "priority", "1820"],
-                                lambda: rules() == before)
+        opened, closed = _repair_window(lab, "n1", ["ip", "rule", "del", "priority", "1820"],
+                                        lambda: rules() == before)
+        window = closed - opened
         sc.wait_reported()
         sc.fault_ended()
     print(f"rule deleted: repaired after {window * 1000:.0f} ms; {sc.result}")
@@ -657,7 +673,6 @@ def test_10_a_burst_of_1000_updates_coalesces_converges_and_never_leaks(
         sc.fault_ended()
     done = {n: reconciles(lab, n) - before[n] for n in NODES}
     print(f"burst: {wrote}, reconciles per node {done}; {sc.result}")
-    assert wrote["seconds"] < 2, wrote
     for n in NODES:
         assert done[n] < len(plan) / 5, f"{n} reconciled {done[n]} times for 1,000 updates"
         assert status(lab, n)["selected_pairs"] == sum(

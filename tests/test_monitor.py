@@ -218,12 +218,22 @@ def _until(probe: object, timeout: float = 5.0) -> float:
     return time.monotonic() - start
 
 
+OWN_CHANGES_S = 1.5  # the agent takes events within 1 s of its own change as its own
+
+
 @pytest.mark.lab
 def test_a_hand_flush_of_the_table_is_repaired_because_of_the_nft_event(lab: Lab) -> None:
     before = _table(lab, "n1")
     mark = _log_size(lab, "n1")
+    time.sleep(OWN_CHANGES_S)
     run_in(lab, "n1", ["nft", "flush", "table", "inet", "tfcrypt"])
-    took = _until(lambda: _table(lab, "n1") == before)
+    try:
+        took = _until(lambda: _table(lab, "n1") == before)
+    finally:
+        if _table(lab, "n1") != before:   # leave the next tests a classifying node
+            agents.stop_agent(lab, "n1")
+            agents.start_agent(lab, "n1")
+            wait_for("n1's table back", lambda: _table(lab, "n1") == before, timeout=30)
     assert _table(lab, "n1") == before
     assert took < 1.0, f"repaired after {took:.2f} s"
     whys = wait_for("the repair's log line", lambda: _changes_since(lab, "n1", mark))
@@ -243,6 +253,7 @@ def test_a_hand_deleted_rule_and_table_are_repaired_because_of_the_netlink_event
     rules_before, tunnel_before = rules(), tunnel()
     assert "1820:" in rules_before and "1821:" in rules_before
     mark = _log_size(lab, "n1")
+    time.sleep(OWN_CHANGES_S)
     run_in(lab, "n1", ["ip", "rule", "del", "priority", "1820"])
     run_in(lab, "n1", ["ip", "route", "flush", "table", "29798"])
     took = _until(lambda: rules() == rules_before and tunnel() == tunnel_before)
