@@ -2,13 +2,16 @@
 
 Rules:
 - Tasks live in one TaskGroup: the SVID follower, the etcd follower, the publisher, the
-  key-file watcher, the device supervisor and the reconciler. Nothing is fire-and-forget.
+  key-file watcher, the status API, the kernel monitors (nft and ip monitor: drift is
+  repaired on events, not only by the periodic resync), the device supervisor and the
+  reconciler. Nothing is fire-and-forget.
 - No peer, route or rule is removed until the inputs are in sync (an SVID is loaded and
   etcd has been listed once): a restarted agent adopts what the previous one left and
   leaves traffic alone until it knows better.
-- Apply order, for security: WireGuard device and peers, then routes into the tunnel,
-  then the rule that sends traffic to those routes. Removing a peer's subnets happens in
-  the same pass: the route goes when the peer goes, and the rule stays.
+- The apply order across reconcilers, and why it is safe, lives in tfcrypt/agent/
+  dataplane.py. Applies are incremental (O(change)); a full apply, which reads the kernel
+  and repairs drift, runs on the periodic resync, a relist, a device restart and kernel
+  events that are not our own.
 - On exit (SIGTERM, SIGINT) the dataplane and the etcd record stay as they are: a
   restart must not disturb traffic; the record's lease lapses if no agent returns.
 - Status is computed when asked (status API) and after every reconcile (status.json,
@@ -54,6 +57,12 @@ OWN_EVENTS_WINDOW = 1.0  # seconds after an apply that changed something: events
 DEFAULT_MTU = 1420  # 1500-byte underlay minus the 80 bytes of WireGuard over IPv6
 DROP_NAMES = {"guard_drops": "guard", "ingress_drops": "strict_ingress",
               "ingress_audit": "strict_ingress_audit"}
+
+
+def _never_ours(why: str) -> bool:
+    """Monitor reasons that no incremental apply of ours produces."""
+    return why.startswith("nft delete table") or (
+        why.startswith(("ip rule deleted", "route deleted", "link ")) and "deleted" in why)
 
 
 def _utcnow() -> dt.datetime:
@@ -226,12 +235,15 @@ class Agent:
 
         Events that arrive while we apply, or just after an apply that changed something,
         are most likely our own: they get an incremental reconcile (which finds nothing to
-        do). Any other event gets a full one, which reads the kernel and repairs it. A hand
-        change that lands inside our own window is repaired by the periodic resync.
+        do). Any other event gets a full one, which reads the kernel and repairs it, and so
+        does an event our applies never cause (the table deleted, one of our rules or
+        routes deleted, the WireGuard link deleted), even inside that window. Other hand
+        changes that land inside the window are repaired by the periodic resync.
         """
         if why not in self._causes:
             self._causes.append(why)
-        if not self._applying and time.monotonic() >= self._own_changes_until:
+        ours = self._applying or time.monotonic() < self._own_changes_until
+        if not ours or _never_ours(why):
             self._full_needed = True
         self._dirty.set()
 
