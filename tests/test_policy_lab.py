@@ -133,6 +133,18 @@ def test_a_resync_with_the_same_inputs_changes_nothing(lab: Lab) -> None:
     assert kernel_state(lab, "n1") == before
 
 
+def test_a_hand_flush_is_repaired_and_reported(lab: Lab) -> None:
+    before = agent_status(lab, "n3")
+    time.sleep(1.5)  # outside the window in which kernel events are taken as our own
+    subprocess.run([*lab.exec_prefix("n3"), "nft", "flush", "table", "inet", "tfcrypt"],
+                   check=True)
+    repair = wait_for("n3 to repair and report the flush", lambda: (
+        r if (r := agent_status(lab, "n3").get("last_repair")) != before.get("last_repair")
+        else None), timeout=5)
+    assert "nft" in repair["why"] and repair["ops"].get("nftables")
+    assert "meta mark set" in kernel_state(lab, "n3")[0]
+
+
 def test_the_split_follows_policy_changes_and_deletion(lab: Lab, tmp_path: Path) -> None:
     inventory.delete_policy(lab, "payments")
     wait_for("agents to drop the payments policy",

@@ -34,6 +34,11 @@ WORKLOAD_API_ERRORS = Counter(
     ["reason"])
 STATE_PROBLEMS = Counter(
     "tfcrypt_state_problems_total", "Local state that had to be repaired at start", ["what"])
+WIREGUARD_RESTARTS = Counter(
+    "tfcrypt_wireguard_restarts_total", "Times the WireGuard device vanished and was restarted")
+DRIFT_REPAIRS = Counter(
+    "tfcrypt_drift_repairs_total",
+    "Full applies that found the kernel changed by someone else and repaired it")
 RECONCILES = Counter("tfcrypt_reconciles_total", "Dataplane reconciles", ["result"])
 RECONCILE_SECONDS = Histogram("tfcrypt_reconcile_duration_seconds",
                               "Time to compute and apply the desired dataplane")

@@ -92,6 +92,8 @@ class Agent:
         # workload keys changed since the last reconcile; None = unknown, diff everything
         self._changed_workloads: set[str] | None = None
         self.last_reconcile: dict[str, Any] = {}
+        # the last full apply that found the kernel differing from what we had applied
+        self.last_repair: dict[str, Any] | None = None
         self._dirty = asyncio.Event()
         self._publish_needed = asyncio.Event()
         self._state_dir = Path(cfg.state_dir)
@@ -226,6 +228,7 @@ class Agent:
             await restarted.wait()
             restarted.clear()
             log.warning("wireguard device %s was restarted; re-applying", self.cfg.interface)
+            metrics.WIREGUARD_RESTARTS.inc()
             self._causes.append("device restarted")
             self._full_needed = True
             self._dirty.set()
@@ -303,6 +306,11 @@ class Agent:
             self._applying = False
         if result.ops:
             self._own_changes_until = time.monotonic() + OWN_EVENTS_WINDOW
+            if full and previous == desired:
+                # same inputs, yet the kernel needed changes: someone else changed it
+                self.last_repair = {"at": now.isoformat(), "why": _why(causes),
+                                    "ops": dict(result.changed)}
+                metrics.DRIFT_REPAIRS.inc()
         duration = time.monotonic() - started
         metrics.RECONCILES.labels("error" if result.errors else "ok").inc()
         metrics.RECONCILE_SECONDS.observe(duration)
@@ -396,6 +404,8 @@ class Agent:
             "interface": self.cfg.interface,
             "listen_port": device.listen_port if device else self.cfg.listen_port,
             "device_present": device is not None,
+            "device_restarts": getattr(self.wg.backend, "restarts", 0),
+            "last_repair": self.last_repair,
             "in_sync": self.in_sync,
             "etcd": self._etcd_state(now),
             "etcd_grace_s": self.cfg.etcd_grace,
