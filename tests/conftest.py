@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +50,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "lab" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A fresh temp dir with a short path: Unix socket addresses are limited to 107 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="tfc-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -20,15 +18,6 @@ from wlapi_server import N1, Server, server_config
 from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
 
 STEP = 20.0
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="svids-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def make_server(d: Path, ttl: float = 300) -> Server:

@@ -12,11 +12,9 @@ import json
 import os
 import queue
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,15 +32,6 @@ from wlapi_server import N1, TD, Server, server_config
 
 HEADER = (("workload.spiffe.io", "true"),)
 RPC_TIMEOUT = 5.0
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="wlapi-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
