@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from tfcrypt.core.compute import Snapshot, compute
-from tfcrypt.core.explain import explain
+from tfcrypt.core.explain import GlobalView, explain
 from tfcrypt.model.policy import EncryptionPolicy, parse_policy_document
 from tfcrypt.model.workload import Workload
 
@@ -115,18 +115,11 @@ def _flows(status: Mapping[str, Any]) -> list[Flow]:
     return flows
 
 
-@dataclass(frozen=True)
-class _Inventory:
-    workloads: Mapping[str, Workload]
-    policies: Mapping[str, EncryptionPolicy]
-    nodes: Mapping[str, Any]
-
-
 def _expectation(flow: Flow, wls: Mapping[str, Workload],
                  policies: Mapping[str, EncryptionPolicy]) -> tuple[str, str]:
     if flow.src not in wls:
         return PLAINTEXT, "control: node to node, not a workload flow"
-    e = explain(_Inventory({w.key: w for w in wls.values()}, policies, {}),
+    e = explain(GlobalView({w.key: w for w in wls.values()}, policies, {}),
                 flow.src_ip, flow.dst_ip)
     if not e.selected:
         return PLAINTEXT, "no enforce rule selects it"

@@ -15,13 +15,17 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tfcrypt.controller.session import ControllerSession
-from tfcrypt.core.explain import Explanation, PlanDiff, diff_selection, explain
+from tfcrypt.core.explain import (
+    Explanation,
+    GlobalView,
+    PlanDiff,
+    diff_selection,
+    explain,
+)
 from tfcrypt.errors import ConfigError
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.node import NodeRecord
@@ -120,22 +124,13 @@ def _global_view(view: VerifiedView) -> tuple[dict[str, Workload],
             {r.node: r for r in view.of("nodes/").values()})
 
 
-@dataclass(frozen=True)
-class Inventory:
-    """The global view `explain` reads: every workload, policy and verified node."""
-
-    workloads: Mapping[str, Workload]
-    policies: Mapping[str, EncryptionPolicy]
-    nodes: Mapping[str, NodeRecord]
-
-
 async def explain_flow(s: ControllerSession, src_ip: str, dst_ip: str) -> Explanation:
     for what, ip in (("SRC_IP", src_ip), ("DST_IP", dst_ip)):
         try:
             ipaddress.ip_address(ip)
         except ValueError:
             raise ConfigError(f"{what}: {ip!r} is not an IP address") from None
-    return explain(Inventory(*_global_view(await s.read_view())), src_ip, dst_ip)
+    return explain(GlobalView(*_global_view(await s.read_view())), src_ip, dst_ip)
 
 
 async def policy_plan(s: ControllerSession, policy: EncryptionPolicy) -> dict[str, Any]:

@@ -52,6 +52,15 @@ class Inventory(Protocol):
 
 
 @dataclass(frozen=True)
+class GlobalView:
+    """An Inventory as a value: what the controller CLI and the demo hand to explain."""
+
+    workloads: Mapping[str, Workload]
+    policies: Mapping[str, EncryptionPolicy]
+    nodes: Mapping[str, NodeRecord]
+
+
+@dataclass(frozen=True)
 class RuleVerdict:
     """One rule judged on one (src workload, dst workload) combination."""
 
