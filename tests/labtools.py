@@ -111,3 +111,23 @@ def sign_as(lab: Lab, signer: str, record: NodeRecord) -> bytes:
     with WorkloadApiClient(socket_path=f"unix:{socket}") as client:
         svid = client.fetch_x509_svid(timeout=10)
     return sign_envelope(record.to_payload(), svid.private_key, svid.cert_chain)
+
+
+def diagnostics(lab: Lab, nodes: tuple[str, ...], log_lines: int = 40) -> str:
+    """What an operator would look at first: each node's `wg show`, ip rules and the tail
+    of its agent log. Appended to a lab assertion so a CI failure explains itself."""
+    from netns_lab import agents
+
+    parts = []
+    for node in nodes:
+        for argv in (["wg", "show", "tfcrypt0"], ["ip", "rule"], ["ip", "route", "show",
+                                                                   "table", "all"]):
+            out = run_in(lab, node, argv, check=False)
+            parts.append(f"--- {node}: {' '.join(argv)}\n{out.stdout}{out.stderr}")
+        rec = agents.running_agent(lab, node)
+        if rec is not None:
+            with contextlib.suppress(OSError):
+                tail = Path(rec.log).read_text(errors="replace").splitlines()[-log_lines:]
+                parts.append(f"--- {node}: agent log (last {log_lines} lines)\n"
+                             + "\n".join(tail))
+    return "\n".join(parts)

@@ -20,6 +20,7 @@ from labtools import (
     PREFIX,
     Pinger,
     agent_status,
+    diagnostics,
     etcdctl,
     sign_as,
     wait_for,
@@ -187,8 +188,11 @@ def test_a_stopped_node_whose_record_is_deleted_leaves_every_mesh(lab: Lab) -> N
     # three pings right after the removal were lost: waited for here, and noted as an
     # open question in the closing note rather than hidden.
     start = time.monotonic()
-    wait_for("n1-w1 to reach n2-w1", lambda: ping(lab, "n1-w1", workload_ip(lab, "n2-w1")) == 3,
-             timeout=10)
+    try:
+        wait_for("n1-w1 to reach n2-w1",
+                 lambda: ping(lab, "n1-w1", workload_ip(lab, "n2-w1")) == 3, timeout=10)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnostics(lab, ('n1', 'n2'))}") from None
     print(f"n1-w1 -> n2-w1 answered {time.monotonic() - start:.1f}s after n3 left")
 
 

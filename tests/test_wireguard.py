@@ -33,6 +33,7 @@ from tfcrypt.wireguard import (
     mtu_for_underlay,
     public_key_of,
 )
+from tfcrypt.wireguard.errors import DeviceUnavailable
 from tfcrypt.wireguard.kernel import KernelBackend
 from tfcrypt.wireguard.keys import generate_private_key
 from tfcrypt.wireguard.model import encode_key, normalise_cidrs
@@ -380,9 +381,11 @@ class Lab:
         self.ip(name, "link", "set", "lo", "up")
         return name
 
-    def backend(self, netns: str, ifname: str | None = None) -> UserspaceBackend:
+    def backend(self, netns: str, ifname: str | None = None,
+                uapi_timeout: float = 5.0) -> UserspaceBackend:
         ifname = ifname or "tfw" + secrets.token_hex(3)
-        backend = UserspaceBackend(ifname, netns=netns, log_path=self.tmp / f"{ifname}.log")
+        backend = UserspaceBackend(ifname, netns=netns, log_path=self.tmp / f"{ifname}.log",
+                                   uapi_timeout=uapi_timeout)
         self.backends.append(backend)
         return backend
 
@@ -638,3 +641,27 @@ def test_supervision_restarts_a_killed_device(lab: Lab) -> None:
 
     run(scenario())
     assert backend.ifname in lab.ip(ns, "link", "show", backend.ifname)
+
+
+@pytest.mark.lab
+def test_a_stalled_device_is_reported_not_replaced(lab: Lab) -> None:
+    """A wireguard-go that lives but does not answer (SIGSTOP stands in for a busy one)
+    is not a vanished device: no second wireguard-go, no restart, same pid after."""
+    ns = lab.netns("a")
+    backend = lab.backend(ns, uapi_timeout=0.5)
+
+    async def scenario() -> None:
+        await backend.ensure_device()
+        lab.track(backend)
+        pid = backend.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(DeviceUnavailable, match="did not answer"):
+                await backend.ensure_device()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await backend.ensure_device() is DeviceOrigin.PRESENT
+        assert backend.pid == pid and backend.restarts == 0
+
+    run(scenario())

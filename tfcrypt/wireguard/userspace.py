@@ -9,6 +9,8 @@ Rules:
 - Supervision is by observation: `ensure_device()` (called by every apply, and by
   `supervise()` on an interval) restarts a vanished device and reports `RESTARTED`;
   `restarts` counts them and `restarted` is set so the agent re-applies everything.
+  A device whose process lives and whose link exists but whose socket does not answer
+  (busy, stopped) is reported unavailable, never replaced: it has not vanished.
 """
 
 from __future__ import annotations
@@ -83,14 +85,28 @@ class UserspaceBackend:
         self._uapi = UapiClient(self.socket_path, timeout=uapi_timeout)
         self._proc: subprocess.Popen[bytes] | None = None
         self._known = False
+        self._ensure_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         where = f", netns={self.netns!r}" if self.netns else ""
         return f"UserspaceBackend({self.ifname!r}{where}, pid={self.pid})"
 
     async def ensure_device(self) -> DeviceOrigin:
+        # apply and the supervisor both call this: one at a time, or both would see a
+        # vanished device and start two wireguard-go for one interface
+        async with self._ensure_lock:
+            return await self._ensure_device()
+
+    async def _ensure_device(self) -> DeviceOrigin:
         self._reap()
         pid = await self._uapi.server_pid()
+        if pid is None and self.pid is not None and _running(self.pid) and (
+                await link.link_state(self.ifname, self.netns) is not None):
+            # alive, link present, socket silent: busy or stopped, not gone. Starting a
+            # second one would not replace it (the TUN is taken) and would stall applies.
+            raise DeviceUnavailable(
+                f"{self.ifname}: wireguard-go pid {self.pid} runs but its UAPI socket did "
+                f"not answer within {self._uapi.timeout:g}s")
         if pid is not None:
             await self._check_ours(pid)
             origin = DeviceOrigin.PRESENT if self._known else DeviceOrigin.ADOPTED
