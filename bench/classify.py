@@ -1,6 +1,6 @@
 """Classification cost is flat: TCP throughput of an unselected flow vs the size of the sets.
 
-Run `python -m bench.classify [--seconds S] [--rounds R]` as root.
+Run `python -m bench.classify [--seconds S] [--rounds R] [--quick]` as root (figure D3).
 
 Rules:
 - Two fresh namespaces joined by a veth: the client (the "local workload" side, holding
@@ -183,13 +183,13 @@ def run(args: argparse.Namespace) -> int:
         finally:
             lab.stop_server()
 
-    figures = [Figure(f"throughput.{c.id}", tuple(gbps[c.id]), "Gbit/s", None,
+    figures = [Figure(f"D3.gbps_{c.id}", tuple(gbps[c.id]), "Gbit/s", None,
                       f"{c.elements} set/map elements, {c.rules} ip rules") for c in order]
     for c in order[1:]:
         goal = Goal(0.97, below=False) if c.rules == 0 else None
         note = (f"vs 10 elements, same round; {c.elements} elements" if c.rules == 0
                 else f"vs 10 elements, same round; naive design, {c.rules} ip rules")
-        figures.append(Figure(f"ratio.{c.id}", tuple(ratios[c.id]), "x", goal, note))
+        figures.append(Figure(f"D3.ratio_{c.id}", tuple(ratios[c.id]), "x", goal, note))
     conds = conditions(seconds_per_run=args.seconds, rounds=args.rounds,
                        order=[c.id for c in order], flow="iperf3 TCP, 1 stream, -R",
                        ip_early_demux=0,
@@ -204,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.classify")
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    return run(parser.parse_args(argv))
+    parser.add_argument("--quick", action="store_true", help="one round of 1 s runs (smoke)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.rounds = 1.0, 1
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ class Figure:
             "runs": len(self.runs),
             "pass": self.goal.met(self.value) if self.goal else None,
             **({"note": self.note} if self.note else {}),
+            "samples": [_round(r) for r in self.runs],
         }
 
 

@@ -1,0 +1,246 @@
+"""From the benches' results to what the README shows: latest.json, latest.md and plots.
+
+Rules:
+- Input is only what the benches wrote (`bench/results/<bench>.json`); nothing is
+  measured here, so a report can be rebuilt at any time (`python -m bench report`).
+- `latest.json` holds one entry per figure id (`D1.tcp1`, `C3.first_apply_s`, ...) with
+  value, unit, goal, min, max, runs, pass and the bench and date it came from, plus one
+  verdict per issue figure (D1 ... C5): pass only if every goal under it passed. Figures
+  keep the date of the run that produced them: a bench run alone refreshes its own.
+- Plots are drawn with matplotlib's non-interactive Agg backend into PNG files next to
+  the JSON; a plot whose data is missing is skipped and said so, never drawn empty.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS
+
+FIGURE_IDS = ("D1", "D2", "D3", "D4", "C1", "C2", "C3", "C4", "C5")
+TITLES = {
+    "D1": "selected flow: tfcrypt tunnel vs hand-made WireGuard",
+    "D2": "unselected flow, 100,000 set elements vs no tfcrypt",
+    "D3": "classification cost vs set size (and naive ip rules)",
+    "D4": "WireGuard MTU and fragmentation",
+    "C1": "policy change to every node's dataplane (3 nodes)",
+    "C2": "node join to first selected packet",
+    "C3": "one agent at 1,000 nodes x 100 workloads (no lab)",
+    "C4": "record verification and start-up with 100,000 records",
+    "C5": "key rotation under a selected flow",
+}
+_SCALE_RESULT = re.compile(r"reconcile_n(\d+)\.json$")
+
+Json = dict[str, Any]
+
+
+def _load(path: Path) -> Json | None:
+    try:
+        body: Json = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return body
+
+
+def figure_group(fig_id: str) -> str | None:
+    head = fig_id.split(".", 1)[0]
+    return head if head in FIGURE_IDS else None
+
+
+def collect(results: Path = RESULTS) -> Json:
+    """Every figure of every bench result file, keyed by id, with per-issue verdicts."""
+    figures: dict[str, Json] = {}
+    conditions: dict[str, Json] = {}
+    for path in sorted(results.glob("*.json")):
+        if path.name == "latest.json":
+            continue
+        body = _load(path)
+        if not body or "figures" not in body:
+            continue
+        bench = body.get("bench", path.stem)
+        conds = body.get("conditions", {})
+        conditions[path.stem] = conds
+        for fig in body["figures"]:
+            if figure_group(str(fig.get("id", ""))) is None:
+                continue
+            figures[fig["id"]] = {**{k: v for k, v in fig.items() if k != "samples"},
+                                  "bench": bench, "date": conds.get("date")}
+    verdicts = {}
+    for group in FIGURE_IDS:
+        mine = [f for i, f in figures.items() if figure_group(i) == group]
+        judged = [f["pass"] for f in mine if f.get("pass") is not None]
+        verdicts[group] = {
+            "title": TITLES[group], "figures": len(mine),
+            "pass": (all(judged) if judged else None) if mine else None,
+            "measured": bool(mine)}
+    return {"generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "verdicts": verdicts, "figures": dict(sorted(figures.items(), key=_order)),
+            "conditions": conditions}
+
+
+def _order(item: tuple[str, Json]) -> tuple[int, str]:
+    group = figure_group(item[0]) or ""
+    return (FIGURE_IDS.index(group) if group in FIGURE_IDS else 99, item[0])
+
+
+def markdown(latest: Json) -> str:
+    """The table the README embeds: one row per figure, its goal and pass/short."""
+    rows = ["| figure | value | min | max | runs | unit | goal | verdict |",
+            "|---|---|---|---|---|---|---|---|"]
+    for fig_id, f in latest["figures"].items():
+        verdict = "-" if f.get("pass") is None else ("pass" if f["pass"] else "**short**")
+        rows.append(f"| {fig_id} | {f['value']} | {f['min']} | {f['max']} | {f['runs']} "
+                    f"| {f['unit']} | {f.get('goal') or '-'} | {verdict} |")
+    summary = ["| id | what | verdict |", "|---|---|---|"]
+    for group, v in latest["verdicts"].items():
+        verdict = ("not measured" if not v["measured"] else
+                   "-" if v["pass"] is None else "pass" if v["pass"] else "**short**")
+        summary.append(f"| {group} | {v['title']} | {verdict} |")
+    return "\n".join(summary) + "\n\n" + "\n".join(rows) + "\n"
+
+
+def _figs(latest: Json, ids: Iterable[str]) -> list[tuple[str, Json]]:
+    return [(i, latest["figures"][i]) for i in ids if i in latest["figures"]]
+
+
+def plot_ratios(latest: Json, out: Path) -> bool:
+    """D1-D3 ratios as bars with min-max whiskers, the goal as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = [(i, f) for i, f in latest["figures"].items()
+            if figure_group(i) in ("D1", "D2", "D3") and f["unit"] == "x"]
+    if not figs:
+        return False
+    names = [i for i, _ in figs]
+    values = [f["value"] for _, f in figs]
+    low = [f["value"] - f["min"] for _, f in figs]
+    high = [f["max"] - f["value"] for _, f in figs]
+    colors = ["tab:green" if f.get("pass") else "tab:red" if f.get("pass") is False
+              else "tab:gray" for _, f in figs]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(names, values, yerr=[low, high], color=colors, capsize=3)
+    ax.axhline(0.95, color="black", linestyle="--", linewidth=0.8, label="goal 0.95 (D1, D2)")
+    ax.axhline(0.97, color="gray", linestyle=":", linewidth=0.8, label="goal 0.97 (D3)")
+    ax.set_ylabel("throughput ratio (median, min-max)")
+    ax.set_title("Data plane, side by side (green: goal met, red: short, gray: no goal)")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def scale_series(results: Path = RESULTS) -> dict[int, Json]:
+    """C3 growth: the reconcile results kept per node count (`reconcile_n<N>.json`)."""
+    series = {}
+    for path in results.glob("reconcile_n*.json"):
+        m = _SCALE_RESULT.search(path.name)
+        body = _load(path)
+        if m and body:
+            series[int(m.group(1))] = {f["id"]: f for f in body.get("figures", [])}
+    return dict(sorted(series.items()))
+
+
+def plot_scale(series: dict[int, Json], out: Path) -> bool:
+    """How compute, first apply, one change and RSS grow from 10 to 1,000 nodes."""
+    if len(series) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nodes = list(series)
+
+    def values(*names: str) -> list[float | None]:
+        out_values: list[float | None] = []
+        for n in nodes:
+            fig = next((series[n][name] for name in names if name in series[n]), None)
+            out_values.append(fig["value"] if fig else None)
+        return out_values
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, ids, scale in (("first compute (s)", ("C3.first_compute_s", "first.compute"), 1),
+                              ("first apply (s)", ("C3.first_apply_s", "first.apply"), 1),
+                              ("one change (s)", ("C3.change_total_ms", "change.total"), 1e-3)):
+        ys = values(*ids)
+        pts = [(n, y * scale) for n, y in zip(nodes, ys, strict=True) if y is not None]
+        if pts:
+            left.plot(*zip(*pts, strict=True), marker="o", label=label)
+    left.axhline(1.0, color="gray", linestyle=":", linewidth=0.8)
+    left.axhline(5.0, color="gray", linestyle="--", linewidth=0.8)
+    left.axhline(0.05, color="gray", linestyle="-.", linewidth=0.8)
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("nodes (x 100 workloads each)")
+    left.set_ylabel("seconds (goals: 1 s, 5 s, 50 ms)")
+    left.legend(fontsize=8)
+    rss = [(n, y) for n, y in zip(nodes, values("C3.rss_mib", "first.rss_after"), strict=True)
+           if y is not None]
+    if rss:
+        right.plot(*zip(*rss, strict=True), marker="o", color="tab:purple")
+    right.axhline(150, color="gray", linestyle="--", linewidth=0.8, label="goal 150 MiB")
+    right.set_xscale("log")
+    right.set_xlabel("nodes (x 100 workloads each)")
+    right.set_ylabel("agent RSS after first apply (MiB)")
+    right.legend(fontsize=8)
+    fig.suptitle("C3: one agent's cost as the cluster grows")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_convergence(results: Path, out: Path) -> bool:
+    """C1: the distribution of the 50 convergence times, with the p99 goal."""
+    body = _load(results / "convergence.json")
+    if not body:
+        return False
+    samples = next((f.get("samples") for f in body.get("figures", [])
+                    if f.get("id") == "C1.p50"), None)
+    if not samples:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(samples)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], marker=".")
+    ax.axvline(500, color="gray", linestyle="--", linewidth=0.8, label="goal p99 < 500 ms")
+    ax.set_xlabel("policy apply -> last node's dataplane (ms)")
+    ax.set_ylabel("fraction of changes")
+    ax.set_title(f"C1: convergence over {len(ordered)} changes, 3 nodes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(results: Path = RESULTS) -> tuple[Json, list[str]]:
+    """latest.json, latest.md and the plots; returns the document and what was skipped."""
+    latest = collect(results)
+    skipped = []
+    plots = {"dataplane.png": lambda p: plot_ratios(latest, p),
+             "scale.png": lambda p: plot_scale(scale_series(results), p),
+             "convergence.png": lambda p: plot_convergence(results, p)}
+    latest["plots"] = []
+    for name, draw in plots.items():
+        if draw(results / name):
+            latest["plots"].append(name)
+        else:
+            skipped.append(f"{name}: no data yet")
+    (results / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
+    (results / "latest.md").write_text(markdown(latest))
+    return latest, skipped
