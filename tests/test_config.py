@@ -30,6 +30,7 @@ BAD = {
     "lease_ttl": ("2", "2 is not in 5..3600"),
     "resync_interval": ("soon", "'soon' is not a number"),
     "mtu": ("9", "9 is not in 1280..65535"),
+    "persistent_keepalive": ("-1", "-1 is not in 0..65535"),
     "node_id_template": ("spiffe://td/node", "must be a spiffe:// ID containing {node}"),
     "controller_ids": ("https://controller", "is not a spiffe:// ID"),
     "status_socket": ("/run/" + "x" * 120, "longer than a Unix socket path"),

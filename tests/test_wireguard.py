@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -578,8 +579,10 @@ def test_device_of_another_namespace_is_not_adopted(lab: Lab) -> None:
     assert_dump_is(lab, ns_a, owner.ifname, two_peers())
 
 
-@pytest.mark.lab
-def test_two_nodes_handshake_over_veth(lab: Lab) -> None:
+def two_nodes(lab: Lab, keepalive: int = 0
+              ) -> tuple[tuple[str, UserspaceBackend, str], tuple[str, UserspaceBackend, str]]:
+    """Two namespaces over a veth, each with a device that has the other as its peer;
+    returns (netns, backend, public key) per node. No packet is sent yet."""
     ns_a, ns_b = lab.netns("a"), lab.netns("b")
     lab.ip(ns_a, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", ns_b)
     for ns, underlay in ((ns_a, "10.250.7.1/24"), (ns_b, "10.250.7.2/24")):
@@ -588,10 +591,10 @@ def test_two_nodes_handshake_over_veth(lab: Lab) -> None:
     priv_a, pub_a = new_key()
     priv_b, pub_b = new_key()
     node_a = DesiredDevice(priv_a, 51820, 1420, {
-        pub_b: PeerConfig(pub_b, "10.250.7.2:51821", frozenset({"10.77.0.2/32"})),
+        pub_b: PeerConfig(pub_b, "10.250.7.2:51821", frozenset({"10.77.0.2/32"}), keepalive),
     })
     node_b = DesiredDevice(priv_b, 51821, 1420, {
-        pub_a: PeerConfig(pub_a, "10.250.7.1:51820", frozenset({"10.77.0.1/32"})),
+        pub_a: PeerConfig(pub_a, "10.250.7.1:51820", frozenset({"10.77.0.1/32"}), keepalive),
     })
     backend_a, backend_b = lab.backend(ns_a), lab.backend(ns_b)
 
@@ -604,6 +607,17 @@ def test_two_nodes_handshake_over_veth(lab: Lab) -> None:
             assert report.ok, report.errors
 
     run(configure())
+    return (ns_a, backend_a, pub_a), (ns_b, backend_b, pub_b)
+
+
+def handshake_of(lab: Lab, netns: str, backend: UserspaceBackend) -> int:
+    line = lab.in_ns(netns, "wg", "show", backend.ifname, "latest-handshakes").stdout.strip()
+    return int(line.split("\t")[1])
+
+
+@pytest.mark.lab
+def test_two_nodes_handshake_over_veth(lab: Lab) -> None:
+    (ns_a, backend_a, pub_a), (ns_b, backend_b, _) = two_nodes(lab)
     for ns, backend, local, remote in (
         (ns_a, backend_a, "10.77.0.1/32", "10.77.0.2/32"),
         (ns_b, backend_b, "10.77.0.2/32", "10.77.0.1/32"),
@@ -614,11 +628,26 @@ def test_two_nodes_handshake_over_veth(lab: Lab) -> None:
     ping = lab.in_ns(ns_a, "ping", "-c", "2", "-i", "0.2", "-w", "10", "10.77.0.2", check=False)
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
-    handshakes = lab.in_ns(ns_a, "wg", "show", backend_a.ifname, "latest-handshakes").stdout
-    (line,) = handshakes.strip().split("\n")
-    assert line.split("\t") [0] == pub_b and int(line.split("\t")[1]) > 0
+    assert handshake_of(lab, ns_a, backend_a) > 0
     state = run(WireGuardManager(backend_b).status())
     assert state.peers[pub_a].last_handshake is not None and state.peers[pub_a].rx_bytes > 0
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("keepalive", [0, 25])
+def test_a_peer_with_keepalive_is_greeted_at_once_without_traffic(lab: Lab,
+                                                                   keepalive: int) -> None:
+    """What the agent's `persistent_keepalive` is for: with it, configuring a peer starts a
+    handshake at once; without it, nothing happens until a packet waits (and a first
+    attempt that reached a node not yet knowing us is retried only after 5 s)."""
+    (ns_a, backend_a, _), (ns_b, backend_b, _) = two_nodes(lab, keepalive)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not handshake_of(lab, ns_a, backend_a):
+        time.sleep(0.1)
+    if keepalive:
+        assert handshake_of(lab, ns_a, backend_a) > 0 and handshake_of(lab, ns_b, backend_b) > 0
+    else:
+        assert handshake_of(lab, ns_a, backend_a) == 0
 
 
 @pytest.mark.lab

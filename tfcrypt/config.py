@@ -60,6 +60,7 @@ class AgentConfig:
     lease_ttl: int = 15
     resync_interval: float = 10.0
     mtu: int | None = None
+    persistent_keepalive: int = 25
     node_id_template: str = "spiffe://{trust_domain}/tfcrypt/node/{node}"
     controller_ids: tuple[str, ...] = ("spiffe://{trust_domain}/tfcrypt/controller",)
     status_socket: str = DEFAULT_STATUS_SOCKET
@@ -293,6 +294,8 @@ KEYS: tuple[Key, ...] = (
         "seconds between full reconciles"),
     Key("mtu", "mtu", _optional(_int), _in_range(1280, 65535),
         "WireGuard MTU (default 1420: 1500 minus 80 bytes of overhead)"),
+    Key("persistent_keepalive", "persistent_keepalive", _int, _in_range(0, 65535),
+        "seconds between keepalives to each peer (0: off); a new peer is greeted at once"),
     Key("node_id_template", "node_id_template", _str, _template,
         "SPIFFE ID of a node; {trust_domain} and {node} are filled in"),
     Key("controller_ids", "controller_ids", _list, _spiffe_ids,

@@ -70,14 +70,19 @@ class Dataplane:
                                        families=(Family.V4, Family.V6), siblings=priorities)
 
     def set_desired(self, desired: Desired, *, private_key_b64: str, listen_port: int,
-                    mtu: int) -> None:
+                    mtu: int, keepalive: int = 0) -> None:
+        """`keepalive` > 0 also makes WireGuard send a keepalive to a peer as soon as it
+        is configured: the side that learns of a new peer (or a new key) last starts the
+        handshake at once, instead of the other side retrying after REKEY_TIMEOUT (5 s).
+        """
         r = self.routing
         self.failclosed_routes.set_desired(
             {cidr: RouteSpec(type=RouteType.PROHIBIT) for cidr in DEFAULTS})
         self.failclosed_rule.set_desired(True)
         self.wireguard.set_desired(DesiredDevice(
             private_key_b64=private_key_b64, listen_port=listen_port, mtu=mtu,
-            peers={k: PeerConfig(public_key=k, endpoint=p.endpoint, allowed_ips=p.allowed_ips)
+            peers={k: PeerConfig(public_key=k, endpoint=p.endpoint, allowed_ips=p.allowed_ips,
+                                 persistent_keepalive=keepalive)
                    for k, p in desired.peers.items()}))
         self.tunnel_routes.set_desired(DEFAULTS)
         self.tunnel_rule.set_desired(True)

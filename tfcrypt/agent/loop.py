@@ -297,7 +297,8 @@ class Agent:
         causes, self._causes = self._causes, []
         self.dataplane.set_desired(desired, private_key_b64=self.node_key.key.private_key_b64,
                                    listen_port=self.cfg.listen_port,
-                                   mtu=self.cfg.mtu or DEFAULT_MTU)
+                                   mtu=self.cfg.mtu or DEFAULT_MTU,
+                                   keepalive=self.cfg.persistent_keepalive)
         full, self._full_needed = self._full_needed, False
         self._applying = True
         try:
