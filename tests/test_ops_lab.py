@@ -215,6 +215,31 @@ def test_unhealthy_with_the_reason_while_etcd_is_down(lab: Lab) -> None:
     wait_for("n1 to be healthy again", lambda: healthy(lab, "n1"), timeout=60)
 
 
+def wg_mtu(lab: Lab, node: str) -> int:
+    words = run(lab, node, "ip", "link", "show", "tfcrypt0").stdout.split()
+    return int(words[words.index("mtu") + 1])
+
+
+def test_the_wireguard_mtu_follows_the_underlay_and_a_full_segment_still_crosses(
+        lab: Lab) -> None:
+    """No MTU configured: the agent takes the underlay's minus 80 and follows a change."""
+    assert (wg_mtu(lab, "n2"), healthy(lab, "n2")["mtu_source"]) == (1420,
+                                                                     "underlay MTU 1500 - 80")
+    run(lab, "n2", "ip", "link", "set", "eth0", "mtu", "1400")
+    try:
+        wait_for("n2's WireGuard MTU to follow its underlay", lambda: wg_mtu(lab, "n2") == 1320,
+                 timeout=30)
+        assert healthy(lab, "n2")["mtu"] == 1320
+        # the largest packet the tunnel takes now crosses, unfragmented: DF set
+        src, dst = "n2-w1", workload_ip(lab, "n1-w1")
+        df = run(lab, src, "ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "do",
+                 "-s", str(1320 - 28), dst, check=False)
+        assert df.returncode == 0, df.stdout + df.stderr
+    finally:
+        run(lab, "n2", "ip", "link", "set", "eth0", "mtu", "1500")
+    wait_for("n2's WireGuard MTU back at 1420", lambda: wg_mtu(lab, "n2") == 1420, timeout=30)
+
+
 def test_uninstall_restores_the_kernel_as_it_was_before_the_agent(lab: Lab) -> None:
     state = agents.state_dir(lab, "n1")
     args = ("uninstall", "--state-dir", str(state), "--status-socket",

@@ -56,6 +56,7 @@ class Dataplane:
                  routing: RoutingConfig) -> None:
         r = routing
         self.routing = r
+        self.netlink = netlink
         self.wireguard = wireguard
         self.nft = nft
         self.failclosed_routes = RouteManager(netlink, r.ifname, table=r.failclosed_table)

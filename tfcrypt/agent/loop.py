@@ -39,6 +39,7 @@ from tfcrypt.agent.status_api import StatusServer
 from tfcrypt.config import AgentConfig
 from tfcrypt.core.compute import Desired, Snapshot
 from tfcrypt.core.incremental import IncrementalCore
+from tfcrypt.dataplane.netlink import NetlinkError
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
 from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
 from tfcrypt.identity.view import VerifiedView
@@ -48,13 +49,15 @@ from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
 from tfcrypt.registry.events import Deleted, Listed, Put
 from tfcrypt.wireguard.errors import WireGuardError
-from tfcrypt.wireguard.model import DeviceState
+from tfcrypt.wireguard.model import DeviceState, mtu_for_underlay
 
 log = logging.getLogger(__name__)
 
 DEBOUNCE = 0.05
 OWN_EVENTS_WINDOW = 1.0  # seconds after an apply that changed something: events are ours
-DEFAULT_MTU = 1420  # 1500-byte underlay minus the 80 bytes of WireGuard over IPv6
+DEFAULT_MTU = 1420  # 1500-byte underlay minus the 80 bytes of WireGuard over IPv6: the
+# fallback when the interface holding the advertise address cannot be read
+MIN_MTU = 1280  # IPv6's minimum link MTU: below it the tunnel could not carry IPv6
 DROP_NAMES = {"guard_drops": "guard", "ingress_drops": "strict_ingress",
               "ingress_audit": "strict_ingress_audit"}
 
@@ -92,6 +95,8 @@ class Agent:
         # workload keys changed since the last reconcile; None = unknown, diff everything
         self._changed_workloads: set[str] | None = None
         self.last_reconcile: dict[str, Any] = {}
+        self.mtu: int | None = None  # the WireGuard MTU in use, and where it came from
+        self.mtu_source = ""
         # the last full apply that found the kernel differing from what we had applied
         self.last_repair: dict[str, Any] | None = None
         self._dirty = asyncio.Event()
@@ -295,11 +300,13 @@ class Agent:
                         ", ".join(sorted(desired.missing_peers)))
         previous, self.desired = self.desired, desired
         causes, self._causes = self._causes, []
-        self.dataplane.set_desired(desired, private_key_b64=self.node_key.key.private_key_b64,
-                                   listen_port=self.cfg.listen_port,
-                                   mtu=self.cfg.mtu or DEFAULT_MTU,
-                                   keepalive=self.cfg.persistent_keepalive)
         full, self._full_needed = self._full_needed, False
+        if full or self.mtu is None:
+            await self._pick_mtu()
+        assert self.mtu is not None
+        self.dataplane.set_desired(desired, private_key_b64=self.node_key.key.private_key_b64,
+                                   listen_port=self.cfg.listen_port, mtu=self.mtu,
+                                   keepalive=self.cfg.persistent_keepalive)
         self._applying = True
         try:
             result = await self.dataplane.apply(full=full)
@@ -329,6 +336,31 @@ class Agent:
                                "ops": result.ops, "errors": result.errors,
                                "changed": dict(result.changed)}
         await self._write_status()
+
+    async def _pick_mtu(self) -> None:
+        """The configured MTU, else the underlay's minus WireGuard's worst-case overhead.
+
+        The underlay is the interface holding the advertise address (what peers send to),
+        read again on every full apply, so a changed underlay MTU follows within one resync.
+        """
+        if self.cfg.mtu:
+            mtu, source = self.cfg.mtu, "configured"
+        else:
+            try:
+                underlay = await self.dataplane.netlink.address_mtu(self.cfg.advertise_address)
+            except (NetlinkError, OSError) as exc:
+                underlay, why = None, f"unreadable ({exc})"
+            else:
+                why = f"no interface holds {self.cfg.advertise_address}"
+            if underlay is not None and mtu_for_underlay(underlay) >= MIN_MTU:
+                mtu, source = mtu_for_underlay(underlay), f"underlay MTU {underlay} - 80"
+            else:
+                if underlay is not None:
+                    why = f"underlay MTU {underlay} leaves less than {MIN_MTU}"
+                mtu, source = DEFAULT_MTU, f"default: {why}"
+        if (mtu, source) != (self.mtu, self.mtu_source):
+            log.info("wireguard MTU %d (%s)", mtu, source)
+        self.mtu, self.mtu_source = mtu, source
 
     # -- status --------------------------------------------------------------------
 
@@ -404,6 +436,8 @@ class Agent:
             "key_problem": nk.key.problem if nk else None,
             "interface": self.cfg.interface,
             "listen_port": device.listen_port if device else self.cfg.listen_port,
+            "mtu": self.mtu,
+            "mtu_source": self.mtu_source,
             "device_present": device is not None,
             "device_restarts": getattr(self.wg.backend, "restarts", 0),
             "last_repair": self.last_repair,

@@ -110,6 +110,10 @@ class NetlinkError(TfcryptError):
 class Netlink(Protocol):
     async def link_index(self, ifname: str) -> int | None: ...
 
+    async def address_mtu(self, address: str) -> int | None:
+        """The MTU of the interface that holds `address` (None: no interface has it)."""
+        ...
+
     async def routes(self, family: Family, table: int) -> list[KernelRoute]:
         """Every route of `table` in `family`, whoever owns it."""
         ...
@@ -141,6 +145,7 @@ class FakeNetlink:
 
     def __init__(self) -> None:
         self.links: dict[str, int] = {}
+        self.address_mtus: dict[str, int] = {}
         self.route_table: list[KernelRoute] = []
         self.rule_list: list[KernelRule] = []
         self.failure: Failure | None = None
@@ -163,6 +168,9 @@ class FakeNetlink:
 
     async def link_index(self, ifname: str) -> int | None:
         return self.links.get(ifname)
+
+    async def address_mtu(self, address: str) -> int | None:
+        return self.address_mtus.get(address)
 
     async def routes(self, family: Family, table: int) -> list[KernelRoute]:
         mine = [r for r in self.route_table if r.family == family and r.table == table]
@@ -256,6 +264,20 @@ class PyRoute2Netlink:
     async def link_index(self, ifname: str) -> int | None:
         found = await (await self._sock()).link_lookup(ifname=ifname)
         return found[0] if found else None
+
+    async def address_mtu(self, address: str) -> int | None:
+        from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
+
+        ipr = await self._sock()
+        try:
+            held = [a async for a in await ipr.addr("dump", address=address)]
+            if not held:
+                return None
+            links = await ipr.link("get", index=held[0]["index"])
+        except PyNetlinkError as exc:
+            raise NetlinkError(exc.code, f"mtu of the interface holding {address}") from exc
+        mtu = links[0].get("IFLA_MTU") if links else None
+        return int(mtu) if mtu else None
 
     async def routes(self, family: Family, table: int) -> list[KernelRoute]:
         from pyroute2.netlink.rtnl import RTM_GETROUTE
