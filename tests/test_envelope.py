@@ -571,3 +571,23 @@ def test_issued_after_the_chain_expired_is_expired(world: World, book: EpochBook
     raw = _controller_value(world, NOW + 2 * HOUR)
     assert_rejected(world, book, RejectReason.EXPIRED, lambda: world.verify(
         raw, "policies/x", now=NOW + 2 * HOUR, chain_time=ChainTime.ISSUED_AT))
+
+
+def test_a_chain_validated_once_is_still_checked_for_time_and_bundle(world: World) -> None:
+    """The verifier reuses a validated path (C4: 100,000 records share one chain); reuse
+    must not let an expired chain, or a bundle that no longer trusts it, through."""
+    value = node_value(world, "n7")
+    assert world.verify(value, "nodes/n7").signer == node_id("n7")
+    assert world.verify(value, "nodes/n7").signer == node_id("n7")  # from the cache
+    with pytest.raises(Rejected) as expired:
+        world.verify(value, "nodes/n7", now=NOW + 2 * HOUR)
+    assert expired.value.reason is RejectReason.EXPIRED
+    with pytest.raises(Rejected) as too_early:
+        world.verify(value, "nodes/n7", now=NOW - 2 * HOUR)
+    assert too_early.value.reason is RejectReason.EXPIRED
+    rogue_bundle = TrustBundles({TD: [world.rogue.cert]})
+    with pytest.raises(Rejected) as untrusted:
+        verify_envelope(value, "nodes/n7", bundles=rogue_bundle, authorizer=world.authorizer,
+                        now=NOW)
+    assert untrusted.value.reason is RejectReason.UNTRUSTED_CHAIN
+    assert world.verify(value, "nodes/n7").signer == node_id("n7")

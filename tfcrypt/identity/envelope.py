@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,23 +155,37 @@ def decode_envelope(raw: bytes) -> Envelope:
         raise EnvelopeFormatError(f"chain longer than {MAX_CHAIN_LENGTH}")
     chain = []
     for i, item in enumerate(chain_field):
-        der = _b64(item, f"chain[{i}]")
+        if not isinstance(item, str):  # lists and dicts cannot be cache keys
+            raise EnvelopeFormatError(f"chain[{i}] is not a base64 string")
         try:
-            cert = x509.load_der_x509_certificate(der)
-            cert.subject, cert.issuer  # noqa: B018 - parsed lazily; fail here, not mid-check
-        except (ValueError, TypeError, x509.InvalidVersion):
-            raise EnvelopeFormatError(f"chain[{i}] is not a DER certificate") from None
-        chain.append(cert)
+            chain.append(_certificate(item))
+        except EnvelopeFormatError as e:
+            raise EnvelopeFormatError(f"chain[{i}] {e}") from None
     return Envelope(obj["payload"], sig, tuple(chain))
 
 
+@functools.lru_cache(maxsize=1024)
+def _certificate(item: str) -> x509.Certificate:
+    """One chain entry, parsed once: every value a writer signs carries the same chain, so
+    100,000 workload records hold one or two distinct certificates (errors are not cached).
+    """
+    der = _b64(item, "")
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert.subject, cert.issuer  # noqa: B018 - parsed lazily; fail here, not mid-check
+    except (ValueError, TypeError, x509.InvalidVersion):
+        raise EnvelopeFormatError("is not a DER certificate") from None
+    return cert
+
+
 def _b64(value: object, name: str) -> bytes:
+    what = f"{name} is" if name else "is"
     if not isinstance(value, str) or not value:
-        raise EnvelopeFormatError(f"{name} is not a base64 string")
+        raise EnvelopeFormatError(f"{what} not a base64 string")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise EnvelopeFormatError(f"{name} is not valid base64") from None
+        raise EnvelopeFormatError(f"{what} not valid base64") from None
 
 
 def _spki(public_key: object) -> bytes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ def _parse_payload(text: str) -> dict[str, Any]:
     return payload
 
 
+@functools.lru_cache(maxsize=1024)  # pure in the leaf; rejections are not cached
 def _leaf_spiffe_id(leaf: x509.Certificate) -> tuple[str, str]:
     """The leaf's one SPIFFE ID and its trust domain (X509-SVID spec, section 2)."""
     try:
@@ -188,6 +190,10 @@ def _validate_chain(chain: tuple[x509.Certificate, ...], cas: tuple[x509.Certifi
         if now > cert.not_valid_after_utc:
             raise Rejected(RejectReason.EXPIRED,
                            f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
+    known = _paths.get((chain, cas))
+    if known is not None and all(c.not_valid_before_utc <= now <= c.not_valid_after_utc
+                                 for c in known):
+        return list(known)
     verifier = (
         PolicyBuilder()
         .store(Store(list(cas)))
@@ -197,7 +203,9 @@ def _validate_chain(chain: tuple[x509.Certificate, ...], cas: tuple[x509.Certifi
         .build_client_verifier()
     )
     try:
-        return list(verifier.verify(chain[0], list(chain[1:])).chain)
+        path = tuple(verifier.verify(chain[0], list(chain[1:])).chain)
+        _paths.put((chain, cas), path)
+        return list(path)
     except VerificationError as e:
         issuers = [ca for ca in cas if ca.subject == chain[-1].issuer]
         if issuers and all(not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc
@@ -208,6 +216,32 @@ def _validate_chain(chain: tuple[x509.Certificate, ...], cas: tuple[x509.Certifi
                        f"chain does not validate to the {trust_domain!r} bundle: {e}") from None
 
 
+class _PathCache:
+    """Validated paths by (presented chain, trust bundle): path building checks signatures,
+    constraints and key usage, none of which depend on the time, so a path found once is
+    reused while `now` lies inside every certificate's validity; outside it, or for a chain
+    never seen, the verifier runs again. Every value one writer signs carries the same
+    chain, so 100,000 workload records cost one path validation, not 100,000. Bounded:
+    the oldest entry goes first.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._paths: dict[tuple[object, ...], tuple[x509.Certificate, ...]] = {}
+
+    def get(self, key: tuple[object, ...]) -> tuple[x509.Certificate, ...] | None:
+        return self._paths.get(key)
+
+    def put(self, key: tuple[object, ...], path: tuple[x509.Certificate, ...]) -> None:
+        if len(self._paths) >= self.size:
+            self._paths.pop(next(iter(self._paths)))
+        self._paths[key] = path
+
+
+_paths = _PathCache()
+
+
+@functools.lru_cache(maxsize=1024)  # pure in the leaf; rejections are not cached
 def _check_svid_leaf(leaf: x509.Certificate) -> VerifyingKey:
     """X509-SVID spec, sections 4.1 and 4.3: a leaf is no CA and signs with its own key."""
     try:
