@@ -218,7 +218,7 @@ def plot_convergence(results: Path, out: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], marker=".")
     ax.axvline(500, color="gray", linestyle="--", linewidth=0.8, label="goal p99 < 500 ms")
-    ax.set_xlabel("policy apply -> last node's dataplane (ms)")
+    ax.set_xlabel("policy write (etcd) -> last node's nft commit (ms)")
     ax.set_ylabel("fraction of changes")
     ax.set_title(f"C1: convergence over {len(ordered)} changes, 3 nodes")
     ax.legend(fontsize=8)

@@ -49,6 +49,7 @@ class ApplyResult:
     ops: int = 0
     errors: list[str] = field(default_factory=list)
     changed: dict[str, int] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)  # reconcilers that left items pending
 
 
 class Dataplane:
@@ -113,4 +114,6 @@ class Dataplane:
             if report.ops:
                 result.changed[name] = report.ops
             result.errors += [f"{name}: {e}" for e in report.errors]
+            if report.errors:
+                result.failed.add(name)
         return result

@@ -48,6 +48,7 @@ from tfcrypt.model.node import NodeRecord
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
 from tfcrypt.registry.events import Deleted, Listed, Put
+from tfcrypt.wireguard.backend import DeviceOrigin
 from tfcrypt.wireguard.errors import WireGuardError
 from tfcrypt.wireguard.model import DeviceState, mtu_for_underlay
 
@@ -101,6 +102,8 @@ class Agent:
         self.last_repair: dict[str, Any] | None = None
         self._dirty = asyncio.Event()
         self._publish_needed = asyncio.Event()
+        # set once the device holds peers for our view: only then may others handshake
+        self._device_ready = asyncio.Event()
         self._state_dir = Path(cfg.state_dir)
         self._own_key = f"nodes/{cfg.node_name}"
         self._published: bytes | None = None
@@ -115,7 +118,8 @@ class Agent:
         await self.status_server.start()
         fallback = None
         try:
-            await self.wg.backend.ensure_device()
+            if await self.wg.backend.ensure_device() is DeviceOrigin.ADOPTED:
+                self._device_ready.set()  # a previous run's device, peers configured
             fallback = await self.wg.backend.read_private_key()
         except Exception as exc:
             log.warning("wireguard device not available yet: %s", exc)
@@ -190,7 +194,13 @@ class Agent:
             self._changed_workloads.add(key)
 
     async def _publisher(self) -> None:
-        """Publish our signed record whenever the SVID, the key or etcd's view changes."""
+        """Publish our signed record whenever the SVID, the key or etcd's view changes.
+
+        Not before the device holds its peers (the first apply, or an adopted device): a
+        peer that learns of us sends a handshake at once, and one that reaches a device not
+        knowing that peer yet is dropped and retried only after WireGuard's 5 s.
+        """
+        await self._device_ready.wait()
         while True:
             await self._publish_needed.wait()
             self._publish_needed.clear()
@@ -312,6 +322,8 @@ class Agent:
             result = await self.dataplane.apply(full=full)
         finally:
             self._applying = False
+        if "wireguard" not in result.failed:
+            self._device_ready.set()
         if result.ops:
             self._own_changes_until = time.monotonic() + OWN_EVENTS_WINDOW
             if full and previous == desired:
