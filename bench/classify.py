@@ -160,6 +160,7 @@ class Lab:
 
 
 def run(args: argparse.Namespace) -> int:
+    at_start = conditions()  # the load average before this bench adds its own
     prefix = run_prefix("tfc")
     order = configs()
     gbps: dict[str, list[float]] = {c.id: [] for c in order}
@@ -190,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         note = (f"vs 10 elements, same round; {c.elements} elements" if c.rules == 0
                 else f"vs 10 elements, same round; naive design, {c.rules} ip rules")
         figures.append(Figure(f"D3.ratio_{c.id}", tuple(ratios[c.id]), "x", goal, note))
-    conds = conditions(seconds_per_run=args.seconds, rounds=args.rounds,
+    conds = conditions(loadavg_at_start=at_start["loadavg_at_start"],
+                       seconds_per_run=args.seconds, rounds=args.rounds,
                        order=[c.id for c in order], flow="iperf3 TCP, 1 stream, -R",
                        ip_early_demux=0,
                        spread_nft10=round(statistics.pstdev(gbps[order[0].id]), 3))
