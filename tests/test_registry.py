@@ -439,3 +439,40 @@ def test_cluster_member_that_hangs_is_left_for_another(etcd_cluster: EtcdCluster
             assert reg.status().endpoint != endpoints[0].removeprefix("http://")
 
     run(scenario())
+
+
+def test_a_list_in_pages_sees_one_revision_and_every_key(etcd: EtcdServer) -> None:
+    """100,000 records do not fit one gRPC answer, so the list reads pages; every page is
+    read at the first page's revision: a write landing between pages is not in the list
+    (the watch from revision+1 delivers it), and no key is lost at a page boundary."""
+    import aetcd
+
+    from tfcrypt.registry.keys import Keyspace
+    from tfcrypt.registry.watch import list_prefix
+
+    for i in range(25):
+        etcd.etcdctl("put", f"{PREFIX}/workloads/w{i:02d}", f"v{i}")
+    etcd.etcdctl("put", f"{PREFIX}0/not-ours", "x")
+
+    async def scenario() -> None:
+        host, port = etcd.endpoint.removeprefix("http://").split(":")
+        async with aetcd.Client(host=host, port=int(port)) as client:
+            await client.connect()
+            pages = 0
+            real_range = client.kvstub.Range
+
+            async def range_then_write(request, **kw):  # type: ignore[no-untyped-def]
+                nonlocal pages
+                pages += 1
+                if pages == 2:
+                    await client.put(f"{PREFIX}/workloads/late".encode(), b"late")
+                return await real_range(request, **kw)
+
+            client.kvstub.Range = range_then_write
+            listed = await list_prefix(client, Keyspace(PREFIX), f"{PREFIX}/".encode(), page=4)
+        assert pages == 7  # 25 keys in pages of 4
+        assert {k: i.value for k, i in listed.items.items()} == {
+            f"workloads/w{i:02d}": f"v{i}".encode() for i in range(25)}
+        assert "workloads/late" not in listed.items
+
+    run(scenario())

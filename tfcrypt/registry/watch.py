@@ -1,8 +1,10 @@
 """The consumer's stream: list the prefix, watch from the next revision, relist on trouble.
 
 Rules:
-- A stream opens with `Listed` (one range read of the whole prefix at revision R), then
-  watches from R+1, so no change falls between the list and the watch.
+- A stream opens with `Listed` (a read of the whole prefix at revision R, in pages of
+  `LIST_PAGE` keys all read at R), then watches from R+1, so no change falls between the
+  list and the watch. Pages, because one answer for 100,000 signed records (~110 MB) is
+  over gRPC's receive limit: the agent would retry the list for ever.
 - Any trouble — a compacted revision, a lost connection, a broken or silently ended
   watch stream, a member that stops answering — ends the watch. The stream then waits
   (backoff, next endpoint) and starts over with a new `Listed`: deletions that happened
@@ -24,6 +26,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import aetcd
+from aetcd.utils import prefix_range_end
 
 from tfcrypt.registry.connection import Connection
 from tfcrypt.registry.endpoints import Backoff
@@ -36,12 +39,41 @@ log = logging.getLogger(__name__)
 _END = object()
 
 
-async def list_prefix(client: aetcd.Client, keys: Keyspace, start: bytes) -> Listed:
-    """Every key under the absolute byte prefix `start`, at one revision."""
+LIST_PAGE = 1000
+
+
+async def list_prefix(client: aetcd.Client, keys: Keyspace, start: bytes,
+                      page: int = LIST_PAGE) -> Listed:
+    """Every key under the absolute byte prefix `start`, at one revision, page by page.
+
+    aetcd 1.0 has no range read with a limit or a revision (its request builder accepts
+    both and drops them), so the request is built with its `_build_get_range_request`,
+    given `limit` and `revision` on the protobuf, and sent on its `kvstub`, as its own
+    `get_prefix` does. The first page fixes the revision; a revision compacted between
+    pages fails the list, and the stream lists again.
+    """
+    end = prefix_range_end(start)
+    items: dict[str, Item] = {}
+    revision: int | None = None
+    key = start
     with etcd_errors("list"):
-        result = await client.get_prefix(start)
-    items = {keys.relative(kv.key): Item(kv.value, kv.mod_revision) for kv in result}
-    return Listed(items, result.header.revision)
+        await client.connect()
+        while True:
+            request = client._build_get_range_request(key=key, range_end=end)
+            request.limit = page
+            if revision is not None:
+                request.revision = revision
+            answer = await client.kvstub.Range(request, timeout=client._timeout,
+                                               metadata=client.metadata)
+            if revision is None:
+                revision = answer.header.revision
+            for kv in answer.kvs:
+                items[keys.relative(kv.key)] = Item(kv.value, kv.mod_revision)
+            if not answer.more or not answer.kvs:
+                break
+            key = answer.kvs[-1].key + b"\0"
+    assert revision is not None
+    return Listed(items, revision)
 
 
 class WatchStream:
