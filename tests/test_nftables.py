@@ -641,3 +641,15 @@ def test_an_unknown_selector_name_is_refused() -> None:
     with pytest.raises(ConfigError, match="selector"):
         desired_table(NftDesired({"10.1.0.1": "ca"}, {"ca": frozenset({"out"})}, {},
                                  mark=MARK))
+
+
+def test_a_class_gaining_a_selector_gets_its_rules_on_an_incremental_apply() -> None:
+    d = NftDesired({"10.1.0.1": "ca"}, {"ca": frozenset({"sx"})},
+                   {"sx": frozenset({"10.2.0.1"}), "sy": frozenset({"10.3.0.1"})}, mark=MARK)
+    _, manager = applied(d)
+    assert reapply(manager, d) == []
+    more = NftDesired(d.local_class, {"ca": frozenset({"sx", "sy"})}, d.selector_ips, mark=MARK)
+    changed = reapply(manager, more)
+    assert sorted(what(c) for c in changed) == [("add", "rule", "in_ca")] * 2 + [
+        ("add", "rule", "out_ca")] * 2
+    assert reapply(manager, more) == []

@@ -35,6 +35,7 @@ from tfcrypt.core.compute import (
     usable_records,
 )
 from tfcrypt.core.selection import (
+    Bitmaps,
     ClaimMap,
     Classes,
     Membership,
@@ -295,11 +296,18 @@ class IncrementalCore:
         self._masks = SelectorMasks()
         for key in index.selectors():
             self._masks.add(key, index.result(key))
-        index.track()
         self._masks.counts()
-        self._enforced.fill(self._masks, sizes=True)
-        for table in self._audit:
+        for table in (self._enforced, *self._audit):
             table.fill(self._masks, sizes=False)
+        # first sizes on bitmaps (one OR and a popcount per class); kept current on masks
+        bitmaps = Bitmaps(index.numbering())
+        unions: dict[tuple[int, str], int] = {}
+        for t, table in enumerate((self._enforced, *self._audit)):
+            for key, selectors in table.selectors.items():
+                unions[(t, key)] = bitmaps.union(index.result(s) for s in selectors)
+        self._enforced.sizes = {key: unions[(0, key)].bit_count()
+                                for key in self._enforced.selectors}
+        index.track()
         self._enforced_bits = self._masks.of(self._enforced.selector_users)
         self._claims = Claims(workloads)
         self._group_stats: dict[tuple[str | None, ...], tuple[tuple[int, ...], int]] = {}
@@ -308,7 +316,7 @@ class IncrementalCore:
         self._peers: dict[str, PeerDesired] = {}
         self._missing: set[str] = set()
         self._refresh_nodes(set(self._records) | set(self._claims.on_node))
-        self._refresh_audit(set(self._claims.on_node))
+        self._refresh_audit(set(self._claims.on_node), unions)
         self.desired = self._assemble()
         return self.desired
 
@@ -476,8 +484,11 @@ class IncrementalCore:
                 self._group_stats[group] = (
                     tuple(c + d for c, d in zip(counts, delta, strict=True)), count + total)
 
-    def _refresh_audit(self, nodes: Iterable[str]) -> None:
-        """Counts for groups not seen before, and audit missing_peers for `nodes`."""
+    def _refresh_audit(self, nodes: Iterable[str],
+                       unions: Mapping[tuple[int, str], int] | None = None) -> None:
+        """Counts for groups not seen before (on the class union bitmaps `unions`, by
+        (table index, class key), when given: the rebuild), and audit missing_peers for
+        `nodes`."""
         if not self._audit:
             return
         groups = self._groups()
@@ -485,6 +496,15 @@ class IncrementalCore:
         items: list[tuple[int, int]] | None = None
         for group in groups:
             found = self._group_stats.get(group)
+            if found is None and unions is not None:
+                outside = ~unions[(0, group[0])] if group[0] else -1
+                audited = [unions[(t, k)] if k is not None else 0
+                           for t, k in enumerate(group[1:], start=1)]
+                together = 0
+                for b in audited:
+                    together |= b
+                found = (tuple((b & outside).bit_count() for b in audited),
+                         (together & outside).bit_count())
             if found is None:
                 if items is None:
                     any_audit = 0

@@ -281,6 +281,9 @@ class DesiredTable:
         self._selectors: dict[str, _SetMembers] = {}
         self._rules: dict[tuple[object, ...], list[RuleSpec]] = {}
         self._canon: dict[str, tuple[Fam, str]] = {}
+        self.skeleton_changed = True
+        """Whether the last update changed anything but elements (counters, sets, chains,
+        rules): the manager skips diffing the ~10 k rules when it did not."""
 
     def canonical(self, text: str) -> tuple[Fam, str]:
         """`canonical_ip` through a cache (remote IPs recur in several selector sets)."""
@@ -337,6 +340,10 @@ class DesiredTable:
             state.elements[f"out_{fam.suffix}"][canon] = out_chain(key)
             state.elements[f"in_{fam.suffix}"][canon] = in_chain(key)
         state.rules = {(r.chain, r.comment): r for r in rules}
+        old = self.state
+        self.skeleton_changed = (self.desired is None or state.rules.keys() != old.rules.keys()
+                                 or state.sets != old.sets or state.chains != old.chains
+                                 or state.counters != old.counters)
         self.desired, self.state, self._selectors, self._rules = d, state, members, rule_cache
         return changed
 
