@@ -29,6 +29,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -118,7 +119,8 @@ class RuleSpec:
     """Statements as canonical JSON strings (empty for rules read back from nft)."""
 
     def expr_json(self) -> list[Json]:
-        return [json.loads(s) for s in self.expr]
+        """The statements as JSON values (shared between rules: never mutate them)."""
+        return [_decoded(s) for s in self.expr]
 
 
 @dataclass
@@ -199,10 +201,28 @@ def _addr(fam: Fam, field_: str) -> Json:
     return {"payload": {"protocol": fam.proto, "field": field_}}
 
 
-def _rule(chain: str, *stmts: Json) -> RuleSpec:
-    expr = tuple(json.dumps(s, sort_keys=True, separators=(",", ":")) for s in stmts)
+def _rule(chain: str, *stmts: Json | str) -> RuleSpec:
+    """A rule of `stmts` (JSON values, or their canonical encoding from `_encoded`)."""
+    expr = tuple(st if isinstance(st, str) else _encoded(st) for st in stmts)
     digest = hashlib.sha256("\n".join(expr).encode()).hexdigest()[:12]
     return RuleSpec(chain, COMMENT_PREFIX + digest, expr)
+
+
+def _encoded(stmt: Json) -> str:
+    return json.dumps(stmt, sort_keys=True, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=8192)
+def _decoded(text: str) -> Json:
+    """Statements recur across the ~10 k class rules at scale (a few hundred distinct):
+    decoded once each."""
+    found: Json = json.loads(text)
+    return found
+
+
+@functools.lru_cache(maxsize=8192)
+def _set_match(proto: str, field_: str, set_ref: str) -> str:
+    return _encoded(_match("==", {"payload": {"protocol": proto, "field": field_}}, set_ref))
 
 
 def _set_mark(mark: int, mask: int) -> Json:
@@ -220,19 +240,23 @@ def _set_mark(mark: int, mask: int) -> Json:
 def _class_rules(key: str, selectors: Collection[str], d: NftDesired, mask: int
                  ) -> list[RuleSpec]:
     """One rule per selector and family in each of the class's chains; the first match
-    acts and returns (so a packet is counted once, whatever number of selectors hold it)."""
-    anon_counter: Json = {"counter": {"packets": 0, "bytes": 0}}
-    marking = [_set_mark(d.mark, mask)] if d.enforce else []
-    verdict = ([{"counter": "ingress_drops"}, {"drop": None}] if d.enforce
-               else [{"counter": "ingress_audit"}, {"return": None}])
+    acts and returns (so a packet is counted once, whatever number of selectors hold it).
+    Statements are encoded once per class (the set matches once per selector)."""
+    counter = _encoded({"counter": {"packets": 0, "bytes": 0}})
+    marking = [_encoded(_set_mark(d.mark, mask))] if d.enforce else []
+    back = _encoded({"return": None})
+    verdict = ([_encoded({"counter": "ingress_drops"}), _encoded({"drop": None})] if d.enforce
+               else [_encoded({"counter": "ingress_audit"}), back])
+    not_tunnel = _encoded(_match("!=", _meta("iifname"), d.wg_ifname))
+    out_name, in_name = out_chain(key), in_chain(key)
     rules: list[RuleSpec] = []
     for selector in sorted(selectors):
         for fam in FAMILIES:
             peers = "@" + set_name(selector, fam)
-            rules.append(_rule(out_chain(key), _match("==", _addr(fam, "daddr"), peers),
-                               anon_counter, *marking, {"return": None}))
-            rules.append(_rule(in_chain(key), _match("!=", _meta("iifname"), d.wg_ifname),
-                               _match("==", _addr(fam, "saddr"), peers), *verdict))
+            rules.append(_rule(out_name, _set_match(fam.proto, "daddr", peers),
+                               counter, *marking, back))
+            rules.append(_rule(in_name, not_tunnel, _set_match(fam.proto, "saddr", peers),
+                               *verdict))
     return rules
 
 
@@ -281,6 +305,7 @@ class DesiredTable:
         self._selectors: dict[str, _SetMembers] = {}
         self._rules: dict[tuple[object, ...], list[RuleSpec]] = {}
         self._canon: dict[str, tuple[Fam, str]] = {}
+        self._shape: tuple[object, ...] = ()
         self.skeleton_changed = True
         """Whether the last update changed anything but elements (counters, sets, chains,
         rules): the manager skips diffing the ~10 k rules when it did not."""
@@ -298,11 +323,13 @@ class DesiredTable:
         """Make `state` the table for `d`; returns the selector sets whose elements changed."""
         validate(d)
         mask = d.mask if d.mask is not None else d.mark
+        old = self.state
+        shape = (d.mark, mask, d.enforce, d.wg_ifname, frozenset(d.local_class.values()),
+                 frozenset(d.selector_ips))
+        same_skeleton = (self.desired is not None and shape == self._shape
+                         and d.class_selectors == self.desired.class_selectors)
         state = TableState(counters=set(COUNTERS))
-        state.chains[PREROUTING] = BaseHook("filter", "prerouting", -150, "accept")
-        state.chains[EGRESS_GUARD] = BaseHook("filter", "postrouting", 0, "accept")
         for name in LOCAL_MAPS:
-            state.sets[name] = SetSpec(_BY_SUFFIX[name[-2:]].addr_type, "verdict")
             state.elements[name] = {}
         rule_cache: dict[tuple[object, ...], list[RuleSpec]] = {}
 
@@ -315,36 +342,47 @@ class DesiredTable:
             rule_cache[at] = found
             return found
 
-        rules = list(cached(""))
+        if same_skeleton:  # chains, sets and rules are the last ones (never mutated)
+            state.counters, state.chains, state.sets = old.counters, old.chains, old.sets
+            state.rules, rule_cache = old.rules, self._rules
+        else:
+            state.chains[PREROUTING] = BaseHook("filter", "prerouting", -150, "accept")
+            state.chains[EGRESS_GUARD] = BaseHook("filter", "postrouting", 0, "accept")
+            for name in LOCAL_MAPS:
+                state.sets[name] = SetSpec(_BY_SUFFIX[name[-2:]].addr_type, "verdict")
+        rules = [] if same_skeleton else list(cached(""))
         members: dict[str, _SetMembers] = {}
         changed: set[str] = set()
         used = {n for names in d.class_selectors.values() for n in names}
         for selector in sorted({*d.selector_ips, *used}):
             names = [set_name(selector, fam) for fam in FAMILIES]
-            for fam, name in zip(FAMILIES, names, strict=True):
-                state.sets[name] = SetSpec(fam.addr_type)
+            if not same_skeleton:
+                for fam, name in zip(FAMILIES, names, strict=True):
+                    state.sets[name] = SetSpec(fam.addr_type)
             src = d.selector_ips.get(selector, _NO_PEERS)
             prev = self._selectors.get(selector)
             if prev is not None and (prev.src is src or prev.src == src):
                 members[selector] = prev
-                state.elements.update((n, self.state.elements[n]) for n in names)
+                state.elements.update((n, old.elements[n]) for n in names)
             else:
                 members[selector] = self._set_members(selector, src, prev, state)
                 changed.update(names)
-        for key in sorted({*d.local_class.values(), *d.class_selectors}):
-            state.chains[out_chain(key)] = None
-            state.chains[in_chain(key)] = None
-            rules.extend(cached(key, frozenset(d.class_selectors.get(key, ()))))
+        if not same_skeleton:
+            for key in sorted({*d.local_class.values(), *d.class_selectors}):
+                state.chains[out_chain(key)] = None
+                state.chains[in_chain(key)] = None
+                rules.extend(cached(key, frozenset(d.class_selectors.get(key, ()))))
+            state.rules = {(r.chain, r.comment): r for r in rules}
         for ip, key in d.local_class.items():
             fam, canon = self.canonical(ip)
             state.elements[f"out_{fam.suffix}"][canon] = out_chain(key)
             state.elements[f"in_{fam.suffix}"][canon] = in_chain(key)
-        state.rules = {(r.chain, r.comment): r for r in rules}
-        old = self.state
-        self.skeleton_changed = (self.desired is None or state.rules.keys() != old.rules.keys()
-                                 or state.sets != old.sets or state.chains != old.chains
-                                 or state.counters != old.counters)
+        self.skeleton_changed = not same_skeleton and (
+            self.desired is None or state.rules.keys() != old.rules.keys()
+            or state.sets != old.sets or state.chains != old.chains
+            or state.counters != old.counters)
         self.desired, self.state, self._selectors, self._rules = d, state, members, rule_cache
+        self._shape = shape
         return changed
 
     def _set_members(self, key: str, src: frozenset[str], prev: _SetMembers | None,
