@@ -4,10 +4,12 @@ Rules (docs/policy.md; DESIGN.md "Shape of the code"):
 - `IncrementalCore(own_node).update(snapshot)` always returns a Desired equal (`==`) to
   `compute(snapshot)`; tests/test_selection.py checks it on random sequences of changes.
 - It keeps the indexes of the previous snapshot and applies only what changed: a workload
-  change touches its IPs' claims, the cached selector results those IPs enter or leave,
-  the class sets built from those selectors, and the peers of the nodes that claim them;
-  a local workload change re-signs its IPs and may add or drop a class. A policy change
-  (or a 40-bit class key collision, or another own node) rebuilds from scratch.
+  change touches its IPs' claims, the cached selector results those IPs enter or leave
+  (the enforced ones get a new frozenset each), the IPs' selector masks (which move the
+  class union sizes and audit counts by the touched IPs only), and the peers of the nodes
+  that claim them; a local workload change re-signs its IPs and may add or drop a class
+  and the selectors it uses. A policy change (or a 40-bit class key or selector name
+  collision, or another own node) rebuilds from scratch.
 - Which workloads changed: diffing two 100,000-entry mappings costs more than applying
   one change, so the caller that knows (a watch event names its key) passes the keys;
   without them every value is compared by identity, then equality.

@@ -15,8 +15,15 @@ Rules (DESIGN.md, "Policy model"; docs/policy.md):
   memberships (policy, rule index, side, the local values of the rule's match_tags
   types). The class key is a hash of that set alone, never of remote content, so a change
   on another node changes set elements, never class identities; identical memberships
-  share a class. Each class maps to the remote IPs selected with it, found through a tag
-  index (the smallest posting list, then a subset test), never by a pairwise loop.
+  share a class. Each membership has a remote SELECTOR (the other endpoint plus the local
+  match_tags values); a class selects the union of its selectors' results. Results are
+  found through a tag index (postings intersected as sets), never by a pairwise loop, and
+  kept per selector: the union per class is never built outside tests and explain (at
+  scale it would repeat each remote IP in ~30 classes). Selector names hash the selector
+  alone, so they too are stable under remote churn.
+- Union sizes (pair counts, audit counts) are counted without unions: `Bitmaps` (a full
+  build: OR and popcount of one-byte-per-IP integers) or `SelectorMasks` (per-IP masks the
+  incremental core keeps current).
 """
 
 from __future__ import annotations
