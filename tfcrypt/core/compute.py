@@ -280,25 +280,6 @@ def group_bits(group: tuple[str | None, ...], enforced_bits: Mapping[str, int],
             *(bits[k] if k is not None else 0 for bits, k in zip(audit_bits, keys, strict=True)))
 
 
-def audit_counts(items: Iterable[tuple[int, int]], gb: tuple[int, ...]
-                 ) -> tuple[tuple[int, ...], int]:
-    """Over (mask, how many IPs) items: per audit policy, the IPs its class selects that the
-    enforced class does not; and how many the audit classes add together."""
-    enforced, *audited = gb
-    any_audit = 0
-    for b in audited:
-        any_audit |= b
-    per = [0] * len(audited)
-    total = 0
-    for m, n in items:
-        if m & any_audit and not m & enforced:
-            total += n
-            for i, b in enumerate(audited):
-                if m & b:
-                    per[i] += n
-    return tuple(per), total
-
-
 def audit_adds(mask: int, group_masks: Iterable[tuple[int, ...]]) -> bool:
     """Whether an IP with `mask` is one some group's audit classes add beyond its enforced."""
     for enforced, *audited in group_masks:

@@ -21,7 +21,7 @@ Rules (docs/policy.md; DESIGN.md "Shape of the code"):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 
 from tfcrypt.core.compute import (
@@ -31,7 +31,6 @@ from tfcrypt.core.compute import (
     Snapshot,
     allowed_ips,
     audit_adds,
-    audit_counts,
     conflict_text,
     group_bits,
     usable_records,
@@ -145,16 +144,14 @@ class ClassTable:
     def _selector(self, m: Membership) -> SelectorKey:
         return self.index.register(*remote_selector(m, self._by_ref[(m.policy, m.rule)]))
 
-    def fill(self, masks: SelectorMasks, sizes: bool) -> None:
-        """Mask bits (and, if `sizes`, union sizes) of the classes that lack them."""
-        memo: dict[int, int] = {}
+    def fill(self, masks: SelectorMasks,
+             size_of: Callable[[frozenset[SelectorKey]], int] | None) -> None:
+        """Mask bits (and, with `size_of`, union sizes) of the classes that lack them."""
         for key, selectors in self.selectors.items():
             if key not in self.bits:
-                b = self.bits[key] = masks.of(selectors)
-                if sizes:
-                    if b not in memo:
-                        memo[b] = masks.size(b)
-                    self.sizes[key] = memo[b]
+                self.bits[key] = masks.of(selectors)
+                if size_of is not None:
+                    self.sizes[key] = size_of(selectors)
 
     def remote_moved(self, moves: Sequence[tuple[str, int, int]]) -> None:
         """Remote IPs changed masks (ip, old, new): move the class sizes."""
@@ -299,16 +296,15 @@ class IncrementalCore:
         for key in index.selectors():
             self._masks.add(key, index.result(key))
         self._masks.counts()
-        for table in (self._enforced, *self._audit):
-            table.fill(self._masks, sizes=False)
-        # first sizes on bitmaps (one OR and a popcount per class); kept current on masks
-        bitmaps = Bitmaps(index.numbering())
-        unions: dict[tuple[int, str], int] = {}
-        for t, table in enumerate((self._enforced, *self._audit)):
-            for key, selectors in table.selectors.items():
-                unions[(t, key)] = bitmaps.union(index.result(s) for s in selectors)
-        self._enforced.sizes = {key: unions[(0, key)].bit_count()
-                                for key in self._enforced.selectors}
+        self._key_of_bit = {b: key for key, b in self._masks.bit.items()}
+        # selector results as bitmaps too (kept current with the masks): a new class's
+        # union size or a new audit group's counts is then a few ORs and a popcount
+        self._bitmaps = Bitmaps(index.numbering())
+        self._bm = {key: self._bitmaps.of(index.result(key)) for key in index.selectors()}
+        self._bitmaps.forget()
+        self._enforced.fill(self._masks, self._size_of)
+        for table in self._audit:
+            table.fill(self._masks, None)
         index.track()
         self._enforced_bits = self._masks.of(self._enforced.selector_users)
         self._claims = Claims(workloads)
@@ -318,7 +314,7 @@ class IncrementalCore:
         self._peers: dict[str, PeerDesired] = {}
         self._missing: set[str] = set()
         self._refresh_nodes(set(self._records) | set(self._claims.on_node))
-        self._refresh_audit(set(self._claims.on_node), unions)
+        self._refresh_audit(set(self._claims.on_node))
         self.desired = self._assemble()
         return self.desired
 
@@ -370,6 +366,7 @@ class IncrementalCore:
                 old = masks.set(y, new)
                 if old != new:
                     moves.append((y, old, new))
+                    self._flip_bits(y, old ^ new)
         self._enforced.remote_moved(moves)
         flips: set[str] = set()
         eb = self._enforced_bits
@@ -389,9 +386,11 @@ class IncrementalCore:
         for key in index.selectors():
             if key not in masks.bit:
                 masks.add(key, index.result(key))
-        self._enforced.fill(masks, sizes=True)
+                self._key_of_bit[masks.bit[key]] = key
+                self._bm[key] = self._bitmaps.grown(index.result(key))
+        self._enforced.fill(masks, self._size_of)
         for table in self._audit:
-            table.fill(masks, sizes=False)
+            table.fill(masks, None)
         if appeared or gone:
             flips |= self._selectors_changed(appeared, gone)
         dirty_nodes |= {n for ip in flips for n in claims.nodes_of(ip)}
@@ -426,6 +425,24 @@ class IncrementalCore:
                     flips.add(y)
                     (self._selected.add if now else self._selected.discard)(y)
         return flips
+
+    def _flip_bits(self, ip: str, changed: int) -> None:
+        """Keep the selector bitmaps in step with a remote IP's mask change."""
+        at = 1 << (8 * self._bitmaps.place(ip))
+        while changed:
+            low = changed & -changed
+            key = self._key_of_bit[low]
+            self._bm[key] ^= at
+            changed ^= low
+
+    def _size_of(self, selectors: Iterable[SelectorKey]) -> int:
+        return self._union_bm(selectors).bit_count()
+
+    def _union_bm(self, selectors: Iterable[SelectorKey]) -> int:
+        found = 0
+        for key in selectors:
+            found |= self._bm[key]
+        return found
 
     # -- records ---------------------------------------------------------------------
 
@@ -486,35 +503,26 @@ class IncrementalCore:
                 self._group_stats[group] = (
                     tuple(c + d for c, d in zip(counts, delta, strict=True)), count + total)
 
-    def _refresh_audit(self, nodes: Iterable[str],
-                       unions: Mapping[tuple[int, str], int] | None = None) -> None:
-        """Counts for groups not seen before (on the class union bitmaps `unions`, by
-        (table index, class key), when given: the rebuild), and audit missing_peers for
-        `nodes`."""
+    def _refresh_audit(self, nodes: Iterable[str]) -> None:
+        """Counts for groups not seen before (on the selector bitmaps), and audit
+        missing_peers for `nodes`."""
         if not self._audit:
             return
         groups = self._groups()
         stats = {}
-        items: list[tuple[int, int]] | None = None
+        tables = (self._enforced, *self._audit)
         for group in groups:
             found = self._group_stats.get(group)
-            if found is None and unions is not None:
-                outside = ~unions[(0, group[0])] if group[0] else -1
-                audited = [unions[(t, k)] if k is not None else 0
+            if found is None:
+                outside = (~self._union_bm(self._enforced.selectors[group[0]])
+                           if group[0] else -1)
+                audited = [self._union_bm(tables[t].selectors[k]) if k is not None else 0
                            for t, k in enumerate(group[1:], start=1)]
                 together = 0
                 for b in audited:
                     together |= b
                 found = (tuple((b & outside).bit_count() for b in audited),
                          (together & outside).bit_count())
-            if found is None:
-                if items is None:
-                    any_audit = 0
-                    for table in self._audit:
-                        for b in table.bits.values():
-                            any_audit |= b
-                    items = [(m, n) for m, n in self._masks.counts().items() if m & any_audit]
-                found = audit_counts(items, self._group_bits(group))
             stats[group] = found
         self._group_stats = stats
         self._groups_now = groups

@@ -560,7 +560,7 @@ class Bitmaps:
     `numbering` gives every remote IP a position; sets must hold only numbered IPs.
     """
 
-    def __init__(self, numbering: Mapping[str, int]) -> None:
+    def __init__(self, numbering: dict[str, int]) -> None:
         self.position = numbering
         self.width = len(numbering)
         self._of: dict[int, int] = {}
@@ -575,6 +575,36 @@ class Bitmaps:
                 raw[i] = 1
             found = self._of[id(ips)] = int.from_bytes(raw, "little")
             self._alive.append(ips)
+        return found
+
+    def forget(self) -> None:
+        """Drop the identity memo (before the sets it names may be freed or mutated)."""
+        self._of.clear()
+        self._alive.clear()
+
+    def place(self, ip: str) -> int:
+        """The position of `ip`, numbering it if new (a growing numbering: positions are
+        never reused, so a bitmap made before stays valid)."""
+        found = self.position.get(ip)
+        if found is None:
+            found = self.position[ip] = self.width
+            self.width += 1
+        return found
+
+    def grown(self, ips: Iterable[str]) -> int:
+        """The bitmap of `ips`, numbering new IPs (no memo)."""
+        found = 0
+        raw = bytearray(self.width)
+        extra = []
+        for ip in ips:
+            i = self.place(ip)
+            if i < len(raw):
+                raw[i] = 1
+            else:
+                extra.append(i)
+        found = int.from_bytes(raw, "little")
+        for i in extra:
+            found |= 1 << (8 * i)
         return found
 
     def union(self, sets: Iterable[Set[str]]) -> int:
