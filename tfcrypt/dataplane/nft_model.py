@@ -400,13 +400,16 @@ class DesiredTable:
                     members[names[fam.suffix]][canon] = None
                 state.elements.update(members)
                 return _SetMembers(src, aliased=False)
-        fresh: dict[str, dict[str, str | None]] = {n: {} for n in names.values()}
-        aliased = False
-        for ip in src:
-            fam, canon = self.canonical(ip)
-            fresh[names[fam.suffix]][canon] = None
-            aliased = aliased or canon != ip
-        state.elements.update(fresh)
+        # a whole set at once (first apply: ~0.34 M elements): cache lookups in C, the
+        # misses canonicalised one by one
+        hits = list(map(self._canon.get, src))
+        if None in hits:
+            hits = [hit if hit is not None else self.canonical(ip)
+                    for ip, hit in zip(src, hits, strict=True)]
+        v4, v6 = FAMILIES
+        state.elements[names[v4.suffix]] = dict.fromkeys(c for f, c in hits if f is v4)
+        state.elements[names[v6.suffix]] = dict.fromkeys(c for f, c in hits if f is v6)
+        aliased = any(c != ip for ip, (_, c) in zip(src, hits, strict=True))
         return _SetMembers(src, aliased)
 
 

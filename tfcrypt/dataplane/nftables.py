@@ -115,7 +115,8 @@ def build_transaction(want: TableState, have: TableState, plan: Plan[Key, object
     cmds += [_cmd("delete", "rule", chain=c, handle=h) for c, h in sorted(stale_rules)]
     cmds += _element_cmds("delete", want, split(gone, False), have)
 
-    cmds += [_cmd("add", "counter", name=k[1]) for k in sorted(plan.upserts) if k[0] == "counter"]
+    cmds += [_cmd("add", "counter", name=k[1])  # filter, then sort: ~0.35 M upserts at scale
+             for k in sorted(k for k in plan.upserts if k[0] == "counter")]
     for key in sorted(k for k in plan.upserts if k[0] == "set"):
         spec = want.sets[key[1]]
         if spec.map:
@@ -139,8 +140,8 @@ def build_transaction(want: TableState, have: TableState, plan: Plan[Key, object
     cmds += [_cmd("delete", "map", name=n) for n in sorted(dead_sets) if is_map[n]]
     cmds += [_cmd("delete", "chain", name=n) for n in sorted(dead_chains)]
     cmds += [_cmd("delete", "set", name=n) for n in sorted(dead_sets) if not is_map[n]]
-    cmds += [_cmd("delete", "counter", name=k[1]) for k in sorted(plan.deletions)
-             if k[0] == "counter"]
+    cmds += [_cmd("delete", "counter", name=k[1])
+             for k in sorted(k for k in plan.deletions if k[0] == "counter")]
     return cmds
 
 
