@@ -58,6 +58,7 @@ PORT = 5201
 MARK = 0x00100000
 TABLE = 29798
 PRIO = 1820
+SELECTOR = "sremote"
 CLASS = "cbench"
 LOCAL_BASE = ipaddress.IPv4Address("10.32.0.0")
 REMOTE_BASE = ipaddress.IPv4Address("10.64.0.0")
@@ -86,7 +87,8 @@ def nft_desired(elements: int, wg_ifname: str) -> NftDesired:
     remote IPs in the set, none of them the server."""
     local = {CLIENT: CLASS, **dict.fromkeys(_addresses(LOCAL_BASE, elements - 1), CLASS)}
     remote = frozenset(_addresses(REMOTE_BASE, elements))
-    return NftDesired(local, {CLASS: remote}, mark=MARK, wg_ifname=wg_ifname)
+    return NftDesired(local, {CLASS: frozenset({SELECTOR})}, {SELECTOR: remote}, mark=MARK,
+                      wg_ifname=wg_ifname)
 
 
 def rule_lines(verb: str, count: int) -> str:

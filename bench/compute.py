@@ -156,9 +156,12 @@ def incremental_figure(core: IncrementalCore, fig_id: str, base: Snapshot, chang
     times, _ = timed(lambda i: core.update(states[i % 2], keys), runs)
     before = core.update(base, keys)
     after = core.update(changed, keys)
-    moved = sum(before.class_peers.get(k) != v for k, v in after.class_peers.items())
-    moved += len(before.class_peers.keys() - after.class_peers.keys())
-    check = {"classes_changed": moved, "equals_compute": after == compute(changed)}
+    moved = sum(before.selector_ips.get(k) != v for k, v in after.selector_ips.items())
+    moved += len(before.selector_ips.keys() - after.selector_ips.keys())
+    classes = sum(before.class_selectors.get(k) != v for k, v in after.class_selectors.items())
+    classes += len(before.class_selectors.keys() - after.class_selectors.keys())
+    check = {"selector_sets_changed": moved, "classes_changed": classes,
+             "equals_compute": after == compute(changed)}
     core.update(base, keys)
     how = "keys passed" if tell_keys else "keys found by diffing the 100k-entry mappings"
     return Figure(fig_id, times, GOAL_CHANGE_S, how), check
@@ -228,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     rules = sum(len(p.rules) for p in snap.policies.values())
     print(json.dumps({
         "nodes": args.nodes, "workloads": len(snap.workloads), "rules": rules,
-        "classes": len(desired.class_peers), "local_ips": len(desired.local_class),
+        "classes": len(desired.class_selectors), "local_ips": len(desired.local_class),
+        "selector_sets": len(desired.selector_ips),
+        "selector_elements": sum(len(v) for v in desired.selector_ips.values()),
+        "class_selector_rules": sum(len(v) for v in desired.class_selectors.values()),
         "selected_pairs": desired.selected_pair_count, "peers": len(desired.peers),
         "audit_pairs": desired.audit.pair_count, "gc": args.gc,
         "nproc": os.cpu_count(), "loadavg": os.getloadavg()[0],

@@ -10,7 +10,9 @@ Rules:
   stopped by PID and the namespace deleted by name in a `finally`.
 - The inventory is bench.compute's generator (the same seed, rules and tag mix); building
   it is not timed (the agent parses workloads once, on receipt).
-- First apply: compute on the full snapshot, `Dataplane.set_desired`, `Dataplane.apply`
+- The core is the agent's: an IncrementalCore (its first update is a full build; each
+  change passes the changed workload's key), or compute() per step with `--stateless`.
+- First apply: the core on the full snapshot, `Dataplane.set_desired`, `Dataplane.apply`
   from an empty namespace (every nft element, 999 peers over the UAPI).
 - One change: one remote workload's tags flip between two values, so that it becomes
   selected with some local classes, then unselected again (run after run). Each run is
@@ -51,6 +53,7 @@ from bench.common import (
 from bench.compute import APPS, make_snapshot, retag
 from tfcrypt.agent.dataplane import ApplyResult, Dataplane, RoutingConfig
 from tfcrypt.core.compute import Desired, Snapshot, compute
+from tfcrypt.core.incremental import IncrementalCore
 from tfcrypt.core.selection import is_selected_pairwise
 from tfcrypt.dataplane.netlink import PyRoute2Netlink
 from tfcrypt.dataplane.nft_json import SubprocessNft
@@ -163,7 +166,9 @@ class Stopwatch:
 
 
 class Bench:
-    def __init__(self, netns: str, ifname: str) -> None:
+    def __init__(self, netns: str, ifname: str, stateless: bool = False) -> None:
+        self.stateless = stateless
+        self.core: IncrementalCore | None = None
         self.backend = UserspaceBackend(ifname, netns=netns)
         self.netlink = PyRoute2Netlink(netns=netns)
         self.nft_cli = SubprocessNft(netns=netns)
@@ -178,10 +183,18 @@ class Bench:
         self.watch.wrap("wireguard.apply", self.dataplane.wireguard, "apply")
         self.watch.wrap("wireguard UAPI get", self.backend, "get_state")
 
-    async def step(self, snap: Snapshot) -> tuple[ChangeRun, Desired]:
+    async def step(self, snap: Snapshot, keys: set[str] | None = None
+                   ) -> tuple[ChangeRun, Desired]:
+        """One reconcile: the core (the agent's IncrementalCore, told which workload keys
+        changed; or the stateless compute() with --stateless), set_desired, apply."""
         self.watch.take()
         t0 = time.perf_counter()
-        desired = compute(snap)
+        if self.stateless:
+            desired = compute(snap)
+        else:
+            if self.core is None:
+                self.core = IncrementalCore(snap.own_node)
+            desired = self.core.update(snap, keys)
         t1 = time.perf_counter()
         self.dataplane.set_desired(desired, private_key_b64=self.private_key,
                                    listen_port=LISTEN_PORT, mtu=MTU)
@@ -219,11 +232,13 @@ def _describe(cmd: dict[str, Any]) -> str:
 def check_kernel(netns: str, ifname: str, desired: Desired) -> dict[str, int]:
     """What the kernel holds after the first apply, read with the real tools."""
     peers = sh("wg", "show", ifname, "peers", netns=netns).split()
-    elements = sum(len(v) for v in desired.class_peers.values())
+    elements = sum(len(v) for v in desired.selector_ips.values())
     if len(peers) != len(desired.peers):
         raise RuntimeError(f"wg shows {len(peers)} peers, desired {len(desired.peers)}")
     return {"wg_peers": len(peers), "nft_set_elements": elements,
-            "nft_map_elements": len(desired.local_class), "classes": len(desired.class_peers)}
+            "nft_map_elements": len(desired.local_class), "classes": len(desired.class_selectors),
+            "selector_sets": len(desired.selector_ips),
+            "class_selector_rules": sum(len(v) for v in desired.class_selectors.values())}
 
 
 def profile_change(bench: Bench, snap: Snapshot, loop: asyncio.AbstractEventLoop) -> str:
@@ -253,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     profile_text = ""
     try:
         with namespaces(netns):
-            bench = Bench(netns, ifname)
+            bench = Bench(netns, ifname, stateless=args.stateless)
             try:
                 first, desired = loop.run_until_complete(bench.step(base))
                 rss = rss_mib()
@@ -262,10 +277,10 @@ def run(args: argparse.Namespace) -> int:
                 changes: list[ChangeRun] = []
                 for i in range(args.changes):
                     changes.append(loop.run_until_complete(
-                        bench.step(flipped if i % 2 == 0 else base))[0])
+                        bench.step(flipped if i % 2 == 0 else base, {toggle.key}))[0])
                     _progress(f"change {i + 1}", changes[-1])
                 last = flipped if args.changes % 2 else base
-                noop = loop.run_until_complete(bench.step(last))[0]
+                noop = loop.run_until_complete(bench.step(last, set()))[0]
                 _progress("no-op", noop)
                 if args.profile:
                     profile_text = profile_change(bench, base if last is flipped else flipped,
@@ -304,7 +319,8 @@ def run(args: argparse.Namespace) -> int:
                        peers=len(desired.peers), **kernel,
                        first_apply_changed=first.result.changed,
                        first_apply_parts_s={k: round(v, 2) for k, v in first.parts_s.items()},
-                       inventory_build_s=round(build_s, 2))
+                       inventory_build_s=round(build_s, 2),
+                       core="compute() (stateless)" if args.stateless else "IncrementalCore")
     path = write_results("reconcile", figures, conds,
                          toggle={"workload": toggle.key, "tag": str(toggle.tag),
                                  "pairs_changed": toggle.pairs_changed},
@@ -326,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--per-node", type=int, default=100)
     parser.add_argument("--changes", type=int, default=5)
+    parser.add_argument("--stateless", action="store_true",
+                        help="compute() per step instead of the agent's IncrementalCore")
     parser.add_argument("--profile", action="store_true",
                         help="one more change under cProfile -> results/reconcile_profile.txt")
     return run(parser.parse_args(argv))

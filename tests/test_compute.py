@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import pytest
 
@@ -222,3 +223,26 @@ def test_plan_lists_new_pairs_per_node_and_missing_keys() -> None:
     assert "+ 10.200.1.11 <-> 10.200.2.11" in plan.render()
     back = diff_selection({"payments": PAYMENTS_SITE}, {}, workloads, RECORDS)
     assert back.removed == plan.added and not back.missing_peers
+
+
+def test_sets_are_per_remote_selector_and_shared_by_classes() -> None:
+    """Two local roles selecting the same remote side share one selector set: a remote IP
+    is stored once, not once per class."""
+    shared = policy("shared", "    - endpoint1: {tags: [tier=web]}\n"
+                              "      endpoint2: {tags: [application=db]}\n"
+                              "    - endpoint1: {tags: [tier=app]}\n"
+                              "      endpoint2: {tags: [application=db]}\n"
+                              "    - endpoint1: {tags: [tier=app]}\n"
+                              "      endpoint2: {subnet: 10.0.3.0/24}\n")
+    ws = [wl("web", "n1", "10.0.1.1", tags="tier=web"),
+          wl("app", "n1", "10.0.1.2", tags="tier=app"),
+          wl("db", "n2", "10.0.2.1", tags="application=db"),
+          wl("x", "n3", "10.0.3.1")]
+    d = run("n1", ws, [shared])
+    web, app = d.local_class["10.0.1.1"], d.local_class["10.0.1.2"]
+    assert web != app and len(d.class_selectors[web] & d.class_selectors[app]) == 1
+    (db_set,) = d.class_selectors[web]
+    assert d.selector_ips[db_set] == {"10.0.2.1"}
+    assert sum(map(len, d.selector_ips.values())) == 2  # 10.0.2.1 stored once
+    assert all(re.fullmatch(r"s[0-9a-f]{10}(_\d+)?", s) for s in d.selector_ips)
+    assert d.selected_pair_count == 3 == len(pairs(d))

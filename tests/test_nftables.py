@@ -39,7 +39,9 @@ def desired(local: dict[str, str] | None = None, peers: dict[str, set[str]] | No
     local = {"10.1.0.1": "ca", "10.1.0.2": "cb", "fd00:1::1": "ca"} if local is None else local
     if peers is None:
         peers = {"ca": {"10.2.0.1", "10.2.0.2", "fd00:2::1"}, "cb": {"10.3.0.1"}}
-    return NftDesired(local, {k: frozenset(v) for k, v in peers.items()}, mark=MARK, **kw)
+    # one selector per class, named like it: set names stay `<class>_v4`
+    return NftDesired(local, {k: frozenset({k}) for k in peers},
+                      {k: frozenset(v) for k, v in peers.items()}, mark=MARK, **kw)
 
 
 def applied(d: NftDesired) -> tuple[FakeNft, NftManager]:
@@ -256,7 +258,7 @@ def test_wider_mask_clears_our_other_bits_when_marking() -> None:
     rule = next(r for r in fake.table["rules"] if r["chain"] == "out_ca")  # type: ignore[index]
     guard = next(r for r in fake.table["rules"] if r["chain"] == "egress_guard")  # type: ignore[index]
 
-    assert rule["expr"][-1]["mangle"]["value"] == {
+    assert rule["expr"][-2]["mangle"]["value"] == {
         "|": [{"&": [{"meta": {"key": "mark"}}, 0xFFCFFFFF]}, MARK]}
     assert guard["expr"][0]["match"]["left"] == {"&": [{"meta": {"key": "mark"}}, 0x00300000]}
 
@@ -612,3 +614,42 @@ def probe(ns: str) -> dict[str, int]:
     return {e["rule"]["comment"]: next(s["counter"]["packets"] for s in e["rule"]["expr"]
                                        if "counter" in s)
             for e in listing["nftables"] if "rule" in e}
+
+
+def test_classes_share_selector_sets_one_rule_per_selector_and_family() -> None:
+    d = NftDesired({"10.1.0.1": "ca", "10.1.0.2": "cb"},
+                   {"ca": frozenset({"sx", "sy"}), "cb": frozenset({"sy"})},
+                   {"sx": frozenset({"10.2.0.1"}), "sy": frozenset({"10.3.0.1", "fd00:3::1"})},
+                   mark=MARK)
+    state = desired_table(d)
+    assert set(state.sets) == MAPS | {"sx_v4", "sx_v6", "sy_v4", "sy_v6"}
+    assert state.elements["sy_v4"] == {"10.3.0.1": None}  # once, though two classes use it
+    per_chain: dict[str, int] = {}
+    for chain, _ in state.rules:
+        per_chain[chain] = per_chain.get(chain, 0) + 1
+    assert per_chain["out_ca"] == per_chain["in_ca"] == 4
+    assert per_chain["out_cb"] == per_chain["in_cb"] == 2
+    _, manager = applied(d)
+    # a remote change is one element in one selector set, whatever classes use it
+    moved = NftDesired(d.local_class, d.class_selectors,
+                       {**d.selector_ips, "sy": frozenset({"10.3.0.1", "10.3.0.2", "fd00:3::1"})},
+                       mark=MARK)
+    assert [what(c) for c in reapply(manager, moved)] == [("add", "element", "sy_v4")]
+
+
+def test_an_unknown_selector_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match="selector"):
+        desired_table(NftDesired({"10.1.0.1": "ca"}, {"ca": frozenset({"out"})}, {},
+                                 mark=MARK))
+
+
+def test_a_class_gaining_a_selector_gets_its_rules_on_an_incremental_apply() -> None:
+    d = NftDesired({"10.1.0.1": "ca"}, {"ca": frozenset({"sx"})},
+                   {"sx": frozenset({"10.2.0.1"}), "sy": frozenset({"10.3.0.1"})}, mark=MARK)
+    _, manager = applied(d)
+    assert reapply(manager, d) == []
+    more = NftDesired(d.local_class, {"ca": frozenset({"sx", "sy"})}, d.selector_ips, mark=MARK)
+    changed = reapply(manager, more)
+    assert sorted(what(c) for c in changed) == [("add", "rule", "in_ca")] * 2 + [
+        ("add", "rule", "out_ca")] * 2
+    assert reapply(manager, more) == []

@@ -253,7 +253,8 @@ def test_the_dataplane_collector_exposes_peers_drops_and_svid_expiry() -> None:
 def desired(peers: dict[str, set[str]], local: dict[str, str],
             classes: dict[str, set[str]]) -> Desired:
     return Desired(local_class=local,
-                   class_peers={c: frozenset(v) for c, v in classes.items()},
+                   class_selectors={c: frozenset({"s" + c}) for c in classes},
+                   selector_ips={"s" + c: frozenset(v) for c, v in classes.items()},
                    peers={f"key-{n}": PeerDesired(n, f"key-{n}", "10.77.0.1:51820",
                                                   frozenset(ips))
                           for n, ips in peers.items()},

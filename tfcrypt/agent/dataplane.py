@@ -89,7 +89,8 @@ class Dataplane:
         self.tunnel_routes.set_desired(DEFAULTS)
         self.tunnel_rule.set_desired(True)
         self.nft.set_desired(NftDesired(
-            local_class=desired.local_class, class_peers=desired.class_peers,
+            local_class=desired.local_class, class_selectors=desired.class_selectors,
+            selector_ips=desired.selector_ips,
             mark=r.mark, mask=r.mask, wg_ifname=r.ifname))
 
     def _in_order(self) -> tuple[tuple[str, object], ...]:

@@ -85,34 +85,52 @@ def _listed(prefix: str, names: Iterable[str]) -> list[str]:
 
 
 def change_summary(before: Desired | None, after: Desired) -> dict[str, Any]:
-    """What differs between two desired states, as loggable fields (empty: nothing)."""
+    """What differs between two desired states, as loggable fields (empty: nothing).
+
+    Costs what changed: unchanged peers and selector sets are the same objects (or equal)
+    from one Desired to the next and are skipped without looking at their addresses."""
     old_peers = {p.node: p for p in (before.peers.values() if before else ())}
     new_peers = {p.node: p for p in after.peers.values()}
     added = new_peers.keys() - old_peers.keys()
     removed = old_peers.keys() - new_peers.keys()
     changed = {n for n in new_peers.keys() & old_peers.keys()
                if new_peers[n] != old_peers[n]}
-    old_ips = {(p.node, ip) for p in old_peers.values() for ip in p.allowed_ips}
-    new_ips = {(p.node, ip) for p in new_peers.values() for ip in p.allowed_ips}
-    old_classes = set(before.class_peers) if before else set()
-    new_classes = set(after.class_peers)
-    old_elems = _elements(before) if before else set()
-    new_elems = _elements(after)
+    ips_in = ips_out = 0
+    for node in added | removed | changed:
+        old = old_peers[node].allowed_ips if node in old_peers else frozenset()
+        new = new_peers[node].allowed_ips if node in new_peers else frozenset()
+        ips_in += len(new - old)
+        ips_out += len(old - new)
+    old_classes = set(before.class_selectors) if before else set()
+    new_classes = set(after.class_selectors)
+    elems_in, elems_out = _element_delta(before, after)
     out: dict[str, Any] = {}
     if added or removed or changed:
         out["peers"] = _listed("+", added) + _listed("-", removed) + _listed("~", changed)
-    if new_ips != old_ips:
-        out["allowed_ips"] = f"+{len(new_ips - old_ips)} -{len(old_ips - new_ips)}"
+    if ips_in or ips_out:
+        out["allowed_ips"] = f"+{ips_in} -{ips_out}"
     if new_classes != old_classes:
         out["classes"] = f"+{len(new_classes - old_classes)} -{len(old_classes - new_classes)}"
-    if new_elems != old_elems:
-        out["elements"] = f"+{len(new_elems - old_elems)} -{len(old_elems - new_elems)}"
+    if elems_in or elems_out:
+        out["elements"] = f"+{elems_in} -{elems_out}"
     if before is None or after.selected_pair_count != before.selected_pair_count:
         out["selected_pairs"] = after.selected_pair_count
     return out
 
 
-def _elements(d: Desired) -> set[tuple[str, str, str]]:
-    """nftables set elements: local address -> class, and each class's remote addresses."""
-    return ({("local", ip, cls) for ip, cls in d.local_class.items()}
-            | {("remote", cls, ip) for cls, ips in d.class_peers.items() for ip in ips})
+def _element_delta(before: Desired | None, after: Desired) -> tuple[int, int]:
+    """nftables set elements added and removed: local address -> class map entries, and
+    each selector set's remote addresses (sets that are the same object are skipped)."""
+    empty: frozenset[str] = frozenset()
+    old_local = before.local_class if before else {}
+    local_in = sum(1 for ip, c in after.local_class.items() if old_local.get(ip) != c)
+    local_out = sum(1 for ip, c in old_local.items() if after.local_class.get(ip) != c)
+    old_sets = before.selector_ips if before else {}
+    new_sets = after.selector_ips
+    elems_in = elems_out = 0
+    for name in old_sets.keys() | new_sets.keys():
+        old, new = old_sets.get(name, empty), new_sets.get(name, empty)
+        if old is not new:
+            elems_in += len(new - old)
+            elems_out += len(old - new)
+    return local_in + elems_in, local_out + elems_out

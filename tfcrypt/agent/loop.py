@@ -340,7 +340,7 @@ class Agent:
             log.info("reconciled", extra={"fields": {
                 "event": "dataplane_changed", **change_summary(previous, desired),
                 "ops": dict(result.changed), "peers_total": len(desired.peers),
-                "classes_total": len(desired.class_peers), "why": _why(causes),
+                "classes_total": len(desired.class_selectors), "why": _why(causes),
                 **({"errors": result.errors} if result.errors else {})}})
         elif result.errors:
             log.warning("reconcile left items pending: %s", "; ".join(result.errors))

@@ -30,7 +30,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 
-from tfcrypt.core.selection import Classes, RemoteIndex, classify, rules_of, union_of
+from tfcrypt.core.selection import (
+    Bitmaps,
+    Classes,
+    RemoteIndex,
+    class_unions,
+    classify,
+    rules_of,
+    union_of,
+)
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import EncryptionPolicy, Mode
 from tfcrypt.model.workload import Workload
@@ -66,10 +74,17 @@ class AuditReport:
 
 @dataclass(frozen=True)
 class Desired:
-    """One node's desired selection and peers; compare with `==`."""
+    """One node's desired selection and peers; compare with `==`.
+
+    `local_class`: local IP -> class key; `class_selectors`: class key -> the names of its
+    selectors; `selector_ips`: selector name -> the remote IPs it selects. A class selects
+    the union of its selectors' sets; that union is not stored (see docs/policy.md,
+    "Scale"): `class_peers` builds it on demand, O(elements), for tests and small views.
+    """
 
     local_class: Mapping[str, str]
-    class_peers: Mapping[str, frozenset[str]]
+    class_selectors: Mapping[str, frozenset[str]]
+    selector_ips: Mapping[str, frozenset[str]]
     peers: Mapping[str, PeerDesired]
     selected_pair_count: int
     missing_peers: frozenset[str]
@@ -77,8 +92,12 @@ class Desired:
     conflicts: tuple[str, ...]
 
     @property
+    def class_peers(self) -> dict[str, frozenset[str]]:
+        return class_unions(self.class_selectors, self.selector_ips)
+
+    @property
     def selected_remote_ips(self) -> frozenset[str]:
-        return frozenset().union(*self.class_peers.values())
+        return union_of(self.selector_ips.values())
 
 
 def compute(snap: Snapshot) -> Desired:
@@ -97,13 +116,18 @@ def compute(snap: Snapshot) -> Desired:
         allowed_ips(selected, claims.ips_of(rec.node), claims.contested))
         for rec in records.values()}
     missing = claims.nodes_touching([selected], exclude={own, *records})
+    bitmaps = Bitmaps(index.numbering())
+    bits = {key: bitmaps.union(enforced.selector_ips[n] for n in names)
+            for key, names in enforced.class_selectors.items()}
+    sizes = {key: b.bit_count() for key, b in bits.items()}
     return Desired(
         local_class=dict(sorted(enforced.local_class.items())),
-        class_peers=dict(sorted(enforced.class_peers.items())),
+        class_selectors=dict(sorted(enforced.class_selectors.items())),
+        selector_ips=dict(sorted(enforced.selector_ips.items())),
         peers=dict(sorted(peers.items())),
-        selected_pair_count=enforced.pair_count,
+        selected_pair_count=sum(sizes[k] for k in enforced.local_class.values()),
         missing_peers=frozenset(missing),
-        audit=_audit(snap, workloads, index, enforced, claims, records),
+        audit=_audit(snap, workloads, index, bits, enforced, bitmaps, claims, records),
         conflicts=tuple(conflicts),
     )
 
@@ -189,41 +213,54 @@ def conflict_text(ip: str, owners: Iterable[Workload]) -> str:
     return f"ip {ip} claimed by {', '.join(keys)}{effect}"
 
 
-def enforced_remote_ips(classes: Classes) -> frozenset[str]:
-    return classes.selected_remote_ips()
-
-
 def host_cidr(ip: str) -> str:
     return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
 def _audit(snap: Snapshot, workloads: tuple[Workload, ...], index: RemoteIndex,
-           enforced: Classes, claims: IpClaims,
-           records: Mapping[str, NodeRecord]) -> AuditReport:
-    """Pairs each audit policy would add beyond the enforced ones, counted per class group."""
+           enforced_bits: Mapping[str, int], enforced: Classes, bitmaps: Bitmaps,
+           claims: IpClaims, records: Mapping[str, NodeRecord]) -> AuditReport:
+    """Pairs each audit policy would add beyond the enforced ones, counted per class group
+    (enforced class, audit class per policy) on bitmaps of the class unions."""
     audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
                      key=lambda p: p.name)
     if not audited:
         return AuditReport()
     classes = [classify(snap.own_node, workloads, rules_of([p], Mode.AUDIT), index)
                for p in audited]
+    audit_bits = [{key: bitmaps.union(c.selector_ips[n] for n in names)
+                   for key, names in c.class_selectors.items()} for c in classes]
     groups = audit_groups(enforced.local_class, [c.local_class for c in classes])
     per_policy = dict.fromkeys((p.name for p in audited), 0)
     total = 0
-    exclude = {snap.own_node, *records}
-    need_added = bool(claims.nodes_except(exclude))
-    added_sets: list[frozenset[str]] = []
-    extras_of = AuditExtras()
-    for (enforced_key, *keys), n in groups.items():
-        enforced_set = enforced.class_peers[enforced_key] if enforced_key else _NONE
-        sets = [cls.class_peers[key] if key is not None else None
-                for cls, key in zip(classes, keys, strict=True)]
-        counts, count, added = extras_of(enforced_set, sets, need_added)
+    memo: dict[tuple[int, ...], tuple[tuple[int, ...], int, int]] = {}
+    for group, n in groups.items():
+        enforced_key, *keys = group
+        gb = (enforced_bits[enforced_key] if enforced_key else 0,
+              *(b[k] if k is not None else 0 for b, k in zip(audit_bits, keys, strict=True)))
+        found = memo.get(gb)
+        if found is None:
+            outside = ~gb[0]
+            together = 0
+            for b in gb[1:]:
+                together |= b
+            added = together & outside
+            found = memo[gb] = (tuple((b & outside).bit_count() for b in gb[1:]),
+                                added.bit_count(), added)
+        counts, count, _ = found
         for policy, policy_count in zip(audited, counts, strict=True):
             per_policy[policy.name] += n * policy_count
         total += n * count
-        added_sets.append(added)
-    missing = claims.nodes_touching(added_sets, exclude=exclude) if need_added else frozenset()
+    exclude = {snap.own_node, *records}
+    candidates = claims.nodes_except(exclude)
+    missing: frozenset[str] = frozenset()
+    if candidates:
+        added_all = 0
+        for _, _, added in memo.values():
+            added_all |= added
+        holds = bitmaps.holds(added_all)
+        missing = frozenset(node for node in candidates
+                            if any(holds(ip) for ip in claims.ips_of(node)))
     return AuditReport(total, per_policy, missing)
 
 
@@ -235,35 +272,18 @@ def audit_groups(enforced: Mapping[str, str], audited: Sequence[Mapping[str, str
                    for ip in set().union(*audited))
 
 
-class AuditExtras:
-    """What one group's audit sets add beyond its enforced set, memoised by set identity.
-
-    Counting is |A| - |A & E|: the intersection is mostly small, so it costs lookups,
-    not inserts; the added sets themselves are only built when some node without a
-    usable record could be touched by them. Holds the sets it saw, so an id is never
-    reused while it is a memo key.
-    """
-
-    def __init__(self) -> None:
-        self._memo: dict[tuple[int, ...], tuple[tuple[int, ...], int, frozenset[str]]] = {}
-        self._alive: list[object] = []
-
-    def __call__(self, enforced: frozenset[str], audited: Sequence[frozenset[str] | None],
-                 need_added: bool) -> tuple[tuple[int, ...], int, frozenset[str]]:
-        """(per audit policy: how many IPs it adds; how many they add together; and, if
-        `need_added`, the IPs they add)."""
-        key = (id(enforced), *(id(a) if a is not None else 0 for a in audited))
-        found = self._memo.get(key)
-        if found is None:
-            counts = tuple(len(a) - len(a & enforced) if a is not None else 0
-                           for a in audited)
-            present = [a for a in audited if a is not None]
-            together = union_of(present)
-            count = counts[0] if len(audited) == 1 else len(together) - len(together & enforced)
-            added = together - enforced if need_added else _NONE
-            found = self._memo[key] = (counts, count, added)
-            self._alive.append((enforced, audited))
-        return found
+def group_bits(group: tuple[str | None, ...], enforced_bits: Mapping[str, int],
+               audit_bits: Sequence[Mapping[str, int]]) -> tuple[int, ...]:
+    """(enforced class bits, audit class bits per policy) of one group; 0 for no class."""
+    enforced_key, *keys = group
+    return (enforced_bits[enforced_key] if enforced_key else 0,
+            *(bits[k] if k is not None else 0 for bits, k in zip(audit_bits, keys, strict=True)))
 
 
-_NONE: frozenset[str] = frozenset()
+def audit_adds(mask: int, group_masks: Iterable[tuple[int, ...]]) -> bool:
+    """Whether an IP with `mask` is one some group's audit classes add beyond its enforced."""
+    for enforced, *audited in group_masks:
+        if not mask & enforced and any(mask & b for b in audited):
+            return True
+    return False
+

@@ -4,10 +4,12 @@ Rules (docs/policy.md; DESIGN.md "Shape of the code"):
 - `IncrementalCore(own_node).update(snapshot)` always returns a Desired equal (`==`) to
   `compute(snapshot)`; tests/test_selection.py checks it on random sequences of changes.
 - It keeps the indexes of the previous snapshot and applies only what changed: a workload
-  change touches its IPs' claims, the cached selector results those IPs enter or leave,
-  the class sets built from those selectors, and the peers of the nodes that claim them;
-  a local workload change re-signs its IPs and may add or drop a class. A policy change
-  (or a 40-bit class key collision, or another own node) rebuilds from scratch.
+  change touches its IPs' claims, the cached selector results those IPs enter or leave
+  (the enforced ones get a new frozenset each), the IPs' selector masks (which move the
+  class union sizes and audit counts by the touched IPs only), and the peers of the nodes
+  that claim them; a local workload change re-signs its IPs and may add or drop a class
+  and the selectors it uses. A policy change (or a 40-bit class key or selector name
+  collision, or another own node) rebuilds from scratch.
 - Which workloads changed: diffing two 100,000-entry mappings costs more than applying
   one change, so the caller that knows (a watch event names its key) passes the keys;
   without them every value is compared by identity, then equality.
@@ -19,7 +21,7 @@ Rules (docs/policy.md; DESIGN.md "Shape of the code"):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 
 from tfcrypt.core.compute import (
@@ -28,20 +30,25 @@ from tfcrypt.core.compute import (
     PeerDesired,
     Snapshot,
     allowed_ips,
+    audit_adds,
     conflict_text,
+    group_bits,
     usable_records,
 )
 from tfcrypt.core.selection import (
+    Bitmaps,
     ClaimMap,
+    Classes,
     Membership,
     RemoteIndex,
     RuleRef,
     SelectorKey,
+    SelectorMasks,
     class_key,
     classify,
     remote_selector,
     rules_of,
-    union_of,
+    selector_name,
     workload_memberships,
 )
 from tfcrypt.model.node import NodeRecord
@@ -103,6 +110,10 @@ class Claims:
 class ClassTable:
     """One rule set's classes for the local IPs, kept current.
 
+    A class is its selectors (remote side of each membership); `bits` is their mask in the
+    shared SelectorMasks and `sizes` how many remote IPs the class selects (the size of
+    the union of its selectors' sets, counted on masks, never built).
+
     Pitfall: a class's key depends only on its signature; a new signature whose hash
     collides with a live class would get a suffix that depends on order, which compute
     assigns in sorted order: that case raises _Rebuild rather than guess.
@@ -115,26 +126,49 @@ class ClassTable:
         self.index = index
         self._by_ref = {(ref.policy, ref.index): ref.rule for ref in rules}
         built = classify(own_node, workloads, rules, index)
+        self.built: Classes | None = built
         self.local_class: dict[str, str] = dict(built.local_class)
-        self.class_peers: dict[str, frozenset[str]] = dict(built.class_peers)
         self.signature: dict[str, frozenset[Membership]] = dict(built.signatures)
         self.key_of: dict[frozenset[Membership], str] = {s: k for k, s in self.signature.items()}
         self.users: Counter[str] = Counter(self.local_class.values())
         self.members: dict[str, dict[str, frozenset[Membership]]] = {
             w.key: workload_memberships(w, rules) for w in workloads if w.node == own_node}
-        self._selectors: dict[str, frozenset[SelectorKey]] = {
-            k: frozenset(self._selector(m) for m in s) for k, s in self.signature.items()}
+        self.selectors: dict[str, frozenset[SelectorKey]] = {
+            k: frozenset(built.selector_keys[n] for n in names)
+            for k, names in built.class_selectors.items()}
         self.selector_users: Counter[SelectorKey] = Counter(
-            chain.from_iterable(self._selectors.values()))
+            chain.from_iterable(self.selectors.values()))
+        self.bits: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
 
     def _selector(self, m: Membership) -> SelectorKey:
         return self.index.register(*remote_selector(m, self._by_ref[(m.policy, m.rule)]))
 
+    def fill(self, masks: SelectorMasks,
+             size_of: Callable[[frozenset[SelectorKey]], int] | None) -> None:
+        """Mask bits (and, with `size_of`, union sizes) of the classes that lack them."""
+        for key, selectors in self.selectors.items():
+            if key not in self.bits:
+                self.bits[key] = masks.of(selectors)
+                if size_of is not None:
+                    self.sizes[key] = size_of(selectors)
+
+    def remote_moved(self, moves: Sequence[tuple[str, int, int]]) -> None:
+        """Remote IPs changed masks (ip, old, new): move the class sizes."""
+        if not self.sizes:
+            return
+        for key, b in self.bits.items():
+            delta = 0
+            for _, old, new in moves:
+                delta += bool(new & b) - bool(old & b)
+            if delta:
+                self.sizes[key] += delta
+
     def local_changed(self, removed: Iterable[Workload], added: Iterable[Workload],
                       claims: Claims) -> tuple[set[SelectorKey], set[SelectorKey]]:
         """Re-sign the IPs of changed local workloads; return the selectors that some class
-        started using and those that no class uses any more (a class set is the union of
-        its selectors' results, so only these can move the selected set)."""
+        started using and those that no class uses any more. New classes get bits and
+        sizes from `fill`, once the masks know their selectors."""
         touched: set[str] = set()
         for w in removed:
             if w.node == self.own_node:
@@ -172,53 +206,26 @@ class ClassTable:
         selectors = frozenset(self._selector(m) for m in signature)
         self.signature[key] = signature
         self.key_of[signature] = key
-        self._selectors[key] = selectors
-        self.class_peers[key] = union_of(self.index.result(s) for s in selectors)
+        self.selectors[key] = selectors
         first = {s for s in selectors if not self.selector_users[s]}
         self.selector_users.update(selectors)
         return key, first
 
     def _drop(self, key: str) -> set[SelectorKey]:
         del self.key_of[self.signature.pop(key)]
-        del self.class_peers[key]
+        self.bits.pop(key, None)
+        self.sizes.pop(key, None)
         released = set()
-        for s in self._selectors.pop(key):
+        for s in self.selectors.pop(key):
             self.selector_users[s] -= 1
             if not self.selector_users[s]:
                 del self.selector_users[s]
                 released.add(s)
         return released
 
-    def remote_changed(self, changed: set[SelectorKey], touched: set[str]
-                       ) -> dict[str, frozenset[str]]:
-        """Apply changed selector results to the class sets; return the replaced sets by
-        key. Classes with the same old set and the same change share the new set."""
-        if not changed:
-            return {}
-        previous: dict[str, frozenset[str]] = {}
-        made: dict[tuple[int, frozenset[str], frozenset[str]], frozenset[str]] = {}
-        for key, selectors in self._selectors.items():
-            if selectors.isdisjoint(changed):
-                continue
-            old = self.class_peers[key]
-            now = {y for y in touched
-                   if any(y in self.index.result(s) for s in selectors)}
-            enter = frozenset(now - old)
-            leave = frozenset((touched - now) & old)
-            if not (enter or leave):
-                continue
-            memo = (id(old), enter, leave)
-            new = made.get(memo)
-            if new is None:
-                new = old - leave if leave else old
-                new = made[memo] = new | enter if enter else new
-            previous[key] = old
-            self.class_peers[key] = new
-        return previous
-
     @property
     def pair_count(self) -> int:
-        return sum(len(self.class_peers[k]) for k in self.local_class.values())
+        return sum(self.sizes[k] * n for k, n in self.users.items())
 
 
 class IncrementalCore:
@@ -270,17 +277,37 @@ class IncrementalCore:
         workloads = tuple(snap.workloads.values())
         self._workloads: dict[str, Workload] = dict(snap.workloads)
         self._policies: dict[str, EncryptionPolicy] = dict(snap.policies)
-        self._index = RemoteIndex(own, workloads)
+        index = self._index = RemoteIndex(own, workloads)
         self._enforced = ClassTable(own, workloads,
-                                    rules_of(snap.policies.values(), Mode.ENFORCE), self._index)
+                                    rules_of(snap.policies.values(), Mode.ENFORCE), index)
         audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
                          key=lambda p: p.name)
         self._audit_names = [p.name for p in audited]
-        self._audit = [ClassTable(own, workloads, rules_of([p], Mode.AUDIT), self._index)
+        self._audit = [ClassTable(own, workloads, rules_of([p], Mode.AUDIT), index)
                        for p in audited]
-        self._index.track()
+        built = self._enforced.built
+        assert built is not None
+        self._names: dict[SelectorKey, str] = {k: n for n, k in built.selector_keys.items()}
+        self._selector_ips: dict[str, frozenset[str]] = dict(built.selector_ips)
+        self._selected: set[str] = set(built.selected_remote_ips())
+        for table in (self._enforced, *self._audit):
+            table.built = None
+        self._masks = SelectorMasks()
+        for key in index.selectors():
+            self._masks.add(key, index.result(key))
+        self._masks.counts()
+        self._key_of_bit = {b: key for key, b in self._masks.bit.items()}
+        # selector results as bitmaps too (kept current with the masks): a new class's
+        # union size or a new audit group's counts is then a few ORs and a popcount
+        self._bitmaps = Bitmaps(index.numbering())
+        self._bm = {key: self._bitmaps.of(index.result(key)) for key in index.selectors()}
+        self._bitmaps.forget()
+        self._enforced.fill(self._masks, self._size_of)
+        for table in self._audit:
+            table.fill(self._masks, None)
+        index.track()
+        self._enforced_bits = self._masks.of(self._enforced.selector_users)
         self._claims = Claims(workloads)
-        self._selected: set[str] = set(union_of(self._enforced.class_peers.values()))
         self._group_stats: dict[tuple[str | None, ...], tuple[tuple[int, ...], int]] = {}
         self._audit_missing: set[str] = set()
         self._set_records(snap)
@@ -326,17 +353,46 @@ class IncrementalCore:
         dirty_nodes |= {n for ip in ips if (ip in claims.contested) != (ip in was_contested)
                         for n in claims.nodes_of(ip)}
 
-        tables = [self._enforced, *self._audit]
-        before = [dict(t.class_peers) for t in tables]
-        touched, changed = self._index.update(removed, added)
-        replaced = [t.remote_changed(changed, touched) for t in tables]
-        flips = self._reselect(touched) if replaced[0] else set()
-        self._audit_delta(before, replaced, touched)
+        index, masks = self._index, self._masks
+        touched, changed = index.update(removed, added)
+        moves: list[tuple[str, int, int]] = []
+        if changed:
+            bits = list(masks.bit.items())
+            for y in touched:
+                new = 0
+                for key, b in bits:
+                    if y in index.result(key):
+                        new |= b
+                old = masks.set(y, new)
+                if old != new:
+                    moves.append((y, old, new))
+                    self._flip_bits(y, old ^ new)
+        self._enforced.remote_moved(moves)
+        flips: set[str] = set()
+        eb = self._enforced_bits
+        for y, old, new in moves:
+            if bool(old & eb) != bool(new & eb):
+                flips.add(y)
+                (self._selected.add if new & eb else self._selected.discard)(y)
+        for key in changed:
+            name = self._names.get(key)
+            if name is not None:
+                self._selector_ips[name] = frozenset(index.result(key))
+        self._audit_delta(moves)
 
         appeared, gone = self._enforced.local_changed(removed, added, claims)
         for table in self._audit:
             table.local_changed(removed, added, claims)
-        flips |= self._selectors_changed(appeared, gone)
+        for key in index.selectors():
+            if key not in masks.bit:
+                masks.add(key, index.result(key))
+                self._key_of_bit[masks.bit[key]] = key
+                self._bm[key] = self._bitmaps.grown(index.result(key))
+        self._enforced.fill(masks, self._size_of)
+        for table in self._audit:
+            table.fill(masks, None)
+        if appeared or gone:
+            flips |= self._selectors_changed(appeared, gone)
         dirty_nodes |= {n for ip in flips for n in claims.nodes_of(ip)}
         self._refresh_nodes(dirty_nodes)
         local_moved = any(w.node == self.own_node for w in (*removed, *added))
@@ -344,38 +400,49 @@ class IncrementalCore:
             n for ip in touched for n in claims.nodes_of(ip)}
         self._refresh_audit(audit_nodes)
 
-    def _reselect(self, touched: set[str]) -> set[str]:
-        """After remote changes: which touched IPs entered or left the selected set."""
-        sets = list(self._enforced.class_peers.values())
-        flips = set()
-        for y in touched:
-            now = any(y in s for s in sets)
-            if now != (y in self._selected):
-                flips.add(y)
-                (self._selected.add if now else self._selected.discard)(y)
-        return flips
-
     def _selectors_changed(self, appeared: set[SelectorKey], gone: set[SelectorKey]
                            ) -> set[str]:
-        """After local changes: IPs that entered or left the selected set (the union of
-        the results of the selectors some enforced class uses)."""
-        index = self._enforced.index
+        """After local changes: name the selectors the enforced classes started or stopped
+        using, and return the IPs that entered or left the selected set (the IPs whose
+        mask meets the bits of the selectors in use)."""
+        index, masks = self._index, self._masks
+        for key in gone:
+            del self._selector_ips[self._names.pop(key)]
+        for key in appeared:
+            name = selector_name(key)
+            if name in self._selector_ips:
+                raise _Rebuild
+            self._names[key] = name
+            self._selector_ips[name] = frozenset(index.result(key))
+        if any("_" in name for name in self._selector_ips):
+            raise _Rebuild  # compute suffixes collisions in sorted order: let it decide
+        eb = self._enforced_bits = masks.of(self._enforced.selector_users)
         flips: set[str] = set()
-        if gone:
-            candidates: frozenset[str] | set[str] = union_of(index.result(s) for s in gone)
-            remaining = sorted((index.result(s) for s in self._enforced.selector_users),
-                               key=len, reverse=True)
-            for other in remaining:
-                if not candidates:
-                    break
-                candidates = candidates - other
-            self._selected -= candidates
-            flips |= candidates
-        for s in appeared:
-            new = index.result(s) - self._selected
-            self._selected |= new
-            flips |= new
+        for key in appeared | gone:
+            for y in index.result(key):
+                now = bool(masks.mask.get(y, 0) & eb)
+                if now != (y in self._selected):
+                    flips.add(y)
+                    (self._selected.add if now else self._selected.discard)(y)
         return flips
+
+    def _flip_bits(self, ip: str, changed: int) -> None:
+        """Keep the selector bitmaps in step with a remote IP's mask change."""
+        at = 1 << (8 * self._bitmaps.place(ip))
+        while changed:
+            low = changed & -changed
+            key = self._key_of_bit[low]
+            self._bm[key] ^= at
+            changed ^= low
+
+    def _size_of(self, selectors: Iterable[SelectorKey]) -> int:
+        return self._union_bm(selectors).bit_count()
+
+    def _union_bm(self, selectors: Iterable[SelectorKey]) -> int:
+        found = 0
+        for key in selectors:
+            found |= self._bm[key]
+        return found
 
     # -- records ---------------------------------------------------------------------
 
@@ -413,51 +480,49 @@ class IncrementalCore:
         return Counter((enforced.get(ip), *(c.get(ip) for c in audited))
                        for ip in set().union(*audited))
 
-    def _sets_of(self, group: tuple[str | None, ...], peers: Sequence[Mapping[str, frozenset[str]]]
-                 ) -> tuple[frozenset[str], list[frozenset[str] | None]]:
-        enforced_key, *keys = group
-        enforced = peers[0][enforced_key] if enforced_key else _EMPTY
-        return enforced, [peers[i + 1][k] if k is not None else None for i, k in enumerate(keys)]
+    def _group_bits(self, group: tuple[str | None, ...]) -> tuple[int, ...]:
+        return group_bits(group, self._enforced.bits, [t.bits for t in self._audit])
 
-    def _audit_delta(self, before: list[dict[str, frozenset[str]]],
-                     replaced: list[dict[str, frozenset[str]]], touched: set[str]) -> None:
-        """Move each group's counts by what the touched IPs changed in its sets."""
-        if not self._audit or not any(replaced):
+    def _audit_delta(self, moves: Sequence[tuple[str, int, int]]) -> None:
+        """Move each group's counts by the remote IPs whose masks changed."""
+        if not self._audit or not moves:
             return
-        now = [t.class_peers for t in [self._enforced, *self._audit]]
         for group, (counts, count) in list(self._group_stats.items()):
-            if not any(k is not None and k in r for k, r in zip(group, replaced, strict=True)):
-                continue
-            e0, a0 = self._sets_of(group, before)
-            e1, a1 = self._sets_of(group, now)
-            delta = [0] * len(a0)
+            enforced, *audited = self._group_bits(group)
+            any_audit = 0
+            for b in audited:
+                any_audit |= b
+            delta = [0] * len(audited)
             total = 0
-            for y in touched:
-                was = [a is not None and y in a and y not in e0 for a in a0]
-                is_ = [a is not None and y in a and y not in e1 for a in a1]
-                for i, (w, n) in enumerate(zip(was, is_, strict=True)):
-                    delta[i] += n - w
-                total += any(is_) - any(was)
-            self._group_stats[group] = (tuple(c + d for c, d in zip(counts, delta, strict=True)),
-                                        count + total)
+            for _, old, new in moves:
+                was_out, is_out = not old & enforced, not new & enforced
+                for i, b in enumerate(audited):
+                    delta[i] += bool(is_out and new & b) - bool(was_out and old & b)
+                total += bool(is_out and new & any_audit) - bool(was_out and old & any_audit)
+            if total or any(delta):
+                self._group_stats[group] = (
+                    tuple(c + d for c, d in zip(counts, delta, strict=True)), count + total)
 
     def _refresh_audit(self, nodes: Iterable[str]) -> None:
-        """Counts for groups not seen before, and audit missing_peers for `nodes`."""
+        """Counts for groups not seen before (on the selector bitmaps), and audit
+        missing_peers for `nodes`."""
         if not self._audit:
             return
         groups = self._groups()
-        now = [t.class_peers for t in [self._enforced, *self._audit]]
         stats = {}
+        tables = (self._enforced, *self._audit)
         for group in groups:
             found = self._group_stats.get(group)
             if found is None:
-                enforced, audited = self._sets_of(group, now)
-                counts = tuple(len(a) - len(a & enforced) if a is not None else 0
-                               for a in audited)
-                together = union_of(a for a in audited if a is not None)
-                count = counts[0] if len(audited) == 1 else (
-                    len(together) - len(together & enforced))
-                found = (counts, count)
+                outside = (~self._union_bm(self._enforced.selectors[group[0]])
+                           if group[0] else -1)
+                audited = [self._union_bm(tables[t].selectors[k]) if k is not None else 0
+                           for t, k in enumerate(group[1:], start=1)]
+                together = 0
+                for b in audited:
+                    together |= b
+                found = (tuple((b & outside).bit_count() for b in audited),
+                         (together & outside).bit_count())
             stats[group] = found
         self._group_stats = stats
         self._groups_now = groups
@@ -465,10 +530,11 @@ class IncrementalCore:
         self._audit_missing -= nodes
         candidates = [n for n in nodes if n != self.own_node and n not in self._records]
         if candidates:
-            added = union_of(union_of(a for a in audited if a is not None) - enforced
-                             for enforced, audited in (self._sets_of(g, now) for g in groups))
+            group_masks = [self._group_bits(g) for g in groups]
+            mask = self._masks.mask
             self._audit_missing.update(
-                n for n in candidates if not added.isdisjoint(self._claims.ips_of(n)))
+                n for n in candidates
+                if any(audit_adds(mask.get(ip, 0), group_masks) for ip in self._claims.ips_of(n)))
 
     def _audit_report(self) -> AuditReport:
         if not self._audit:
@@ -486,9 +552,12 @@ class IncrementalCore:
 
     def _assemble(self) -> Desired:
         enforced = self._enforced
+        names = self._names
         return Desired(
             local_class=dict(sorted(enforced.local_class.items())),
-            class_peers=dict(sorted(enforced.class_peers.items())),
+            class_selectors={k: frozenset(names[s] for s in enforced.selectors[k])
+                             for k in sorted(enforced.selectors)},
+            selector_ips=dict(sorted(self._selector_ips.items())),
             peers=dict(sorted(self._peers.items())),
             selected_pair_count=enforced.pair_count,
             missing_peers=frozenset(self._missing),
