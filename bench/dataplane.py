@@ -273,7 +273,7 @@ async def start_tfcrypt(pair: Pair, selected: bool, elements: int,
     a = desired[0]
     return {"snapshot_s": round(t1 - t0, 2), "compute_s": round(t2 - t1, 2),
             "apply_s": round(t3 - t2, 2), "changed": changed,
-            "node_a_set_elements": sum(len(v) for v in a.class_peers.values()),
+            "node_a_set_elements": sum(len(v) for v in a.selector_ips.values()),
             "node_b_map_elements": len(desired[1].local_class),
             "node_a_allowed_ips": sum(len(p.allowed_ips) for p in a.peers.values()),
             "selected_pairs_a": a.selected_pair_count}

@@ -125,7 +125,7 @@ timed(VerifiedView, "replace_all", "verify_list", view_extra)
 timed(VerifiedView, "set_trust", "verify_trust", view_extra)
 timed(IncrementalCore, "update", "compute",
       lambda core, d: {"peers": len(d.peers),
-                       "elements": sum(len(v) for v in d.class_peers.values())})
+                       "elements": sum(len(v) for v in d.selector_ips.values())})
 timed(Dataplane, "set_desired", "set_desired", lambda dp, out: {})
 inner_apply = Dataplane.apply
 async def apply(self, *a, **kw):
