@@ -109,3 +109,51 @@ def test_other_key_families_are_not_this_views_business() -> None:
     view = Signers().trusting()
     assert not view.put("policies/p", b"x", NOW)
     assert view.rejections == {}
+
+
+def _listing(s: Signers) -> dict[str, bytes]:
+    return {"nodes/n1": s.record("n1", key_byte=1), "nodes/n2": s.record("n2", key_byte=2),
+            "nodes/n3": s.record("n3", key_byte=3, signer="n1")}  # forged: refused
+
+
+def test_prepared_results_apply_exactly_as_verifying_on_the_spot() -> None:
+    """The agent verifies big lists in a thread (`check`) and applies them in one step:
+    same records, same rejections counted once, same epochs, as the synchronous path."""
+    s = Signers()
+    items = _listing(s)
+    direct, ahead = s.trusting(), s.trusting()
+    direct.replace_all(items, NOW)
+    prepared = ahead.check(ahead.pending(items), NOW)
+    assert prepared is not None and set(prepared.results) == set(items)
+    ahead.replace_all(items, NOW, prepared)
+    assert ahead.records == direct.records and len(ahead.records) == 2
+    assert ahead.rejections == direct.rejections == {"unauthorized": 1}
+    assert ahead.epoch("nodes/n1") == direct.epoch("nodes/n1") == 5
+    older = s.record("n1", epoch=4, key_byte=9)  # epochs are checked when applied
+    stale_prepared = ahead.check({"nodes/n1": older}, NOW)
+    ahead.replace_all({**items, "nodes/n1": older}, NOW, stale_prepared)
+    assert ahead.records["nodes/n1"] == direct.records["nodes/n1"]
+    assert ahead.rejections["rollback"] == 1
+
+
+def test_prepared_results_are_not_trusted_beyond_what_they_were_checked_for() -> None:
+    s = Signers()
+    items = _listing(s)
+    # checked under a rogue bundle: everything refused there; the real trust believes
+    view = s.trusting()
+    rogue = view.check(items, NOW, TrustBundles({TD: [s.rogue.cert]}), Authorizer(TD))
+    assert rogue is not None
+    assert all(c.rejected is not None for c in rogue.results.values())
+    view.replace_all(items, NOW, rogue)
+    assert set(view.records) == {"nodes/n1", "nodes/n2"}
+    # a value that changed since it was checked is verified as it is now
+    view2 = s.trusting()
+    prepared = view2.check(items, NOW)
+    forged = {**items, "nodes/n2": s.record("n2", epoch=9, key_byte=8, signer="n3")}
+    view2.replace_all(forged, NOW, prepared)
+    assert "nodes/n2" not in view2.records and view2.rejections["unauthorized"] == 2
+    # a result whose chain expired before it was applied is not used
+    view3 = s.trusting()
+    prepared = view3.check(items, NOW)
+    view3.replace_all(items, NOW + 2 * HOUR, prepared)
+    assert view3.records == {} and view3.rejections["expired"] == 2

@@ -19,6 +19,7 @@ import datetime as dt
 import enum
 import functools
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -228,14 +229,17 @@ class _PathCache:
     def __init__(self, size: int = 256) -> None:
         self.size = size
         self._paths: dict[tuple[object, ...], tuple[x509.Certificate, ...]] = {}
+        self._lock = threading.Lock()  # the agent verifies big lists in a worker thread
 
     def get(self, key: tuple[object, ...]) -> tuple[x509.Certificate, ...] | None:
-        return self._paths.get(key)
+        with self._lock:
+            return self._paths.get(key)
 
     def put(self, key: tuple[object, ...], path: tuple[x509.Certificate, ...]) -> None:
-        if len(self._paths) >= self.size:
-            self._paths.pop(next(iter(self._paths)))
-        self._paths[key] = path
+        with self._lock:
+            if len(self._paths) >= self.size:
+                self._paths.pop(next(iter(self._paths)))
+            self._paths[key] = path
 
 
 _paths = _PathCache()

@@ -12,6 +12,12 @@ Rules:
   of no known family are ignored.
 - Records of families checked at NOW become stale when their signer's chain expires
   (`expire`): a node that stopped re-signing is not believed for ever.
+- Verifying is pure and can run away from the event loop: `check()` (safe in a worker
+  thread: it reads only the families) verifies many values into a `Prepared`, and
+  `replace_all`/`set_trust` given it only apply the results, in one synchronous step, so
+  nobody ever sees a half-replaced view. A result is used only for the same value under
+  the same trust material, and only while still valid at apply time; anything else is
+  verified again on the spot. Epochs are always checked at apply time (they are state).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tfcrypt.errors import Rejected
+from tfcrypt.errors import Rejected, RejectReason
 from tfcrypt.identity.authz import Authorizer
 from tfcrypt.identity.bundles import TrustBundles
 from tfcrypt.identity.epochs import EpochBook
@@ -33,6 +39,26 @@ from tfcrypt.identity.verify import ChainTime, Verified, verify_envelope
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED = 10_000  # distinct rejected values remembered so relists do not recount
+_TIME_REASONS = frozenset({RejectReason.EXPIRED, RejectReason.INVALID_FIELD})
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One value verified ahead of time: the record it gives, or why it was refused."""
+
+    value: bytes
+    verified: Verified | None = None
+    record: Any = None
+    rejected: Rejected | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Values verified under one trust material, waiting to be applied."""
+
+    bundles: TrustBundles
+    authorizer: Authorizer
+    results: Mapping[str, Checked]
 
 
 @dataclass(frozen=True)
@@ -72,19 +98,53 @@ class VerifiedView:
     def _family(self, key: str) -> Family | None:
         return next((f for p, f in self._families.items() if key.startswith(p)), None)
 
+    def trust_changes(self, bundles: TrustBundles, authorizer: Authorizer) -> bool:
+        return bundles != self._bundles or authorizer != self._authorizer
+
     def set_trust(self, bundles: TrustBundles, authorizer: Authorizer,
-                  now: dt.datetime) -> bool:
+                  now: dt.datetime, prepared: Prepared | None = None) -> bool:
         """Install new trust material; True if the believed records changed."""
-        if bundles == self._bundles and authorizer == self._authorizer:
+        if not self.trust_changes(bundles, authorizer):
             return False
         self._bundles, self._authorizer = bundles, authorizer
         before = dict(self.records)
         self._believed_raw.clear()
         for key, value in list(self.raw.items()):
-            self._verify(key, value, now)
+            self._verify(key, value, now, prepared)
         return before != self.records
 
-    def replace_all(self, items: Mapping[str, bytes], now: dt.datetime) -> bool:
+    def pending(self, items: Mapping[str, bytes]) -> dict[str, bytes]:
+        """The values of `items` that `replace_all` would verify (new or changed)."""
+        return {k: v for k, v in items.items()
+                if self._believed_raw.get(k) != v and self._family(k) is not None}
+
+    def check(self, items: Mapping[str, bytes], now: dt.datetime,
+              bundles: TrustBundles | None = None,
+              authorizer: Authorizer | None = None) -> Prepared | None:
+        """Verify `items` under the given (default: current) trust, changing nothing.
+
+        Reads only the families and the arguments, so a worker thread may run it while
+        the event loop goes on; None when there is no trust material yet.
+        """
+        bundles = bundles if bundles is not None else self._bundles
+        authorizer = authorizer if authorizer is not None else self._authorizer
+        if bundles is None or authorizer is None:
+            return None
+        results = {}
+        for key, value in items.items():
+            family = self._family(key)
+            if family is None:
+                continue
+            try:
+                verified = verify_envelope(value, key, bundles=bundles, authorizer=authorizer,
+                                           now=now, chain_time=family.chain_time)
+                results[key] = Checked(value, verified, family.parse(verified))
+            except Rejected as rej:
+                results[key] = Checked(value, rejected=rej)
+        return Prepared(bundles, authorizer, results)
+
+    def replace_all(self, items: Mapping[str, bytes], now: dt.datetime,
+                    prepared: Prepared | None = None) -> bool:
         """A full list from etcd: keys missing from it are gone."""
         before = dict(self.records)
         known = {k: v for k, v in items.items() if self._family(k) is not None}
@@ -93,7 +153,7 @@ class VerifiedView:
         for key, value in known.items():
             self.raw[key] = value
             if self._believed_raw.get(key) != value:
-                self._verify(key, value, now)
+                self._verify(key, value, now, prepared)
         return before != self.records
 
     def put(self, key: str, value: bytes, now: dt.datetime) -> bool:
@@ -125,15 +185,39 @@ class VerifiedView:
         self.records.pop(key, None)
         self.not_after.pop(key, None)
 
-    def _verify(self, key: str, value: bytes, now: dt.datetime) -> None:
+    def _prepared(self, key: str, value: bytes, family: Family, now: dt.datetime,
+                  prepared: Prepared | None) -> Checked | None:
+        """The ahead-of-time result for this value, if it still holds now."""
+        if prepared is None or prepared.bundles != self._bundles or (
+                prepared.authorizer != self._authorizer):
+            return None
+        checked = prepared.results.get(key)
+        if checked is None or checked.value != value:
+            return None
+        if checked.verified is not None:
+            stale = family.chain_time is ChainTime.NOW and checked.verified.not_after <= now
+            return None if stale else checked
+        assert checked.rejected is not None
+        # time may have made a refused value good (not yet valid, issued in the future)
+        return None if checked.rejected.reason in _TIME_REASONS else checked
+
+    def _verify(self, key: str, value: bytes, now: dt.datetime,
+                prepared: Prepared | None = None) -> None:
         family = self._family(key)
         if family is None or self._bundles is None or self._authorizer is None:
             return
         try:
-            verified = verify_envelope(value, key, bundles=self._bundles,
-                                       authorizer=self._authorizer, now=now,
-                                       chain_time=family.chain_time)
-            record = family.parse(verified)
+            checked = self._prepared(key, value, family, now, prepared)
+            if checked is None:
+                verified = verify_envelope(value, key, bundles=self._bundles,
+                                           authorizer=self._authorizer, now=now,
+                                           chain_time=family.chain_time)
+                record = family.parse(verified)
+            elif checked.rejected is not None:
+                raise checked.rejected
+            else:
+                assert checked.verified is not None
+                verified, record = checked.verified, checked.record
             self._epochs.check(verified)
         except Rejected as rej:
             self._reject(key, value, rej)
