@@ -1,4 +1,5 @@
-"""Classification cost is flat: TCP throughput of an unselected flow vs the size of the sets.
+"""Classification cost is flat: an unselected flow's TCP throughput and UDP packet rate vs
+the size of the sets (D3's unselected half; bench.dataplane has the selected half).
 
 Run `python -m bench.classify [--seconds S] [--rounds R] [--quick]` as root (figure D3).
 
@@ -10,6 +11,9 @@ Rules:
 - The flow is UNSELECTED: the client's IP is in a local class (in the maps), the server's
   IP is not in that class's remote set. Sizes 10, 1,000 and 100,000 put that many
   addresses in the set and in the maps.
+- Two measures per configuration: one TCP stream (Gbit/s) and a 64-byte UDP flood
+  (packets/s received). TCP rides on GRO/GSO aggregates, so per-packet costs hide in it
+  and its run-to-run spread here is +-25 %; the UDP rate pays every lookup per packet.
 - iperf3 runs with `-R` (the server sends): tfcrypt classifies in prerouting, which sees
   only packets arriving on an interface, so the data packets are the ones that take the
   verdict-map lookup (destination = the client) and the set lookup (source = the server).
@@ -63,6 +67,10 @@ CLASS = "cbench"
 LOCAL_BASE = ipaddress.IPv4Address("10.32.0.0")
 REMOTE_BASE = ipaddress.IPv4Address("10.64.0.0")
 NFT_SIZES = (10, 1000, 100_000)
+UDP_LEN = 64
+UNITS = {"tcp": "Gbit/s", "udp": "kpackets/s"}
+UNIT_IDS = {"tcp": "gbps", "udp": "kpps"}
+RATIO_IDS = {"tcp": "ratio", "udp": "udp_ratio"}
 RULE_COUNTS = (1000, 10_000)
 
 
@@ -154,19 +162,27 @@ class Lab:
         if have != cfg.rules:
             raise RuntimeError(f"{have} rules at pref {PRIO}, want {cfg.rules}")
 
-    def throughput(self, seconds: float) -> float:
-        """Gbit/s received by the client (the server sends: -R)."""
-        out = sh("iperf3", "-c", SERVER, "-B", CLIENT, "-p", str(PORT), "-R", "-J",
+    def throughput(self, seconds: float, measure: str = "tcp") -> float:
+        """What the client received (the server sends: -R): Gbit/s of one TCP stream, or
+        thousands of 64-byte UDP packets per second (the per-packet cost, unamortised by
+        GRO/GSO aggregates)."""
+        udp = ["-u", "-b", "0", "-l", str(UDP_LEN)] if measure == "udp" else []
+        out = sh("iperf3", "-c", SERVER, "-B", CLIENT, "-p", str(PORT), "-R", "-J", *udp,
                  "-t", str(seconds), netns=self.client)
-        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+        end = json.loads(out)["end"]
+        if measure == "udp":
+            total = end["sum"]
+            return (total["packets"] - total["lost_packets"]) / total["seconds"] / 1e3
+        return float(end["sum_received"]["bits_per_second"]) / 1e9
 
 
 def run(args: argparse.Namespace) -> int:
     at_start = conditions()  # the load average before this bench adds its own
     prefix = run_prefix("tfc")
     order = configs()
-    gbps: dict[str, list[float]] = {c.id: [] for c in order}
-    ratios: dict[str, list[float]] = {c.id: [] for c in order[1:]}
+    measures = ("tcp", "udp")
+    values = {m: {c.id: [] for c in order} for m in measures}
+    ratios = {m: {c.id: [] for c in order[1:]} for m in measures}
     with namespaces(f"{prefix}-c", f"{prefix}-s") as (client, server):
         lab = Lab(client, server, prefix)
         try:
@@ -177,27 +193,33 @@ def run(args: argparse.Namespace) -> int:
             for r in range(args.rounds):
                 for cfg in order:
                     lab.switch(cfg)
-                    gbps[cfg.id].append(lab.throughput(args.seconds))
-                    print(f"round {r + 1} {cfg.id}: {gbps[cfg.id][-1]:.2f} Gbit/s",
-                          file=sys.stderr)
-                base = gbps[order[0].id][-1]
-                for cfg in order[1:]:
-                    ratios[cfg.id].append(gbps[cfg.id][-1] / base)
+                    for m in measures:
+                        values[m][cfg.id].append(lab.throughput(args.seconds, m))
+                        print(f"round {r + 1} {cfg.id} {m}: {values[m][cfg.id][-1]:.2f} "
+                              f"{UNITS[m]}", file=sys.stderr)
+                for m in measures:
+                    base = values[m][order[0].id][-1]
+                    for cfg in order[1:]:
+                        ratios[m][cfg.id].append(values[m][cfg.id][-1] / base)
         finally:
             lab.stop_server()
 
-    figures = [Figure(f"D3.gbps_{c.id}", tuple(gbps[c.id]), "Gbit/s", None,
-                      f"{c.elements} set/map elements, {c.rules} ip rules") for c in order]
-    for c in order[1:]:
-        goal = Goal(0.97, below=False) if c.rules == 0 else None
-        note = (f"vs 10 elements, same round; {c.elements} elements" if c.rules == 0
-                else f"vs 10 elements, same round; naive design, {c.rules} ip rules")
-        figures.append(Figure(f"D3.ratio_{c.id}", tuple(ratios[c.id]), "x", goal, note))
+    figures = [Figure(f"D3.{UNIT_IDS[m]}_{c.id}", tuple(values[m][c.id]), UNITS[m], None,
+                      f"{c.elements} set/map elements, {c.rules} ip rules")
+               for m in measures for c in order]
+    for m in measures:
+        for c in order[1:]:
+            goal = Goal(0.97, below=False) if c.rules == 0 else None
+            note = (f"vs 10 elements, same round; {c.elements} elements" if c.rules == 0
+                    else f"vs 10 elements, same round; naive design, {c.rules} ip rules")
+            figures.append(Figure(f"D3.{RATIO_IDS[m]}_{c.id}", tuple(ratios[m][c.id]), "x",
+                                  goal, f"{note}; {UNITS[m]}"))
     conds = conditions(loadavg_at_start=at_start["loadavg_at_start"],
                        seconds_per_run=args.seconds, rounds=args.rounds,
-                       order=[c.id for c in order], flow="iperf3 TCP, 1 stream, -R",
+                       order=[c.id for c in order],
+                       flows=f"iperf3 -R: TCP 1 stream; UDP -b 0 -l {UDP_LEN}",
                        ip_early_demux=0,
-                       spread_nft10=round(statistics.pstdev(gbps[order[0].id]), 3))
+                       spread_nft10=round(statistics.pstdev(values["tcp"][order[0].id]), 3))
     path = write_results("classify", figures, conds)
     print(markdown_table(figures))
     print(f"\nconditions: {conds}\nresults: {path}")
