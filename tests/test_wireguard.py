@@ -202,6 +202,41 @@ def test_one_failing_peer_stays_pending_without_blocking_others() -> None:
     assert run(manager.apply()).ops == 0
 
 
+class BatchingBackend(FakeBackend):
+    """A backend that takes several peers in one write, as wireguard-go's UAPI does; like
+    a UAPI set, a batch stops at the first bad peer, leaving the earlier ones written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    async def upsert_peers(self, peers: list[PeerConfig]) -> None:
+        self.batches.append(len(peers))
+        for peer in peers:
+            await self.upsert_peer(peer)
+
+
+def test_peers_go_in_batches_and_a_failed_batch_is_redone_one_by_one() -> None:
+    fake = BatchingBackend()
+    manager = WireGuardManager(fake)
+    three = desired(a=PeerConfig(PEER_A, None, frozenset({"10.1.0.1/32"})),
+                    b=PeerConfig(PEER_B, None, frozenset({"10.2.0.1/32"})),
+                    c=PeerConfig(PEER_C, None, frozenset({"10.3.0.1/32"})))
+    manager.set_desired(three)
+    assert run(manager.apply()).ok and fake.batches == [3]
+    assert set(fake.peers) == {PEER_A, PEER_B, PEER_C}
+
+    fake2 = BatchingBackend()
+    fake2.fail_peers.add(PEER_B)
+    manager2 = WireGuardManager(fake2)
+    manager2.set_desired(three)
+    report = run(manager2.apply())
+    assert fake2.batches == [3]  # tried as one, then one by one
+    assert [e.item for e in report.errors] == [f"peer {PEER_B}"]
+    assert set(fake2.peers) == {PEER_A, PEER_C}
+    assert run(manager2.apply()).ops == 1  # only the failed peer is retried
+
+
 def test_leftover_peers_from_a_previous_run_removed_wanted_ones_kept() -> None:
     wanted = two_peers()
     kept = {

@@ -17,9 +17,12 @@ Rules:
   `asyncio.shield` so a cancelled apply does not stop between writes.
 - Order when adding: private key and listen port, then link MTU/up, then peers; removals
   last. Each peer is one backend write that replaces its allowed IPs atomically.
-- One failed write is reported and stays pending (the next apply retries it); the others
-  go ahead. Peers on the device that are not desired are removed: the interface name is
-  ours, so every peer on it is ours.
+- Peers go in batches of `PEER_BATCH` when the backend can (`upsert_peers`: wireguard-go
+  takes many peers in one UAPI set; 999 one-peer round trips cost ~1 s of a first apply);
+  a batch that fails is redone one peer at a time, so one failed write is reported and
+  stays pending (the next apply retries it) while the others go ahead. Peers on the
+  device that are not desired are removed: the interface name is ours, so every peer on
+  it is ours.
 - A desired peer without an endpoint accepts whatever endpoint the device learned.
   A desired listen port 0 means "any": the port the device picked is kept.
 """
@@ -37,6 +40,8 @@ from tfcrypt.wireguard.keys import public_key_of
 from tfcrypt.wireguard.model import DesiredDevice, DeviceState, PeerConfig, decode_key
 
 log = logging.getLogger(__name__)
+
+PEER_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -166,14 +171,27 @@ class WireGuardManager:
                 await backend.set_link(plan.mtu, up=True)
             except (WireGuardError, OSError) as exc:
                 errors.append(ApplyError("link", str(exc)))
-        for key, peer in plan.peers.upserts.items():
-            ops += 1
-            try:
-                await backend.upsert_peer(peer)
-            except WireGuardError as exc:
-                errors.append(ApplyError(f"peer {key}", str(exc)))
-            else:
-                self._peers.actual[key] = peer  # what was written, even if desired moved on
+        upserts = list(plan.peers.upserts.items())
+        batch = getattr(backend, "upsert_peers", None)
+        for start in range(0, len(upserts), PEER_BATCH):
+            chunk = upserts[start:start + PEER_BATCH]
+            ops += len(chunk)
+            if batch is not None and len(chunk) > 1:
+                try:
+                    await batch([peer for _, peer in chunk])
+                except WireGuardError as exc:
+                    log.info("wireguard %s: a batch of %d peers failed (%s); one by one",
+                             backend.ifname, len(chunk), exc)
+                else:
+                    self._peers.actual.update(chunk)
+                    continue
+            for key, peer in chunk:  # one by one: a bad peer fails alone
+                try:
+                    await backend.upsert_peer(peer)
+                except WireGuardError as exc:
+                    errors.append(ApplyError(f"peer {key}", str(exc)))
+                else:
+                    self._peers.actual[key] = peer  # what was written, even if desired moved
         for key in sorted(plan.peers.deletions):
             ops += 1
             try:

@@ -147,12 +147,21 @@ def peer_upsert(peer: PeerConfig) -> str:
 
     A peer without a desired endpoint keeps whatever endpoint it roamed to.
     """
+    return _message(_peer_lines(peer))
+
+
+def peers_upsert(peers: list[PeerConfig]) -> str:
+    """`peer_upsert` for several peers in one message: a `public_key` line starts each."""
+    return _message([line for peer in peers for line in _peer_lines(peer)])
+
+
+def _peer_lines(peer: PeerConfig) -> list[str]:
     lines = [f"public_key={decode_key(peer.public_key).hex()}", "replace_allowed_ips=true"]
     if peer.endpoint is not None:
         lines.append(f"endpoint={peer.endpoint}")
     lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
     lines.extend(f"allowed_ip={cidr}" for cidr in sorted(peer.allowed_ips))
-    return _message(lines)
+    return lines
 
 
 def peer_remove(public_key: str) -> str:

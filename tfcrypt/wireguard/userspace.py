@@ -30,7 +30,13 @@ from tfcrypt.wireguard import link
 from tfcrypt.wireguard.backend import DeviceOrigin
 from tfcrypt.wireguard.errors import DeviceUnavailable, WireGuardError
 from tfcrypt.wireguard.model import DeviceState, PeerConfig
-from tfcrypt.wireguard.uapi import UapiClient, device_set, peer_remove, peer_upsert
+from tfcrypt.wireguard.uapi import (
+    UapiClient,
+    device_set,
+    peer_remove,
+    peer_upsert,
+    peers_upsert,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +159,10 @@ class UserspaceBackend:
 
     async def upsert_peer(self, peer: PeerConfig) -> None:
         await self._uapi.set(peer_upsert(peer), f"set peer {peer.public_key}")
+
+    async def upsert_peers(self, peers: list[PeerConfig]) -> None:
+        """Several peers in one UAPI set (each still replaces its own allowed IPs)."""
+        await self._uapi.set(peers_upsert(peers), f"set {len(peers)} peers")
 
     async def remove_peer(self, public_key: str) -> None:
         await self._uapi.set(peer_remove(public_key), f"remove peer {public_key}")
