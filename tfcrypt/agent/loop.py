@@ -205,9 +205,9 @@ class Agent:
     async def _check_off_loop(self, items: dict[str, bytes], now: dt.datetime,
                               bundles: TrustBundles | None = None,
                               authorizer: Authorizer | None = None) -> Prepared | None:
-        """Verify a big batch in a worker thread: 100,000 records take tens of seconds,
-        during which the loop must keep the lease alive and answer status. The view
-        applies the results in one step afterwards (tfcrypt.identity.view)."""
+        """Verify a batch in a worker thread: 100,000 records take tens of seconds, during
+        which the loop must keep the lease alive and answer status. The view applies the
+        results in one step afterwards (tfcrypt.identity.view)."""
         if len(items) < OFF_LOOP_MIN:
             return None
         started = time.monotonic()
