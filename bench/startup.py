@@ -123,6 +123,8 @@ def view_extra(view, out):
             "rejected": sum(view.rejections.values())}
 timed(VerifiedView, "replace_all", "verify_list", view_extra)
 timed(VerifiedView, "set_trust", "verify_trust", view_extra)
+timed(VerifiedView, "check", "verify_check",  # the agent verifies lists in a worker thread
+      lambda view, out: {"raw": len(out.results) if out is not None else 0})
 timed(IncrementalCore, "update", "compute",
       lambda core, d: {"peers": len(d.peers),
                        "elements": sum(len(v) for v in d.selector_ips.values())})
@@ -386,7 +388,8 @@ def startup_split(st: Startup) -> dict[str, float]:
     before = [s for s in steps if s["end"] <= apply_done["end"]]
     listed = first("list")
     verify = sum(s["end"] - s["start"] for s in before
-                 if s["step"] in ("verify_list", "verify_trust") and s["raw"] > 0)
+                 if s["step"] in ("verify_list", "verify_trust", "verify_check")
+                 and s["raw"] > 0)
     computes = [s for s in before if s["step"] == "compute"]
     applies = [s for s in before if s["step"] in ("set_desired", "apply")]
     probe_start = first("probe_start")
