@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import statistics
@@ -176,6 +177,21 @@ class Lab:
         return float(end["sum_received"]["bits_per_second"]) / 1e9
 
 
+@contextlib.contextmanager
+def lab_up(prefix: str, first: Config) -> Iterator[Lab]:
+    """Client and server namespaces wired, iperf3 serving, `first` applied; the server is
+    stopped by PID and the namespaces deleted by name on the way out."""
+    with namespaces(f"{prefix}-c", f"{prefix}-s") as (client, server):
+        lab = Lab(client, server, prefix)
+        try:
+            lab.wire(prefix)
+            lab.start_server()
+            lab.switch(first)
+            yield lab
+        finally:
+            lab.stop_server()
+
+
 def run(args: argparse.Namespace) -> int:
     at_start = conditions()  # the load average before this bench adds its own
     prefix = run_prefix("tfc")
@@ -183,26 +199,19 @@ def run(args: argparse.Namespace) -> int:
     measures = ("tcp", "udp")
     values = {m: {c.id: [] for c in order} for m in measures}
     ratios = {m: {c.id: [] for c in order[1:]} for m in measures}
-    with namespaces(f"{prefix}-c", f"{prefix}-s") as (client, server):
-        lab = Lab(client, server, prefix)
-        try:
-            lab.wire(prefix)
-            lab.start_server()
-            lab.switch(order[0])
-            lab.throughput(2)
-            for r in range(args.rounds):
-                for cfg in order:
-                    lab.switch(cfg)
-                    for m in measures:
-                        values[m][cfg.id].append(lab.throughput(args.seconds, m))
-                        print(f"round {r + 1} {cfg.id} {m}: {values[m][cfg.id][-1]:.2f} "
-                              f"{UNITS[m]}", file=sys.stderr)
+    with lab_up(prefix, order[0]) as lab:
+        lab.throughput(2)
+        for r in range(args.rounds):
+            for cfg in order:
+                lab.switch(cfg)
                 for m in measures:
-                    base = values[m][order[0].id][-1]
-                    for cfg in order[1:]:
-                        ratios[m][cfg.id].append(values[m][cfg.id][-1] / base)
-        finally:
-            lab.stop_server()
+                    values[m][cfg.id].append(lab.throughput(args.seconds, m))
+                    print(f"round {r + 1} {cfg.id} {m}: {values[m][cfg.id][-1]:.2f} "
+                          f"{UNITS[m]}", file=sys.stderr)
+            for m in measures:
+                base = values[m][order[0].id][-1]
+                for cfg in order[1:]:
+                    ratios[m][cfg.id].append(values[m][cfg.id][-1] / base)
 
     figures = [Figure(f"D3.{UNIT_IDS[m]}_{c.id}", tuple(values[m][c.id]), UNITS[m], None,
                       f"{c.elements} set/map elements, {c.rules} ip rules")

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.classify import Config, Lab
+from bench.classify import Config, lab_up
 from bench.common import conditions, namespaces, run_prefix, write_results
 from bench.dataplane import HandWireGuard, Pair, TfcryptNode, start_tfcrypt
 
@@ -88,21 +88,14 @@ def sampled(name: str, flood: Callable[[], float], seconds: float, tmp: Path
 def unselected(seconds: float, tmp: Path) -> list[dict[str, object]]:
     prefix = run_prefix("tfk")
     results = []
-    with namespaces(f"{prefix}-c", f"{prefix}-s") as (client, server):
-        lab = Lab(client, server, prefix)
-        try:
-            lab.wire(prefix)
-            lab.start_server()
-            lab.switch(CONFIGS[0])
-            lab.throughput(1, "udp")
-            for cfg in CONFIGS:
-                lab.switch(cfg)
-                results.append(sampled(cfg.id, lambda: lab.throughput(seconds, "udp"),
-                                       seconds, tmp))
-                print(f"{cfg.id}: {results[-1]['kpps']} kpps, {results[-1]['groups']}",
-                      file=sys.stderr)
-        finally:
-            lab.stop_server()
+    with lab_up(prefix, CONFIGS[0]) as lab:
+        lab.throughput(1, "udp")
+        for cfg in CONFIGS:
+            lab.switch(cfg)
+            results.append(sampled(cfg.id, lambda: lab.throughput(seconds, "udp"),
+                                   seconds, tmp))
+            print(f"{cfg.id}: {results[-1]['kpps']} kpps, {results[-1]['groups']}",
+                  file=sys.stderr)
     return results
 
 
