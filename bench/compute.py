@@ -30,12 +30,11 @@ import json
 import os
 import pstats
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from bench.common import Figure, Goal, markdown_table
 from tfcrypt.core.compute import Desired, Snapshot, compute
 from tfcrypt.core.incremental import IncrementalCore
 from tfcrypt.model.node import NodeRecord
@@ -106,24 +105,6 @@ def retag(snap: Snapshot, key: str, tag: Tag) -> Snapshot:
                     snap.own_public_key)
 
 
-@dataclass(frozen=True)
-class Figure:
-    """Seconds of several runs of one thing, judged on the median against `goal_s`."""
-
-    id: str
-    runs: tuple[float, ...]
-    goal_s: float | None = None
-    note: str = ""
-
-    def as_json(self) -> dict[str, object]:
-        median = statistics.median(self.runs)
-        return {"id": self.id, "median_s": round(median, 4), "min_s": round(min(self.runs), 4),
-                "max_s": round(max(self.runs), 4), "runs": len(self.runs),
-                "goal": f"< {self.goal_s:g} s" if self.goal_s is not None else None,
-                "pass": median < self.goal_s if self.goal_s is not None else None,
-                **({"note": self.note} if self.note else {})}
-
-
 def timed(fn: Callable[[int], Desired], runs: int) -> tuple[tuple[float, ...], Desired]:
     """Run `fn(i)` `runs` times; the seconds of each run and the last result."""
     times = []
@@ -164,22 +145,11 @@ def incremental_figure(core: IncrementalCore, fig_id: str, base: Snapshot, chang
              "equals_compute": after == compute(changed)}
     core.update(base, keys)
     how = "keys passed" if tell_keys else "keys found by diffing the 100k-entry mappings"
-    return Figure(fig_id, times, GOAL_CHANGE_S, how), check
+    return Figure(fig_id, times, "s", GOAL_CHANGE, how), check
 
 
-GOAL_FULL_S = 1.0
-GOAL_CHANGE_S = 0.05
-
-
-def table(figures: list[Figure]) -> str:
-    rows = ["| figure | median s | min s | max s | runs | goal | pass |",
-            "|---|---|---|---|---|---|---|"]
-    for f in figures:
-        j = f.as_json()
-        verdict = "-" if j["pass"] is None else ("yes" if j["pass"] else "**no**")
-        rows.append(f"| {f.id} | {j['median_s']} | {j['min_s']} | {j['max_s']} | {j['runs']} "
-                    f"| {j['goal'] or '-'} | {verdict} |")
-    return "\n".join(rows)
+GOAL_FULL = Goal(1.0)  # seconds
+GOAL_CHANGE = Goal(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.gc == "off":
         gc.disable()
     full_t, desired = timed(lambda _: compute(snap), runs)
-    figures = [Figure("compute (full, stateless)", full_t, GOAL_FULL_S)]
+    figures = [Figure("compute (full, stateless)", full_t, "s", GOAL_FULL)]
 
     core = IncrementalCore(snap.own_node)
     rebuild_t, _ = timed(lambda _: IncrementalCore(snap.own_node).update(snap), 3)
     core.update(snap)
-    figures.append(Figure("incremental: first update (rebuild)", rebuild_t, None,
+    figures.append(Figure("incremental: first update (rebuild)", rebuild_t, "s", None,
                           "also after a policy change"))
     remote_key = f"workloads/{node_name(args.nodes // 2)}/w3"
     local_key = f"workloads/{node_name(0)}/w3"
@@ -240,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "nproc": os.cpu_count(), "loadavg": os.getloadavg()[0],
         "figures": [f.as_json() for f in figures], "checks": checks,
     }, indent=2))
-    print(table(figures))
+    print(markdown_table(figures))
     if args.profile:
         profiler = cProfile.Profile()
         profiler.runcall(compute, snap)
