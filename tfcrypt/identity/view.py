@@ -130,17 +130,9 @@ class VerifiedView:
         authorizer = authorizer if authorizer is not None else self._authorizer
         if bundles is None or authorizer is None:
             return None
-        results = {}
-        for key, value in items.items():
-            family = self._family(key)
-            if family is None:
-                continue
-            try:
-                verified = verify_envelope(value, key, bundles=bundles, authorizer=authorizer,
-                                           now=now, chain_time=family.chain_time)
-                results[key] = Checked(value, verified, family.parse(verified))
-            except Rejected as rej:
-                results[key] = Checked(value, rejected=rej)
+        results = {key: _checked(key, value, family, bundles, authorizer, now)
+                   for key, value in items.items()
+                   if (family := self._family(key)) is not None}
         return Prepared(bundles, authorizer, results)
 
     def replace_all(self, items: Mapping[str, bytes], now: dt.datetime,
@@ -206,18 +198,13 @@ class VerifiedView:
         family = self._family(key)
         if family is None or self._bundles is None or self._authorizer is None:
             return
+        checked = self._prepared(key, value, family, now, prepared) or _checked(
+            key, value, family, self._bundles, self._authorizer, now)
+        verified, record = checked.verified, checked.record
         try:
-            checked = self._prepared(key, value, family, now, prepared)
-            if checked is None:
-                verified = verify_envelope(value, key, bundles=self._bundles,
-                                           authorizer=self._authorizer, now=now,
-                                           chain_time=family.chain_time)
-                record = family.parse(verified)
-            elif checked.rejected is not None:
+            if checked.rejected is not None:
                 raise checked.rejected
-            else:
-                assert checked.verified is not None
-                verified, record = checked.verified, checked.record
+            assert verified is not None
             self._epochs.check(verified)
         except Rejected as rej:
             self._reject(key, value, rej)
@@ -241,3 +228,14 @@ class VerifiedView:
         if self._on_reject:
             self._on_reject(rej.reason.value)
         log.warning("rejected %s: %s", key, rej)
+
+
+def _checked(key: str, value: bytes, family: Family, bundles: TrustBundles,
+             authorizer: Authorizer, now: dt.datetime) -> Checked:
+    """Verify and parse one value (pure: no view state, safe in a worker thread)."""
+    try:
+        verified = verify_envelope(value, key, bundles=bundles, authorizer=authorizer, now=now,
+                                   chain_time=family.chain_time)
+        return Checked(value, verified, family.parse(verified))
+    except Rejected as rej:
+        return Checked(value, rejected=rej)
