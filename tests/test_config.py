@@ -31,6 +31,7 @@ BAD = {
     "resync_interval": ("soon", "'soon' is not a number"),
     "mtu": ("9", "9 is not in 1280..65535"),
     "persistent_keepalive": ("-1", "-1 is not in 0..65535"),
+    "workload_grace": ("3601", "3601.0 is not in 0..3600"),
     "node_id_template": ("spiffe://td/node", "must be a spiffe:// ID containing {node}"),
     "controller_ids": ("https://controller", "is not a spiffe:// ID"),
     "status_socket": ("/run/" + "x" * 120, "longer than a Unix socket path"),
@@ -115,6 +116,19 @@ def test_listen_port_message_is_exactly_as_documented(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         agent_config(NEEDED, {}, path)
     assert str(err.value) == f"{path}: listen_port: 70000 is not in 1..65535"
+
+
+def test_workload_grace_takes_seconds_from_every_layer_and_refuses_a_negative_value(
+        tmp_path: Path) -> None:
+    assert agent_config(NEEDED, {}, None).workload_grace == 30.0
+    assert agent_config(NEEDED, {}, write(tmp_path, "workload_grace: 0\n")).workload_grace == 0
+    assert agent_config(NEEDED, {"TFCRYPT_WORKLOAD_GRACE": "2.5"}, None).workload_grace == 2.5
+    assert agent_config({**NEEDED, "workload_grace": "90"}, {}, None).workload_grace == 90
+    with pytest.raises(ConfigError) as err:
+        agent_config(NEEDED, {}, write(tmp_path, "workload_grace: -5\n"))
+    assert str(err.value) == f"{tmp_path / 'tfcrypt.yaml'}: workload_grace: -5.0 is not in 0..3600"
+    with pytest.raises(ConfigError, match=r"^--workload-grace: 'soon' is not a number$"):
+        agent_config({**NEEDED, "workload_grace": "soon"}, {}, None)
 
 
 def test_a_mask_without_the_mark_names_mark_mask(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ selection. Harness and its checks (a)-(d): tests/faults.py. Table: docs/faults.m
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import subprocess
@@ -394,11 +395,41 @@ def applied_by_both(lab: Lab, why: str, since: float) -> tuple[float, float]:
     return times[0], times[1]
 
 
+def lingering_logged(lab: Lab, node: str, event: str, key: str,
+                     since: float) -> tuple[float, str] | None:
+    """When `node`'s agent logged `event` (lingering_started, lingering_ended) for workload
+    `key` at or after `since`, and the line; None if not yet."""
+    for line in agent_log(lab, node).read_text(errors="replace").splitlines():
+        if f"event={event}" not in line or f" key={key} " not in f"{line} ":
+            continue
+        with contextlib.suppress(ValueError, IndexError):
+            t = datetime.fromisoformat(line.split()[0]).timestamp()
+            if t >= since:
+                return t, line
+    return None
+
+
+def lingering_by_both(lab: Lab, event: str, key: str, since: float,
+                      timeout: float = LIFECYCLE_BOUND_S) -> list[tuple[float, str]]:
+    return wait_for(f"both agents to log {event} for {key}", lambda: (
+        r if all(r := [lingering_logged(lab, n, event, key, since) for n in NODES]) else None),
+        timeout=timeout)
+
+
+def lingering_keys(lab: Lab, node: str) -> list[str]:
+    doc = status_json(lab, node)[1]
+    assert doc is not None
+    return [e["key"] for e in doc["lingering_workloads"].get("entries", [])]
+
+
 def test_6_workload_deleted_created_and_address_reused(lab: Lab, tmp_path: Path) -> None:
     """Transition semantics (docs/faults.md): a pair is plaintext-forbidden from the
-    moment BOTH agents applied its selection (the later dataplane_changed log) until the
-    FIRST agent applied its deselection; before the later apply a node cannot know the
-    flow is selected, and that window is measured and printed, not asserted."""
+    moment BOTH agents applied its selection (the later dataplane_changed log) until its
+    deselection is committed; before the later apply a node cannot know the flow is
+    selected, and that window is measured and printed, not asserted. A deleted workload
+    lingers: its pair stays forbidden until its address is reused (committed), which
+    must come within workload_grace; after the reuse by an unselected workload the pair
+    is plaintext again."""
     ip = next(w["ip"] for w in lab.status()["workloads"] if w["name"] == "n1-w3")
     policies = load_policies(POLICIES)
     pair = frozenset((ip, next(w["ip"] for w in lab.status()["workloads"]
@@ -438,13 +469,32 @@ def test_6_workload_deleted_created_and_address_reused(lab: Lab, tmp_path: Path)
         sc.wait_reported()
         t = time.time()
         wait_for("the new selected flow to pass (in the tunnel)", lambda: flowing_since(t))
-        # deleted while it keeps sending (terminating pod)
-        change("deleted", lambda: inventory.tfcrypt(lab, "workload", "delete", "n1-w3"),
-               "workloads/n1/n1-w3", {})
-        # its address reused by a new workload with other tags, then selected again
-        inventory.set_workload(lab, "n1-reuse", ["application=shop"], node="n1", ips=[ip])
-        wait_for("both agents to believe n1-reuse", lambda: all(
-            status_json(lab, n)[1]["workloads"] == len(TAGS) + 1 for n in NODES))
+        # deleted while it keeps sending (terminating pod): both agents keep its address
+        # selected (it lingers), so the pair stays forbidden in the harness's timeline
+        t0 = time.time()
+        inventory.tfcrypt(lab, "workload", "delete", "n1-w3")
+        deleted = watch.committed(f"{PREFIX}/workloads/n1/n1-w3", t0)
+        lingering_by_both(lab, "lingering_started", "workloads/n1/n1-w3", t0 - 0.002)
+        assert all(lingering_keys(lab, n) == ["workloads/n1/n1-w3"] for n in NODES)
+        grace = min(status_json(lab, n)[1]["lingering_workloads"]["grace_s"] for n in NODES)
+        t = time.time()
+        wait_for("the terminating workload's flow to keep passing (in the tunnel)",
+                 lambda: flowing_since(t))
+        time.sleep(2.0)  # and let it send a while longer
+        # its address reused by a new workload with other tags: the lingering ends at once
+        # and the pair is unselected (plaintext) from then on
+        t0 = time.time()
+        shop = {"n1-reuse": (ip, ["application=shop"])}
+        inventory.set_workload(lab, "n1-reuse", shop["n1-reuse"][1], node="n1", ips=[ip])
+        reuse = watch.committed(f"{PREFIX}/workloads/n1/n1-reuse", t0)
+        sc.set_selected(selected_pairs(inventory_of(lab, shop), policies), at=reuse)
+        ended = lingering_by_both(lab, "lingering_ended", "workloads/n1/n1-w3", t0 - 0.002)
+        assert all('reason="address reused"' in line for _, line in ended), ended
+        plain_again = max(applied_by_both(lab, "put workloads/n1/n1-reuse", t0 - 0.002))
+        assert all(lingering_keys(lab, n) == [] for n in NODES)
+        t = time.time()
+        wait_for("the reused address's unselected flow to pass", lambda: flowing_since(t))
+        # then selected again
         reused = {"n1-reuse": (ip, ["application=payments"])}
         change("reused-selected", lambda: inventory.set_workload(
             lab, "n1-reuse", reused["n1-reuse"][1], node="n1", ips=[ip]),
@@ -454,29 +504,43 @@ def test_6_workload_deleted_created_and_address_reused(lab: Lab, tmp_path: Path)
         change("reused-deselected", lambda: inventory.set_workload(
             lab, "n1-reuse", ["application=shop"], node="n1", ips=[ip]),
             "workloads/n1/n1-reuse", {"n1-reuse": (ip, ["application=shop"])})
+        last_delete = time.time()
         inventory.tfcrypt(lab, "workload", "delete", "n1-reuse")
         wait_for("the inventory back to its start", lambda: converged(lab, TAGS))
         sc.fault_ended()
+    # the last deletion lingers too (unselected by then: nothing to keep), and its grace
+    # period ends on time: the agent wakes up for it, not at its next periodic resync (5 s)
+    started = lingering_by_both(lab, "lingering_started", "workloads/n1/n1-reuse",
+                                last_delete - 0.002)
+    expired = lingering_by_both(lab, "lingering_ended", "workloads/n1/n1-reuse",
+                                last_delete - 0.002, timeout=grace + LIFECYCLE_BOUND_S)
+    assert all("reason=expired" in line for _, line in expired), expired
+    late = [round(e - s - grace, 3) for (s, _), (e, _) in zip(started, expired, strict=True)]
+    print(f"lingering of n1-reuse ended {late} s after its {grace} s grace period")
+    assert all(-0.01 <= x < 1.0 for x in late), late
     plain = faults.packet_times(sc.pcap, f"host {min(pair)} and host {max(pair)}")
     windows = {step: (round(edge - t0, 3), sum(1 for x in plain if t0 <= x < edge))
                for step, (t0, edge) in edges.items()}
     windows["between the two agents' applies"] = tuple(  # type: ignore[assignment]
         sum(1 for x in plain if a <= x < b) for a, b in one_side.values())
-    windows["terminating, after its deletion"] = (0.0, sum(
-        1 for x in plain if edges["deleted"][1] <= x < edges["reused-selected"][0]))
+    # from the deletion's commit (the agents' linger starts after it) until the address is
+    # reused: the terminating workload's packets, which lingering keeps in the tunnel
+    windows["terminating, after its deletion"] = (round(reuse - deleted, 3), sum(
+        1 for x in plain if deleted <= x < reuse))
+    again = [x for x in plain if plain_again <= x < edges["reused-selected"][0]]
+    windows["plaintext again, after the reuse by shop"] = (
+        round(edges["reused-selected"][0] - plain_again, 3), len(again))
     print("(commit-to-edge seconds, plaintext packets in that window):", windows, sc.result)
     OBSERVED["terminating plaintext"] = windows["terminating, after its deletion"][1]
+    assert reuse - deleted < grace, "the address was reused after the grace period"
     assert [x for x in plain if x < edges["created"][0]], \
         "the capture never saw the moving pair in plaintext while it was unselected"
+    assert again, "after the reuse by an unselected workload the pair never crossed in plaintext"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a deleted workload is no longer in the inventory, so a terminating pod that keeps "
-    "sending after its record is deleted goes out in plaintext (Cilium's terminating-"
-    "endpoint advisory); holding it needs the controller to delete the record only after "
-    "the pod's network is gone, or agents to keep a deleted address selected for a grace "
-    "period (docs/faults.md)"))
 def test_6_a_terminating_workload_never_sends_plaintext_after_its_deletion() -> None:
+    """Cilium's terminating-endpoint advisory: a pod that keeps sending after its record
+    is deleted stays encrypted while its address lingers (workload_grace, until reused)."""
     if "terminating plaintext" not in OBSERVED:
         pytest.skip("measured by test_6_workload_deleted_created_and_address_reused")
     assert OBSERVED["terminating plaintext"] == 0, (

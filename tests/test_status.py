@@ -296,3 +296,14 @@ def test_log_lines_are_one_event_each_in_text_and_json() -> None:
     multi = record("first\nsecond")
     assert "\n" not in TextFormatter().format(multi)
     assert "\n" not in JsonFormatter().format(multi)
+
+
+def test_the_table_lists_lingering_workloads_only_when_there_are_some() -> None:
+    doc = {**healthy_status(),
+           "lingering_workloads": {"count": 0, "grace_s": 30.0, "entries": []}}
+    assert "Lingering" not in render(doc, NOW)
+    doc["lingering_workloads"] = {"count": 1, "grace_s": 30.0, "entries": [
+        {"key": "workloads/n1/w3", "node": "n1", "ips": ["10.0.0.3"], "ends_in_s": 12.5}]}
+    assert ("Lingering workloads: 1: n1/w3 (12.5s left) (deleted, kept selected for 30s "
+            "unless reused)") in render(doc, NOW).splitlines()
+

@@ -61,6 +61,7 @@ class AgentConfig:
     resync_interval: float = 10.0
     mtu: int | None = None
     persistent_keepalive: int = 25
+    workload_grace: float = 30.0
     node_id_template: str = "spiffe://{trust_domain}/tfcrypt/node/{node}"
     controller_ids: tuple[str, ...] = ("spiffe://{trust_domain}/tfcrypt/controller",)
     status_socket: str = DEFAULT_STATUS_SOCKET
@@ -296,6 +297,9 @@ KEYS: tuple[Key, ...] = (
         "WireGuard MTU (default 1420: 1500 minus 80 bytes of overhead)"),
     Key("persistent_keepalive", "persistent_keepalive", _int, _in_range(0, 65535),
         "seconds between keepalives to each peer (0: off); a new peer is greeted at once"),
+    Key("workload_grace", "workload_grace", _float, _in_range(0, 3600),
+        "seconds a deleted workload's addresses stay selected (a terminating pod may still "
+        "send), unless reused; 0: off"),
     Key("node_id_template", "node_id_template", _str, _template,
         "SPIFFE ID of a node; {trust_domain} and {node} are filled in"),
     Key("controller_ids", "controller_ids", _list, _spiffe_ids,

@@ -45,6 +45,9 @@ RECONCILE_SECONDS = Histogram("tfcrypt_reconcile_duration_seconds",
 PEERS = Gauge("tfcrypt_peers", "WireGuard peers the selection needs")
 SELECTED_PAIRS = Gauge("tfcrypt_selected_pairs",
                        "(local IP, remote IP) pairs that enforce-mode policies select")
+LINGERING = Gauge("tfcrypt_lingering_workloads",
+                  "Deleted workloads whose addresses stay selected for the grace period "
+                  "(workload_grace)")
 SVID_EXPIRY = Gauge("tfcrypt_svid_expiry_timestamp_seconds",
                     "When the current X509-SVID expires (unix seconds)")
 HEALTHY = Gauge("tfcrypt_healthy", "1 if the agent's health verdict is healthy, else 0")

@@ -209,6 +209,13 @@ def render(status: Mapping[str, Any], now: dt.datetime) -> str:
         f"{'Last reconcile:':21}{_reconcile(status.get('last_reconcile') or {}, now)}",
         f"{'Rejected records:':21}{_counts(status.get('rejected') or {})}",
     ]
+    lingering = status.get("lingering_workloads") or {}
+    if lingering.get("count"):
+        shown = ", ".join(f"{e['key'].removeprefix('workloads/')} ({e['ends_in_s']:g}s left)"
+                          for e in lingering.get("entries", []))
+        lines.append(f"{'Lingering workloads:':21}{lingering['count']}"
+                     f"{': ' + shown if shown else ''} (deleted, kept selected for "
+                     f"{lingering.get('grace_s', 0):g}s unless reused)")
     if status.get("key_problem"):
         lines.append(f"{'Key file:':21}{status['key_problem']}")
     peers = status.get("peers") or []

@@ -14,6 +14,9 @@ Rules:
   events that are not our own.
 - On exit (SIGTERM, SIGINT) the dataplane and the etcd record stay as they are: a
   restart must not disturb traffic; the record's lease lapses if no agent returns.
+- A deleted workload lingers (tfcrypt/core/linger.py): its addresses stay selected for
+  `workload_grace` seconds unless a live workload claims them, so a terminating pod that
+  still sends is not sent in plaintext; the reconciler wakes when the next one ends.
 - Status is computed when asked (status API) and after every reconcile (status.json,
   metrics samples): it reads the device and the nft counters, never changes them.
   A reconcile that changed the kernel logs one line: what changed and why.
@@ -28,6 +31,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +44,14 @@ from tfcrypt.agent.status_api import StatusServer
 from tfcrypt.config import AgentConfig
 from tfcrypt.core.compute import Desired, Snapshot
 from tfcrypt.core.incremental import IncrementalCore
+from tfcrypt.core.linger import EndReason, Lingering, LingerResult, linger
 from tfcrypt.dataplane.netlink import NetlinkError
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
 from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
 from tfcrypt.identity.view import Prepared, VerifiedView
 from tfcrypt.model.families import WORKLOADS, families
 from tfcrypt.model.node import NodeRecord
+from tfcrypt.model.workload import Workload
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
 from tfcrypt.registry.events import Deleted, Listed, Put
@@ -60,6 +66,8 @@ OWN_EVENTS_WINDOW = 1.0  # seconds after an apply that changed something: events
 DEFAULT_MTU = 1420  # 1500-byte underlay minus the 80 bytes of WireGuard over IPv6: the
 # fallback when the interface holding the advertise address cannot be read
 MIN_MTU = 1280  # IPv6's minimum link MTU: below it the tunnel could not carry IPv6
+MAX_LINGER_LOGGED = 20  # per reconcile; a relist may end or start thousands at once
+MAX_LINGER_SHOWN = 20  # status lists the entries only when there are this few
 DROP_NAMES = {"guard_drops": "guard", "ingress_drops": "strict_ingress",
               "ingress_audit": "strict_ingress_audit"}
 
@@ -96,6 +104,11 @@ class Agent:
         self._own_changes_until = 0.0
         # workload keys changed since the last reconcile; None = unknown, diff everything
         self._changed_workloads: set[str] | None = None
+        # the workloads the core was last given (live plus lingering), the lingering
+        # entries, and when the next one ends (monotonic seconds)
+        self._effective: Mapping[str, Workload] = {}
+        self._lingering: Mapping[str, Lingering] = {}
+        self._next_expiry: float | None = None
         self.last_reconcile: dict[str, Any] = {}
         self.mtu: int | None = None  # the WireGuard MTU in use, and where it came from
         self.mtu_source = ""
@@ -292,11 +305,18 @@ class Agent:
         self._dirty.set()
 
     async def _reconciler(self) -> None:
+        """Reconcile after events (debounced), when a lingering workload's grace period
+        ends (its address is released on time, not at the next resync), and after
+        `resync_interval` of quiet as a full resync."""
         while True:
+            wait = self.cfg.resync_interval
+            if self._next_expiry is not None:
+                wait = min(wait, max(0.0, self._next_expiry - time.monotonic()))
             try:
-                await asyncio.wait_for(self._dirty.wait(), timeout=self.cfg.resync_interval)
+                await asyncio.wait_for(self._dirty.wait(), timeout=wait)
             except TimeoutError:
-                self._full_needed = True  # the periodic full resync repairs any drift
+                if wait == self.cfg.resync_interval:
+                    self._full_needed = True  # the periodic full resync repairs any drift
             await asyncio.sleep(DEBOUNCE)
             self._dirty.clear()
             await self.reconcile()
@@ -307,11 +327,13 @@ class Agent:
     def in_sync(self) -> bool:
         return self.svid is not None and self.listed and self.node_key is not None
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, workloads: Mapping[str, Workload] | None = None) -> Snapshot:
+        """The core's input: the verified view, with `workloads` (live plus lingering,
+        from `_linger`) in place of the verified workloads when given."""
         assert self.node_key is not None
         return Snapshot(
             own_node=self.cfg.node_name,
-            workloads=self.view.of("workloads/"),
+            workloads=self.view.of("workloads/") if workloads is None else workloads,
             policies={p.name: p for p in self.view.of("policies/").values()},
             nodes={r.node: r for r in self.view.of("nodes/").values()},
             own_public_key=self.node_key.public_key)
@@ -326,7 +348,10 @@ class Agent:
         now = _utcnow()
         self.view.expire(now)
         changed, self._changed_workloads = self._changed_workloads, set()
-        desired = self.core.update(self.snapshot(), changed)
+        lingered = self._linger(changed)
+        if changed is not None:
+            changed |= lingered.changed
+        desired = self.core.update(self.snapshot(lingered.effective), changed)
         if self.desired is None or desired.conflicts != self.desired.conflicts:
             for conflict in desired.conflicts:
                 log.warning("inventory conflict: %s", conflict)
@@ -374,6 +399,48 @@ class Agent:
                                "ops": result.ops, "errors": result.errors,
                                "changed": dict(result.changed)}
         await self._write_status()
+
+    def _linger(self, changed: set[str] | None) -> LingerResult:
+        """Keep deleted workloads selected for the grace period (tfcrypt/core/linger.py);
+        log what started and ended lingering, and why."""
+        result = linger(self._effective, self.view.of("workloads/"), self._lingering,
+                        time.monotonic(), self.cfg.workload_grace, changed)
+        self._effective, self._lingering = result.effective, result.lingering
+        self._next_expiry = result.next_expiry
+        metrics.LINGERING.set(len(result.lingering))
+        grace = self.cfg.workload_grace
+        for key in result.started[:MAX_LINGER_LOGGED]:
+            ips = list(result.lingering[key].workload.ips)
+            log.info("%s deleted: its addresses %s stay selected for %gs unless reused",
+                     key, ", ".join(ips), grace, extra={"fields": {
+                         "event": "lingering_started", "key": key, "ips": ips,
+                         "grace_s": grace}})
+        for ended in result.ended[:MAX_LINGER_LOGGED]:
+            why = ended.reason.value + (f" ({ended.ip} by {ended.by})"
+                                        if ended.reason is EndReason.REUSED else "")
+            log.info("%s no longer lingers: %s", ended.key, why, extra={"fields": {
+                "event": "lingering_ended", "key": ended.key, "reason": ended.reason.value,
+                **({"by": ended.by, "ip": ended.ip} if ended.by else {})}})
+            if ended.reason is not EndReason.BACK:
+                self._causes.append(f"lingering {ended.key} ended: {ended.reason.value}")
+        skipped = (max(0, len(result.started) - MAX_LINGER_LOGGED),
+                   max(0, len(result.ended) - MAX_LINGER_LOGGED))
+        if any(skipped):
+            log.info("lingering: %d more started and %d more ended (not listed)", *skipped,
+                     extra={"fields": {"event": "lingering_summary",
+                                       "lingering_total": len(result.lingering)}})
+        return result
+
+    def _lingering_status(self) -> dict[str, Any]:
+        """Count, grace and (when few) each lingering workload with the time it has left."""
+        now = time.monotonic()
+        doc: dict[str, Any] = {"count": len(self._lingering),
+                               "grace_s": self.cfg.workload_grace}
+        if len(self._lingering) <= MAX_LINGER_SHOWN:
+            doc["entries"] = [{"key": k, "node": e.workload.node, "ips": list(e.workload.ips),
+                               "ends_in_s": round(max(0.0, e.until - now), 1)}
+                              for k, e in sorted(self._lingering.items())]
+        return doc
 
     async def _pick_mtu(self) -> None:
         """The configured MTU, else the underlay's minus WireGuard's worst-case overhead.
@@ -492,6 +559,7 @@ class Agent:
             "workloads": len(self.view.of("workloads/")),
             "selected_pairs": d.selected_pair_count if d else 0,
             "audit_pairs": d.audit.pair_count if d else 0,
+            "lingering_workloads": self._lingering_status(),
             "missing_peers": sorted(d.missing_peers) if d else [],
             "conflicts": list(d.conflicts) if d else [],
             "drops": {DROP_NAMES[name]: {"packets": p, "bytes": b}
