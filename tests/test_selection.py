@@ -19,7 +19,13 @@ from hypothesis import strategies as st
 from tfcrypt.core.compute import Desired, Snapshot, compute, host_cidr
 from tfcrypt.core.explain import diff_selection, explain
 from tfcrypt.core.incremental import IncrementalCore
-from tfcrypt.core.selection import is_selected_pairwise
+from tfcrypt.core.selection import (
+    RemoteIndex,
+    classify,
+    is_selected_pairwise,
+    planned_keys,
+    rules_of,
+)
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
 from tfcrypt.model.tags import Tag
@@ -123,6 +129,54 @@ def test_classes_equal_the_pairwise_definition(inv: tuple[list[Workload],
         assert all(re.fullmatch(r"c[0-9a-f]{10}(_\d+)?", c) for c in d.class_peers)
         audit_only = oracle_pairs(own, workloads, policies, Mode.AUDIT) - desired_pairs(d)
         assert d.audit.pair_count == len(audit_only)
+
+
+@st.composite
+def unique_address_inventories(draw: st.DrawFn) -> tuple[list[Workload],
+                                                        list[EncryptionPolicy],
+                                                        dict[str, NodeRecord]]:
+    """Inventories where no address is claimed twice: compute's planned index then
+    counts unions on rows by slot (with a shared address it falls back to lookups)."""
+    workloads, policies, nodes = draw(inventories())
+    seen: set[str] = set()
+    unique = []
+    for w in workloads:
+        if seen.isdisjoint(w.ips):
+            seen.update(w.ips)
+            unique.append(w)
+    return unique, policies, nodes
+
+
+@settings(max_examples=200, deadline=None)
+@given(unique_address_inventories())
+def test_counts_on_unique_addresses_equal_the_pairwise_definition(
+        inv: tuple[list[Workload], list[EncryptionPolicy], dict[str, NodeRecord]]) -> None:
+    workloads, policies, nodes = inv
+    for own in NODES:
+        d = compute(snapshot(own, workloads, policies, nodes))
+        assert desired_pairs(d) == oracle_pairs(own, workloads, policies)
+        assert d.selected_pair_count == len(desired_pairs(d))
+        audit_only = oracle_pairs(own, workloads, policies, Mode.AUDIT) - desired_pairs(d)
+        assert d.audit.pair_count == len(audit_only)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(inventories(), unique_address_inventories()))
+def test_a_planned_index_selects_what_a_full_one_does_and_its_bitmaps_hold_it(
+        inv: tuple[list[Workload], list[EncryptionPolicy], dict[str, NodeRecord]]) -> None:
+    workloads, policies, _ = inv
+    rules = rules_of(policies, Mode.ENFORCE) + rules_of(policies, Mode.AUDIT)
+    for own in NODES:
+        local = [w for w in workloads if w.node == own]
+        planned = RemoteIndex(own, workloads, keys=planned_keys([rules], local))
+        full = classify(own, workloads, rules, RemoteIndex(own, workloads))
+        assert classify(own, local, rules, planned) == full
+        remote_ips = {ip for w in workloads if w.node != own for ip in w.ips}
+        for name, key in full.selector_keys.items():
+            bits = planned.bitmap(key)
+            holds = planned.holds(bits)
+            assert {ip for ip in remote_ips if holds(ip)} == full.selector_ips[name]
+            assert bits.bit_count() == len(full.selector_ips[name])
 
 
 @settings(max_examples=100, deadline=None)

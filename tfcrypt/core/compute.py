@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 from tfcrypt.core.selection import (
-    Bitmaps,
     Classes,
     RemoteIndex,
+    RuleRef,
     class_unions,
     classify,
+    planned_keys,
     rules_of,
     union_of,
 )
@@ -104,8 +105,13 @@ def compute(snap: Snapshot) -> Desired:
     """The desired state of `snap.own_node` for the inputs in `snap`."""
     own = snap.own_node
     workloads = tuple(snap.workloads.values())
-    index = RemoteIndex(own, workloads)
-    enforced = classify(own, workloads, rules_of(snap.policies.values(), Mode.ENFORCE), index)
+    local = [w for w in workloads if w.node == own]
+    enforce_rules = rules_of(snap.policies.values(), Mode.ENFORCE)
+    audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
+                     key=lambda p: p.name)
+    audit_rules = [rules_of([p], Mode.AUDIT) for p in audited]
+    index = RemoteIndex(own, workloads, keys=planned_keys([enforce_rules, *audit_rules], local))
+    enforced = classify(own, local, enforce_rules, index)
     records, conflicts = usable_records(snap.nodes, own, snap.own_public_key)
     claims = IpClaims(workloads)
     conflicts += claims.conflicts()
@@ -116,9 +122,7 @@ def compute(snap: Snapshot) -> Desired:
         allowed_ips(selected, claims.ips_of(rec.node), claims.contested))
         for rec in records.values()}
     missing = claims.nodes_touching([selected], exclude={own, *records})
-    bitmaps = Bitmaps(index.numbering())
-    bits = {key: bitmaps.union(enforced.selector_ips[n] for n in names)
-            for key, names in enforced.class_selectors.items()}
+    bits = class_bitmaps(enforced, index)
     sizes = {key: b.bit_count() for key, b in bits.items()}
     return Desired(
         local_class=dict(sorted(enforced.local_class.items())),
@@ -127,7 +131,7 @@ def compute(snap: Snapshot) -> Desired:
         peers=dict(sorted(peers.items())),
         selected_pair_count=sum(sizes[k] for k in enforced.local_class.values()),
         missing_peers=frozenset(missing),
-        audit=_audit(snap, workloads, index, bits, enforced, bitmaps, claims, records),
+        audit=_audit(snap, local, audited, audit_rules, index, bits, enforced, claims, records),
         conflicts=tuple(conflicts),
     )
 
@@ -138,7 +142,7 @@ def allowed_ips(selected: frozenset[str] | set[str], node_ips: Iterable[str],
     found = selected.intersection(node_ips)
     if contested:
         found -= contested
-    return frozenset(map(host_cidr, found))
+    return frozenset([f"{ip}/128" if ":" in ip else f"{ip}/32" for ip in found])
 
 
 def usable_records(nodes: Mapping[str, NodeRecord], own_node: str,
@@ -169,7 +173,11 @@ class IpClaims:
         workloads = tuple(workloads)
         self._by_node: dict[str, list[str]] = {}
         for w in workloads:
-            self._by_node.setdefault(w.node, []).extend(w.ips)
+            ips = self._by_node.get(w.node)
+            if ips is None:
+                self._by_node[w.node] = list(w.ips)
+            else:
+                ips.extend(w.ips)
         self._more: dict[str, list[Workload]] = {}
         flat = list(chain.from_iterable(self._by_node.values()))
         if len(set(flat)) != len(flat):
@@ -217,19 +225,27 @@ def host_cidr(ip: str) -> str:
     return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
-def _audit(snap: Snapshot, workloads: tuple[Workload, ...], index: RemoteIndex,
-           enforced_bits: Mapping[str, int], enforced: Classes, bitmaps: Bitmaps,
+def class_bitmaps(classes: Classes, index: RemoteIndex) -> dict[str, int]:
+    """Class key -> the bitmap (`RemoteIndex.bitmap`) of the union of its selectors."""
+    found = {}
+    for key, names in classes.class_selectors.items():
+        bits = 0
+        for name in names:
+            bits |= index.bitmap(classes.selector_keys[name])
+        found[key] = bits
+    return found
+
+
+def _audit(snap: Snapshot, local: Sequence[Workload], audited: Sequence[EncryptionPolicy],
+           audit_rules: Sequence[Sequence[RuleRef]], index: RemoteIndex,
+           enforced_bits: Mapping[str, int], enforced: Classes,
            claims: IpClaims, records: Mapping[str, NodeRecord]) -> AuditReport:
     """Pairs each audit policy would add beyond the enforced ones, counted per class group
     (enforced class, audit class per policy) on bitmaps of the class unions."""
-    audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
-                     key=lambda p: p.name)
     if not audited:
         return AuditReport()
-    classes = [classify(snap.own_node, workloads, rules_of([p], Mode.AUDIT), index)
-               for p in audited]
-    audit_bits = [{key: bitmaps.union(c.selector_ips[n] for n in names)
-                   for key, names in c.class_selectors.items()} for c in classes]
+    classes = [classify(snap.own_node, local, rules, index) for rules in audit_rules]
+    audit_bits = [class_bitmaps(c, index) for c in classes]
     groups = audit_groups(enforced.local_class, [c.local_class for c in classes])
     per_policy = dict.fromkeys((p.name for p in audited), 0)
     total = 0
@@ -258,7 +274,7 @@ def _audit(snap: Snapshot, workloads: tuple[Workload, ...], index: RemoteIndex,
         added_all = 0
         for _, _, added in memo.values():
             added_all |= added
-        holds = bitmaps.holds(added_all)
+        holds = index.holds(added_all)
         missing = frozenset(node for node in candidates
                             if any(holds(ip) for ip in claims.ips_of(node)))
     return AuditReport(total, per_policy, missing)

@@ -39,6 +39,7 @@ _STRING_FIELDS = ("name", "node")
 _LIST_FIELDS = ("ips", "tags")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+TagKeySplit = tuple[frozenset[tuple[str, str]], tuple[tuple[str, str], ...]]
 
 
 def workload_key(node: str, name: str) -> str:
@@ -57,13 +58,23 @@ def ip_sort_key(ip: str) -> tuple[int, bytes]:
 
 
 @functools.lru_cache(maxsize=1 << 16)
+def _shared_keys(keys: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+    """One object per distinct set of single-valued keys (grouping by it is then an
+    identity hit)."""
+    return keys
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def _tag_views(tags: frozenset[Tag]) -> tuple[frozenset[Tag], Mapping[str, str],
-                                              frozenset[tuple[str, str]], frozenset[str]]:
+                                              frozenset[tuple[str, str]], frozenset[str],
+                                              TagKeySplit]:
     """One shared copy of a tag set and its derived views: 100,000 workloads carry a few
     hundred distinct tag sets, and a copy per workload was ~75 MiB of the agent (C3)."""
+    single = _shared_keys(frozenset((t.type, t.value) for t in tags if t.single_valued))
+    labels = tuple(sorted((t.type, t.value) for t in tags if not t.single_valued))
     return (tags, MappingProxyType({t.type: t.value for t in tags if t.single_valued}),
             frozenset((t.type, t.value) for t in tags),
-            frozenset(t.value for t in tags if not t.single_valued))
+            frozenset(t.value for t in tags if not t.single_valued), (single, labels))
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +89,7 @@ class Workload:
     _values: Mapping[str, str] = field(init=False, repr=False, compare=False)
     _tag_keys: frozenset[tuple[str, str]] = field(init=False, repr=False, compare=False)
     _labels: frozenset[str] = field(init=False, repr=False, compare=False)
+    _key_split: TagKeySplit = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not is_dns_label(self.name):
@@ -91,11 +103,12 @@ class Workload:
             tags = parse_tags(self.tags)
         except ValueError as e:
             raise ValueError(f"tags{e}") from None
-        tags, values, tag_keys, labels = _tag_views(tags)
+        tags, values, tag_keys, labels, split = _tag_views(tags)
         object.__setattr__(self, "tags", tags)
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "_tag_keys", tag_keys)
         object.__setattr__(self, "_labels", labels)
+        object.__setattr__(self, "_key_split", split)
 
     @property
     def key(self) -> str:
@@ -110,6 +123,13 @@ class Workload:
     def tag_keys(self) -> frozenset[tuple[str, str]]:
         """`tags` as (type, value) tuples: hashed and compared in C, for indexes at scale."""
         return self._tag_keys
+
+    @property
+    def tag_key_split(self) -> TagKeySplit:
+        """`tag_keys` split into the single-valued ones (a frozenset shared by every
+        workload with the same tags: few distinct ones, so indexes group workloads by it)
+        and the label ones."""
+        return self._key_split
 
     @property
     def labels(self) -> frozenset[str]:
