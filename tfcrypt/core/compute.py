@@ -28,8 +28,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, groupby
+from operator import attrgetter
 
+from tfcrypt.core.collector import collector_paused
 from tfcrypt.core.selection import (
     Classes,
     RemoteIndex,
@@ -101,6 +103,7 @@ class Desired:
         return union_of(self.selector_ips.values())
 
 
+@collector_paused
 def compute(snap: Snapshot) -> Desired:
     """The desired state of `snap.own_node` for the inputs in `snap`."""
     own = snap.own_node
@@ -110,10 +113,11 @@ def compute(snap: Snapshot) -> Desired:
     audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
                      key=lambda p: p.name)
     audit_rules = [rules_of([p], Mode.AUDIT) for p in audited]
-    index = RemoteIndex(own, workloads, keys=planned_keys([enforce_rules, *audit_rules], local))
+    claims = IpClaims(workloads)
+    index = RemoteIndex(own, workloads, keys=planned_keys([enforce_rules, *audit_rules], local),
+                        unique=not claims.shared)
     enforced = classify(own, local, enforce_rules, index)
     records, conflicts = usable_records(snap.nodes, own, snap.own_public_key)
-    claims = IpClaims(workloads)
     conflicts += claims.conflicts()
 
     selected = enforced.selected_remote_ips()
@@ -162,6 +166,10 @@ def usable_records(nodes: Mapping[str, NodeRecord], own_node: str,
     return usable, conflicts
 
 
+_NODE = attrgetter("node")
+_IPS = attrgetter("ips")
+
+
 class IpClaims:
     """Which workloads claim each IP; built in one pass, most IPs having one claimant.
 
@@ -172,12 +180,13 @@ class IpClaims:
     def __init__(self, workloads: Iterable[Workload]) -> None:
         workloads = tuple(workloads)
         self._by_node: dict[str, list[str]] = {}
-        for w in workloads:
-            ips = self._by_node.get(w.node)
+        # runs of one node's workloads (the registry lists keys in order, so each node's
+        # are adjacent) are taken in one step; any order stays correct, only slower
+        for node, run in groupby(workloads, key=_NODE):
+            ips = self._by_node.get(node)
             if ips is None:
-                self._by_node[w.node] = list(w.ips)
-            else:
-                ips.extend(w.ips)
+                ips = self._by_node[node] = []
+            ips.extend(chain.from_iterable(map(_IPS, run)))
         self._more: dict[str, list[Workload]] = {}
         flat = list(chain.from_iterable(self._by_node.values()))
         if len(set(flat)) != len(flat):
@@ -189,6 +198,11 @@ class IpClaims:
                         self._more.setdefault(ip, [owner]).append(w)
         self.contested = frozenset(ip for ip, owners in self._more.items()
                                    if len({w.node for w in owners}) > 1)
+
+    @property
+    def shared(self) -> bool:
+        """Whether some IP is claimed by more than one workload."""
+        return bool(self._more)
 
     def ips_of(self, node: str) -> list[str]:
         """Every IP a workload on `node` claims (contested ones included)."""

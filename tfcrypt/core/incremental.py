@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 
+from tfcrypt.core.collector import collector_paused
 from tfcrypt.core.compute import (
     AuditReport,
     Desired,
@@ -244,6 +245,7 @@ class IncrementalCore:
 
     # -- entry point -----------------------------------------------------------------
 
+    @collector_paused
     def update(self, snap: Snapshot, changed_workloads: Iterable[str] | None = None) -> Desired:
         """The Desired of `snap` (== compute(snap)), reusing what did not change."""
         if snap.own_node != self.own_node:

@@ -32,10 +32,11 @@ import bisect
 import hashlib
 import ipaddress
 import json
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
+from operator import attrgetter
 
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
 from tfcrypt.model.workload import Address, Workload
@@ -224,7 +225,7 @@ class RemoteIndex:
     """
 
     def __init__(self, own_node: str, workloads: Iterable[Workload],
-                 keys: Set[tuple[str, str]] | None = None) -> None:
+                 keys: Set[tuple[str, str]] | None = None, unique: bool = False) -> None:
         """Index the workloads of every node but `own_node`.
 
         `keys`, when given, are the only tag keys selectors will ask for (see
@@ -233,19 +234,22 @@ class RemoteIndex:
         element (the cost that dominated compute() at 100,000 workloads). A planned index
         cannot `track`. Rows are width bytes each while built, which is why they are only
         made for planned keys: a tag type with a value per workload would otherwise cost
-        width x workloads bytes.
+        width x workloads bytes. `unique`: the caller vouches that no IP is claimed by two
+        workloads (compute counted it already), which spares a 100,000-element set here.
         """
         self.own_node = own_node
         remote = [w for w in workloads if w.node != own_node]
         self._listed = remote
         self._remote: dict[str, Workload] = {}
         self._tracked = False
-        flat = list(chain.from_iterable(w.ips for w in remote))
-        self._all = set(flat)
+        flat = list(chain.from_iterable(map(_IPS, remote)))
+        self._every: set[str] | None = None
         self._claimants: ClaimMap | None = None
         self._multi: set[str] = set()
-        if len(flat) != len(self._all):
-            self._multi = set(self._claimant_map().shared())
+        if not unique:
+            self._every = set(flat)
+            if len(flat) != len(self._every):
+                self._multi = set(self._claimant_map().shared())
         self._planned = None if keys is None else frozenset(keys)
         self._rows: dict[tuple[str, str], int] | None = None
         if keys is None:
@@ -254,13 +258,11 @@ class RemoteIndex:
                 ips = w.ips
                 for tag_key in w.tag_keys:
                     lists[tag_key].extend(ips)
+            self._postings = {k: set(v) for k, v in lists.items()}
         else:
-            remote, lists, rows = _planned_postings(remote, frozenset(keys), len(flat))
-            self._listed = remote
-            flat = list(chain.from_iterable(w.ips for w in remote))
+            self._postings, rows = _planned_postings(remote, flat, frozenset(keys))
             if not self._multi:  # rows are by slot in `flat`: valid when IPs are unique
                 self._rows = {k: _packed(row) for k, row in rows.items()}
-        self._postings = {k: set(v) for k, v in lists.items()}
         self._slots = flat if not self._multi else list(dict.fromkeys(flat))
         self._position: dict[str, int] | None = None
         self._bitmaps: dict[SelectorKey, int] = {}
@@ -268,6 +270,13 @@ class RemoteIndex:
         self._subnet_slots: dict[Network, list[int]] = {}
         self._cache: dict[SelectorKey, frozenset[str] | set[str]] = {}
         self._networks: dict[str, Network] = {}
+
+    @property
+    def _all(self) -> set[str]:
+        """Every remote IP (built on first use when the caller vouched for uniqueness)."""
+        if self._every is None:
+            self._every = set(self._slots)
+        return self._every
 
     @property
     def workloads(self) -> tuple[Workload, ...]:
@@ -435,7 +444,7 @@ class RemoteIndex:
         """Every slot as (address number << shift | slot), sorted: plain ints sort several
         times faster than with a key function, and a subnet is then a bisected slice."""
         if self._by_address is None:
-            addresses = chain.from_iterable(w.addresses for w in self._listed)
+            addresses = chain.from_iterable(map(_ADDRESSES, self._listed))
             if self._multi:
                 addresses = iter(dict(zip(chain.from_iterable(
                     w.ips for w in self._listed), addresses, strict=True)).values())
@@ -539,62 +548,61 @@ def planned_keys(rule_sets: Iterable[Sequence[RuleRef]], local: Iterable[Workloa
     return found
 
 
-Postings = dict[tuple[str, str], list[str]]
+_IPS = attrgetter("ips")
+_ADDRESSES = attrgetter("addresses")
 Rows = dict[tuple[str, str], bytearray]
 
 
-def _planned_postings(remote: Sequence[Workload], keys: frozenset[tuple[str, str]],
-                      width: int) -> tuple[list[Workload], Postings, Rows]:
-    """The remote workloads reordered so that those sharing their single-valued tags are
-    adjacent, and the postings of the planned keys over that order: IP lists, and rows of
-    ASCII "0"/"1" by slot (slot i is the i-th IP of the reordered workloads).
+def _planned_postings(remote: Sequence[Workload], slots: list[str],
+                      keys: frozenset[tuple[str, str]]
+                      ) -> tuple[dict[tuple[str, str], set[str]], Rows]:
+    """Postings of the planned keys: IP sets, and rows of ASCII "0"/"1" by slot (slot i
+    is `slots[i]`, the i-th IP of `remote`'s workloads, in their order).
 
-    Single-valued tags (application, tier, deployment, site...) come in few combinations,
-    so their postings are written once per combination: an extend and one slice of a
-    row. Labels are written per workload. At 100,000 workloads this is a few hundred
-    thousand Python steps fewer than one per (workload, tag).
+    One pass notes each workload's slot positions under its combination of single-valued
+    tags (application, tier, deployment, site...: few combinations, an identity hit on an
+    interned frozenset) and under each of its labels; a key's posting is then its
+    combinations' positions, turned into IPs and row bytes by C loops (`map`). The
+    workloads are walked in their given order on purpose: it is the order they sit in
+    memory, and walking 100,000 of them grouped doubled the cost of every pass.
     """
-    groups: dict[frozenset[tuple[str, str]], list[Workload]] = {}
-    for w in remote:
-        single = w.tag_key_split[0]
-        members = groups.get(single)
-        if members is None:
-            groups[single] = [w]
-        else:
-            members.append(w)
-    lists: Postings = {}
-    rows: Rows = {}
-
-    def entry(tag_key: tuple[str, str]) -> tuple[list[str], bytearray] | None:
-        if tag_key not in keys:
-            return None
-        found = lists.get(tag_key)
-        if found is None:
-            found = lists[tag_key] = []
-            rows[tag_key] = bytearray(b"0") * width
-        return found, rows[tag_key]
-
-    ordered: list[Workload] = []
+    groups: dict[frozenset[tuple[str, str]], list[int]] = {}
+    by_label: dict[tuple[str, str], list[int]] = {}
     at = 0
-    for single, members in groups.items():
-        start = at
-        for w in members:
-            ips = w.ips
-            n = len(ips)
-            for label_key in w.tag_key_split[1]:
-                found = entry(label_key)
-                if found is not None:
-                    found[0].extend(ips)
-                    found[1][at:at + n] = b"1" * n
-            at += n
-        ordered.extend(members)
-        group_ips = list(chain.from_iterable(w.ips for w in members))
+    for w in remote:
+        single, labels = w.tag_key_split
+        n = len(w.ips)
+        found = groups.get(single)
+        if found is None:
+            found = groups[single] = []
+        if n == 1:
+            found.append(at)
+            for label_key in labels:
+                positions = by_label.get(label_key)
+                if positions is None:
+                    by_label[label_key] = [at]
+                else:
+                    positions.append(at)
+        else:
+            span = range(at, at + n)
+            found.extend(span)
+            for label_key in labels:
+                by_label.setdefault(label_key, []).extend(span)
+        at += n
+    positions_of: dict[tuple[str, str], list[int]] = {
+        k: v for k, v in by_label.items() if k in keys}
+    for single, found in groups.items():
         for tag_key in single:
-            found = entry(tag_key)
-            if found is not None:
-                found[0].extend(group_ips)
-                found[1][start:at] = b"1" * (at - start)
-    return ordered, lists, rows
+            if tag_key in keys:
+                positions_of.setdefault(tag_key, []).extend(found)
+    width = len(slots)
+    sets: dict[tuple[str, str], set[str]] = {}
+    rows: Rows = {}
+    for tag_key, positions in positions_of.items():
+        sets[tag_key] = set(map(slots.__getitem__, positions))
+        row = rows[tag_key] = bytearray(b"0") * width
+        deque(map(row.__setitem__, positions, repeat(49)), maxlen=0)
+    return sets, rows
 
 
 def _packed(row: bytearray) -> int:

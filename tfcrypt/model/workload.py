@@ -85,11 +85,18 @@ class Workload:
     node: str
     ips: tuple[str, ...]
     tags: frozenset[Tag]
-    _addresses: tuple[Address, ...] = field(init=False, repr=False, compare=False)
+    # Derived, read-only views (plain slots, not properties: indexes read them 100,000
+    # times per build, and a property call costs more than the read):
+    # `addresses`: `ips` parsed, in the same order (selection tests subnets often);
+    # `tag_keys`: `tags` as (type, value) tuples, hashed and compared in C;
+    # `tag_key_split`: `tag_keys` split into the single-valued ones (a frozenset shared by
+    # every workload with the same ones: few distinct, so indexes group workloads by it)
+    # and the label ones.
+    addresses: tuple[Address, ...] = field(init=False, repr=False, compare=False)
+    tag_keys: frozenset[tuple[str, str]] = field(init=False, repr=False, compare=False)
+    tag_key_split: TagKeySplit = field(init=False, repr=False, compare=False)
     _values: Mapping[str, str] = field(init=False, repr=False, compare=False)
-    _tag_keys: frozenset[tuple[str, str]] = field(init=False, repr=False, compare=False)
     _labels: frozenset[str] = field(init=False, repr=False, compare=False)
-    _key_split: TagKeySplit = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not is_dns_label(self.name):
@@ -97,7 +104,7 @@ class Workload:
         if not isinstance(self.node, str) or not is_node_name(self.node):
             raise ValueError(f"node: {self.node!r} is not a valid node name")
         addresses = parse_ips(self.ips)
-        object.__setattr__(self, "_addresses", addresses)
+        object.__setattr__(self, "addresses", addresses)
         object.__setattr__(self, "ips", tuple(str(a) for a in addresses))
         try:
             tags = parse_tags(self.tags)
@@ -106,30 +113,13 @@ class Workload:
         tags, values, tag_keys, labels, split = _tag_views(tags)
         object.__setattr__(self, "tags", tags)
         object.__setattr__(self, "_values", values)
-        object.__setattr__(self, "_tag_keys", tag_keys)
+        object.__setattr__(self, "tag_keys", tag_keys)
         object.__setattr__(self, "_labels", labels)
-        object.__setattr__(self, "_key_split", split)
+        object.__setattr__(self, "tag_key_split", split)
 
     @property
     def key(self) -> str:
         return workload_key(self.node, self.name)
-
-    @property
-    def addresses(self) -> tuple[Address, ...]:
-        """`ips` parsed, in the same order (parsed once: selection tests subnets often)."""
-        return self._addresses
-
-    @property
-    def tag_keys(self) -> frozenset[tuple[str, str]]:
-        """`tags` as (type, value) tuples: hashed and compared in C, for indexes at scale."""
-        return self._tag_keys
-
-    @property
-    def tag_key_split(self) -> TagKeySplit:
-        """`tag_keys` split into the single-valued ones (a frozenset shared by every
-        workload with the same tags: few distinct ones, so indexes group workloads by it)
-        and the label ones."""
-        return self._key_split
 
     @property
     def labels(self) -> frozenset[str]:
