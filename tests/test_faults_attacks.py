@@ -716,6 +716,10 @@ def test_11_a_running_agent_survives_a_burst_of_garbage(settled: Lab, tmp_path: 
     values = [(f"workloads/n3/g{i}" if family == "workloads" else f"{family}/g{i}", value)
               for i, (value, family) in enumerate(list(drawn.items())[:300])]
     assert len(values) >= 200
+    # scenario 10's cleanup leaves deleted workloads lingering (workload_grace, 30 s): the
+    # kernel state compared below must not change by their expiry in between
+    wait_for("no lingering workloads on n1", lambda: status(
+        lab, "n1")["lingering_workloads"]["count"] == 0, timeout=45)
     before_state = kernel_state(lab, "n1")
     before = {n: sum(status(lab, n)["rejected"].values()) for n in ("n1", "n3")}
     wrote = write_plan(lab, tmp_path, [{"key": k, "raw": raw(v)} for k, v in values])

@@ -33,6 +33,7 @@ from tfcrypt.registry import (
     RegistryUnavailable,
     parse_endpoint,
 )
+from tfcrypt.registry import watch as watch_module
 
 __all__ = ["etcd", "etcd_cluster", "make_proxy"]
 
@@ -189,6 +190,58 @@ def test_listed_then_put_and_deleted_from_another_client(etcd: EtcdServer) -> No
             assert revisions == sorted(revisions) and revisions[0] > first.revision
             assert reg.last_revision == revisions[-1]
             assert reg.relists == 0 and reg.reconnects == 0
+
+    run(scenario())
+
+
+def test_a_watch_that_goes_silent_is_noticed_by_the_probe_and_relisted(
+        etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure seen once in CI after a cluster member was killed: a watch stayed open
+    and delivered nothing while probes of the member succeeded. Injected here at our own
+    boundary (the real etcd and aetcd watch run; the first stream's events are dropped
+    before the consumer sees them); the probe must find the undelivered put and relist."""
+    real_pump = watch_module._pump
+    streams = []
+
+    async def silent_first(watch: Any, queue: asyncio.Queue[object]) -> None:
+        streams.append(watch)
+        if len(streams) > 1:
+            return await real_pump(watch, queue)
+        async for _ in watch:
+            pass  # events vanish: a stalled stream
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(watch_module, "_pump", silent_first)
+    etcd.etcdctl("put", f"{PREFIX}/nodes/a", "A1")
+
+    async def scenario() -> None:
+        async with Registry([etcd.endpoint], backoff=FAST, probe_interval=0.5) as reg, \
+                Consumer(reg) as consumer:
+            await ctl(etcd, "put", f"{PREFIX}/nodes/b", "B1")
+            await consumer.sees({"nodes/a": b"A1", "nodes/b": b"B1"}, timeout=10)
+            assert consumer.listed_count() == 2 and reg.relists == 1
+            await ctl(etcd, "put", f"{PREFIX}/nodes/c", "C1")  # the new watch delivers
+            await consumer.sees({"nodes/a": b"A1", "nodes/b": b"B1", "nodes/c": b"C1"})
+            assert consumer.listed_count() == 2
+
+    run(scenario())
+
+
+def test_a_quiet_watch_is_not_relisted(etcd: EtcdServer) -> None:
+    """Probes of a healthy watch with nothing to deliver (and writes outside the prefix)
+    never relist."""
+    etcd.etcdctl("put", f"{PREFIX}/nodes/a", "A1")
+
+    async def scenario() -> None:
+        async with Registry([etcd.endpoint], backoff=FAST, probe_interval=0.3) as reg, \
+                Consumer(reg) as consumer:
+            for i in range(8):
+                await ctl(etcd, "put", f"{PREFIX}0/elsewhere", str(i))
+                await asyncio.sleep(0.3)
+            await ctl(etcd, "put", f"{PREFIX}/nodes/b", "B1")
+            await consumer.sees({"nodes/a": b"A1", "nodes/b": b"B1"})
+            await asyncio.sleep(1.0)
+            assert reg.relists == 0 and consumer.listed_count() == 1
 
     run(scenario())
 

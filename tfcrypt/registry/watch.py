@@ -12,6 +12,14 @@ Rules:
   it keeps its last view until the next `Listed`.
 - A watch that delivers nothing for `probe_interval` is checked with a linearizable read
   of the prefix key; a member that is hung or cut off from the quorum fails that read.
+  If the store's revision had moved past the last revision the watch delivered already
+  at the previous probe, a second read lists the prefix's keys changed in between: such
+  a change is at least one probe interval old and never arrived, so the watch is
+  stalled (seen once in a full test run after a member of a 3-member cluster was
+  killed: the watch, moved to another member, stayed open and silent while probes
+  succeeded) and the stream relists. Deletions are not seen this way (only existing
+  keys carry a mod revision), but a stalled watch also misses puts, such as every
+  agent's node record publications.
 - The backoff schedule starts over only once a watch has been created, so a member that
   lists but cannot watch is not hammered.
 - The pump task that drains aetcd's watch iterator belongs to this stream and is
@@ -136,18 +144,22 @@ class WatchStream:
         queue: asyncio.Queue[object] = asyncio.Queue()
         pump = asyncio.create_task(_pump(watch, queue), name="registry-watch-pump")
         self._tasks.add(pump)
+        delivered = start_revision - 1
+        probed: int | None = None  # the store's revision at the last silent probe
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(queue.get(), self._probe_interval)
                 except TimeoutError:
-                    await self._probe(client)
+                    probed = await self._probe(client, delivered, probed)
                     continue
                 if item is _END:
                     raise RegistryUnavailable("watch: stream ended")
                 if isinstance(item, RegistryError):
                     raise item
                 assert isinstance(item, aetcd.Event)
+                delivered = max(delivered, item.kv.mod_revision)
+                probed = None
                 yield self._convert(item)
         finally:
             pump.cancel()
@@ -157,10 +169,33 @@ class WatchStream:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(watch.cancel(), 1.0)
 
-    async def _probe(self, client: aetcd.Client) -> None:
+    async def _probe(self, client: aetcd.Client, delivered: int, probed: int | None) -> int:
+        """Check the member and the watch (see the module rules); the store's revision.
+
+        The first read is cheap (the prefix key alone). Only when the store moved past
+        the last delivered revision before the previous probe does a second read look for
+        keys of the prefix changed in between (keys only; etcd filters by mod revision on
+        the server, but scans the prefix to do it, so it is not done on every probe).
+        """
         with etcd_errors("probe"):
-            await client.get(self._keys.root)
+            await client.connect()
+            request = client._build_get_range_request(key=self._keys.root)
+            answer = await client.kvstub.Range(request, timeout=client._timeout,
+                                               metadata=client.metadata)
+            if probed is not None and probed > delivered:
+                request = client._build_get_range_request(
+                    key=self._keys.root, range_end=prefix_range_end(self._keys.root))
+                request.keys_only = True
+                request.min_mod_revision = delivered + 1
+                request.max_mod_revision = probed
+                missed = await client.kvstub.Range(request, timeout=client._timeout,
+                                                   metadata=client.metadata)
+                if missed.kvs:
+                    raise RegistryUnavailable(
+                        f"watch: stalled, {len(missed.kvs)} key(s) changed between revisions "
+                        f"{delivered + 1} and {probed} never arrived")
         self._conn.succeeded()
+        return int(answer.header.revision)
 
     def _convert(self, event: aetcd.Event) -> Put | Deleted:
         rel_key = self._keys.relative(event.kv.key)
