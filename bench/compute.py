@@ -158,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-node", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--gc", choices=("on", "freeze", "off"), default="on",
-                        help="cyclic collector: on (default); freeze: gc.freeze() after "
-                             "building the inventory; off: disabled while timing (the core's "
-                             "own work, without collections of the 100k-workload heap)")
+                        help="cyclic collector: on (default, as in the agent: compute() "
+                             "and IncrementalCore.update pause it themselves, see "
+                             "tfcrypt/core/collector.py); freeze: gc.freeze() after building "
+                             "the inventory; off: disabled for the whole run")
     parser.add_argument("--profile", action="store_true", help="cProfile one run to stderr")
     args = parser.parse_args(argv)
     runs = max(args.runs, 5)
