@@ -35,11 +35,11 @@ import json
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from itertools import chain, compress, repeat
+from itertools import chain, repeat
 from operator import attrgetter
 
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
-from tfcrypt.model.workload import Address, Workload
+from tfcrypt.model.workload import Workload, network_span
 
 CLASS_KEY_PREFIX = "c"
 SELECTOR_KEY_PREFIX = "s"
@@ -93,20 +93,22 @@ class RuleRef:
     policy: str
     index: int
     rule: Rule
-    _networks: tuple[Network | None, Network | None] = field(
+    _spans: tuple[tuple[int, int] | None, tuple[int, int] | None] = field(
         init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_networks",
-                           (self.rule.endpoint1.network, self.rule.endpoint2.network))
+        object.__setattr__(self, "_spans", tuple(
+            None if e.network is None else network_span(e.network)
+            for e in (self.rule.endpoint1, self.rule.endpoint2)))
 
-    def side_matches(self, side: int, workload: Workload, address: Address) -> bool:
-        """`endpoint_matches` for side 1 or 2, with the subnet parsed once per rule."""
+    def side_matches(self, side: int, workload: Workload, number: int) -> bool:
+        """`endpoint_matches` for side 1 or 2 and an address given as its `ip_number`,
+        with the subnet parsed once per rule."""
         endpoint = self.rule.endpoint1 if side == 1 else self.rule.endpoint2
         if endpoint.tags is not None:
             return endpoint.tags <= workload.tags
-        network = self._networks[side - 1]
-        return network is None or address in network
+        span = self._spans[side - 1]
+        return span is None or span[0] <= number <= span[1]
 
 
 def rules_of(policies: Iterable[EncryptionPolicy], mode: Mode) -> tuple[RuleRef, ...]:
@@ -146,9 +148,9 @@ def workload_memberships(workload: Workload, rules: Sequence[RuleRef]
                 break
             values.append(value)
         else:
-            for ip, address in zip(workload.ips, workload.addresses, strict=True):
+            for ip, number in zip(workload.ips, workload.numbers, strict=True):
                 for side in (1, 2):
-                    if ref.side_matches(side, workload, address):
+                    if ref.side_matches(side, workload, number):
                         found.setdefault(ip, set()).add(
                             Membership(ref.policy, ref.index, side, tuple(values)))
     return {ip: frozenset(ms) for ip, ms in found.items()}
@@ -437,9 +439,10 @@ class RemoteIndex:
 
     def _ips_in(self, network: Network) -> set[str]:
         if self._tracked:  # a new subnet selector after tracking: rare, one scan
+            lo, hi = network_span(network)
             return {ip for w in self._remote.values()
-                    for ip, address in zip(w.ips, w.addresses, strict=True)
-                    if address in network}
+                    for ip, number in zip(w.ips, w.numbers, strict=True)
+                    if lo <= number <= hi}
         return set(map(self._slots.__getitem__, self._slots_in(network)))
 
     def _slots_in(self, network: Network) -> list[int]:
@@ -447,9 +450,9 @@ class RemoteIndex:
         found = self._subnet_slots.get(network)
         if found is None:
             packed, shift = self._sorted_by_address()
-            base = 0 if network.version == 4 else _V6_BASE
-            lo = bisect.bisect_left(packed, (int(network.network_address) + base) << shift)
-            hi = bisect.bisect_left(packed, (int(network.broadcast_address) + base + 1) << shift)
+            first, last = network_span(network)
+            lo = bisect.bisect_left(packed, first << shift)
+            hi = bisect.bisect_left(packed, (last + 1) << shift)
             mask = (1 << shift) - 1
             found = self._subnet_slots[network] = [p & mask for p in packed[lo:hi]]
         return found
@@ -458,14 +461,10 @@ class RemoteIndex:
         """Every slot as (address number << shift | slot), sorted: plain ints sort several
         times faster than with a key function, and a subnet is then a bisected slice."""
         if self._by_address is None:
-            addresses = chain.from_iterable(map(_ADDRESSES, self._listed))
+            numbers = list(chain.from_iterable(map(_NUMBERS, self._listed)))
             if self._multi:
-                addresses = iter(dict(zip(chain.from_iterable(
-                    w.ips for w in self._listed), addresses, strict=True)).values())
-            numbers = list(map(int, addresses))
-            for i in compress(range(len(numbers)),
-                              map(str.__contains__, self._slots, repeat(":"))):
-                numbers[i] += _V6_BASE
+                numbers = list(dict(zip(chain.from_iterable(map(_IPS, self._listed)),
+                                        numbers, strict=True)).values())
             shift = len(numbers).bit_length()
             packed = [n << shift | i for i, n in enumerate(numbers)]
             packed.sort()
@@ -532,9 +531,6 @@ class RemoteIndex:
 
 
 
-_V6_BASE = 1 << 128  # IPv6 numbers are offset above every IPv4 one: one number line
-
-
 def selector_key(endpoint: Endpoint, required: Iterable[tuple[str, str]]) -> SelectorKey:
     """The cache key of (endpoint, required tags on the remote side)."""
     wanted = set(required)
@@ -563,7 +559,7 @@ def planned_keys(rule_sets: Iterable[Sequence[RuleRef]], local: Iterable[Workloa
 
 
 _IPS = attrgetter("ips")
-_ADDRESSES = attrgetter("addresses")
+_NUMBERS = attrgetter("numbers")
 Rows = dict[tuple[str, str], bytearray]
 
 
