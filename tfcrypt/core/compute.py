@@ -258,7 +258,8 @@ def _audit(snap: Snapshot, local: Sequence[Workload], audited: Sequence[Encrypti
     (enforced class, audit class per policy) on bitmaps of the class unions."""
     if not audited:
         return AuditReport()
-    classes = [classify(snap.own_node, local, rules, index) for rules in audit_rules]
+    classes = [classify(snap.own_node, local, rules, index, results=False)
+               for rules in audit_rules]
     audit_bits = [class_bitmaps(c, index) for c in classes]
     groups = audit_groups(enforced.local_class, [c.local_class for c in classes])
     per_policy = dict.fromkeys((p.name for p in audited), 0)
