@@ -530,7 +530,6 @@ class RemoteIndex:
         return changed
 
 
-
 def selector_key(endpoint: Endpoint, required: Iterable[tuple[str, str]]) -> SelectorKey:
     """The cache key of (endpoint, required tags on the remote side)."""
     wanted = set(required)
