@@ -517,7 +517,8 @@ def test_6_workload_deleted_created_and_address_reused(lab: Lab, tmp_path: Path)
     assert all("reason=expired" in line for _, line in expired), expired
     late = [round(e - s - grace, 3) for (s, _), (e, _) in zip(started, expired, strict=True)]
     print(f"lingering of n1-reuse ended {late} s after its {grace} s grace period")
-    assert all(-0.01 <= x < 1.0 for x in late), late
+    # well under the lab's 5 s periodic resync, with room for a loaded CI machine
+    assert all(-0.01 <= x < 2.5 for x in late), late
     plain = faults.packet_times(sc.pcap, f"host {min(pair)} and host {max(pair)}")
     windows = {step: (round(edge - t0, 3), sum(1 for x in plain if t0 <= x < edge))
                for step, (t0, edge) in edges.items()}
