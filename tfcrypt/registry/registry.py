@@ -19,7 +19,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -31,7 +30,7 @@ from tfcrypt.registry.errors import RegistryError, RegistryUnavailable, etcd_err
 from tfcrypt.registry.events import Listed, RegistryEvent
 from tfcrypt.registry.keys import Keyspace
 from tfcrypt.registry.lease import LeaseKeeper, Record
-from tfcrypt.registry.watch import WatchStream, list_prefix
+from tfcrypt.registry.watch import STOP_WAIT, WatchStream, list_prefix, stop_within
 
 T = TypeVar("T")
 
@@ -148,12 +147,8 @@ class Registry:
 
     async def aclose(self) -> None:
         """Stop every task, close the connection. The published record is left to its ttl."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in list(self._tasks):
+            await stop_within(task, STOP_WAIT)
         self._tasks.clear()
         self._keeper_task = None
         await self._conn.aclose()
