@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import attrgetter
+from typing import Any
 
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
 from tfcrypt.model.workload import Workload, network_span
@@ -209,8 +210,6 @@ class ClaimMap:
         return list(self._more)
 
 
-
-
 class RemoteIndex:
     """The workloads of every node but one, indexed for `select`, optionally kept current.
 
@@ -292,18 +291,13 @@ class RemoteIndex:
     def all_ips(self) -> frozenset[str]:
         return self._lookup((frozenset(), None))
 
-    def selector_key(self, endpoint: Endpoint, required: Iterable[tuple[str, str]]
-                     ) -> SelectorKey:
-        """The cache key of (endpoint, required tags on the remote side)."""
-        return selector_key(endpoint, required)
-
     def select(self, endpoint: Endpoint, required: Iterable[tuple[str, str]]) -> frozenset[str]:
         """Remote IPs y of workloads b with (b, y) in `endpoint` and `required` tags on b."""
-        return frozenset(self._lookup(self.selector_key(endpoint, required)))
+        return frozenset(self._lookup(selector_key(endpoint, required)))
 
     def register(self, endpoint: Endpoint, required: Iterable[tuple[str, str]]) -> SelectorKey:
         """Make sure the selector is cached (so `update` keeps it current); its key."""
-        key = self.selector_key(endpoint, required)
+        key = selector_key(endpoint, required)
         self._lookup(key)
         return key
 
@@ -331,7 +325,8 @@ class RemoteIndex:
         if found is None:
             wanted, subnet = key
             rows = self._rows
-            if rows is not None and self._planned is not None and wanted <= self._planned:
+            if rows is not None:
+                self._check_planned(wanted)
                 found = (1 << len(self._slots)) - 1
                 for tag_key in wanted:
                     found &= rows.get(tag_key, 0)
@@ -395,26 +390,26 @@ class RemoteIndex:
             network = self._networks[subnet] = ipaddress.ip_network(subnet)
         return network
 
-    def _select(self, wanted: frozenset[tuple[str, str]], subnet: str | None) -> frozenset[str]:
+    def _check_planned(self, wanted: frozenset[tuple[str, str]]) -> None:
         if self._planned is not None and not wanted <= self._planned:
             raise ValueError(f"selector for {sorted(wanted - self._planned)}: not planned")
+
+    def _select(self, wanted: frozenset[tuple[str, str]], subnet: str | None) -> frozenset[str]:
+        self._check_planned(wanted)
         network = self._network(subnet)
-        if self._by_slot is not None:  # planned, unique IPs: intersect slot positions
-            slot_sets = [self._by_slot.get(k, _NO_SLOTS) for k in wanted]
-            if network is not None:
-                slot_sets.append(set(self._slots_in(network)))
-            if not slot_sets:
-                return frozenset(self._all)
-            slot_sets.sort(key=len)
-            return frozenset(map(self._slots.__getitem__,
-                                 slot_sets[0].intersection(*slot_sets[1:])))
-        sets = [self._postings.get(k, _EMPTY) for k in wanted]
+        by_slot = self._by_slot  # planned, unique IPs: postings are slot positions
+        postings: Mapping[tuple[str, str], Set[Any]] = (
+            self._postings if by_slot is None else by_slot)
+        sets: list[Any] = [postings.get(k, frozenset()) for k in wanted]
         if network is not None:
-            sets.append(self._ips_in(network))
+            sets.append(self._ips_in(network) if by_slot is None
+                        else set(self._slots_in(network)))
         if not sets:
             return frozenset(self._all)
         sets.sort(key=len)
         found = sets[0].intersection(*sets[1:])
+        if by_slot is not None:
+            return frozenset(map(self._slots.__getitem__, found))
         if len(wanted) > 1 and self._multi:
             found -= {y for y in found & self._multi if not self._holds(y, wanted, None)}
         return frozenset(found)
@@ -631,7 +626,6 @@ def _packed_positions(positions: Iterable[int], width: int) -> int:
 
 
 _EMPTY: frozenset[str] = frozenset()
-_NO_SLOTS: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -866,7 +860,7 @@ def classify(own_node: str, workloads: Iterable[Workload], rules: Sequence[RuleR
             if m not in selector_of:
                 wanted = remote_selector(m, by_ref[(m.policy, m.rule)])
                 selector_of[m] = (index.register(*wanted) if results
-                                  else index.selector_key(*wanted))
+                                  else selector_key(*wanted))
         selectors[key] = frozenset(selector_of[m] for m in signature)
     names = selector_names(set(selector_of.values()))
     selector_ips = ({name: frozenset(index.result(s)) for s, name in names.items()}
