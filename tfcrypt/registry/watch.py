@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aetcd
 from aetcd.utils import prefix_range_end
@@ -71,15 +72,26 @@ def _retrieve(task: asyncio.Future[object]) -> None:
 LIST_PAGE = 1000
 
 
+async def _range(client: aetcd.Client, key: bytes, range_end: bytes | None = None,
+                 **fields: int | bool) -> Any:
+    """A Range request with protobuf `fields` aetcd's API drops (limit, revision, keys_only,
+    mod revision bounds): built with its `_build_get_range_request` and sent on its
+    `kvstub` with its timeout and metadata, as its own `get_prefix` does."""
+    request = (client._build_get_range_request(key=key) if range_end is None
+               else client._build_get_range_request(key=key, range_end=range_end))
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return await client.kvstub.Range(request, timeout=client._timeout,
+                                     metadata=client.metadata)
+
+
 async def list_prefix(client: aetcd.Client, keys: Keyspace, start: bytes,
                       page: int = LIST_PAGE) -> Listed:
     """Every key under the absolute byte prefix `start`, at one revision, page by page.
 
     aetcd 1.0 has no range read with a limit or a revision (its request builder accepts
-    both and drops them), so the request is built with its `_build_get_range_request`,
-    given `limit` and `revision` on the protobuf, and sent on its `kvstub`, as its own
-    `get_prefix` does. The first page fixes the revision; a revision compacted between
-    pages fails the list, and the stream lists again.
+    both and drops them), hence `_range`. The first page fixes the revision; a revision
+    compacted between pages fails the list, and the stream lists again.
     """
     end = prefix_range_end(start)
     items: dict[str, Item] = {}
@@ -88,12 +100,8 @@ async def list_prefix(client: aetcd.Client, keys: Keyspace, start: bytes,
     with etcd_errors("list"):
         await client.connect()
         while True:
-            request = client._build_get_range_request(key=key, range_end=end)
-            request.limit = page
-            if revision is not None:
-                request.revision = revision
-            answer = await client.kvstub.Range(request, timeout=client._timeout,
-                                               metadata=client.metadata)
+            answer = await _range(client, key, end, limit=page,
+                                  **({} if revision is None else {"revision": revision}))
             if revision is None:
                 revision = answer.header.revision
             for kv in answer.kvs:
@@ -198,17 +206,12 @@ class WatchStream:
         """
         with etcd_errors("probe"):
             await client.connect()
-            request = client._build_get_range_request(key=self._keys.root)
-            answer = await client.kvstub.Range(request, timeout=client._timeout,
-                                               metadata=client.metadata)
+            answer = await _range(client, self._keys.root)
             if probed is not None and probed > delivered:
-                request = client._build_get_range_request(
-                    key=self._keys.root, range_end=prefix_range_end(self._keys.root))
-                request.keys_only = True
-                request.min_mod_revision = delivered + 1
-                request.max_mod_revision = probed
-                missed = await client.kvstub.Range(request, timeout=client._timeout,
-                                                   metadata=client.metadata)
+                missed = await _range(client, self._keys.root,
+                                      prefix_range_end(self._keys.root), keys_only=True,
+                                      min_mod_revision=delivered + 1,
+                                      max_mod_revision=probed)
                 if missed.kvs:
                     raise RegistryUnavailable(
                         f"watch: stalled, {len(missed.kvs)} key(s) changed between revisions "
