@@ -310,12 +310,15 @@ class Agent:
         `resync_interval` of quiet as a full resync."""
         while True:
             wait = self.cfg.resync_interval
-            if self._next_expiry is not None:
-                wait = min(wait, max(0.0, self._next_expiry - time.monotonic()))
+            to_expiry = (None if self._next_expiry is None
+                         else max(0.0, self._next_expiry - time.monotonic()))
+            expiry_first = to_expiry is not None and to_expiry < wait
+            if to_expiry is not None and expiry_first:
+                wait = to_expiry
             try:
                 await asyncio.wait_for(self._dirty.wait(), timeout=wait)
             except TimeoutError:
-                if wait == self.cfg.resync_interval:
+                if not expiry_first:
                     self._full_needed = True  # the periodic full resync repairs any drift
             await asyncio.sleep(DEBOUNCE)
             self._dirty.clear()
