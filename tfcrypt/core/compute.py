@@ -26,16 +26,18 @@ Rules (DESIGN.md, "Policy model" and "Dataplane"; docs/policy.md):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, groupby
 from operator import attrgetter
 
 from tfcrypt.core.collector import collector_paused
+from tfcrypt.core.inventory import Inventory, InventoryIndex
 from tfcrypt.core.selection import (
     Classes,
     RemoteIndex,
     RuleRef,
+    SelectorIndex,
     class_unions,
     classify,
     planned_keys,
@@ -107,15 +109,24 @@ class Desired:
 def compute(snap: Snapshot) -> Desired:
     """The desired state of `snap.own_node` for the inputs in `snap`."""
     own = snap.own_node
-    workloads = tuple(snap.workloads.values())
-    local = [w for w in workloads if w.node == own]
     enforce_rules = rules_of(snap.policies.values(), Mode.ENFORCE)
     audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
                      key=lambda p: p.name)
     audit_rules = [rules_of([p], Mode.AUDIT) for p in audited]
-    claims = IpClaims(workloads)
-    index = RemoteIndex(own, workloads, keys=planned_keys([enforce_rules, *audit_rules], local),
-                        unique=not claims.shared)
+    inventory = snap.workloads
+    index: SelectorIndex
+    if isinstance(inventory, Inventory) and not inventory.shared:
+        # the agent's maintained indexes: a query, no pass over the workloads
+        local = inventory.workloads_on(own)
+        claims = IpClaims.unshared({n: inventory.ips_of(n) for n in inventory.nodes()})
+        index = InventoryIndex(inventory, own, planned_keys([enforce_rules, *audit_rules], local))
+    else:
+        workloads = tuple(snap.workloads.values())
+        local = [w for w in workloads if w.node == own]
+        claims = IpClaims(workloads)
+        index = RemoteIndex(own, workloads,
+                            keys=planned_keys([enforce_rules, *audit_rules], local),
+                            unique=not claims.shared)
     enforced = classify(own, local, enforce_rules, index)
     records, conflicts = usable_records(snap.nodes, own, snap.own_public_key)
     conflicts += claims.conflicts()
@@ -128,6 +139,9 @@ def compute(snap: Snapshot) -> Desired:
     missing = claims.nodes_touching([selected], exclude={own, *records})
     bits = class_bitmaps(enforced, index)
     sizes = {key: b.bit_count() for key, b in bits.items()}
+    audit = _audit(snap, local, audited, audit_rules, index, bits, enforced, claims, records)
+    if isinstance(index, InventoryIndex):
+        index.forget_unused_rows()
     return Desired(
         local_class=dict(sorted(enforced.local_class.items())),
         class_selectors=dict(sorted(enforced.class_selectors.items())),
@@ -135,7 +149,7 @@ def compute(snap: Snapshot) -> Desired:
         peers=dict(sorted(peers.items())),
         selected_pair_count=sum(sizes[k] for k in enforced.local_class.values()),
         missing_peers=frozenset(missing),
-        audit=_audit(snap, local, audited, audit_rules, index, bits, enforced, claims, records),
+        audit=audit,
         conflicts=tuple(conflicts),
     )
 
@@ -181,16 +195,17 @@ class IpClaims:
 
     def __init__(self, workloads: Iterable[Workload]) -> None:
         workloads = tuple(workloads)
-        self._by_node: dict[str, list[str]] = {}
+        by_node: dict[str, list[str]] = {}
         # runs of one node's workloads (the registry lists keys in order, so each node's
         # are adjacent) are taken in one step; any order stays correct, only slower
         for node, run in groupby(workloads, key=_NODE):
-            ips = self._by_node.get(node)
+            ips = by_node.get(node)
             if ips is None:
-                ips = self._by_node[node] = []
+                ips = by_node[node] = []
             ips.extend(chain.from_iterable(map(_IPS, run)))
+        self._by_node: Mapping[str, Collection[str]] = by_node
         self._more: dict[str, list[Workload]] = {}
-        flat = list(chain.from_iterable(self._by_node.values()))
+        flat = list(chain.from_iterable(by_node.values()))
         if len(set(flat)) != len(flat):
             first: dict[str, Workload] = {}
             for w in workloads:
@@ -201,14 +216,22 @@ class IpClaims:
         self.contested = frozenset(ip for ip, owners in self._more.items()
                                    if len({w.node for w in owners}) > 1)
 
+    @classmethod
+    def unshared(cls, by_node: Mapping[str, Collection[str]]) -> IpClaims:
+        """Claims of an inventory known to claim no IP twice, from its IPs by node (an
+        Inventory keeps them: no pass over the workloads)."""
+        claims = cls(())
+        claims._by_node = by_node
+        return claims
+
     @property
     def shared(self) -> bool:
         """Whether some IP is claimed by more than one workload."""
         return bool(self._more)
 
-    def ips_of(self, node: str) -> list[str]:
+    def ips_of(self, node: str) -> Collection[str]:
         """Every IP a workload on `node` claims (contested ones included)."""
-        return self._by_node.get(node, [])
+        return self._by_node.get(node, ())
 
     def nodes_touching(self, ip_sets: Iterable[frozenset[str]], exclude: Iterable[str]
                        ) -> frozenset[str]:
@@ -241,7 +264,7 @@ def host_cidr(ip: str) -> str:
     return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
-def class_bitmaps(classes: Classes, index: RemoteIndex) -> dict[str, int]:
+def class_bitmaps(classes: Classes, index: SelectorIndex) -> dict[str, int]:
     """Class key -> the bitmap (`RemoteIndex.bitmap`) of the union of its selectors."""
     found = {}
     for key, names in classes.class_selectors.items():
@@ -253,7 +276,7 @@ def class_bitmaps(classes: Classes, index: RemoteIndex) -> dict[str, int]:
 
 
 def _audit(snap: Snapshot, local: Sequence[Workload], audited: Sequence[EncryptionPolicy],
-           audit_rules: Sequence[Sequence[RuleRef]], index: RemoteIndex,
+           audit_rules: Sequence[Sequence[RuleRef]], index: SelectorIndex,
            enforced_bits: Mapping[str, int], enforced: Classes,
            claims: IpClaims, records: Mapping[str, NodeRecord]) -> AuditReport:
     """Pairs each audit policy would add beyond the enforced ones, counted per class group

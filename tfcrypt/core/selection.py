@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import attrgetter
-from typing import Any
+from typing import Any, Protocol
 
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
 from tfcrypt.model.workload import Workload, network_span
@@ -165,6 +165,21 @@ def class_key(signature: Iterable[Membership]) -> str:
 
 
 SelectorKey = tuple[frozenset[tuple[str, str]], str | None]
+
+
+class SelectorIndex(Protocol):
+    """What classify and compute ask of an index of the remote workloads: RemoteIndex
+    (built from the workloads, here) or InventoryIndex (tfcrypt/core/inventory.py, a
+    query over an Inventory's maintained postings)."""
+
+    def register(self, endpoint: Endpoint, required: Iterable[tuple[str, str]]
+                 ) -> SelectorKey: ...
+
+    def result(self, key: SelectorKey) -> frozenset[str] | set[str]: ...
+
+    def bitmap(self, key: SelectorKey) -> int: ...
+
+    def holds(self, bitmap: int) -> Callable[[str], bool]: ...
 
 
 class ClaimMap:
@@ -837,7 +852,7 @@ def local_signatures(own_node: str, workloads: Iterable[Workload], rules: Sequen
 
 
 def classify(own_node: str, workloads: Iterable[Workload], rules: Sequence[RuleRef],
-             index: RemoteIndex | None = None, *, results: bool = True) -> Classes:
+             index: SelectorIndex | None = None, *, results: bool = True) -> Classes:
     """The classes of `own_node`'s IPs under `rules` (pass `index` to share one).
 
     `results=False` leaves `selector_ips` empty and looks nothing up: for a caller that
