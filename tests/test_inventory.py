@@ -24,6 +24,7 @@ from tests.test_selection import (
     unique_address_inventories,
 )
 from tfcrypt.core.compute import Snapshot, compute
+from tfcrypt.core.incremental import IncrementalCore
 from tfcrypt.core.inventory import Inventory, InventoryIndex
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
@@ -171,3 +172,67 @@ def test_an_address_claimed_twice_is_refused_by_the_inventory_view() -> None:
     snap = Snapshot("n1", inventory, {"p": policy}, {}, key_of(1))
     assert compute(snap) == compute(Snapshot("n1", dict(inventory), {"p": policy}, {},
                                              key_of(1)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(unique_address_inventories(), inventories()), st.booleans(),
+       st.lists(st.tuples(steps, st.booleans()), max_size=10))
+def test_the_incremental_core_over_an_inventory_equals_compute_after_every_change(
+        inv: Inv, unique: bool, sequence: list[tuple[tuple[object, ...], bool]]) -> None:
+    """The agent's way: one Inventory changed in place and passed with the changed keys;
+    the core's rebuilds (first update, policy changes) start from its copies."""
+    workloads, policy_list, nodes = inv
+    plain = {w.key: w for w in workloads}
+    inventory = Inventory(plain)
+    policies = {p.name: p for p in policy_list}
+    cores = {own: IncrementalCore(own) for own in NODES[:2]}
+    for step, tell_keys in [(("start",), True), *sequence]:
+        changed: set[str] = set()
+        match step:
+            case ("put", Workload() as w):
+                if unique:
+                    for other in [k for k, o in plain.items()
+                                  if k != w.key and not set(o.ips).isdisjoint(w.ips)]:
+                        del plain[other]
+                        inventory.delete(other)
+                        changed.add(other)
+                plain[w.key] = w
+                inventory.put(w.key, w)
+                changed.add(w.key)
+            case ("delete", int(i)) if plain:
+                gone = sorted(plain)[i % len(plain)]
+                del plain[gone]
+                inventory.delete(gone)
+                changed.add(gone)
+            case ("policies", list(ps)):
+                policies = {p.name: p for p in ps}
+        for own, core in cores.items():
+            key = key_of(NODES.index(own) + 1)
+            got = core.update(Snapshot(own, inventory, policies, nodes, key),
+                              changed if tell_keys else None)
+            assert got == compute(Snapshot(own, dict(plain), policies, nodes, key)), step
+
+
+def test_a_core_rebuilt_after_deletions_counts_new_addresses_apart() -> None:
+    """Slots freed by deletions leave gaps; addresses that arrive after the rebuild get
+    bitmap positions past every slot, never one of a live address."""
+    app_a = Endpoint(tags=frozenset({Tag("application", "a")}))
+    policy = EncryptionPolicy("p", Mode.ENFORCE, (Rule(Endpoint(any=True), Endpoint(any=True)),
+                                                  Rule(app_a, Endpoint(any=True))))
+    inventory = Inventory({"workloads/n1/l": w("l", "n1", "10.9.0.1")})
+    for i in range(3):
+        inventory.put(f"workloads/n2/w{i}", w(f"w{i}", "n2", f"10.0.0.{i + 1}"))
+    inventory.delete("workloads/n2/w0")  # slots: 0 local, 1 free, 2 and 3 selected
+    core = IncrementalCore("n1")
+    snap = Snapshot("n1", inventory, {"p": policy}, {}, key_of(1))
+    core.update(snap)
+    for i in (7, 8):
+        inventory.put(f"workloads/n3/x{i}", w(f"x{i}", "n3", f"10.0.1.{i}"))
+        got = core.update(snap, {f"workloads/n3/x{i}"})
+        assert got == compute(Snapshot("n1", dict(inventory), {"p": policy}, {}, key_of(1)))
+        assert got.selected_pair_count == 2 + i - 6
+    # a new local class: its size is counted on the bitmaps of its selectors
+    inventory.put("workloads/n1/a", w("a", "n1", "10.9.0.2", "application=a"))
+    got = core.update(snap, {"workloads/n1/a"})
+    assert got == compute(Snapshot("n1", dict(inventory), {"p": policy}, {}, key_of(1)))
+    assert got.selected_pair_count == 2 * 4

@@ -44,6 +44,7 @@ from tfcrypt.agent.status_api import StatusServer
 from tfcrypt.config import AgentConfig
 from tfcrypt.core.compute import Desired, Snapshot
 from tfcrypt.core.incremental import IncrementalCore
+from tfcrypt.core.inventory import Inventory
 from tfcrypt.core.linger import EndReason, Lingering, LingerResult, linger
 from tfcrypt.dataplane.netlink import NetlinkError
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
@@ -107,6 +108,9 @@ class Agent:
         # the workloads the core was last given (live plus lingering), the lingering
         # entries, and when the next one ends (monotonic seconds)
         self._effective: Mapping[str, Workload] = {}
+        # the same workloads indexed as they change (tfcrypt/core/inventory.py): the
+        # core's full computations query it instead of indexing 100,000 workloads
+        self._inventory = Inventory()
         self._lingering: Mapping[str, Lingering] = {}
         self._next_expiry: float | None = None
         self.last_reconcile: dict[str, Any] = {}
@@ -354,7 +358,11 @@ class Agent:
         lingered = self._linger(changed)
         if changed is not None:
             changed |= lingered.changed
-        desired = self.core.update(self.snapshot(lingered.effective), changed)
+        # the inventory follows the keys the core is told of; a full reconcile (start,
+        # relist, resync, repair) compares every key, so a missed key cannot last
+        self._inventory.sync(lingered.effective,
+                             None if changed is None or self._full_needed else changed)
+        desired = self.core.update(self.snapshot(self._inventory), changed)
         if self.desired is None or desired.conflicts != self.desired.conflicts:
             for conflict in desired.conflicts:
                 log.warning("inventory conflict: %s", conflict)

@@ -36,6 +36,7 @@ from tfcrypt.core.compute import (
     group_bits,
     usable_records,
 )
+from tfcrypt.core.inventory import Inventory, InventoryIndex
 from tfcrypt.core.selection import (
     Bitmaps,
     ClaimMap,
@@ -74,6 +75,15 @@ class Claims:
         for w in workloads:
             self.add(w)
         self.refresh(self.owners.shared())
+
+    @classmethod
+    def of_inventory(cls, inventory: Inventory) -> Claims:
+        """Copies of an Inventory's claims (no address claimed twice, so no conflict and
+        nothing contested); its keys are the workloads' keys, as in the agent's view."""
+        claims = cls(())
+        claims.owners = inventory.claims()
+        claims.on_node = inventory.workloads_by_node()
+        return claims
 
     def add(self, w: Workload) -> None:
         self.on_node.setdefault(w.node, {})[w.key] = w
@@ -276,16 +286,25 @@ class IncrementalCore:
     def _rebuild(self, snap: Snapshot) -> Desired:
         self.rebuilds += 1
         own = self.own_node
-        workloads = tuple(snap.workloads.values())
-        self._workloads: dict[str, Workload] = dict(snap.workloads)
+        # an Inventory (the agent's) gives its maintained postings and claims as copies;
+        # a plain mapping (or an address claimed twice) is indexed here
+        inventory = snap.workloads
+        if not isinstance(inventory, Inventory) or inventory.shared:
+            inventory = None
+            workloads = tuple(snap.workloads.values())
+            local = [w for w in workloads if w.node == own]
+            index = self._index = RemoteIndex(own, workloads)
+        else:
+            local = inventory.workloads_on(own)
+            index = self._index = inventory.remote_index(own)
+        self._workloads: dict[str, Workload] = dict(snap.workloads.items())
         self._policies: dict[str, EncryptionPolicy] = dict(snap.policies)
-        index = self._index = RemoteIndex(own, workloads)
-        self._enforced = ClassTable(own, workloads,
+        self._enforced = ClassTable(own, local,
                                     rules_of(snap.policies.values(), Mode.ENFORCE), index)
         audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
                          key=lambda p: p.name)
         self._audit_names = [p.name for p in audited]
-        self._audit = [ClassTable(own, workloads, rules_of([p], Mode.AUDIT), index)
+        self._audit = [ClassTable(own, local, rules_of([p], Mode.AUDIT), index)
                        for p in audited]
         built = self._enforced.built
         assert built is not None
@@ -301,15 +320,23 @@ class IncrementalCore:
         self._key_of_bit = {b: key for key, b in self._masks.bit.items()}
         # selector results as bitmaps too (kept current with the masks): a new class's
         # union size or a new audit group's counts is then a few ORs and a popcount
-        self._bitmaps = Bitmaps(index.numbering())
-        self._bm = {key: self._bitmaps.of(index.result(key)) for key in index.selectors()}
-        self._bitmaps.forget()
+        if inventory is None:
+            self._bitmaps = Bitmaps(index.numbering())
+            self._bm = {key: self._bitmaps.of(index.result(key)) for key in index.selectors()}
+            self._bitmaps.forget()
+        else:  # ANDs of the inventory's rows, positions its slots
+            selectors = index.selectors()
+            view = InventoryIndex(inventory, own, set().union(*(k for k, _ in selectors)))
+            self._bitmaps = Bitmaps(inventory.numbering(), inventory.width)
+            self._bm = {key: view.bitmap(key) for key in selectors}
+            view.forget_unused_rows()
         self._enforced.fill(self._masks, self._size_of)
         for table in self._audit:
             table.fill(self._masks, None)
         index.track()
         self._enforced_bits = self._masks.of(self._enforced.selector_users)
-        self._claims = Claims(workloads)
+        self._claims = Claims(snap.workloads.values()) if inventory is None else (
+            Claims.of_inventory(inventory))
         self._group_stats: dict[tuple[str | None, ...], tuple[tuple[int, ...], int]] = {}
         self._audit_missing: set[str] = set()
         self._set_records(snap)

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from itertools import repeat
 
-from tfcrypt.core.selection import ClaimMap, SelectorKey, selector_key
+from tfcrypt.core.selection import ClaimMap, RemoteIndex, SelectorKey, selector_key
 from tfcrypt.model.policy import Endpoint
 from tfcrypt.model.workload import Network, Workload, network_span
 
@@ -89,10 +89,11 @@ class Inventory(Mapping[str, Workload]):
     # -- changes ----------------------------------------------------------------------
 
     def put(self, key: str, w: Workload) -> None:
-        """Set `key` to `w` (replacing its previous value, if any)."""
+        """Set `key` to `w` (replacing its previous value, if any). An equal value is
+        kept as it is: a relist verifies every record again into new, equal objects."""
         old = self._workloads.get(key)
         if old is not None:
-            if old is w:
+            if old is w or old == w:
                 return
             self.delete(key)
         self._workloads[key] = w
@@ -228,6 +229,42 @@ class Inventory(Mapping[str, Workload]):
         for network in [n for n in self._spans if n not in keep]:
             del self._spans[network]
             del self._postings[network]
+
+    # -- parts for the incremental core (copies: it changes them as it goes) ---------
+
+    def remote_index(self, own_node: str) -> RemoteIndex:
+        """A full RemoteIndex of every node but `own_node`, tracked, made of copies of
+        the postings and claims (C-level set and dict copies, no pass over workloads)."""
+        if self.shared:
+            raise ValueError("an address is claimed twice: index the workloads")
+        local = self.ips_of(own_node)
+        remote: dict[str, Workload] = {}
+        for node, workloads in self._on_node.items():
+            if node != own_node:
+                remote.update(workloads)
+        postings: dict[TagKey, set[str]] = {}
+        for key, posting in self._postings.items():
+            if isinstance(key, tuple):
+                copy = set(posting)
+                if not posting.isdisjoint(local):
+                    copy -= local
+                if copy:
+                    postings[key] = copy
+        return RemoteIndex.tracked_from(own_node, remote, postings,
+                                        self._claims.copy(without=local),
+                                        self._every - local)
+
+    def claims(self) -> ClaimMap:
+        """A copy of who claims each address."""
+        return self._claims.copy()
+
+    def workloads_by_node(self) -> dict[str, dict[str, Workload]]:
+        """node -> key -> workload, copied."""
+        return {node: dict(workloads) for node, workloads in self._on_node.items()}
+
+    def numbering(self) -> dict[str, int]:
+        """address -> slot, copied (positions for Bitmaps, with `width`)."""
+        return dict(self._slot)
 
     # -- internals --------------------------------------------------------------------
 

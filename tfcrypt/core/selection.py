@@ -220,6 +220,16 @@ class ClaimMap:
     def __contains__(self, ip: str) -> bool:
         return ip in self._one or ip in self._more
 
+    def copy(self, without: Iterable[str] = ()) -> ClaimMap:
+        """A copy, with no claim on the IPs in `without` (C-level dict copies)."""
+        found = ClaimMap()
+        found._one = dict(self._one)
+        found._more = {ip: list(ws) for ip, ws in self._more.items()}
+        for ip in without:
+            found._one.pop(ip, None)
+            found._more.pop(ip, None)
+        return found
+
     def shared(self) -> list[str]:
         """IPs with more than one claimant."""
         return list(self._more)
@@ -291,6 +301,25 @@ class RemoteIndex:
         self._subnet_slots: dict[Network, list[int]] = {}
         self._cache: dict[SelectorKey, frozenset[str] | set[str]] = {}
         self._networks: dict[str, Network] = {}
+        self._updated = False  # by `update`: the listed workloads and slots are stale
+
+    @classmethod
+    def tracked_from(cls, own_node: str, remote: dict[str, Workload],
+                     postings: dict[tuple[str, str], set[str]], claimants: ClaimMap,
+                     every: set[str]) -> RemoteIndex:
+        """A full index, tracked from the start, over parts an Inventory keeps current
+        (tfcrypt/core/inventory.py: no pass over the workloads). The parts are the
+        index's own from now on (its updates change them): pass copies. The caller
+        vouches that no remote IP is claimed twice."""
+        index = cls(own_node, ())
+        index._listed = list(remote.values())
+        index._remote = remote
+        index._postings = postings
+        index._claimants = claimants
+        index._every = every
+        index._slots = list(chain.from_iterable(map(_IPS, index._listed)))
+        index._tracked = True
+        return index
 
     @property
     def _all(self) -> set[str]:
@@ -380,13 +409,13 @@ class RemoteIndex:
         changed in place by `update` (a change then costs its size, not the result's)."""
         if self._planned is not None:
             raise RuntimeError("a planned index has postings for its planned keys only")
+        if self._tracked:
+            return
         self._claimant_map()
         self._remote = {w.key: w for w in self._listed}
         self._tracked = True
         self._bitmaps.clear()
         self._rows = None
-        self._by_address = None
-        self._subnet_slots.clear()
         for key, found in self._cache.items():
             self._cache[key] = set(found)
 
@@ -448,7 +477,7 @@ class RemoteIndex:
         return self._claimants
 
     def _ips_in(self, network: Network) -> set[str]:
-        if self._tracked:  # a new subnet selector after tracking: rare, one scan
+        if self._updated:  # a new subnet selector after an update: rare, one scan
             lo, hi = network_span(network)
             return {ip for w in self._remote.values()
                     for ip, number in zip(w.ips, w.numbers, strict=True)
@@ -488,6 +517,9 @@ class RemoteIndex:
         """Apply workload changes; return the IPs touched and the cached selectors whose
         result changed. Local workloads are ignored."""
         claimants = self._claimant_map()
+        self._updated = True
+        self._by_address = None
+        self._subnet_slots.clear()
         touched: set[str] = set()
         for w in removed:
             if w.node == self.own_node:
@@ -765,9 +797,11 @@ class Bitmaps:
     `numbering` gives every remote IP a position; sets must hold only numbered IPs.
     """
 
-    def __init__(self, numbering: dict[str, int]) -> None:
+    def __init__(self, numbering: dict[str, int], width: int | None = None) -> None:
+        """`width`: one past the highest position (when the numbering has gaps, like an
+        Inventory's slots after deletions); by default the numbering's size."""
         self.position = numbering
-        self.width = len(numbering)
+        self.width = len(numbering) if width is None else width
         self._of: dict[int, int] = {}
         self._alive: list[object] = []
 
