@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from tests.test_selection import (
+from test_selection import (
     LABELS,
     NODES,
     SINGLE,
@@ -23,6 +22,7 @@ from tests.test_selection import (
     policy_sets,
     unique_address_inventories,
 )
+
 from tfcrypt.core.compute import Snapshot, compute
 from tfcrypt.core.incremental import IncrementalCore
 from tfcrypt.core.inventory import Inventory, InventoryIndex

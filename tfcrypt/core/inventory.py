@@ -29,6 +29,7 @@ Rules:
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Set
@@ -53,8 +54,10 @@ class Inventory(Mapping[str, Workload]):
         self._spans: dict[Network, tuple[int, int]] = {}  # subnets with a posting
         self._node_ips: dict[str, dict[str, int]] = {}  # node -> ip -> claims on it
         self._on_node: dict[str, dict[str, Workload]] = {}
-        self._number: dict[str, int] = {}
         self._slot: dict[str, int] = {}
+        self._ip_at: list[str | None] = []  # by slot (None: free)
+        self._number_at: list[int] = []  # by slot: the address's ip_number (-1: free)
+        self._by_number: tuple[list[int], int] | None = None  # sorted, until a change
         self._free: list[int] = []
         self._width = 0
         self._rows: dict[IndexKey, bytearray] = {}
@@ -105,8 +108,7 @@ class Inventory(Mapping[str, Workload]):
             on_node[ip] = on_node.get(ip, 0) + 1
             if new:
                 self._every.add(ip)
-                self._number[ip] = number
-                self._take_slot(ip)
+                self._take_slot(ip, number)
                 for network, (lo, hi) in self._spans.items():
                     if lo <= number <= hi:
                         self._add(network, ip)
@@ -138,7 +140,6 @@ class Inventory(Mapping[str, Workload]):
                 for network in self._spans:
                     self._discard(network, ip)
                 self._every.discard(ip)
-                del self._number[ip]
                 self._free_slot(ip)
         if not on_node:
             self._node_ips.pop(w.node, None)
@@ -203,7 +204,7 @@ class Inventory(Mapping[str, Workload]):
             return int.from_bytes(self._live, "little")
         row = self._rows.get(key)
         if row is None:
-            row = self._rows[key] = bytearray(self._width)
+            row = self._rows[key] = bytearray(len(self._live))
             # C loops (map into a zero-length deque): the first query's rows cover
             # ~550,000 elements at scale
             deque(map(row.__setitem__, map(self._slot.__getitem__, self.posting(key)),
@@ -289,27 +290,49 @@ class Inventory(Mapping[str, Workload]):
             row[self._slot[ip]] = 0
 
     def _subnet(self, network: Network) -> set[str]:
+        """A new subnet's posting: a bisected slice of the slots sorted by address (one
+        sort serves every subnet asked for before the next change: a policy's subnets
+        come together)."""
+        if self._by_number is None:
+            shift = max(self._width, 1).bit_length()
+            packed = [n << shift | at for at, n in enumerate(self._number_at) if n >= 0]
+            packed.sort()
+            self._by_number = packed, shift
+        packed, shift = self._by_number
         lo, hi = span = network_span(network)
-        found = self._postings[network] = {ip for ip, n in self._number.items()
-                                          if lo <= n <= hi}
+        first = bisect.bisect_left(packed, lo << shift)
+        last = bisect.bisect_left(packed, (hi + 1) << shift)
+        mask = (1 << shift) - 1
+        found = self._postings[network] = set(
+            map(self._ip_at.__getitem__, (p & mask for p in packed[first:last])))
         self._spans[network] = span
         return found
 
-    def _take_slot(self, ip: str) -> None:
+    def _take_slot(self, ip: str, number: int) -> None:
+        self._by_number = None
         if self._free:
             at = self._free.pop()
+            self._ip_at[at] = ip
+            self._number_at[at] = number
         else:
             at = self._width
             self._width += 1
-            self._live.append(0)
-            for row in self._rows.values():
-                row.append(0)
+            self._ip_at.append(ip)
+            self._number_at.append(number)
+            if at == len(self._live):  # rows grow by doubling: amortised, not per slot
+                grow = bytes(max(at, 64))
+                self._live += grow
+                for row in self._rows.values():
+                    row += grow
         self._slot[ip] = at
         self._live[at] = 1
 
     def _free_slot(self, ip: str) -> None:
+        self._by_number = None
         at = self._slot.pop(ip)
         self._live[at] = 0
+        self._ip_at[at] = None
+        self._number_at[at] = -1
         self._free.append(at)
 
 
