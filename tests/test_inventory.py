@@ -25,7 +25,7 @@ from test_selection import (
 
 from tfcrypt.core.compute import Snapshot, compute
 from tfcrypt.core.incremental import IncrementalCore
-from tfcrypt.core.inventory import Inventory, InventoryIndex
+from tfcrypt.core.inventory import LARGE_MIN, Inventory, InventoryIndex
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
 from tfcrypt.model.tags import Tag
@@ -236,3 +236,30 @@ def test_a_core_rebuilt_after_deletions_counts_new_addresses_apart() -> None:
     got = core.update(snap, {"workloads/n1/a"})
     assert got == compute(Snapshot("n1", dict(inventory), {"p": policy}, {}, key_of(1)))
     assert got.selected_pair_count == 2 * 4
+
+
+def test_large_postings_keep_rows_that_stay_exact_through_changes() -> None:
+    """Postings past LARGE_MIN keep their row from the start, before any query asks."""
+    inventory = Inventory()
+    count = LARGE_MIN + 200
+    for i in range(count):
+        tags = ("application=big", f"tier={'web' if i % 2 else 'db'}")
+        inventory.put(f"workloads/n{2 + i % 3}/w{i}",
+                      w(f"w{i}", f"n{2 + i % 3}", f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}",
+                        *tags))
+    for i in range(0, count, 7):  # deletions free slots, new workloads reuse them
+        node = f"n{2 + i % 3}"
+        inventory.delete(f"workloads/{node}/w{i}")
+        inventory.put(f"workloads/{node}/x{i}", w(f"x{i}", node, f"10.9.{i >> 8}.{i & 255}",
+                                                  "tier=web"))
+    big = ("application", "big")
+    index = InventoryIndex(inventory, "n2", {big, ("tier", "web")})
+    remote = {ip for k in inventory if inventory[k].node != "n2" for ip in inventory[k].ips}
+    for wanted in ({big}, {("tier", "web")}, {big, ("tier", "web")}):
+        key = index.register(Endpoint(tags=frozenset(Tag(*k) for k in wanted)), ())
+        expected = {ip for k in inventory if inventory[k].node != "n2"
+                    and wanted <= inventory[k].tag_keys for ip in inventory[k].ips}
+        assert index.result(key) == expected
+        holds = index.holds(index.bitmap(key))
+        assert {ip for ip in remote if holds(ip)} == expected
+        assert index.bitmap(key).bit_count() == len(expected)

@@ -405,6 +405,24 @@ def test_incremental_core_equals_compute_after_every_change(
         assert got == compute(snap), step
 
 
+def test_audit_missing_peer_clears_when_its_last_workload_moves_to_us() -> None:
+    """Found by hypothesis (tests/test_inventory.py): a local change re-examined only the
+    nodes that still had workloads, so a node whose last workload left stayed reported."""
+    app_a = Endpoint(tags=frozenset({Tag("application", "a")}))
+    audit = {"p0": EncryptionPolicy("p0", Mode.AUDIT,
+                                    (Rule(Endpoint(subnet="10.0.0.0/29"), app_a),))}
+    local = Workload("w0", "n1", ("10.0.0.1",), frozenset())
+    remote = Workload("w0", "n2", ("10.0.0.2",), frozenset({Tag("application", "a")}))
+    core = IncrementalCore("n1")
+    before = Snapshot("n1", {local.key: local, remote.key: remote}, audit, {}, key_of(1))
+    assert core.update(before).audit.missing_peers == {"n2"}
+    taken = Workload("w0", "n1", ("10.0.0.2",), frozenset())
+    after = Snapshot("n1", {taken.key: taken}, audit, {}, key_of(1))
+    got = core.update(after, {local.key, remote.key})
+    assert got == compute(after)
+    assert got.audit.missing_peers == frozenset()
+
+
 def test_incremental_core_applies_a_workload_change_without_rebuilding() -> None:
     core = IncrementalCore("n1")
     store = dict(STATES["moved-tags"])

@@ -425,8 +425,10 @@ class IncrementalCore:
         dirty_nodes |= {n for ip in flips for n in claims.nodes_of(ip)}
         self._refresh_nodes(dirty_nodes)
         local_moved = any(w.node == self.own_node for w in (*removed, *added))
-        audit_nodes = set(claims.on_node) if local_moved else dirty_nodes | {
-            n for ip in touched for n in claims.nodes_of(ip)}
+        # dirty_nodes always: a node whose last workload left is in on_node no more, and
+        # its audit state must still be cleared
+        audit_nodes = dirty_nodes | (set(claims.on_node) if local_moved else {
+            n for ip in touched for n in claims.nodes_of(ip)})
         self._refresh_audit(audit_nodes)
 
     def _selectors_changed(self, appeared: set[SelectorKey], gone: set[SelectorKey]

@@ -40,6 +40,14 @@ from tfcrypt.model.policy import Endpoint
 from tfcrypt.model.workload import Network, Workload, network_span
 
 TagKey = tuple[str, str]
+# A tag posting holding at least LARGE_MIN addresses and 1/LARGE_SHARE of the slots keeps
+# its row from the moment it grows that large, asked for or not: building the rows of the
+# large postings at the first compute (~550,000 elements at scale) cost ~0.5 s, while
+# kept current they cost a byte write per change. Bound: a slot sits in as many postings
+# as its workload has tags (T), so at most LARGE_SHARE x T rows are large (~10 MiB at
+# 100,000 slots and 6 tags).
+LARGE_MIN = 1024
+LARGE_SHARE = 16
 IndexKey = TagKey | Network  # a tag key, or a subnet
 
 
@@ -204,11 +212,7 @@ class Inventory(Mapping[str, Workload]):
             return int.from_bytes(self._live, "little")
         row = self._rows.get(key)
         if row is None:
-            row = self._rows[key] = bytearray(len(self._live))
-            # C loops (map into a zero-length deque): the first query's rows cover
-            # ~550,000 elements at scale
-            deque(map(row.__setitem__, map(self._slot.__getitem__, self.posting(key)),
-                      repeat(1)), maxlen=0)
+            row = self._make_row(key)
         return int.from_bytes(row, "little")
 
     def bitmap_of(self, ips: Iterable[str]) -> int:
@@ -225,7 +229,8 @@ class Inventory(Mapping[str, Workload]):
         """Stop keeping rows and subnet postings other than those of `keys` (a row is
         width bytes; subnets come and go with policies)."""
         keep = set(keys)
-        for key in [k for k in self._rows if k not in keep]:
+        for key in [k for k in self._rows if k not in keep and not (
+                isinstance(k, tuple) and self._large(len(self._postings.get(k, ()))))]:
             del self._rows[key]
         for network in [n for n in self._spans if n not in keep]:
             del self._spans[network]
@@ -277,6 +282,19 @@ class Inventory(Mapping[str, Workload]):
         row = self._rows.get(key)
         if row is not None:
             row[self._slot[ip]] = 1
+        elif len(posting) >= LARGE_MIN and isinstance(key, tuple) and self._large(len(posting)):
+            self._make_row(key)
+
+    def _large(self, size: int) -> bool:
+        """Whether a tag posting of `size` addresses keeps its row without being asked."""
+        return size >= LARGE_MIN and size * LARGE_SHARE >= self._width
+
+    def _make_row(self, key: IndexKey) -> bytearray:
+        row = self._rows[key] = bytearray(len(self._live))
+        # C loops (map into a zero-length deque): rows cover ~550,000 elements at scale
+        deque(map(row.__setitem__, map(self._slot.__getitem__, self.posting(key)),
+                  repeat(1)), maxlen=0)
+        return row
 
     def _discard(self, key: IndexKey, ip: str) -> None:
         posting = self._postings.get(key)
@@ -303,8 +321,12 @@ class Inventory(Mapping[str, Workload]):
         first = bisect.bisect_left(packed, lo << shift)
         last = bisect.bisect_left(packed, (hi + 1) << shift)
         mask = (1 << shift) - 1
-        found = self._postings[network] = set(
-            map(self._ip_at.__getitem__, (p & mask for p in packed[first:last])))
+        slots = [p & mask for p in packed[first:last]]
+        found = self._postings[network] = set(map(self._ip_at.__getitem__, slots))
+        # its row too, from the slots at hand (a subnet is asked for by a selector, whose
+        # bitmap compute counts on): no lookup of each address's slot
+        row = self._rows[network] = bytearray(len(self._live))
+        deque(map(row.__setitem__, slots, repeat(1)), maxlen=0)
         self._spans[network] = span
         return found
 
