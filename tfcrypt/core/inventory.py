@@ -41,13 +41,14 @@ from tfcrypt.model.workload import Network, Workload, network_span
 
 TagKey = tuple[str, str]
 # A tag posting holding at least LARGE_MIN addresses and 1/LARGE_SHARE of the slots keeps
-# its row from the moment it grows that large, asked for or not: building the rows of the
-# large postings at the first compute (~550,000 elements at scale) cost ~0.5 s, while
-# kept current they cost a byte write per change. Bound: a slot sits in as many postings
-# as its workload has tags (T), so at most LARGE_SHARE x T rows are large (~10 MiB at
-# 100,000 slots and 6 tags).
+# its row from the moment it grows that large, asked for or not: building the rows at the
+# first compute (~550,000 elements at scale, through an address -> slot lookup each) cost
+# ~0.5 s, while kept current they cost a byte write per change. Bound: a slot sits in as
+# many postings as its workload has tags (T), so at most LARGE_SHARE x T rows are large,
+# each a byte per slot: 64 x 6 x 128 KiB = 48 MiB at worst for 100,000 slots and 6 tags;
+# bench.compute's inventory keeps 79 (11 MiB with its subnets').
 LARGE_MIN = 1024
-LARGE_SHARE = 16
+LARGE_SHARE = 64
 IndexKey = TagKey | Network  # a tag key, or a subnet
 
 
