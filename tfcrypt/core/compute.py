@@ -21,6 +21,10 @@ Rules (DESIGN.md, "Policy model" and "Dataplane"; docs/policy.md):
   selected IP that no peer gets is dropped by the dataplane's guard, never sent in clear.
 - `missing_peers`: remote nodes owning a selected IP without a usable record. Their
   traffic must be dropped; the dataplane does it, compute only reports it.
+- `Snapshot.workloads` may be an Inventory (the agent's, tfcrypt/core/inventory.py):
+  selection then queries its maintained postings instead of indexing every workload
+  (the result is the same: tests/test_inventory.py). Its rows are caches compute may
+  make or drop; nothing it answers changes.
 """
 
 from __future__ import annotations
@@ -113,20 +117,20 @@ def compute(snap: Snapshot) -> Desired:
     audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
                      key=lambda p: p.name)
     audit_rules = [rules_of([p], Mode.AUDIT) for p in audited]
-    inventory = snap.workloads
-    index: SelectorIndex
-    if isinstance(inventory, Inventory) and not inventory.shared:
-        # the agent's maintained indexes: a query, no pass over the workloads
+    inventory = snap.workloads if isinstance(snap.workloads, Inventory) else None
+    if inventory is not None and inventory.shared:
+        inventory = None  # an address claimed twice: index the workloads (RemoteIndex)
+    workloads = () if inventory is not None else tuple(snap.workloads.values())
+    if inventory is not None:  # the agent's maintained indexes: a query, no pass
         local = inventory.workloads_on(own)
         claims = IpClaims.unshared({n: inventory.ips_of(n) for n in inventory.nodes()})
-        index = InventoryIndex(inventory, own, planned_keys([enforce_rules, *audit_rules], local))
     else:
-        workloads = tuple(snap.workloads.values())
         local = [w for w in workloads if w.node == own]
         claims = IpClaims(workloads)
-        index = RemoteIndex(own, workloads,
-                            keys=planned_keys([enforce_rules, *audit_rules], local),
-                            unique=not claims.shared)
+    planned = planned_keys([enforce_rules, *audit_rules], local)
+    index: SelectorIndex = (
+        InventoryIndex(inventory, own, planned) if inventory is not None
+        else RemoteIndex(own, workloads, keys=planned, unique=not claims.shared))
     enforced = classify(own, local, enforce_rules, index)
     records, conflicts = usable_records(snap.nodes, own, snap.own_public_key)
     conflicts += claims.conflicts()

@@ -10,7 +10,8 @@ Calico's Felix keeps its label index, updated per event instead of per calculati
 Rules:
 - An Inventory is a read-only Mapping[str, Workload] for the core (Snapshot.workloads),
   changed only through `put`, `delete` and `sync` by its owner (the agent's loop, or a
-  caller building one from a mapping). Pure: no I/O, no clock.
+  caller building one from a mapping). Pure: no I/O, no clock. Queries make and drop
+  rows and subnet postings: caches, which never change what a query answers.
 - Indexes cover every node's workloads; a node's remote view (`InventoryIndex`) takes its
   own node's addresses out of each result. They hold for any inventory, but that view
   requires no address to be claimed twice (`shared` False): with a shared address the
@@ -22,9 +23,10 @@ Rules:
   are made on first request (one scan) and kept current after it.
 - Slots: every claimed address has a slot (a deleted address's slot is reused). Rows by
   slot (one byte per slot, 0 or 1) are kept for the keys and subnets selection asked for
-  in its last query (`InventoryIndex` drops the others): a selector's result as a bitmap
-  is then an AND of rows, for union sizes counted by popcount. Rows exist only for asked
-  keys: a tag type with one value per workload would otherwise cost slots x workloads bytes.
+  in its last query (`InventoryIndex` drops the others) and for large tag postings
+  (LARGE_MIN, LARGE_SHARE): a selector's result as a bitmap is then an AND of rows, for
+  union sizes counted by popcount. Not for every key: a tag type with one value per
+  workload would otherwise cost slots x workloads bytes.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ class Inventory(Mapping[str, Workload]):
     def row(self, key: IndexKey | None) -> int:
         """The posting of `key` as a bitmap (byte i is 1 when slot i's address is in it);
         None: every claimed address. The row is kept current from now on, until
-        `keep_rows` leaves it out."""
+        `keep_only` leaves it out."""
         if key is None:
             return int.from_bytes(self._live, "little")
         row = self._rows.get(key)
@@ -227,8 +229,8 @@ class Inventory(Mapping[str, Workload]):
         return int.from_bytes(raw, "little")
 
     def keep_only(self, keys: Iterable[IndexKey]) -> None:
-        """Stop keeping rows and subnet postings other than those of `keys` (a row is
-        width bytes; subnets come and go with policies)."""
+        """Stop keeping rows and subnet postings other than those of `keys` and the rows
+        of large tag postings (a row is width bytes; subnets come and go with policies)."""
         keep = set(keys)
         for key in [k for k in self._rows if k not in keep and not (
                 isinstance(k, tuple) and self._large(len(self._postings.get(k, ()))))]:
@@ -291,10 +293,14 @@ class Inventory(Mapping[str, Workload]):
         return size >= LARGE_MIN and size * LARGE_SHARE >= self._width
 
     def _make_row(self, key: IndexKey) -> bytearray:
+        posting = self.posting(key)
+        row = self._rows.get(key)
+        if row is not None:  # a subnet's first posting comes with its row
+            return row
         row = self._rows[key] = bytearray(len(self._live))
         # C loops (map into a zero-length deque): rows cover ~550,000 elements at scale
-        deque(map(row.__setitem__, map(self._slot.__getitem__, self.posting(key)),
-                  repeat(1)), maxlen=0)
+        deque(map(row.__setitem__, map(self._slot.__getitem__, posting), repeat(1)),
+              maxlen=0)
         return row
 
     def _discard(self, key: IndexKey, ip: str) -> None:
