@@ -31,13 +31,18 @@ Rules:
 
 from __future__ import annotations
 
-import bisect
 import ipaddress
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from itertools import repeat
 
-from tfcrypt.core.selection import ClaimMap, RemoteIndex, SelectorKey, selector_key
+from tfcrypt.core.selection import (
+    ClaimMap,
+    RemoteIndex,
+    SelectorKey,
+    SlotsByAddress,
+    selector_key,
+)
 from tfcrypt.model.policy import Endpoint
 from tfcrypt.model.workload import Network, Workload, network_span
 
@@ -68,7 +73,7 @@ class Inventory(Mapping[str, Workload]):
         self._slot: dict[str, int] = {}
         self._ip_at: list[str | None] = []  # by slot (None: free)
         self._number_at: list[int] = []  # by slot: the address's ip_number (-1: free)
-        self._by_number: tuple[list[int], int] | None = None  # sorted, until a change
+        self._by_number: SlotsByAddress | None = None  # until a slot changes
         self._free: list[int] = []
         self._width = 0
         self._rows: dict[IndexKey, bytearray] = {}
@@ -319,22 +324,14 @@ class Inventory(Mapping[str, Workload]):
         sort serves every subnet asked for before the next change: a policy's subnets
         come together)."""
         if self._by_number is None:
-            shift = max(self._width, 1).bit_length()
-            packed = [n << shift | at for at, n in enumerate(self._number_at) if n >= 0]
-            packed.sort()
-            self._by_number = packed, shift
-        packed, shift = self._by_number
-        lo, hi = span = network_span(network)
-        first = bisect.bisect_left(packed, lo << shift)
-        last = bisect.bisect_left(packed, (hi + 1) << shift)
-        mask = (1 << shift) - 1
-        slots = [p & mask for p in packed[first:last]]
+            self._by_number = SlotsByAddress(self._number_at)
+        slots = self._by_number.slots_in(network)
         found = self._postings[network] = set(map(self._ip_at.__getitem__, slots))
         # its row too, from the slots at hand (a subnet is asked for by a selector, whose
         # bitmap compute counts on): no lookup of each address's slot
         row = self._rows[network] = bytearray(len(self._live))
         deque(map(row.__setitem__, slots, repeat(1)), maxlen=0)
-        self._spans[network] = span
+        self._spans[network] = network_span(network)
         return found
 
     def _take_slot(self, ip: str, number: int) -> None:

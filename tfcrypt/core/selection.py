@@ -235,6 +235,26 @@ class ClaimMap:
         return list(self._more)
 
 
+class SlotsByAddress:
+    """Slots sorted by address, so that a subnet's slots are a bisected slice: slot i
+    with address number n (`ip_number`) is packed as n << shift | i, and plain ints sort
+    several times faster than with a key function. A negative number marks a free slot
+    (an Inventory's), left out."""
+
+    def __init__(self, numbers: Sequence[int]) -> None:
+        self._shift = max(len(numbers), 1).bit_length()
+        self._packed = [n << self._shift | i for i, n in enumerate(numbers) if n >= 0]
+        self._packed.sort()
+
+    def slots_in(self, network: Network) -> list[int]:
+        first, last = network_span(network)
+        packed, shift = self._packed, self._shift
+        lo = bisect.bisect_left(packed, first << shift)
+        hi = bisect.bisect_left(packed, (last + 1) << shift)
+        mask = (1 << shift) - 1
+        return [p & mask for p in packed[lo:hi]]
+
+
 class RemoteIndex:
     """The workloads of every node but one, indexed for `select`, optionally kept current.
 
@@ -297,7 +317,7 @@ class RemoteIndex:
         self._slots = flat if not self._multi else list(dict.fromkeys(flat))
         self._position: dict[str, int] | None = None
         self._bitmaps: dict[SelectorKey, int] = {}
-        self._by_address: tuple[list[int], int] | None = None
+        self._by_address: SlotsByAddress | None = None
         self._subnet_slots: dict[Network, list[int]] = {}
         self._cache: dict[SelectorKey, frozenset[str] | set[str]] = {}
         self._networks: dict[str, Network] = {}
@@ -485,30 +505,17 @@ class RemoteIndex:
         return set(map(self._slots.__getitem__, self._slots_in(network)))
 
     def _slots_in(self, network: Network) -> list[int]:
-        """The slots whose IP is in `network` (untracked index)."""
+        """The slots whose IP is in `network` (until the first update)."""
         found = self._subnet_slots.get(network)
         if found is None:
-            packed, shift = self._sorted_by_address()
-            first, last = network_span(network)
-            lo = bisect.bisect_left(packed, first << shift)
-            hi = bisect.bisect_left(packed, (last + 1) << shift)
-            mask = (1 << shift) - 1
-            found = self._subnet_slots[network] = [p & mask for p in packed[lo:hi]]
+            if self._by_address is None:
+                numbers = list(chain.from_iterable(map(_NUMBERS, self._listed)))
+                if self._multi:
+                    numbers = list(dict(zip(chain.from_iterable(map(_IPS, self._listed)),
+                                            numbers, strict=True)).values())
+                self._by_address = SlotsByAddress(numbers)
+            found = self._subnet_slots[network] = self._by_address.slots_in(network)
         return found
-
-    def _sorted_by_address(self) -> tuple[list[int], int]:
-        """Every slot as (address number << shift | slot), sorted: plain ints sort several
-        times faster than with a key function, and a subnet is then a bisected slice."""
-        if self._by_address is None:
-            numbers = list(chain.from_iterable(map(_NUMBERS, self._listed)))
-            if self._multi:
-                numbers = list(dict(zip(chain.from_iterable(map(_IPS, self._listed)),
-                                        numbers, strict=True)).values())
-            shift = len(numbers).bit_length()
-            packed = [n << shift | i for i, n in enumerate(numbers)]
-            packed.sort()
-            self._by_address = packed, shift
-        return self._by_address
 
     # -- keeping the index current (the incremental core) ---------------------------------
 
