@@ -36,7 +36,7 @@ from itertools import chain, groupby
 from operator import attrgetter
 
 from tfcrypt.core.collector import collector_paused
-from tfcrypt.core.inventory import Inventory, InventoryIndex
+from tfcrypt.core.inventory import InventoryIndex, queryable
 from tfcrypt.core.selection import (
     Classes,
     RemoteIndex,
@@ -117,9 +117,7 @@ def compute(snap: Snapshot) -> Desired:
     audited = sorted((p for p in snap.policies.values() if p.mode is Mode.AUDIT),
                      key=lambda p: p.name)
     audit_rules = [rules_of([p], Mode.AUDIT) for p in audited]
-    inventory = snap.workloads if isinstance(snap.workloads, Inventory) else None
-    if inventory is not None and inventory.shared:
-        inventory = None  # an address claimed twice: index the workloads (RemoteIndex)
+    inventory = queryable(snap.workloads)
     workloads = () if inventory is not None else tuple(snap.workloads.values())
     if inventory is not None:  # the agent's maintained indexes: a query, no pass
         local = inventory.workloads_on(own)

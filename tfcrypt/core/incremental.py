@@ -36,7 +36,7 @@ from tfcrypt.core.compute import (
     group_bits,
     usable_records,
 )
-from tfcrypt.core.inventory import Inventory, InventoryIndex
+from tfcrypt.core.inventory import Inventory, InventoryIndex, queryable
 from tfcrypt.core.selection import (
     Bitmaps,
     ClaimMap,
@@ -288,9 +288,8 @@ class IncrementalCore:
         own = self.own_node
         # an Inventory (the agent's) gives its maintained postings and claims as copies;
         # a plain mapping (or an address claimed twice) is indexed here
-        inventory = snap.workloads
-        if not isinstance(inventory, Inventory) or inventory.shared:
-            inventory = None
+        inventory = queryable(snap.workloads)
+        if inventory is None:
             workloads = tuple(snap.workloads.values())
             local = [w for w in workloads if w.node == own]
             index = self._index = RemoteIndex(own, workloads)

@@ -362,6 +362,14 @@ class Inventory(Mapping[str, Workload]):
         self._free.append(at)
 
 
+def queryable(workloads: Mapping[str, Workload]) -> Inventory | None:
+    """`workloads` as an Inventory whose indexes can answer (no address claimed twice),
+    or None: then the caller indexes the workloads itself (RemoteIndex)."""
+    if isinstance(workloads, Inventory) and not workloads.shared:
+        return workloads
+    return None
+
+
 class InventoryIndex:
     """One node's remote view of an Inventory, for one compute(): RemoteIndex's query
     interface (register, result, bitmap, holds) answered from the maintained postings.
