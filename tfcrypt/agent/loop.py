@@ -105,11 +105,10 @@ class Agent:
         self._own_changes_until = 0.0
         # workload keys changed since the last reconcile; None = unknown, diff everything
         self._changed_workloads: set[str] | None = None
-        # the workloads the core was last given (live plus lingering), the lingering
-        # entries, and when the next one ends (monotonic seconds)
-        self._effective: Mapping[str, Workload] = {}
-        # the same workloads indexed as they change (tfcrypt/core/inventory.py): the
-        # core's full computations query it instead of indexing 100,000 workloads
+        # the workloads the core was last given (live plus lingering), indexed as they
+        # change (tfcrypt/core/inventory.py: the core's full computations query it instead
+        # of indexing 100,000 workloads); the lingering entries, and when the next one
+        # ends (monotonic seconds)
         self._inventory = Inventory()
         self._lingering: Mapping[str, Lingering] = {}
         self._next_expiry: float | None = None
@@ -314,11 +313,11 @@ class Agent:
         `resync_interval` of quiet as a full resync."""
         while True:
             wait = self.cfg.resync_interval
-            to_expiry = (None if self._next_expiry is None
-                         else max(0.0, self._next_expiry - time.monotonic()))
-            expiry_first = to_expiry is not None and to_expiry < wait
-            if to_expiry is not None and expiry_first:
-                wait = to_expiry
+            expiry_first = False
+            if self._next_expiry is not None:
+                to_expiry = max(0.0, self._next_expiry - time.monotonic())
+                if to_expiry < wait:
+                    wait, expiry_first = to_expiry, True
             try:
                 await asyncio.wait_for(self._dirty.wait(), timeout=wait)
             except TimeoutError:
@@ -414,9 +413,9 @@ class Agent:
     def _linger(self, changed: set[str] | None) -> LingerResult:
         """Keep deleted workloads selected for the grace period (tfcrypt/core/linger.py);
         log what started and ended lingering, and why."""
-        result = linger(self._effective, self.view.of("workloads/"), self._lingering,
+        result = linger(self._inventory, self.view.of("workloads/"), self._lingering,
                         time.monotonic(), self.cfg.workload_grace, changed)
-        self._effective, self._lingering = result.effective, result.lingering
+        self._lingering = result.lingering
         self._next_expiry = result.next_expiry
         metrics.LINGERING.set(len(result.lingering))
         grace = self.cfg.workload_grace
