@@ -89,10 +89,10 @@ def unselected(seconds: float, tmp: Path) -> list[dict[str, object]]:
     prefix = run_prefix("tfk")
     results = []
     with lab_up(prefix, CONFIGS[0]) as lab:
-        lab.throughput(1, "udp")
+        lab.udp_kpps(1)
         for cfg in CONFIGS:
             lab.switch(cfg)
-            results.append(sampled(cfg.id, lambda: lab.throughput(seconds, "udp"),
+            results.append(sampled(cfg.id, lambda: lab.udp_kpps(seconds),
                                    seconds, tmp))
             print(f"{cfg.id}: {results[-1]['kpps']} kpps, {results[-1]['groups']}",
                   file=sys.stderr)
