@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from tfcrypt.core.compute import Desired, Snapshot, compute, host_cidr
 from tfcrypt.core.explain import diff_selection, explain
 from tfcrypt.core.incremental import IncrementalCore
+from tfcrypt.core.postings import planned_keys
+from tfcrypt.core.remote_index import RemoteIndex
 from tfcrypt.core.selection import (
-    RemoteIndex,
     classify,
     is_selected_pairwise,
-    planned_keys,
     rules_of,
 )
 from tfcrypt.model.node import NodeRecord

@@ -36,17 +36,17 @@ from itertools import chain, groupby
 from operator import attrgetter
 
 from tfcrypt.core.collector import collector_paused
+from tfcrypt.core.counting import union_of
 from tfcrypt.core.inventory import InventoryIndex, queryable
+from tfcrypt.core.postings import planned_keys
+from tfcrypt.core.remote_index import RemoteIndex
 from tfcrypt.core.selection import (
     Classes,
-    RemoteIndex,
     RuleRef,
     SelectorIndex,
     class_unions,
     classify,
-    planned_keys,
     rules_of,
-    union_of,
 )
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import EncryptionPolicy, Mode

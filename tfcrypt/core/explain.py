@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tfcrypt.core.compute import usable_records
+from tfcrypt.core.remote_index import RemoteIndex
 from tfcrypt.core.selection import (
-    RemoteIndex,
     RuleRef,
     classify,
     endpoint_matches,

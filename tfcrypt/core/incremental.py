@@ -36,16 +36,15 @@ from tfcrypt.core.compute import (
     group_bits,
     usable_records,
 )
+from tfcrypt.core.counting import Bitmaps, SelectorMasks
 from tfcrypt.core.inventory import Inventory, InventoryIndex, queryable
+from tfcrypt.core.postings import ClaimMap
+from tfcrypt.core.remote_index import RemoteIndex
 from tfcrypt.core.selection import (
-    Bitmaps,
-    ClaimMap,
     Classes,
     Membership,
-    RemoteIndex,
     RuleRef,
     SelectorKey,
-    SelectorMasks,
     class_key,
     classify,
     remote_selector,

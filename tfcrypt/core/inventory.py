@@ -16,7 +16,7 @@ Rules:
   own node's addresses out of each result. They hold for any inventory, but that view
   requires no address to be claimed twice (`shared` False): with a shared address the
   claimants' tags differ per claimant and the remote side is not "everything but our
-  addresses", so compute() falls back to RemoteIndex (tfcrypt/core/selection.py), which
+  addresses", so compute() falls back to RemoteIndex (tfcrypt/core/remote_index.py), which
   re-checks claimants one by one.
 - Postings: (type, value) -> the addresses of the workloads carrying that tag key; an
   address leaves a posting only when no claimant still carries the key. Subnet postings
@@ -36,13 +36,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from itertools import repeat
 
-from tfcrypt.core.selection import (
-    ClaimMap,
-    RemoteIndex,
-    SelectorKey,
-    SlotsByAddress,
-    selector_key,
-)
+from tfcrypt.core.postings import ClaimMap, SlotsByAddress
+from tfcrypt.core.remote_index import RemoteIndex
+from tfcrypt.core.selection import SelectorKey, selector_key
 from tfcrypt.model.policy import Endpoint
 from tfcrypt.model.workload import Network, Workload, network_span
 
