@@ -25,7 +25,8 @@ from test_selection import (
 
 from tfcrypt.core.compute import Snapshot, compute
 from tfcrypt.core.incremental import IncrementalCore
-from tfcrypt.core.inventory import LARGE_MIN, Inventory, InventoryIndex
+from tfcrypt.core.inventory import LARGE_MIN, Inventory
+from tfcrypt.core.inventory_index import InventoryIndex
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
 from tfcrypt.model.tags import Tag

@@ -37,7 +37,8 @@ from operator import attrgetter
 
 from tfcrypt.core.collector import collector_paused
 from tfcrypt.core.counting import union_of
-from tfcrypt.core.inventory import InventoryIndex, queryable
+from tfcrypt.core.inventory import queryable
+from tfcrypt.core.inventory_index import InventoryIndex
 from tfcrypt.core.postings import planned_keys
 from tfcrypt.core.remote_index import RemoteIndex
 from tfcrypt.core.selection import (

@@ -37,7 +37,8 @@ from tfcrypt.core.compute import (
     usable_records,
 )
 from tfcrypt.core.counting import Bitmaps, SelectorMasks
-from tfcrypt.core.inventory import Inventory, InventoryIndex, queryable
+from tfcrypt.core.inventory import Inventory, queryable
+from tfcrypt.core.inventory_index import InventoryIndex
 from tfcrypt.core.postings import ClaimMap
 from tfcrypt.core.remote_index import RemoteIndex
 from tfcrypt.core.selection import (

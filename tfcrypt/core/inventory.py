@@ -12,12 +12,12 @@ Rules:
   changed only through `put`, `delete` and `sync` by its owner (the agent's loop, or a
   caller building one from a mapping). Pure: no I/O, no clock. Queries make and drop
   rows and subnet postings: caches, which never change what a query answers.
-- Indexes cover every node's workloads; a node's remote view (`InventoryIndex`) takes its
-  own node's addresses out of each result. They hold for any inventory, but that view
-  requires no address to be claimed twice (`shared` False): with a shared address the
-  claimants' tags differ per claimant and the remote side is not "everything but our
-  addresses", so compute() falls back to RemoteIndex (tfcrypt/core/remote_index.py), which
-  re-checks claimants one by one.
+- Indexes cover every node's workloads; a node's remote view (`InventoryIndex`,
+  tfcrypt/core/inventory_index.py) takes its own node's addresses out of each result.
+  They hold for any inventory, but that view requires no address to be claimed twice
+  (`shared` False): with a shared address the claimants' tags differ per claimant and the
+  remote side is not "everything but our addresses", so compute() falls back to
+  RemoteIndex (tfcrypt/core/remote_index.py), which re-checks claimants one by one.
 - Postings: (type, value) -> the addresses of the workloads carrying that tag key; an
   address leaves a posting only when no claimant still carries the key. Subnet postings
   are made on first request (one scan) and kept current after it.
@@ -31,15 +31,12 @@ Rules:
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Set
+from collections.abc import Iterable, Iterator, Mapping, Set
 from itertools import repeat
 
 from tfcrypt.core.postings import ClaimMap, SlotsByAddress
 from tfcrypt.core.remote_index import RemoteIndex
-from tfcrypt.core.selection import SelectorKey, selector_key
-from tfcrypt.model.policy import Endpoint
 from tfcrypt.model.workload import Network, Workload, network_span
 
 TagKey = tuple[str, str]
@@ -364,106 +361,3 @@ def queryable(workloads: Mapping[str, Workload]) -> Inventory | None:
     if isinstance(workloads, Inventory) and not workloads.shared:
         return workloads
     return None
-
-
-class InventoryIndex:
-    """One node's remote view of an Inventory, for one compute(): RemoteIndex's query
-    interface (register, result, bitmap, holds) answered from the maintained postings.
-
-    Remote results are the postings' intersection without the node's own addresses. Only
-    for an inventory with no shared address (see the module rules); `keys`, the planned
-    tag keys, bound which rows the inventory keeps. Valid until the inventory changes
-    (bitmaps are by slot, and slots are reused).
-    """
-
-    def __init__(self, inventory: Inventory, own_node: str,
-                 keys: Iterable[TagKey]) -> None:
-        if inventory.shared:
-            raise ValueError("an address is claimed twice: use RemoteIndex")
-        self.own_node = own_node
-        self._inventory = inventory
-        self._planned = frozenset(keys)
-        self._local = set(inventory.ips_of(own_node))
-        self._networks: dict[str, Network] = {}
-        self._cache: dict[SelectorKey, frozenset[str]] = {}
-        self._bitmaps: dict[SelectorKey, int] = {}
-        self._remote_bits: int | None = None
-        self._row_keys: set[IndexKey] = set()
-
-    def register(self, endpoint: Endpoint, required: Iterable[TagKey]) -> SelectorKey:
-        key = selector_key(endpoint, required)
-        self._lookup(key)
-        return key
-
-    def result(self, key: SelectorKey) -> frozenset[str]:
-        return self._cache[key]
-
-    def select(self, endpoint: Endpoint, required: Iterable[TagKey]) -> frozenset[str]:
-        return self._lookup(selector_key(endpoint, required))
-
-    def bitmap(self, key: SelectorKey) -> int:
-        """The selector's result as a bitmap over the inventory's slots: an AND of rows."""
-        found = self._bitmaps.get(key)
-        if found is None:
-            wanted, subnet = key
-            self._check_planned(wanted)
-            inventory = self._inventory
-            found = self._remote()
-            for index_key in self._index_keys(wanted, subnet):
-                found &= inventory.row(index_key)
-            self._bitmaps[key] = found
-        return found
-
-    def holds(self, bitmap: int) -> Callable[[str], bool]:
-        """A membership test of addresses (by text) in a `bitmap()` result."""
-        raw = bitmap.to_bytes(self._inventory.width, "little")
-        slot = self._inventory.slot
-
-        def test(ip: str) -> bool:
-            at = slot(ip)
-            return at is not None and raw[at] == 1
-        return test
-
-    def forget_unused_rows(self) -> None:
-        """Let the inventory drop rows this query did not use (call at its end)."""
-        self._inventory.keep_only(self._row_keys)
-
-    def _remote(self) -> int:
-        if self._remote_bits is None:
-            inventory = self._inventory
-            self._remote_bits = inventory.row(None) & ~inventory.bitmap_of(self._local)
-        return self._remote_bits
-
-    def _index_keys(self, wanted: frozenset[TagKey], subnet: str | None) -> list[IndexKey]:
-        keys: list[IndexKey] = list(wanted)
-        if subnet is not None:
-            keys.append(self._network(subnet))
-        self._row_keys.update(keys)
-        return keys
-
-    def _network(self, subnet: str) -> Network:
-        network = self._networks.get(subnet)
-        if network is None:
-            network = self._networks[subnet] = ipaddress.ip_network(subnet)
-        return network
-
-    def _check_planned(self, wanted: frozenset[TagKey]) -> None:
-        if not wanted <= self._planned:
-            raise ValueError(f"selector for {sorted(wanted - self._planned)}: not planned")
-
-    def _lookup(self, key: SelectorKey) -> frozenset[str]:
-        found = self._cache.get(key)
-        if found is None:
-            wanted, subnet = key
-            self._check_planned(wanted)
-            inventory = self._inventory
-            sets = [inventory.posting(k) for k in wanted]
-            if subnet is not None:
-                sets.append(inventory.posting(self._network(subnet)))
-            if not sets:
-                sets.append(inventory.every())
-            sets.sort(key=len)
-            chosen = sets[0].intersection(*sets[1:])
-            chosen -= self._local
-            found = self._cache[key] = frozenset(chosen)
-        return found
