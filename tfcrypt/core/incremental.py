@@ -16,14 +16,18 @@ Rules (docs/policy.md; DESIGN.md "Shape of the code"):
 - Pure like the rest of the core: no I/O, no clock. The Desired values it returns are
   never mutated afterwards (new frozensets replace changed ones), so the caller may keep
   the previous one to compare.
+- Its parts: who claims each IP (Claims, tfcrypt/core/claims.py), one rule set's classes
+  (ClassTable, tfcrypt/core/class_table.py; one enforced, one per audit policy), selector
+  masks and bitmaps (tfcrypt/core/counting.py), over one tracked RemoteIndex.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import chain
+from collections.abc import Iterable, Mapping, Sequence
 
+from tfcrypt.core.claims import Claims
+from tfcrypt.core.class_table import ClassTable, RebuildNeeded
 from tfcrypt.core.collector import collector_paused
 from tfcrypt.core.compute import (
     AuditReport,
@@ -32,211 +36,17 @@ from tfcrypt.core.compute import (
     Snapshot,
     allowed_ips,
     audit_adds,
-    conflict_text,
     group_bits,
     usable_records,
 )
 from tfcrypt.core.counting import Bitmaps, SelectorMasks
-from tfcrypt.core.inventory import Inventory, queryable
+from tfcrypt.core.inventory import queryable
 from tfcrypt.core.inventory_index import InventoryIndex
-from tfcrypt.core.postings import ClaimMap
 from tfcrypt.core.remote_index import RemoteIndex
-from tfcrypt.core.selection import (
-    Classes,
-    Membership,
-    RuleRef,
-    SelectorKey,
-    class_key,
-    classify,
-    remote_selector,
-    rules_of,
-    selector_name,
-    workload_memberships,
-)
+from tfcrypt.core.selection import SelectorKey, rules_of, selector_name
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import EncryptionPolicy, Mode
 from tfcrypt.model.workload import Workload
-
-_EMPTY: frozenset[str] = frozenset()
-
-
-class _Rebuild(Exception):
-    """An incremental step met a case only a full rebuild handles (class key collision)."""
-
-
-class Claims:
-    """Who claims each IP, kept current: conflicts, contested IPs and per-node IP lists."""
-
-    def __init__(self, workloads: Iterable[Workload]) -> None:
-        self.owners = ClaimMap()
-        self.on_node: dict[str, dict[str, Workload]] = {}
-        self.contested: set[str] = set()
-        self.conflicts: dict[str, str] = {}
-        for w in workloads:
-            self.add(w)
-        self.refresh(self.owners.shared())
-
-    @classmethod
-    def of_inventory(cls, inventory: Inventory) -> Claims:
-        """Copies of an Inventory's claims (no address claimed twice, so no conflict and
-        nothing contested); its keys are the workloads' keys, as in the agent's view."""
-        claims = cls(())
-        claims.owners = inventory.claims()
-        claims.on_node = inventory.workloads_by_node()
-        return claims
-
-    def add(self, w: Workload) -> None:
-        self.on_node.setdefault(w.node, {})[w.key] = w
-        for ip in w.ips:
-            self.owners.add(ip, w)
-
-    def remove(self, w: Workload) -> None:
-        node = self.on_node[w.node]
-        del node[w.key]
-        if not node:
-            del self.on_node[w.node]
-        for ip in w.ips:
-            self.owners.remove(ip, w)
-
-    def refresh(self, ips: Iterable[str]) -> None:
-        """Recompute the conflict state of `ips` after adds and removes."""
-        for ip in ips:
-            owners = self.owners.get(ip)
-            if len(owners) > 1:
-                self.conflicts[ip] = conflict_text(ip, owners)
-            else:
-                self.conflicts.pop(ip, None)
-            if len({w.node for w in owners}) > 1:
-                self.contested.add(ip)
-            else:
-                self.contested.discard(ip)
-
-    def ips_of(self, node: str) -> list[str]:
-        return [ip for w in self.on_node.get(node, {}).values() for ip in w.ips]
-
-    def nodes_of(self, ip: str) -> set[str]:
-        return {w.node for w in self.owners.get(ip)}
-
-
-class ClassTable:
-    """One rule set's classes for the local IPs, kept current.
-
-    A class is its selectors (remote side of each membership); `bits` is their mask in the
-    shared SelectorMasks and `sizes` how many remote IPs the class selects (the size of
-    the union of its selectors' sets, counted on masks, never built).
-
-    Pitfall: a class's key depends only on its signature; a new signature whose hash
-    collides with a live class would get a suffix that depends on order, which compute
-    assigns in sorted order: that case raises _Rebuild rather than guess.
-    """
-
-    def __init__(self, own_node: str, workloads: Sequence[Workload], rules: Sequence[RuleRef],
-                 index: RemoteIndex) -> None:
-        self.own_node = own_node
-        self.rules = rules
-        self.index = index
-        self._by_ref = {(ref.policy, ref.index): ref.rule for ref in rules}
-        built = classify(own_node, workloads, rules, index)
-        self.built: Classes | None = built
-        self.local_class: dict[str, str] = dict(built.local_class)
-        self.signature: dict[str, frozenset[Membership]] = dict(built.signatures)
-        self.key_of: dict[frozenset[Membership], str] = {s: k for k, s in self.signature.items()}
-        self.users: Counter[str] = Counter(self.local_class.values())
-        self.members: dict[str, dict[str, frozenset[Membership]]] = {
-            w.key: workload_memberships(w, rules) for w in workloads if w.node == own_node}
-        self.selectors: dict[str, frozenset[SelectorKey]] = {
-            k: frozenset(built.selector_keys[n] for n in names)
-            for k, names in built.class_selectors.items()}
-        self.selector_users: Counter[SelectorKey] = Counter(
-            chain.from_iterable(self.selectors.values()))
-        self.bits: dict[str, int] = {}
-        self.sizes: dict[str, int] = {}
-
-    def _selector(self, m: Membership) -> SelectorKey:
-        return self.index.register(*remote_selector(m, self._by_ref[(m.policy, m.rule)]))
-
-    def fill(self, masks: SelectorMasks,
-             size_of: Callable[[frozenset[SelectorKey]], int] | None) -> None:
-        """Mask bits (and, with `size_of`, union sizes) of the classes that lack them."""
-        for key, selectors in self.selectors.items():
-            if key not in self.bits:
-                self.bits[key] = masks.of(selectors)
-                if size_of is not None:
-                    self.sizes[key] = size_of(selectors)
-
-    def remote_moved(self, moves: Sequence[tuple[str, int, int]]) -> None:
-        """Remote IPs changed masks (ip, old, new): move the class sizes."""
-        if not self.sizes:
-            return
-        for key, b in self.bits.items():
-            delta = 0
-            for _, old, new in moves:
-                delta += bool(new & b) - bool(old & b)
-            if delta:
-                self.sizes[key] += delta
-
-    def local_changed(self, removed: Iterable[Workload], added: Iterable[Workload],
-                      claims: Claims) -> tuple[set[SelectorKey], set[SelectorKey]]:
-        """Re-sign the IPs of changed local workloads; return the selectors that some class
-        started using and those that no class uses any more. New classes get bits and
-        sizes from `fill`, once the masks know their selectors."""
-        touched: set[str] = set()
-        for w in removed:
-            if w.node == self.own_node:
-                self.members.pop(w.key, None)
-                touched.update(w.ips)
-        for w in added:
-            if w.node == self.own_node:
-                self.members[w.key] = workload_memberships(w, self.rules)
-                touched.update(w.ips)
-        appeared: set[SelectorKey] = set()
-        gone: set[SelectorKey] = set()
-        for ip in touched:
-            signature = frozenset().union(*(
-                self.members[w.key].get(ip, frozenset()) for w in claims.owners.get(ip)
-                if w.node == self.own_node))
-            old = self.local_class.pop(ip, None)
-            if old is not None:
-                self.users[old] -= 1
-                if not self.users[old]:
-                    del self.users[old]
-                    gone |= self._drop(old)
-            if signature:
-                key = self.key_of.get(signature)
-                if key is None:
-                    key, new = self._add(signature)
-                    appeared |= new
-                self.local_class[ip] = key
-                self.users[key] += 1
-        return appeared - gone, gone - appeared
-
-    def _add(self, signature: frozenset[Membership]) -> tuple[str, set[SelectorKey]]:
-        key = class_key(signature)
-        if key in self.signature:
-            raise _Rebuild
-        selectors = frozenset(self._selector(m) for m in signature)
-        self.signature[key] = signature
-        self.key_of[signature] = key
-        self.selectors[key] = selectors
-        first = {s for s in selectors if not self.selector_users[s]}
-        self.selector_users.update(selectors)
-        return key, first
-
-    def _drop(self, key: str) -> set[SelectorKey]:
-        del self.key_of[self.signature.pop(key)]
-        self.bits.pop(key, None)
-        self.sizes.pop(key, None)
-        released = set()
-        for s in self.selectors.pop(key):
-            self.selector_users[s] -= 1
-            if not self.selector_users[s]:
-                del self.selector_users[s]
-                released.add(s)
-        return released
-
-    @property
-    def pair_count(self) -> int:
-        return sum(self.sizes[k] * n for k, n in self.users.items())
 
 
 class IncrementalCore:
@@ -266,7 +76,7 @@ class IncrementalCore:
                 else set(changed_workloads))
         try:
             self._apply_workloads(snap.workloads, keys)
-        except _Rebuild:
+        except RebuildNeeded:
             return self._rebuild(snap)
         if dict(snap.nodes) != self._nodes or snap.own_public_key != self._own_key:
             self._apply_records(snap)
@@ -441,11 +251,11 @@ class IncrementalCore:
         for key in appeared:
             name = selector_name(key)
             if name in self._selector_ips:
-                raise _Rebuild
+                raise RebuildNeeded
             self._names[key] = name
             self._selector_ips[name] = frozenset(index.result(key))
         if any("_" in name for name in self._selector_ips):
-            raise _Rebuild  # compute suffixes collisions in sorted order: let it decide
+            raise RebuildNeeded  # compute suffixes collisions in sorted order: let it decide
         eb = self._enforced_bits = masks.of(self._enforced.selector_users)
         flips: set[str] = set()
         for key in appeared | gone:
