@@ -78,7 +78,7 @@ class ClassTable:
     def _selector(self, m: Membership) -> SelectorKey:
         return self.index.register(*remote_selector(m, self._by_ref[(m.policy, m.rule)]))
 
-    def fill(self, masks: SelectorMasks,
+    def fill(self, masks: SelectorMasks[SelectorKey],
              size_of: Callable[[frozenset[SelectorKey]], int] | None) -> None:
         """Mask bits (and, with `size_of`, union sizes) of the classes that lack them."""
         for key, selectors in self.selectors.items():

@@ -26,9 +26,11 @@ Invariants:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Hashable, Iterable, Mapping, Set
+from typing import Generic, TypeVar
 
 _EMPTY: frozenset[str] = frozenset()
+K = TypeVar("K", bound=Hashable)
 
 
 def union_of(sets: Iterable[frozenset[str] | set[str]]) -> frozenset[str]:
@@ -58,7 +60,7 @@ def union_sizes(class_selectors: Mapping[str, Iterable[str]],
     return sizes
 
 
-class SelectorMasks:
+class SelectorMasks(Generic[K]):
     """Remote IP -> bit mask of the selectors whose result holds it, and how many IPs
     carry each distinct mask.
 
@@ -66,14 +68,15 @@ class SelectorMasks:
     the number of IPs whose mask meets the bits of s1, s2, ...; at scale ~110,000 remote
     IPs fall into ~33,000 distinct masks, so a union size costs a pass over the distinct
     masks instead of inserting ~30,000 addresses per class. Bits are never reused.
+    K is the type of the selectors' keys (the incremental core's: SelectorKey).
     """
 
     def __init__(self) -> None:
-        self.bit: dict[object, int] = {}
+        self.bit: dict[K, int] = {}
         self.mask: dict[str, int] = {}
         self._counts: Counter[int] | None = None
 
-    def add(self, key: object, ips: Iterable[str]) -> None:
+    def add(self, key: K, ips: Iterable[str]) -> None:
         """A new selector and its current result."""
         b = self.bit[key] = 1 << len(self.bit)
         mask = self.mask
@@ -84,7 +87,7 @@ class SelectorMasks:
             for y in ips:
                 self.set(y, mask.get(y, 0) | b)
 
-    def of(self, keys: Iterable[object]) -> int:
+    def of(self, keys: Iterable[K]) -> int:
         found = 0
         for key in keys:
             found |= self.bit[key]

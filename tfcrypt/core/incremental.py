@@ -122,7 +122,7 @@ class IncrementalCore:
         self._selected: set[str] = set(built.selected_remote_ips())
         for table in (self._enforced, *self._audit):
             table.built = None
-        self._masks = SelectorMasks()
+        self._masks: SelectorMasks[SelectorKey] = SelectorMasks()
         for key in index.selectors():
             self._masks.add(key, index.result(key))
         self._masks.counts()
@@ -167,16 +167,16 @@ class IncrementalCore:
     def _apply_workloads(self, workloads: Mapping[str, Workload], keys: set[str]) -> None:
         removed: list[Workload] = []
         added: list[Workload] = []
-        for key in keys:
-            old, new = self._workloads.get(key), workloads.get(key)
-            if old == new:
+        for workload_key in keys:
+            before, after = self._workloads.get(workload_key), workloads.get(workload_key)
+            if before == after:
                 continue
-            if old is not None:
-                removed.append(old)
-                del self._workloads[key]
-            if new is not None:
-                added.append(new)
-                self._workloads[key] = new
+            if before is not None:
+                removed.append(before)
+                del self._workloads[workload_key]
+            if after is not None:
+                added.append(after)
+                self._workloads[workload_key] = after
         if not (removed or added):
             return
         claims = self._claims

@@ -32,8 +32,18 @@ Rules:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Set
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    Set,
+    ValuesView,
+)
 from itertools import repeat
+from typing import cast
 
 from tfcrypt.core.postings import ClaimMap, SlotsByAddress
 from tfcrypt.core.remote_index import RemoteIndex
@@ -89,13 +99,13 @@ class Inventory(Mapping[str, Workload]):
     def __contains__(self, key: object) -> bool:
         return key in self._workloads
 
-    def values(self):  # type: ignore[override]
+    def values(self) -> ValuesView[Workload]:
         return self._workloads.values()
 
-    def items(self):  # type: ignore[override]
+    def items(self) -> ItemsView[str, Workload]:
         return self._workloads.items()
 
-    def keys(self):  # type: ignore[override]
+    def keys(self) -> KeysView[str]:
         return self._workloads.keys()
 
     # -- changes ----------------------------------------------------------------------
@@ -319,7 +329,10 @@ class Inventory(Mapping[str, Workload]):
         if self._by_number is None:
             self._by_number = SlotsByAddress(self._number_at)
         slots = self._by_number.slots_in(network)
-        found = self._postings[network] = set(map(self._ip_at.__getitem__, slots))
+        # slots_in lists occupied slots only (a free slot's number is -1), whose address
+        # is a str: the cast says so to mypy without a Python-level loop over the slice
+        ip_at = cast("Callable[[int], str]", self._ip_at.__getitem__)
+        found = self._postings[network] = set(map(ip_at, slots))
         # its row too, from the slots at hand (a subnet is asked for by a selector, whose
         # bitmap compute counts on): no lookup of each address's slot
         row = self._rows[network] = bytearray(len(self._live))

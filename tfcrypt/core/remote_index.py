@@ -140,9 +140,6 @@ class RemoteIndex:
     def workloads(self) -> tuple[Workload, ...]:
         return tuple(self._remote.values()) if self._tracked else tuple(self._listed)
 
-    def all_ips(self) -> frozenset[str]:
-        return self._lookup((frozenset(), None))
-
     def select(self, endpoint: Endpoint, required: Iterable[tuple[str, str]]) -> frozenset[str]:
         """Remote IPs y of workloads b with (b, y) in `endpoint` and `required` tags on b."""
         return frozenset(self._lookup(selector_key(endpoint, required)))
