@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from tfcrypt import metrics
 from tfcrypt.agent.dataplane import Dataplane
@@ -105,7 +105,7 @@ class Agent:
         # one was published (signatures differ every time), and that is no overwrite
         self._published: deque[bytes] = deque(maxlen=16)
         self._causes: list[str] = []
-        self.status_server = StatusServer(cfg.status_socket, self.collect_status)
+        self.status_server = StatusServer(cfg.status_socket, self.report.collect)
 
     # -- tasks -----------------------------------------------------------------------
 
@@ -131,7 +131,7 @@ class Agent:
             tg.create_task(self._follow_registry())
             tg.create_task(self._publisher())
             tg.create_task(self._watch_key_file())
-            tg.create_task(self._reconciler())
+            tg.create_task(self._reconcile_when_dirty())
             tg.create_task(self.status_server.serve())
             tg.create_task(watch(KernelScope.of(self.cfg.interface, self.cfg.route_table,
                                                 self.cfg.rule_priority), self._kernel_drift))
@@ -280,7 +280,7 @@ class Agent:
             self._full_needed = True
         self._dirty.set()
 
-    async def _reconciler(self) -> None:
+    async def _reconcile_when_dirty(self) -> None:
         """Reconcile after events (debounced), when a lingering workload's grace period
         ends (its address is released on time, not at the next resync), and after
         `resync_interval` of quiet as a full resync."""
@@ -319,7 +319,3 @@ class Agent:
             if "wireguard" not in result.failed:
                 self._device_ready.set()
         await self.report.write(self._state_dir)
-
-    async def collect_status(self) -> dict[str, Any]:
-        """The status document (docs/operations.md), with its health verdict."""
-        return await self.report.collect()
