@@ -74,7 +74,7 @@ from bench.common import (
     write_results,
 )
 from tfcrypt.dataplane.nft_json import SubprocessNft
-from tfcrypt.dataplane.nft_model import NftDesired
+from tfcrypt.dataplane.nft_table import NftDesired
 from tfcrypt.dataplane.nftables import NftManager
 
 CLIENT, SERVER = "198.18.0.1", "198.18.0.2"

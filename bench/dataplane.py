@@ -69,7 +69,7 @@ from bench.common import (
     write_results,
 )
 from tfcrypt.agent.dataplane import Dataplane, RoutingConfig
-from tfcrypt.agent.loop import DEFAULT_MTU
+from tfcrypt.agent.mtu import DEFAULT_MTU
 from tfcrypt.core.compute import Desired, Snapshot, compute
 from tfcrypt.dataplane.netlink import PyRoute2Netlink
 from tfcrypt.dataplane.nft_json import SubprocessNft

@@ -3,7 +3,9 @@
 Rules:
 - An agent runs inside its node's network and mount namespaces (so its wireguard-go
   socket is the node's own /run/wireguard/tfcrypt0.sock) with the lab's etcd, the node's
-  Workload API socket and a state directory under the node's run dir.
+  Workload API socket, a state directory and a status socket under the node's run dir,
+  given by their host paths; inside the node the same files are at tfcrypt's default
+  paths (netns_lab/mountns.py), so `tfcrypt status` there needs no flags.
 - The agent leaves wireguard-go running when it exits, as it must in production; the
   lab's `down` stops whatever still runs inside lab namespaces.
 """
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .errors import LabError
-from .lab import Lab, agent_state_dir
+from .lab import Lab
 from .layout import Node
 from .procs import ProcessRecord, is_running
 
@@ -32,12 +34,14 @@ def _node(lab: Lab, name: str) -> Node:
 
 
 def state_dir(lab: Lab, node: str) -> Path:
-    return agent_state_dir(lab.run_dir, node)
+    """The agent's state dir as the host sees it; /var/lib/tfcrypt inside the node."""
+    return _node(lab, node).state_dir
 
 
 def status_socket(lab: Lab, node: str) -> Path:
-    """The agent's status API socket: in its state dir, since nodes share /run."""
-    return state_dir(lab, node) / "agent.sock"
+    """The agent's status API socket as the host sees it; inside the node it is tfcrypt's
+    default, /run/tfcrypt/agent.sock (netns_lab/mountns.py)."""
+    return _node(lab, node).status_socket
 
 
 def agent_argv(lab: Lab, node: Node) -> list[str]:

@@ -256,8 +256,7 @@ def run(name: str, keep: bool = False, *,
                   f"  python -m netns_lab status --name {name}\n"
                   f"  python -m netns_lab exec --name {name} n1 -- wg show\n"
                   f"  python -m netns_lab exec --name {name} n1 -- nft list table inet tfcrypt\n"
-                  f"  python -m netns_lab exec --name {name} n1 -- python -m tfcrypt status "
-                  f"--status-socket {agents.status_socket(lab, 'n1')}\n"
+                  f"  python -m netns_lab exec --name {name} n1 -- python -m tfcrypt status\n"
                   f"  {explain_cmd}\n"
                   f"Take it down with: python -m netns_lab down --name {name}")
         return 1 if failed else 0

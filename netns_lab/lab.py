@@ -48,11 +48,6 @@ RT_SCOPE_LINK = 253
 RTNH_F_ONLINK = 4
 
 
-def agent_state_dir(run_dir: Path, node: str) -> Path:
-    """Where a lab node's tfcrypt agent keeps its key and status."""
-    return run_dir / node / "agent"
-
-
 def run_dir_of(name: str) -> Path:
     return RUN_ROOT / check_name(name)
 
@@ -149,7 +144,8 @@ class Lab:
             self._build_workloads(node)
         for node in lay.all_nodes():
             self.ledger.record("mount", path=str(node.mount_ns))
-            mountns.create_node_mount_ns(node.netns, node.mount_ns, node.wireguard_dir)
+            mountns.create_node_mount_ns(node.netns, node.mount_ns, node.wireguard_dir,
+                                         node.default_path_binds())
         self.etcd_start([m.name for m in lay.all_members()])
         self.workload_api_start()
 
@@ -337,7 +333,7 @@ class Lab:
                     "pid": (a.pid if (a := running("agent", n.name)) else None),
                     "running": a is not None,
                     "log": str(self.layout.logs_dir / f"agent-{n.name}.log"),
-                    "state_dir": str(agent_state_dir(self.run_dir, n.name)),
+                    "state_dir": str(n.state_dir),
                 },
             } for n in lay.all_nodes()],
             "workloads": [{

@@ -12,12 +12,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tfcrypt.config import DEFAULT_SPIFFE_SOCKET, DEFAULT_STATUS_SOCKET, AgentConfig
+
 from .errors import LabError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 RUN_ROOT = Path("/run/netns_lab")
 TRUST_DOMAIN = "lab.tfcrypt"
 UNDERLAY_CIDR = "10.77.0.0/24"
+# where a real node's tfcrypt looks by default (tfcrypt/config.py); each lab node's mount
+# namespace binds its own directories there (docs/lab.md, "A node's default paths")
+NODE_STATE_DIR = Path(AgentConfig.state_dir)
+NODE_STATUS_SOCKET = Path(DEFAULT_STATUS_SOCKET)
+NODE_SPIFFE_SOCKET = Path(DEFAULT_SPIFFE_SOCKET)
 UNDERLAY_PREFIXLEN = 24
 BRIDGE = "br0"
 WORKLOAD_GATEWAY = "169.254.1.1"
@@ -67,6 +74,14 @@ class Node:
     wireguard_dir: Path
     spiffe_socket: Path
     spiffe_id: str
+    state_dir: Path  # the agent's state dir, seen as /var/lib/tfcrypt inside the node
+    status_socket: Path  # the agent's status API socket, /run/tfcrypt/agent.sock inside
+
+    def default_path_binds(self) -> list[tuple[Path, Path]]:
+        """(host directory, where the node sees it): tfcrypt's default paths."""
+        return [(self.state_dir, NODE_STATE_DIR),
+                (self.status_socket.parent, NODE_STATUS_SOCKET.parent),
+                (self.spiffe_socket.parent, NODE_SPIFFE_SOCKET.parent)]
 
     def exec_prefix(self) -> list[str]:
         """argv prefix that runs a command inside this node (net + mount namespace)."""
@@ -141,8 +156,10 @@ class Layout:
             workload_subnet=f"10.200.{i}.0/24",
             mount_ns=self.run_dir / "mnt" / name,
             wireguard_dir=self.run_dir / name / "wireguard",
-            spiffe_socket=self.run_dir / "spiffe" / f"{name}.sock",
+            spiffe_socket=self.run_dir / name / "spire-sockets" / NODE_SPIFFE_SOCKET.name,
             spiffe_id=f"spiffe://{TRUST_DOMAIN}/tfcrypt/node/{name}",
+            state_dir=self.run_dir / name / "agent",
+            status_socket=self.run_dir / name / "run-tfcrypt" / NODE_STATUS_SOCKET.name,
         )
 
     def all_nodes(self) -> list[Node]:

@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
+from tfcrypt.dataplane.nft_desired import desired_table
 from tfcrypt.dataplane.nft_json import FakeNft, NftError, SubprocessNft
-from tfcrypt.dataplane.nft_model import NftDesired, desired_table, parse_listing
+from tfcrypt.dataplane.nft_listing import parse_listing
+from tfcrypt.dataplane.nft_table import NftDesired
 from tfcrypt.dataplane.nftables import NftManager
 from tfcrypt.errors import ConfigError
 

@@ -126,6 +126,31 @@ def test_status_prints_a_table_and_json_and_exits_0_when_healthy(lab: Lab) -> No
     assert (probe.returncode, probe.stdout.strip()) == (0, "healthy")
 
 
+def test_tfcrypt_inside_a_lab_node_finds_that_nodes_agent_without_flags(lab: Lab) -> None:
+    """The lab node feels like a node (issue #13): `netns_lab exec ... n1 -- tfcrypt
+    status` reaches n1's agent at the default socket, and `tfcrypt keys show` reads n1's
+    key from the default state dir, as they would on a real node."""
+    tfcrypt_bin = str(Path(sys.executable).parent / "tfcrypt")
+
+    def in_node(node: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "netns_lab", "exec", "--name", lab.name,
+                               node, "--", tfcrypt_bin, *args],
+                              capture_output=True, text=True, check=False, timeout=60)
+
+    for node, peer in (("n1", "n2"), ("n2", "n1")):
+        table = in_node(node, "status")
+        assert table.returncode == 0, table.stderr
+        assert f"tfcrypt agent on {node}: HEALTHY" in table.stdout
+        doc = json.loads(in_node(node, "status", "--json").stdout)
+        assert (doc["node"], [p["node"] for p in doc["peers"]]) == (node, [peer])
+        assert doc["public_key"] == agent_status(lab, node)["public_key"]
+        shown = in_node(node, "keys", "show")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["public_key"] == doc["public_key"]
+        assert run(lab, node, "test", "-S", "/run/spire/sockets/agent.sock",
+                   check=False).returncode == 0  # the node's Workload API, at the default
+
+
 def test_status_exits_2_and_says_how_to_fix_when_no_agent_answers(lab: Lab) -> None:
     out = tfcrypt(lab, "n1", "status", "--status-socket", "/run/tfcrypt-none/agent.sock")
     assert out.returncode == 2

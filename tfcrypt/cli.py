@@ -205,14 +205,12 @@ async def _run_agent(cfg: AgentConfig) -> None:
     from tfcrypt.registry import Registry
     from tfcrypt.wireguard.device import WireGuardManager
 
-    supervise = None
     if cfg.backend == "userspace":
         from tfcrypt.wireguard.userspace import UserspaceBackend
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         backend = UserspaceBackend(
             cfg.interface,
             log_path=cfg.wireguard_log or Path(cfg.state_dir) / "wireguard-go.log")
-        supervise = backend.supervise
     else:
         from tfcrypt.wireguard.kernel import KernelBackend
         backend = KernelBackend(cfg.interface)  # type: ignore[assignment]
@@ -224,7 +222,7 @@ async def _run_agent(cfg: AgentConfig) -> None:
                                         rule_priority=cfg.rule_priority, mark=cfg.mark,
                                         mask=cfg.mark_mask))
     agent = Agent(cfg, registry=registry, svids=SvidSource(cfg.spiffe_socket),
-                  dataplane=dataplane, supervise=supervise)
+                  dataplane=dataplane)
     metrics_server = None
     if cfg.metrics_address:
         from tfcrypt import metrics

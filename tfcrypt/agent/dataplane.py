@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from tfcrypt.core.compute import Desired, PeerDesired
 from tfcrypt.dataplane.netlink import Family, Netlink, RouteType
-from tfcrypt.dataplane.nft_model import NftDesired
+from tfcrypt.dataplane.nft_table import NftDesired
 from tfcrypt.dataplane.nftables import NftManager
 from tfcrypt.dataplane.routes import RouteManager, RouteSpec
 from tfcrypt.dataplane.rules import RuleManager

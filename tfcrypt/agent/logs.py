@@ -24,6 +24,9 @@ from typing import Any
 from tfcrypt.core.compute import Desired
 
 MAX_LISTED = 5
+AGENT_LOG = logging.getLogger("tfcrypt.agent.loop")
+"""The logger of the agent's own lines (reconciles, lingering, publishing): one name that
+operators filter on (docs/operations.md), whichever agent module writes the line."""
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tfcrypt.dataplane.nft_model import FAMILY, TABLE
+from tfcrypt.dataplane.nft_table import FAMILY, TABLE
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import copy
 import json
 from typing import Any, Protocol
 
-from tfcrypt.dataplane.nft_model import FAMILY, TABLE
+from tfcrypt.dataplane.nft_table import FAMILY, TABLE
 from tfcrypt.errors import TfcryptError
 
 Json = dict[str, Any]

@@ -36,18 +36,10 @@ import logging
 from collections.abc import Iterable
 
 from tfcrypt.dataplane.delta import DeltaTracker, Plan
+from tfcrypt.dataplane.nft_desired import DesiredTable
 from tfcrypt.dataplane.nft_json import Nft, NftError, NftUnreadable
-from tfcrypt.dataplane.nft_model import (
-    FAMILY,
-    LOCAL_MAPS,
-    TABLE,
-    DesiredTable,
-    Json,
-    NftDesired,
-    TableState,
-    counter_values,
-    parse_listing,
-)
+from tfcrypt.dataplane.nft_listing import counter_values, parse_listing
+from tfcrypt.dataplane.nft_table import FAMILY, LOCAL_MAPS, TABLE, Json, NftDesired, TableState
 from tfcrypt.dataplane.routes import ApplyReport, ItemError
 
 log = logging.getLogger(__name__)
