@@ -256,22 +256,25 @@ async def _run_agent(cfg: AgentConfig) -> None:
             await backend.close()
 
 
+MAX_CELL = 200  # a refusal reason may quote the value; a listing shows a bounded excerpt
+
+
 def _cell(value: object) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    text = "-" if value is None else (
+        ",".join(map(str, value)) if isinstance(value, list) else str(value))
+    return text if len(text) <= MAX_CELL else text[:MAX_CELL - 3] + "..."
 
 
 def _print_rows(rows: list[dict[str, object]], as_json: bool, columns: list[str]) -> None:
-    """A table of the verified rows, then one line per refused value with its reason."""
+    """One row per value under the prefix; a refused one in state `refused: <reason>`."""
     if as_json:
         print(json.dumps(rows, indent=2, sort_keys=True))
         return
-    table = [[_cell(r[c]) for c in columns] for r in rows if r["verified"]]
+    columns = [*columns, "state"]
+    table = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(columns)]
     for row in [[c.upper() for c in columns], *table]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    for r in rows:
-        if not r["verified"]:
-            print(f"{r['key']}: REJECTED ({r['rejected']})")
 
 
 async def _controller_command(args: argparse.Namespace) -> int:
