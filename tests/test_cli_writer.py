@@ -137,3 +137,32 @@ def test_workload_set_applies_the_readers_bound_and_list_shows_refusals(
     listed = tfcrypt(etcd, wlapi, "workload", "list")
     row, = listed.stdout.splitlines()[1:]
     assert row.split()[:2] == ["w2", "n1"] and "refused: invalid_field: payload.tags" in row
+
+
+LAUGHS = ("apiVersion: tfcrypt.io/v1alpha1\nkind: EncryptionPolicy\nmetadata: {name: lol}\n"
+          "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+          + "".join(f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
+          + "spec:\n  rules:\n  - endpoint1: {subnet: *a9}\n    endpoint2: {any: true}\n")
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (LAUGHS.encode(), "anchor &a0: anchors are not accepted"),
+    (SMALL.replace("spec:\n", "spec:\n  mode: audit\n  mode: enforce\n").encode(),
+     "duplicate key 'mode'"),
+    (b"#" * (50 << 20), "the policy file is larger than 1048576 bytes: refused"),
+    (SMALL.encode().replace(b"small", b"sm\xe4ll"), "the policy file is not UTF-8 text"),
+], ids=["alias-bomb", "duplicate-key", "50MB", "latin-1"])
+def test_bad_policy_files_end_in_exit_2_and_one_short_line(
+        workdir: Path, content: bytes, problem: str) -> None:
+    path = workdir / "p.yaml"
+    path.write_bytes(content)
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "tfcrypt", "policy", "apply", "-f", str(path),
+                          "--etcd", "127.0.0.1:9", "--spiffe-socket", str(workdir / "none")],
+                         capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 5
+    assert (out.returncode, out.stdout) == (2, "")
+    line, = out.stderr.splitlines()
+    assert line.startswith(f"tfcrypt: -f {path}: " if "file" in problem else
+                           f"tfcrypt: {path}: not valid YAML") and problem in line
+    assert len(line) < 200

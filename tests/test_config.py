@@ -192,3 +192,43 @@ def test_the_cli_exits_2_with_one_line_naming_the_key(tmp_path: Path,
     monkeypatch.setenv("TFCRYPT_BACKEND", "ebpf")
     assert main(["agent", "--advertise-address", "10.0.0.1"]) == 2
     assert capsys.readouterr().err.startswith("tfcrypt: TFCRYPT_BACKEND: 'ebpf' is not one of")
+
+
+# -- the file is read strictly and within bounds (issue #14 item 5; tfcrypt.safeyaml) -----
+
+LAUGHS = "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)) + "mark: *a9\n"
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"mark: 0x10\nmark: 0x20\n", "not valid YAML (line 2, column 1): duplicate key 'mark'"),
+    (LAUGHS.encode(), "not valid YAML (line 1, column 5): anchor &a0: anchors are not "
+                      "accepted"),
+    (b"backend: kernel\n" + b"#" * (1 << 20), "the config file is larger than 1048576 "
+                                               "bytes: refused"),
+    (b"node_name: n\xe91\n", "the config file is not UTF-8 text (byte 0xe9 at offset 12)"),
+])
+def test_duplicates_aliases_oversize_and_non_utf8_files_are_one_line_errors(
+        tmp_path: Path, content: bytes, problem: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tfcrypt.yaml"
+    path.write_bytes(content)
+    for key in KEYS:
+        monkeypatch.delenv(key.env, raising=False)
+    # --listen-port 0 is refused too, after the file: code that accepted the file would
+    # report it, and never start an agent
+    assert main(["agent", "--config", str(path), "--advertise-address", "10.0.0.1",
+                 "--listen-port", "0"]) == 2
+    assert capsys.readouterr().err == f"tfcrypt: {path}: {problem}\n"
+
+
+def test_a_state_dir_that_is_a_file_is_refused(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ConfigError, match=r"--state-dir: '.*afile' exists and is not a "
+                                          r"directory"):
+        agent_config({**NEEDED, "state_dir": str(afile)}, {})
+    assert main(["keys", "show", "--state-dir", str(afile)]) == 2
+    assert capsys.readouterr().err == (f"tfcrypt: --state-dir: '{afile}' exists and is not a "
+                                       "directory\n")

@@ -32,9 +32,11 @@ from tfcrypt.config import (
     env_default,
     resolve,
     split_endpoints,
+    state_dir_problem,
     unknown_env,
 )
 from tfcrypt.errors import ConfigError, TfcryptError
+from tfcrypt.safeyaml import one_line
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -280,10 +282,11 @@ def _print_rows(rows: list[dict[str, object]], as_json: bool, columns: list[str]
 async def _controller_command(args: argparse.Namespace) -> int:
     from tfcrypt.controller import commands
     from tfcrypt.controller.session import session
+    from tfcrypt.model.policy import read_policy_file
 
     controller_ids = tuple(args.controller_id or
                            ("spiffe://{trust_domain}/tfcrypt/controller",))
-    policy = commands.read_policy_file(args.file) \
+    policy = read_policy_file(args.file) \
         if args.command == "policy" and args.policy_command in ("apply", "plan") else None
     workload = commands.build_workload(args.name, args.node, args.ip, args.tag) \
         if args.command == "workload" and args.workload_command == "set" else None
@@ -360,6 +363,22 @@ def _uninstall_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_command(args: argparse.Namespace) -> int:
+    from tfcrypt.agent.nodekey import load_node_key, rotate_node_key
+
+    if (problem := state_dir_problem(args.state_dir)) is not None:
+        raise ConfigError(f"--state-dir: {problem}")
+    try:
+        if args.keys_command == "rotate":
+            nk = rotate_node_key(args.state_dir, time.time())
+        else:
+            nk = load_node_key(args.state_dir, time.time())
+    except OSError as exc:
+        raise TfcryptError(f"--state-dir {args.state_dir}: {exc.strerror or exc}") from None
+    print(json.dumps({"public_key": nk.public_key, "epoch": nk.epoch}))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -378,20 +397,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "uninstall":
             return _uninstall_command(args)
         if args.command == "keys":
-            from tfcrypt.agent.nodekey import load_node_key, rotate_node_key
-            if args.keys_command == "rotate":
-                nk = rotate_node_key(args.state_dir, time.time())
-            else:
-                nk = load_node_key(args.state_dir, time.time())
-            print(json.dumps({"public_key": nk.public_key, "epoch": nk.epoch}))
-            return 0
+            return _keys_command(args)
         if args.command in ("workload", "policy", "explain"):
             return asyncio.run(_controller_command(args))
     except ConfigError as exc:
-        print(f"tfcrypt: {exc}", file=sys.stderr)
+        print(f"tfcrypt: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except TfcryptError as exc:
-        print(f"tfcrypt: {exc}", file=sys.stderr)
+        print(f"tfcrypt: {one_line(str(exc))}", file=sys.stderr)
         return 1
     return 0
 

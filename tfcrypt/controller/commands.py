@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import time
-from pathlib import Path
 from typing import Any
 
 from tfcrypt.controller.session import ControllerSession
@@ -32,7 +31,7 @@ from tfcrypt.core.explain import (
 from tfcrypt.errors import ConfigError
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.node import NodeRecord
-from tfcrypt.model.policy import EncryptionPolicy, Mode, parse_policy_document, policy_key
+from tfcrypt.model.policy import EncryptionPolicy, Mode, policy_key
 from tfcrypt.model.tags import sorted_tag_texts
 from tfcrypt.model.workload import Workload, workload_key
 
@@ -92,14 +91,6 @@ def _refused_keys(view: VerifiedView, prefix: str) -> list[str]:
 def _refused(view: VerifiedView, key: str) -> dict[str, Any]:
     reason = view.last_rejection.get(key, "not verified")
     return {"state": f"refused: {reason}", "verified": False, "rejected": reason}
-
-
-def read_policy_file(path: str) -> EncryptionPolicy:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"-f {path}: {exc.strerror}") from None
-    return parse_policy_document(text, source=path)
 
 
 async def policy_apply(s: ControllerSession, policy: EncryptionPolicy) -> str:
