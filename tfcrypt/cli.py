@@ -36,6 +36,7 @@ from tfcrypt.config import (
     unknown_env,
 )
 from tfcrypt.errors import ConfigError, TfcryptError
+from tfcrypt.marks import foreign_clashes
 from tfcrypt.safeyaml import one_line
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
@@ -182,11 +183,15 @@ def _key_options(p: argparse.ArgumentParser, names: Sequence[str] | None = None)
             shown = "the hostname"
         elif key.name == "advertise_address":
             shown = "required"
+        text = f"{key.help} (env {key.env}; default {shown})".replace("%", "%%")
+        if isinstance(default, bool):
+            p.add_argument(key.option, dest=key.name, default=None, action="store_const",
+                           const=True, help=text)
+            continue
         repeat = key.name in ("etcd", "controller_ids")
         p.add_argument(key.option, dest=key.name, default=None,
                        action="append" if repeat else "store", metavar=key.name.upper(),
-                       help=f"{key.help} (env {key.env}; default {shown})".replace("%",
-                                                                                   "%%"))
+                       help=text)
 
 
 def _flags(args: argparse.Namespace) -> dict[str, object]:
@@ -387,6 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = _agent_config(args)
             from tfcrypt.agent.logs import setup_logging
             setup_logging(cfg.log_level, cfg.log_format)
+            for clash in [] if cfg.allow_foreign_mark_bits else foreign_clashes(cfg.mark_mask):
+                logging.getLogger("tfcrypt").warning(
+                    "mark_mask %#x (the default) overlaps another tool's bits: %s; on such a "
+                    "node choose free bits (docs/operations.md)", cfg.mark_mask, clash)
             for name in unknown_env(os.environ):
                 logging.getLogger("tfcrypt").warning(
                     "%s is not a tfcrypt configuration key: ignored", name)

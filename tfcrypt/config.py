@@ -29,6 +29,7 @@ from typing import Any
 
 from tfcrypt import safeyaml
 from tfcrypt.errors import ConfigError
+from tfcrypt.marks import DEFAULT_MARK, clash_problem, foreign_clashes
 
 NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -52,8 +53,9 @@ class AgentConfig:
     backend: str = "userspace"
     state_dir: str = "/var/lib/tfcrypt"
     prefix: str = "/tfcrypt/v1"
-    mark: int = 0x00100000
-    mark_mask: int = 0x00100000
+    mark: int = DEFAULT_MARK
+    mark_mask: int = DEFAULT_MARK
+    allow_foreign_mark_bits: bool = False
     route_table: int = 29798
     rule_priority: int = 1820
     lease_ttl: int = 15
@@ -117,6 +119,17 @@ def _float(value: object) -> float:
         return float(value)
     except ValueError:
         raise ValueError(f"{_x(value)} is not a number") from None
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise ValueError(f"{_x(value)} is not true or false")
 
 
 def _str(value: object) -> str:
@@ -295,9 +308,14 @@ KEYS: tuple[Key, ...] = (
     Key("state_dir", "state_dir", _str, state_dir_problem,
         "where the private key (0600), its epoch and status.json live"),
     Key("prefix", "prefix", _str, _prefix, "etcd key prefix"),
-    Key("mark", "mark", _int, _single_bit, "fwmark bit for selected packets"),
+    Key("mark", "mark", _int, _single_bit,
+        "fwmark bit for selected packets; bits kube-proxy, Calico or Cilium document as "
+        "theirs are refused (docs/operations.md)"),
     Key("mark_mask", "mark_mask", _int, _mask,
-        "mask of the mark bits tfcrypt owns (default: the mark)"),
+        "mask of the mark bits tfcrypt owns (default: the mark); same refusal"),
+    Key("allow_foreign_mark_bits", "allow_foreign_mark_bits", _bool, None,
+        "accept mark bits kube-proxy, Calico or Cilium use (when that tool is not on "
+        "the node)"),
     Key("route_table", "route_table", _int, _table,
         "tunnel route table; the next id holds the fail-closed prohibit routes"),
     Key("rule_priority", "rule_priority", _int, _in_range(1, 32764),
@@ -403,6 +421,10 @@ def agent_config(flags: Mapping[str, object], env: Mapping[str, str] | None = No
     mask = values.get("mark_mask", AgentConfig.mark_mask)
     if (problem := _cross_problem(mark, mask)) is not None:
         raise ConfigError(f"{origin.get('mark_mask', 'mark_mask')}: {problem}")
+    if not values.get("allow_foreign_mark_bits") and (
+            problem := clash_problem(mark, mask)) is not None:
+        key = "mark" if foreign_clashes(mark) else "mark_mask"
+        raise ConfigError(f"{origin.get(key, origin.get('mark', key))}: {problem}")
     return AgentConfig(**values)
 
 

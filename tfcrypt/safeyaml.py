@@ -6,11 +6,11 @@ inventory and tag files) goes through here, so the rules hold everywhere:
   refused without being read whole. Text must be UTF-8.
 - Duplicate keys in a mapping are refused. YAML says keys are unique, but PyYAML keeps
   the last one silently: `mode: audit` then `mode: enforce` would enforce.
-- Anchors (`&name`) and aliases (`*name`) are refused, all of them, while the document is
-  composed, before anything is constructed or expanded. No tfcrypt document needs them,
-  and a small alias graph ("billion laughs") expands exponentially in whatever walks the
-  result afterwards (validation, repr in an error message). Refusing them all is simpler
-  to state and to trust than a bound on expansion.
+- Anchors and aliases are allowed (PyYAML's own dumper writes them for shared values),
+  but the document is weighed while it is composed, before anything is constructed:
+  every alias counts as a full copy of what it names, and more than MAX_NODES nodes is
+  refused. A small alias graph ("billion laughs") would otherwise expand exponentially in
+  whatever walks the result (validation, repr in an error message).
 - Nesting deeper than MAX_DEPTH is refused: PyYAML recurses once per level, and a deep
   document would otherwise end in RecursionError.
 - Every problem is a ConfigError with one line, `<source>: <problem>`, naming the line and
@@ -32,6 +32,7 @@ from tfcrypt.errors import ConfigError
 
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: a signed policy must fit 64 KiB; comments are not that long
 MAX_DEPTH = 64            # a policy document nests 6 deep, a config file 2
+MAX_NODES = 200_000       # a signable policy has < 10,000; an alias bomb has billions
 MAX_EXCERPT = 120         # characters of a quoted value in an error message
 
 
@@ -60,29 +61,35 @@ def one_line(message: str, limit: int = 400) -> str:
 
 
 class StrictLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader that refuses anchors, aliases, duplicate keys and deep nesting."""
+    """PyYAML's SafeLoader that refuses duplicate keys, deep nesting and documents that
+    alias expansion would make larger than MAX_NODES."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._weights: dict[int, int] = {}  # id(node) -> nodes once aliases expand
 
     def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
         event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
-            raise ComposerError(None, None, f"alias *{excerpt(event.anchor, 30)[1:-1]}: "
-                                "aliases are not accepted", event.start_mark)
-        anchor = getattr(event, "anchor", None)
-        if anchor is not None:
-            raise ComposerError(None, None, f"anchor &{excerpt(anchor, 30)[1:-1]}: anchors "
-                                "are not accepted", event.start_mark)
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH}",
                                     event.start_mark)
-            return super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
+        if isinstance(event, yaml.AliasEvent):
+            return node  # already weighed; the parent counts it once more per use
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+            else [])
+        weight = 1 + sum(self._weights.get(id(c), 1) for c in children)
+        if weight > MAX_NODES:
+            raise ComposerError(None, None, f"more than {MAX_NODES} nodes once aliases are "
+                                "expanded", event.start_mark)
+        self._weights[id(node)] = weight
+        return node
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # type: ignore[override]
         if isinstance(node, yaml.MappingNode):
