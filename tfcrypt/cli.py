@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     workload = sub.add_parser("workload", help="the controller-signed workload inventory")
     wl_sub = workload.add_subparsers(dest="workload_command", required=True)
     wl_set = wl_sub.add_parser("set", help="create or update a workload (signed with the "
-                                           "controller SVID)")
+                                           "controller SVID; nothing is written that the "
+                                           "agents would refuse)")
     wl_set.add_argument("name")
     wl_set.add_argument("--node", required=True, help="the node the workload runs on")
     wl_set.add_argument("--ip", action="append", required=True, help="an address (repeatable)")
@@ -95,16 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     wl_del = wl_sub.add_parser("delete", help="remove a workload")
     wl_del.add_argument("name")
     wl_del.add_argument("--node", help="only on this node")
-    wl_list = wl_sub.add_parser("list", help="workloads as agents would believe them")
+    wl_list = wl_sub.add_parser("list", help="every stored workload as agents read it: state "
+                                             "ok, or refused: <reason>")
     wl_list.add_argument("--json", action="store_true")
 
     policy = sub.add_parser("policy", help="EncryptionPolicies")
     pol_sub = policy.add_subparsers(dest="policy_command", required=True)
-    pol_apply = pol_sub.add_parser("apply", help="create or update a policy from a YAML file")
+    pol_apply = pol_sub.add_parser(
+        "apply", help="create or update a policy from a YAML file (at most 1 MiB); nothing "
+                      "is written that the agents would refuse")
     pol_apply.add_argument("-f", "--file", required=True)
     pol_del = pol_sub.add_parser("delete", help="remove a policy")
     pol_del.add_argument("name")
-    pol_list = pol_sub.add_parser("list", help="policies as agents would believe them")
+    pol_list = pol_sub.add_parser("list", help="every stored policy as agents read it: state "
+                                              "ok, or refused: <reason>")
     pol_list.add_argument("--json", action="store_true")
     pol_plan = pol_sub.add_parser(
         "plan", help="which pairs a policy file would newly encrypt or stop encrypting (an "
