@@ -333,3 +333,9 @@ def test_a_file_that_is_not_utf8_too_big_or_too_deep_is_one_line(
     with pytest.raises(PolicyError) as info:
         read_policy_file(str(path))
     assert str(info.value).endswith(problem) and "\n" not in str(info.value)
+
+
+def test_a_character_yaml_refuses_is_a_policy_error() -> None:
+    with pytest.raises(PolicyError, match=r"^p.yaml: not valid YAML: unacceptable character "
+                                          r"#x0007"):
+        parse_policy_document("kind: \x07", "p.yaml")

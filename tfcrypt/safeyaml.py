@@ -109,8 +109,9 @@ class StrictLoader(yaml.SafeLoader):
 
 def load(text: str, source: str) -> Any:
     """The one YAML document in `text`, or InputError `source: problem (line N, column M)`."""
-    loader = StrictLoader(text)
+    loader: StrictLoader | None = None
     try:
+        loader = StrictLoader(text)  # the reader checks the characters here already
         return loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -122,7 +123,8 @@ def load(text: str, source: str) -> Any:
     except RecursionError:
         raise InputError(f"{source}: not valid YAML: nested too deep") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_text(path: str | Path, *, what: str = "", noun: str = "file",
