@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tfcrypt import safeyaml
 from tfcrypt.core.compute import Snapshot, compute
 from tfcrypt.core.explain import GlobalView, explain
-from tfcrypt.model.policy import EncryptionPolicy, parse_policy_document
+from tfcrypt.model.policy import EncryptionPolicy, read_policy_file
 from tfcrypt.model.workload import Workload
 
 from . import agents, inventory
@@ -87,11 +86,11 @@ class Progress:
 
 
 def load_tags(path: Path = INVENTORY) -> dict[str, list[str]]:
-    return {str(k): [str(t) for t in v] for k, v in yaml.safe_load(path.read_text()).items()}
+    return {str(k): [str(t) for t in v] for k, v in safeyaml.load_file(path).items()}
 
 
 def load_policies(files: tuple[str, ...]) -> dict[str, EncryptionPolicy]:
-    policies = [parse_policy_document((EXAMPLES / f).read_text(), f) for f in files]
+    policies = [read_policy_file(str(EXAMPLES / f)) for f in files]
     return {p.name: p for p in policies}
 
 

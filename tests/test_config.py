@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tfcrypt.cli import main
+from tfcrypt.cli import build_parser, main
 from tfcrypt.config import KEYS, AgentConfig, agent_config, resolve, unknown_env
 from tfcrypt.errors import ConfigError
+from tfcrypt.marks import foreign_clashes
 
 NEEDED = {"advertise_address": "10.77.0.11", "node_name": "n1"}
 
@@ -25,6 +26,7 @@ BAD = {
     "prefix": ("/tfcrypt/v1/", "must start and not end with '/'"),
     "mark": ("0x3", "must be a single bit"),
     "mark_mask": ("0x100000000", "is not a 32-bit mask"),
+    "allow_foreign_mark_bits": ("maybe", "'maybe' is not true or false"),
     "route_table": ("254", "must be free table ids"),
     "rule_priority": ("40000", "40000 is not in 1..32764"),
     "lease_ttl": ("2", "2 is not in 5..3600"),
@@ -74,10 +76,10 @@ def test_layers_combine_key_by_key(tmp_path: Path) -> None:
     path = write(tmp_path, "interface: wgfile\nlease_ttl: 30\netcd: [http://e1:2379, e2:2379]\n"
                            "log_format: json\n")
     cfg = agent_config({**NEEDED, "interface": "wgflag"},
-                       {"TFCRYPT_LEASE_TTL": "20", "TFCRYPT_MARK": "0x200"}, path)
+                       {"TFCRYPT_LEASE_TTL": "20", "TFCRYPT_MARK": "0x20"}, path)
     assert (cfg.interface, cfg.lease_ttl, cfg.log_format) == ("wgflag", 20, "json")
     assert cfg.etcd_endpoints == ("http://e1:2379", "e2:2379")
-    assert (cfg.mark, cfg.mark_mask) == (0x200, 0x200)  # the mask defaults to the mark
+    assert (cfg.mark, cfg.mark_mask) == (0x20, 0x20)  # the mask defaults to the mark
 
 
 def test_defaults_need_only_what_has_no_default() -> None:
@@ -192,3 +194,87 @@ def test_the_cli_exits_2_with_one_line_naming_the_key(tmp_path: Path,
     monkeypatch.setenv("TFCRYPT_BACKEND", "ebpf")
     assert main(["agent", "--advertise-address", "10.0.0.1"]) == 2
     assert capsys.readouterr().err.startswith("tfcrypt: TFCRYPT_BACKEND: 'ebpf' is not one of")
+
+
+# -- the file is read strictly and within bounds (issue #14 item 5; tfcrypt.safeyaml) -----
+
+LAUGHS = "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)) + "mark: *a9\n"
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"mark: 0x10\nmark: 0x20\n", "not valid YAML (line 2, column 1): duplicate key 'mark'"),
+    (LAUGHS.encode(), "not valid YAML (line 6, column 5): more than 200000 nodes once "
+                      "aliases are expanded"),
+    (b"backend: kernel\n" + b"#" * (1 << 20), "the config file is larger than 1048576 "
+                                               "bytes: refused"),
+    (b"node_name: n\xe91\n", "the config file is not UTF-8 text (byte 0xe9 at offset 12)"),
+])
+def test_duplicates_aliases_oversize_and_non_utf8_files_are_one_line_errors(
+        tmp_path: Path, content: bytes, problem: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tfcrypt.yaml"
+    path.write_bytes(content)
+    for key in KEYS:
+        monkeypatch.delenv(key.env, raising=False)
+    # --listen-port 0 is refused too, after the file: code that accepted the file would
+    # report it, and never start an agent
+    assert main(["agent", "--config", str(path), "--advertise-address", "10.0.0.1",
+                 "--listen-port", "0"]) == 2
+    assert capsys.readouterr().err == f"tfcrypt: {path}: {problem}\n"
+
+
+def test_a_state_dir_that_is_a_file_is_refused(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ConfigError, match=r"--state-dir: '.*afile' exists and is not a "
+                                          r"directory"):
+        agent_config({**NEEDED, "state_dir": str(afile)}, {})
+    assert main(["keys", "show", "--state-dir", str(afile)]) == 2
+    assert capsys.readouterr().err == (f"tfcrypt: --state-dir: '{afile}' exists and is not a "
+                                       "directory\n")
+
+
+# -- mark bits other tools own (issue #14 item 6; tfcrypt.marks) -------------------------
+
+@pytest.mark.parametrize(("flags", "error"), [
+    ({"mark": "0x4000"}, "--mark: 0x4000 overlaps bits another tool uses: 0x4000 is "
+                         "kube-proxy's (masquerade bit"),
+    ({"mark": "0x20", "mark_mask": "0xffffffff"},
+     "--mark-mask: 0xffffffff overlaps bits another tool uses: 0x4000 is kube-proxy's "
+     "(masquerade bit, KUBE-MARK-MASQ 0x4000); 0x8000 is kube-proxy's (drop bit"),
+    ({"mark": "0x00200000"}, "--mark: 0x200000 overlaps bits another tool uses: 0x200000 "
+                             "is Calico's (default FELIX_IPTABLESMARKMASK 0xffff0000)"),
+    ({"mark": "0x800"}, "--mark: 0x800 overlaps bits another tool uses: 0x800 is "
+                        "Cilium's (magic marks"),
+])
+def test_mark_bits_another_tool_owns_are_refused_naming_the_tool(
+        flags: dict[str, str], error: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        agent_config({**NEEDED, **flags}, {})
+    assert str(info.value).startswith(error)
+    cfg = agent_config({**NEEDED, **flags, "allow_foreign_mark_bits": True}, {})
+    assert cfg.allow_foreign_mark_bits and cfg.mark == int(flags["mark"], 16)
+
+
+def test_the_override_is_a_flag_an_env_variable_and_a_file_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "mark: 0x4000\n")
+    with pytest.raises(ConfigError, match=r"tfcrypt\.yaml: mark: 0x4000 overlaps"):
+        agent_config(NEEDED, {}, path)
+    assert agent_config(NEEDED, {"TFCRYPT_ALLOW_FOREIGN_MARK_BITS": "true"}, path).mark == 0x4000
+    path = write(tmp_path, "mark: 0x4000\nallow_foreign_mark_bits: true\n")
+    assert agent_config(NEEDED, {}, path).mark == 0x4000
+    assert main(["agent", "--mark", "0x8000", "--advertise-address", "10.0.0.1"]) == 2
+    assert "0x8000 is kube-proxy's (drop bit" in capsys.readouterr().err
+    args = build_parser().parse_args(["agent", "--allow-foreign-mark-bits"])
+    assert args.allow_foreign_mark_bits is True
+
+
+def test_the_default_mark_lies_in_calicos_default_mask_and_is_kept() -> None:
+    """Reported in #14: refusing it would refuse every default install."""
+    cfg = agent_config(NEEDED, {})
+    assert (cfg.mark, cfg.mark_mask) == (0x00100000, 0x00100000)
+    assert foreign_clashes(cfg.mark_mask) == [
+        "0x100000 is Calico's (default FELIX_IPTABLESMARKMASK 0xffff0000)"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from tfcrypt.model.policy import (
     PolicyError,
     Rule,
     parse_policy_document,
+    read_policy_file,
 )
 from tfcrypt.model.tags import Tag, parse_tags
 from tfcrypt.model.workload import Workload
@@ -270,3 +273,69 @@ def test_policy_payload_missing_spec(ca: LabCA) -> None:
         EncryptionPolicy.from_verified(signed_and_verified(ca, payload))
     assert (info.value.reason, info.value.detail) == (RejectReason.MISSING_FIELD,
                                                       "payload.spec")
+
+
+# -- YAML input is strict and bounded (issue #14 item 5; tfcrypt.safeyaml) ---------------
+
+LAUGHS = """\
+apiVersion: tfcrypt.io/v1alpha1
+kind: EncryptionPolicy
+metadata: {name: lol}
+x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]
+""" + "".join(f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)) + """\
+spec:
+  rules:
+  - endpoint1: {tags: *a9}
+    endpoint2: {any: true}
+"""
+
+
+def test_a_duplicate_key_is_refused_not_resolved_to_the_last() -> None:
+    text = GOOD.replace("  mode: audit\n", "  mode: audit\n  mode: enforce\n")
+    with pytest.raises(PolicyError, match=r"^p.yaml: .*duplicate key 'mode'"):
+        parse_policy_document(text, "p.yaml")
+
+
+def test_an_alias_bomb_is_refused_before_it_expands() -> None:
+    start = time.monotonic()
+    with pytest.raises(PolicyError) as info:
+        parse_policy_document(LAUGHS, "lol.yaml")
+    assert time.monotonic() - start < 1
+    assert str(info.value) == ("lol.yaml: not valid YAML (line 9, column 5): more than "
+                               "200000 nodes once aliases are expanded")
+
+
+def test_a_few_aliases_are_read_as_copies() -> None:
+    """PyYAML's own dumper writes anchors for shared values (yaml.safe_dump)."""
+    text = GOOD.replace("endpoint2: {any: true}", "endpoint2: &all {any: true}") \
+        + "    - endpoint1: {subnet: 10.9.0.0/16}\n      endpoint2: *all\n"
+    assert parse_policy_document(text).rules[2].endpoint2.any
+
+
+def test_a_huge_value_is_quoted_as_a_short_excerpt() -> None:
+    text = GOOD.replace("kind: EncryptionPolicy", "kind: " + "K" * 1_000_000)
+    with pytest.raises(PolicyError) as info:
+        parse_policy_document(text, "p.yaml")
+    assert len(str(info.value)) < 200 and str(info.value).startswith("p.yaml: kind: 'KKK")
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"kind: EncryptionPolicy\nmetadata: {name: \xff}\n",
+     "the policy file is not UTF-8 text (byte 0xff at offset 40)"),
+    (b"#" * (1 << 20) + b"\n", "the policy file is larger than 1048576 bytes: refused"),
+    (b"[" * 10_000 + b"]" * 10_000, "not valid YAML (line 1, column 65): nested deeper "
+                                    "than 64"),
+])
+def test_a_file_that_is_not_utf8_too_big_or_too_deep_is_one_line(
+        tmp_path: Path, content: bytes, problem: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_bytes(content)
+    with pytest.raises(PolicyError) as info:
+        read_policy_file(str(path))
+    assert str(info.value).endswith(problem) and "\n" not in str(info.value)
+
+
+def test_a_character_yaml_refuses_is_a_policy_error() -> None:
+    with pytest.raises(PolicyError, match=r"^p.yaml: not valid YAML: unacceptable character "
+                                          r"#x0007"):
+        parse_policy_document("kind: \x07", "p.yaml")

@@ -32,9 +32,12 @@ from tfcrypt.config import (
     env_default,
     resolve,
     split_endpoints,
+    state_dir_problem,
     unknown_env,
 )
 from tfcrypt.errors import ConfigError, TfcryptError
+from tfcrypt.marks import foreign_clashes
+from tfcrypt.safeyaml import one_line
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -83,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     workload = sub.add_parser("workload", help="the controller-signed workload inventory")
     wl_sub = workload.add_subparsers(dest="workload_command", required=True)
     wl_set = wl_sub.add_parser("set", help="create or update a workload (signed with the "
-                                           "controller SVID)")
+                                           "controller SVID; nothing is written that the "
+                                           "agents would refuse)")
     wl_set.add_argument("name")
     wl_set.add_argument("--node", required=True, help="the node the workload runs on")
     wl_set.add_argument("--ip", action="append", required=True, help="an address (repeatable)")
@@ -92,16 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     wl_del = wl_sub.add_parser("delete", help="remove a workload")
     wl_del.add_argument("name")
     wl_del.add_argument("--node", help="only on this node")
-    wl_list = wl_sub.add_parser("list", help="workloads as agents would believe them")
+    wl_list = wl_sub.add_parser("list", help="every stored workload as agents read it: state "
+                                             "ok, or refused: <reason>")
     wl_list.add_argument("--json", action="store_true")
 
     policy = sub.add_parser("policy", help="EncryptionPolicies")
     pol_sub = policy.add_subparsers(dest="policy_command", required=True)
-    pol_apply = pol_sub.add_parser("apply", help="create or update a policy from a YAML file")
+    pol_apply = pol_sub.add_parser(
+        "apply", help="create or update a policy from a YAML file (at most 1 MiB); nothing "
+                      "is written that the agents would refuse")
     pol_apply.add_argument("-f", "--file", required=True)
     pol_del = pol_sub.add_parser("delete", help="remove a policy")
     pol_del.add_argument("name")
-    pol_list = pol_sub.add_parser("list", help="policies as agents would believe them")
+    pol_list = pol_sub.add_parser("list", help="every stored policy as agents read it: state "
+                                              "ok, or refused: <reason>")
     pol_list.add_argument("--json", action="store_true")
     pol_plan = pol_sub.add_parser(
         "plan", help="which pairs a policy file would newly encrypt or stop encrypting (an "
@@ -180,11 +188,15 @@ def _key_options(p: argparse.ArgumentParser, names: Sequence[str] | None = None)
             shown = "the hostname"
         elif key.name == "advertise_address":
             shown = "required"
+        text = f"{key.help} (env {key.env}; default {shown})".replace("%", "%%")
+        if isinstance(default, bool):
+            p.add_argument(key.option, dest=key.name, default=None, action="store_const",
+                           const=True, help=text)
+            continue
         repeat = key.name in ("etcd", "controller_ids")
         p.add_argument(key.option, dest=key.name, default=None,
                        action="append" if repeat else "store", metavar=key.name.upper(),
-                       help=f"{key.help} (env {key.env}; default {shown})".replace("%",
-                                                                                   "%%"))
+                       help=text)
 
 
 def _flags(args: argparse.Namespace) -> dict[str, object]:
@@ -254,31 +266,35 @@ async def _run_agent(cfg: AgentConfig) -> None:
             await backend.close()
 
 
+MAX_CELL = 200  # a refusal reason may quote the value; a listing shows a bounded excerpt
+
+
 def _cell(value: object) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    text = "-" if value is None else (
+        ",".join(map(str, value)) if isinstance(value, list) else str(value))
+    return text if len(text) <= MAX_CELL else text[:MAX_CELL - 3] + "..."
 
 
 def _print_rows(rows: list[dict[str, object]], as_json: bool, columns: list[str]) -> None:
-    """A table of the verified rows, then one line per refused value with its reason."""
+    """One row per value under the prefix; a refused one in state `refused: <reason>`."""
     if as_json:
         print(json.dumps(rows, indent=2, sort_keys=True))
         return
-    table = [[_cell(r[c]) for c in columns] for r in rows if r["verified"]]
+    columns = [*columns, "state"]
+    table = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(columns)]
     for row in [[c.upper() for c in columns], *table]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    for r in rows:
-        if not r["verified"]:
-            print(f"{r['key']}: REJECTED ({r['rejected']})")
 
 
 async def _controller_command(args: argparse.Namespace) -> int:
     from tfcrypt.controller import commands
     from tfcrypt.controller.session import session
+    from tfcrypt.model.policy import read_policy_file
 
     controller_ids = tuple(args.controller_id or
                            ("spiffe://{trust_domain}/tfcrypt/controller",))
-    policy = commands.read_policy_file(args.file) \
+    policy = read_policy_file(args.file) \
         if args.command == "policy" and args.policy_command in ("apply", "plan") else None
     workload = commands.build_workload(args.name, args.node, args.ip, args.tag) \
         if args.command == "workload" and args.workload_command == "set" else None
@@ -355,6 +371,22 @@ def _uninstall_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_command(args: argparse.Namespace) -> int:
+    from tfcrypt.agent.nodekey import load_node_key, rotate_node_key
+
+    if (problem := state_dir_problem(args.state_dir)) is not None:
+        raise ConfigError(f"--state-dir: {problem}")
+    try:
+        if args.keys_command == "rotate":
+            nk = rotate_node_key(args.state_dir, time.time())
+        else:
+            nk = load_node_key(args.state_dir, time.time())
+    except OSError as exc:
+        raise TfcryptError(f"--state-dir {args.state_dir}: {exc.strerror or exc}") from None
+    print(json.dumps({"public_key": nk.public_key, "epoch": nk.epoch}))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -363,6 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = _agent_config(args)
             from tfcrypt.agent.logs import setup_logging
             setup_logging(cfg.log_level, cfg.log_format)
+            for clash in [] if cfg.allow_foreign_mark_bits else foreign_clashes(cfg.mark_mask):
+                logging.getLogger("tfcrypt").warning(
+                    "mark_mask %#x (the default) overlaps another tool's bits: %s; on such a "
+                    "node choose free bits (docs/operations.md)", cfg.mark_mask, clash)
             for name in unknown_env(os.environ):
                 logging.getLogger("tfcrypt").warning(
                     "%s is not a tfcrypt configuration key: ignored", name)
@@ -373,20 +409,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "uninstall":
             return _uninstall_command(args)
         if args.command == "keys":
-            from tfcrypt.agent.nodekey import load_node_key, rotate_node_key
-            if args.keys_command == "rotate":
-                nk = rotate_node_key(args.state_dir, time.time())
-            else:
-                nk = load_node_key(args.state_dir, time.time())
-            print(json.dumps({"public_key": nk.public_key, "epoch": nk.epoch}))
-            return 0
+            return _keys_command(args)
         if args.command in ("workload", "policy", "explain"):
             return asyncio.run(_controller_command(args))
     except ConfigError as exc:
-        print(f"tfcrypt: {exc}", file=sys.stderr)
+        print(f"tfcrypt: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except TfcryptError as exc:
-        print(f"tfcrypt: {exc}", file=sys.stderr)
+        print(f"tfcrypt: {one_line(str(exc))}", file=sys.stderr)
         return 1
     return 0
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tfcrypt import safeyaml
 from tfcrypt.errors import ConfigError
+from tfcrypt.marks import DEFAULT_MARK, clash_problem, foreign_clashes
 
 NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -53,8 +53,9 @@ class AgentConfig:
     backend: str = "userspace"
     state_dir: str = "/var/lib/tfcrypt"
     prefix: str = "/tfcrypt/v1"
-    mark: int = 0x00100000
-    mark_mask: int = 0x00100000
+    mark: int = DEFAULT_MARK
+    mark_mask: int = DEFAULT_MARK
+    allow_foreign_mark_bits: bool = False
     route_table: int = 29798
     rule_priority: int = 1820
     lease_ttl: int = 15
@@ -93,31 +94,47 @@ class AgentConfig:
         return tuple(c.format(trust_domain=trust_domain) for c in self.controller_ids)
 
 
+def _x(value: object) -> str:
+    """A value quoted in a message, cut short (tfcrypt.safeyaml.excerpt)."""
+    return safeyaml.excerpt(value)
+
+
 # -- value parsers: str (flag, env) or a YAML value in, typed value out, ValueError(why) --
 
 def _int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"{value!r} is not an integer")
+        raise ValueError(f"{_x(value)} is not an integer")
     if isinstance(value, int):
         return value
     try:
         return int(value.strip(), 0)
     except ValueError:
-        raise ValueError(f"{value!r} is not an integer") from None
+        raise ValueError(f"{_x(value)} is not an integer") from None
 
 
 def _float(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{value!r} is not a number")
+        raise ValueError(f"{_x(value)} is not a number")
     try:
         return float(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not a number") from None
+        raise ValueError(f"{_x(value)} is not a number") from None
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise ValueError(f"{_x(value)} is not true or false")
 
 
 def _str(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a string")
+        raise ValueError(f"{_x(value)} is not a string")
     return value
 
 
@@ -138,7 +155,7 @@ def _list(value: object) -> tuple[str, ...]:
         return split_endpoints(value)
     if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
         return split_endpoints(value)
-    raise ValueError(f"{value!r} is not a list of strings")
+    raise ValueError(f"{_x(value)} is not a list of strings")
 
 
 # -- checks: a valid value gives None, an invalid one the reason, without the key --------
@@ -148,31 +165,31 @@ def _in_range(lo: float, hi: float) -> Callable[[Any], str | None]:
 
 
 def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(choices)}"
+    return lambda v: None if v in choices else f"{_x(v)} is not one of {', '.join(choices)}"
 
 
 def _node_name(v: str) -> str | None:
     return None if NODE_NAME.match(v) else (
-        f"{v!r} is not a valid node name (lowercase letters, digits, '-' and '.', at most 63)")
+        f"{_x(v)} is not a valid node name (lowercase letters, digits, '-' and '.', at most 63)")
 
 
 def _ip(v: str) -> str | None:
     try:
         ipaddress.ip_address(v)
     except ValueError:
-        return f"{v!r} is not an IP address"
+        return f"{_x(v)} is not an IP address"
     return None
 
 
 def _ifname(v: str) -> str | None:
-    return None if IFNAME.match(v) else f"{v!r} is not a valid interface name (1-15 characters)"
+    return None if IFNAME.match(v) else f"{_x(v)} is not a valid interface name (1-15 characters)"
 
 
 def _endpoints(v: tuple[str, ...]) -> str | None:
     if not v:
         return "at least one endpoint is needed"
     bad = [e for e in v if not re.match(r"^(https?://)?[^\s/]+:\d+$", e)]
-    return f"{bad[0]!r} is not host:port or http(s)://host:port" if bad else None
+    return f"{_x(bad[0])} is not host:port or http(s)://host:port" if bad else None
 
 
 def _single_bit(v: int) -> str | None:
@@ -192,28 +209,37 @@ def _table(v: int) -> str | None:
 
 def _prefix(v: str) -> str | None:
     return None if v.startswith("/") and not v.endswith("/") else \
-        f"{v!r} must start and not end with '/'"
+        f"{_x(v)} must start and not end with '/'"
 
 
 def _template(v: str) -> str | None:
     return None if "{node}" in v and v.startswith("spiffe://") else \
-        f"{v!r} must be a spiffe:// ID containing {{node}}"
+        f"{_x(v)} must be a spiffe:// ID containing {{node}}"
 
 
 def _spiffe_ids(v: tuple[str, ...]) -> str | None:
     bad = [i for i in v if not i.startswith("spiffe://")]
     if not v:
         return "at least one controller ID is needed"
-    return f"{bad[0]!r} is not a spiffe:// ID" if bad else None
+    return f"{_x(bad[0])} is not a spiffe:// ID" if bad else None
 
 
 def _absolute(v: str) -> str | None:
-    return None if v.startswith("/") else f"{v!r} is not an absolute path"
+    return None if v.startswith("/") else f"{_x(v)} is not an absolute path"
+
+
+def state_dir_problem(v: str) -> str | None:
+    """Why `v` cannot be the state directory: relative, or an existing non-directory."""
+    if (problem := _absolute(v)) is not None:
+        return problem
+    if os.path.lexists(v) and not os.path.isdir(v):
+        return f"{_x(v)} exists and is not a directory"
+    return None
 
 
 def _socket_path(v: str) -> str | None:
     if len(v.encode()) > 107:
-        return f"{v!r} is longer than a Unix socket path may be (107 bytes)"
+        return f"{_x(v)} is longer than a Unix socket path may be (107 bytes)"
     return _absolute(v)
 
 
@@ -221,11 +247,11 @@ def split_host_port(value: str) -> tuple[str, int]:
     """`HOST:PORT` or `[IPv6]:PORT`; ValueError says what is wrong."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise ValueError(f"{value!r} is not HOST:PORT")
+        raise ValueError(f"{_x(value)} is not HOST:PORT")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     ipaddress.ip_address(host)
     if not 1 <= int(port) <= 65535:
-        raise ValueError(f"{value!r}: port is not in 1..65535")
+        raise ValueError(f"{_x(value)}: port is not in 1..65535")
     return host, int(port)
 
 
@@ -235,7 +261,7 @@ def _host_port(v: str | None) -> str | None:
     try:
         split_host_port(v)
     except ValueError as exc:
-        return f"{v!r} is not IP:PORT ({exc})"
+        return f"{_x(v)} is not IP:PORT ({exc})"
     return None
 
 
@@ -279,12 +305,17 @@ KEYS: tuple[Key, ...] = (
     Key("listen_port", "listen_port", _int, _in_range(1, 65535), "WireGuard UDP port"),
     Key("backend", "backend", _str, _one_of("userspace", "kernel"),
         "userspace (wireguard-go) or kernel"),
-    Key("state_dir", "state_dir", _str, _absolute,
+    Key("state_dir", "state_dir", _str, state_dir_problem,
         "where the private key (0600), its epoch and status.json live"),
     Key("prefix", "prefix", _str, _prefix, "etcd key prefix"),
-    Key("mark", "mark", _int, _single_bit, "fwmark bit for selected packets"),
+    Key("mark", "mark", _int, _single_bit,
+        "fwmark bit for selected packets; bits kube-proxy, Calico or Cilium document as "
+        "theirs are refused (docs/operations.md)"),
     Key("mark_mask", "mark_mask", _int, _mask,
-        "mask of the mark bits tfcrypt owns (default: the mark)"),
+        "mask of the mark bits tfcrypt owns (default: the mark); same refusal"),
+    Key("allow_foreign_mark_bits", "allow_foreign_mark_bits", _bool, None,
+        "accept mark bits kube-proxy, Calico or Cilium use (when that tool is not on "
+        "the node)"),
     Key("route_table", "route_table", _int, _table,
         "tunnel route table; the next id holds the fail-closed prohibit routes"),
     Key("rule_priority", "rule_priority", _int, _in_range(1, 32764),
@@ -321,24 +352,21 @@ ENV_ONLY = frozenset({"CONFIG"})
 
 
 def read_config_file(path: str | Path) -> dict[str, object]:
-    """The YAML mapping in `path`; unknown keys and non-mappings are ConfigError."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    """The YAML mapping in `path`; unknown keys and non-mappings are ConfigError.
+
+    Read by tfcrypt.safeyaml: bounded size, UTF-8, no duplicate keys, anchors or aliases."""
+    data = safeyaml.load_file(path, noun="config file")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config file must be a mapping of key: value")
     for key in data:
         if key not in KEYS_BY_NAME:
-            close = difflib.get_close_matches(str(key), KEYS_BY_NAME, n=1)
+            shown = key if isinstance(key, str) and len(key) <= safeyaml.MAX_EXCERPT \
+                else safeyaml.excerpt(key)
+            close = difflib.get_close_matches(str(shown), KEYS_BY_NAME, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{path}: {key}: unknown key{hint}")
+            raise ConfigError(f"{path}: {shown}: unknown key{hint}")
     return data
 
 
@@ -393,6 +421,10 @@ def agent_config(flags: Mapping[str, object], env: Mapping[str, str] | None = No
     mask = values.get("mark_mask", AgentConfig.mark_mask)
     if (problem := _cross_problem(mark, mask)) is not None:
         raise ConfigError(f"{origin.get('mark_mask', 'mark_mask')}: {problem}")
+    if not values.get("allow_foreign_mark_bits") and (
+            problem := clash_problem(mark, mask)) is not None:
+        key = "mark" if foreign_clashes(mark) else "mark_mask"
+        raise ConfigError(f"{origin.get(key, origin.get('mark', key))}: {problem}")
     return AgentConfig(**values)
 
 

@@ -6,8 +6,11 @@ Rules:
 - A workload's key holds its node (`workloads/<node>/<name>`): `workload set` for a
   workload that exists on another node writes the new key first, then deletes the old
   one, so agents see it move without a moment in which it is unknown.
-- Listings show what agents would believe: each value is verified, refused ones are shown
-  with their reason rather than hidden.
+- Listings show what agents would believe: every value under the prefix goes through the
+  readers' verification and parsing (the same VerifiedView), and one they would refuse is
+  a row in state `refused: <reason>` rather than hidden: a policy that is in etcd but
+  enforced nowhere must be visible.
+- Nothing is written that the readers would refuse (ControllerSession.put_signed).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import time
-from pathlib import Path
 from typing import Any
 
 from tfcrypt.controller.session import ControllerSession
@@ -29,7 +31,7 @@ from tfcrypt.core.explain import (
 from tfcrypt.errors import ConfigError
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.node import NodeRecord
-from tfcrypt.model.policy import EncryptionPolicy, Mode, parse_policy_document, policy_key
+from tfcrypt.model.policy import EncryptionPolicy, Mode, policy_key
 from tfcrypt.model.tags import sorted_tag_texts
 from tfcrypt.model.workload import Workload, workload_key
 
@@ -48,7 +50,8 @@ async def workload_set(s: ControllerSession, workload: Workload) -> str:
                  if w.name == workload.name and k != workload.key]
     epoch = s.next_epoch(view, workload.key)
     await s.put_signed(workload.key, workload.to_payload(epoch=epoch,
-                                                         issued_at=int(time.time())))
+                                                         issued_at=int(time.time())),
+                       workload)
     for key in elsewhere:
         await s.delete(key)
     moved = f" (moved from {', '.join(k.split('/')[1] for k in elsewhere)})" if elsewhere else ""
@@ -71,20 +74,23 @@ async def workload_delete(s: ControllerSession, name: str, node: str | None) -> 
 async def workload_rows(s: ControllerSession) -> list[dict[str, Any]]:
     view = await s.read_view()
     rows: list[dict[str, Any]] = [
-        {"name": w.name, "node": w.node, "ips": list(w.ips),
-         "tags": sorted_tag_texts(w.tags), "epoch": view.epoch(k), "verified": True}
-        for k, w in sorted(view.of("workloads/").items())]
-    rows += [{"key": k, "verified": False, "rejected": view.last_rejection.get(k)}
-             for k in sorted(view.raw) if k.startswith("workloads/") and k not in view.records]
-    return rows
+        {"key": k, "name": w.name, "node": w.node, "ips": list(w.ips),
+         "tags": sorted_tag_texts(w.tags), "epoch": view.epoch(k), "state": "ok",
+         "verified": True}
+        for k, w in view.of("workloads/").items()]
+    rows += [{"key": k, "name": k.rsplit("/", 1)[-1], "node": k.split("/")[1], **_refused(view, k)}
+             for k in _refused_keys(view, "workloads/")]
+    return sorted(rows, key=lambda r: r["key"])
 
 
-def read_policy_file(path: str) -> EncryptionPolicy:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"-f {path}: {exc.strerror}") from None
-    return parse_policy_document(text, source=path)
+def _refused_keys(view: VerifiedView, prefix: str) -> list[str]:
+    """Keys under `prefix` holding a value the agents would not believe."""
+    return [k for k in view.raw if k.startswith(prefix) and k not in view.records]
+
+
+def _refused(view: VerifiedView, key: str) -> dict[str, Any]:
+    reason = view.last_rejection.get(key, "not verified")
+    return {"state": f"refused: {reason}", "verified": False, "rejected": reason}
 
 
 async def policy_apply(s: ControllerSession, policy: EncryptionPolicy) -> str:
@@ -94,7 +100,8 @@ async def policy_apply(s: ControllerSession, policy: EncryptionPolicy) -> str:
     if before == policy:
         return f"policy {policy.name}: unchanged"
     epoch = s.next_epoch(view, policy.key)
-    await s.put_signed(policy.key, policy.to_payload(epoch=epoch, issued_at=int(time.time())))
+    await s.put_signed(policy.key, policy.to_payload(epoch=epoch, issued_at=int(time.time())),
+                       policy)
     verb = "configured" if before is not None else "created"
     return f"policy {policy.name}: {verb} ({policy.mode.value}, {len(policy.rules)} rule(s))"
 
@@ -108,12 +115,12 @@ async def policy_delete(s: ControllerSession, name: str) -> str:
 async def policy_rows(s: ControllerSession) -> list[dict[str, Any]]:
     view = await s.read_view()
     rows: list[dict[str, Any]] = [
-        {"name": p.name, "mode": p.mode.value, "rules": len(p.rules), "epoch": view.epoch(k),
-         "verified": True, "document": p.to_document()}
-        for k, p in sorted(view.of("policies/").items())]
-    rows += [{"key": k, "verified": False, "rejected": view.last_rejection.get(k)}
-             for k in sorted(view.raw) if k.startswith("policies/") and k not in view.records]
-    return rows
+        {"key": k, "name": p.name, "mode": p.mode.value, "rules": len(p.rules),
+         "epoch": view.epoch(k), "state": "ok", "verified": True, "document": p.to_document()}
+        for k, p in view.of("policies/").items()]
+    rows += [{"key": k, "name": k.removeprefix("policies/"), **_refused(view, k)}
+             for k in _refused_keys(view, "policies/")]
+    return sorted(rows, key=lambda r: r["key"])
 
 
 def _global_view(view: VerifiedView) -> tuple[dict[str, Workload],

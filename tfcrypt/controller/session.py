@@ -6,6 +6,11 @@ Rules:
   used to write policies by mistake: readers would reject the values anyway).
 - Every read goes through the same verified view the agents use, so `list`, `explain`
   and `plan` show what agents believe, and name what they refuse.
+- Every write is first read back through that same view (`VerifiedView.check`: the
+  readers' size bound, envelope checks and parser, no second copy of any limit): a value
+  the agents would refuse, or read as something other than what was meant, is not
+  written, and the command fails naming why. Otherwise the operator would see "created"
+  while every agent ignores the value and the traffic it selects stays in plaintext.
 - Epochs of controller-written keys are milliseconds since the epoch, at least one above
   the value they replace: several writes per second keep increasing, and a key deleted
   and written again still lands above what readers remember.
@@ -58,23 +63,43 @@ class ControllerSession:
             raise ConfigError(f"--spiffe-socket: serves {self.svid.spiffe_id}, which is not "
                               "a controller identity: refusing to write")
 
-    async def read_view(self) -> VerifiedView:
-        listed = await self.registry.get_all("")
+    def _empty_view(self) -> tuple[VerifiedView, dt.datetime]:
         view = VerifiedView(families())
         now = dt.datetime.fromtimestamp(self._now(), dt.UTC)
         view.set_trust(self.bundles, self.authorizer, now)
+        return view, now
+
+    async def read_view(self) -> VerifiedView:
+        listed = await self.registry.get_all("")
+        view, now = self._empty_view()
         view.replace_all({k: i.value for k, i in listed.items.items()}, now)
         return view
+
+    def readers_refusal(self, key: str, value: bytes, expected: object) -> str | None:
+        """Why an agent would not believe `value` at `key` as `expected`, or None."""
+        view, now = self._empty_view()
+        prepared = view.check({key: value}, now)
+        checked = prepared.results.get(key) if prepared is not None else None
+        if checked is None:
+            return "no agent reads this key"
+        if checked.rejected is not None:
+            return str(checked.rejected)
+        if checked.record != expected:
+            return "agents would read it as something else than was meant"
+        return None
 
     def next_epoch(self, view: VerifiedView, key: str) -> int:
         return max((view.epoch(key) or 0) + 1, int(self._now() * 1000))
 
-    async def put_signed(self, key: str, payload: dict[str, Any]) -> int:
-        """Sign `payload` (which names `key`) with the controller SVID and store it."""
+    async def put_signed(self, key: str, payload: dict[str, Any], expected: object) -> int:
+        """Sign `payload` (which names `key`) with the controller SVID and store it, if
+        the agents would believe it and read it as `expected`; else ConfigError."""
         self.require_controller()
         if payload.get("key") != key:
             raise ValueError(f"payload for {key} names {payload.get('key')!r}")
         value = sign_envelope(payload, self.svid.private_key, self.svid.chain)
+        if (refusal := self.readers_refusal(key, value, expected)) is not None:
+            raise ConfigError(f"{key}: not written, every agent would refuse it: {refusal}")
         return await self.registry.put(key, value)
 
     async def delete(self, key: str) -> bool:

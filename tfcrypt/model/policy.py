@@ -29,8 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
+from tfcrypt import safeyaml
 from tfcrypt.errors import ConfigError, Rejected, RejectReason
 from tfcrypt.model.tags import LABEL, Tag, check_single_values, sorted_tag_texts
 
@@ -149,9 +148,9 @@ class EncryptionPolicy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not is_policy_name(self.name):
-            raise ValueError(f"metadata.name: {self.name!r} is not a DNS-1123 subdomain name")
+            raise ValueError(f"metadata.name: {_x(self.name)} is not a DNS-1123 subdomain name")
         if not isinstance(self.mode, Mode):
-            raise ValueError(f"spec.mode: {self.mode!r} is not a Mode")
+            raise ValueError(f"spec.mode: {_x(self.mode)} is not a Mode")
         object.__setattr__(self, "rules", tuple(self.rules))
         if not self.rules:
             raise ValueError("spec.rules: at least one rule")
@@ -183,7 +182,7 @@ class EncryptionPolicy:
         p: Mapping[str, Any] = verified.payload
         if verified.kind != KIND:
             raise Rejected(RejectReason.INVALID_FIELD,
-                           f"payload.kind: {verified.kind!r}, expected {KIND!r}")
+                           f"payload.kind: {_x(verified.kind)}, expected {KIND!r}")
         for name in ("name", "spec"):
             if name not in p:
                 raise Rejected(RejectReason.MISSING_FIELD, f"payload.{name}")
@@ -191,7 +190,7 @@ class EncryptionPolicy:
             raise Rejected(RejectReason.INVALID_FIELD, "payload.name: not a string")
         if verified.key != policy_key(p["name"]):
             raise Rejected(RejectReason.KEY_MISMATCH,
-                           f"payload.name {p['name']!r} does not match key {verified.key!r}")
+                           f"payload.name {_x(p['name'])} does not match key {_x(verified.key)}")
         try:
             return _build(p["name"], p["spec"], "spec", strict=False)
         except _FieldError as e:
@@ -207,15 +206,23 @@ class _FieldError(ValueError):
 
 
 def parse_policy_document(text: str, source: str = "FILE") -> EncryptionPolicy:
-    """Parse one YAML (or JSON) EncryptionPolicy document; PolicyError names source and path."""
+    """Parse one YAML (or JSON) EncryptionPolicy document; PolicyError names source and path.
+
+    YAML is read by tfcrypt.safeyaml: duplicate keys, anchors and aliases are refused."""
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise PolicyError(f"{source}: not valid YAML{line}: "
-                          f"{getattr(e, 'problem', None) or e}") from None
+        doc = safeyaml.load(text, source)
+    except safeyaml.InputError as e:
+        raise PolicyError(str(e)) from None
     return policy_from_document(doc, source)
+
+
+def read_policy_file(path: str, what: str = "-f") -> EncryptionPolicy:
+    """The policy in file `path`, read by tfcrypt.safeyaml (bounded size, UTF-8)."""
+    try:
+        text = safeyaml.read_text(path, what=what, noun="policy file")
+    except safeyaml.InputError as e:
+        raise PolicyError(str(e)) from None
+    return parse_policy_document(text, source=path)
 
 
 def policy_from_document(doc: object, source: str = "FILE") -> EncryptionPolicy:
@@ -227,12 +234,12 @@ def policy_from_document(doc: object, source: str = "FILE") -> EncryptionPolicy:
             if name not in top:
                 raise _FieldError(name, "missing")
             if top[name] != expected:
-                raise _FieldError(name, f"{top[name]!r}, expected {expected!r}")
+                raise _FieldError(name, f"{_x(top[name])}, expected {expected!r}")
         meta = _mapping(top.get("metadata"), "metadata")
         if "name" not in meta:
             raise _FieldError("metadata.name", "missing")
         if not isinstance(meta["name"], str) or not is_policy_name(meta["name"]):
-            raise _FieldError("metadata.name", f"{meta['name']!r} is not a DNS-1123 "
+            raise _FieldError("metadata.name", f"{_x(meta['name'])} is not a DNS-1123 "
                               "subdomain name (lowercase letters, digits, '-', '.')")
         if "spec" not in top:
             raise _FieldError("spec", "missing")
@@ -249,7 +256,7 @@ def _build(name: str, spec_doc: object, path: str, *, strict: bool) -> Encryptio
     try:
         mode = Mode(mode_text)
     except ValueError:
-        raise _FieldError(f"{path}.mode", f"{mode_text!r}, expected one of "
+        raise _FieldError(f"{path}.mode", f"{_x(mode_text)}, expected one of "
                           f"{', '.join(m.value for m in Mode)}") from None
     if "rules" not in spec:
         raise _FieldError(f"{path}.rules", "missing (at least one rule)")
@@ -292,11 +299,11 @@ def _endpoint(doc: object, path: str, strict: bool) -> Endpoint:
     value = ep[kind]
     if kind == "any":
         if value is not True:
-            raise _FieldError(f"{path}.any", f"{value!r}: must be true (to match everything)")
+            raise _FieldError(f"{path}.any", f"{_x(value)}: must be true (to match everything)")
         return Endpoint(any=True)
     if kind == "subnet":
         if not isinstance(value, str):
-            raise _FieldError(f"{path}.subnet", f"{value!r} is not a CIDR string")
+            raise _FieldError(f"{path}.subnet", f"{_x(value)} is not a CIDR string")
         try:
             return Endpoint(subnet=str(_parse_subnet(value)))
         except ValueError as e:
@@ -328,14 +335,14 @@ def normalise_match_tags(values: Sequence[object]) -> tuple[str, ...]:
     types: set[str] = set()
     for i, value in enumerate(values):
         if not isinstance(value, str):
-            raise _FieldError(f"[{i}]", f"{value!r} is not a tag type")
+            raise _FieldError(f"[{i}]", f"{_x(value)} is not a tag type")
         kind = value.lower()
         if kind == LABEL:
             raise _FieldError(f"[{i}]", "label holds many values and cannot be matched")
         try:
             Tag(kind, "x")
         except ValueError:
-            raise _FieldError(f"[{i}]", f"{value!r} is not a tag type") from None
+            raise _FieldError(f"[{i}]", f"{_x(value)} is not a tag type") from None
         types.add(kind)
     return tuple(sorted(types))
 
@@ -346,12 +353,17 @@ def _parse_subnet(value: str) -> Network:
     API server."""
     _, slash, prefix = value.partition("/")
     if not slash or not prefix.isdigit():
-        raise ValueError(f"{value!r} is not a network CIDR (address/prefix-length, "
+        raise ValueError(f"{_x(value)} is not a network CIDR (address/prefix-length, "
                          "e.g. 10.0.0.0/24)")
     try:
         return ipaddress.ip_network(value, strict=True)
     except ValueError:
-        raise ValueError(f"{value!r} is not a network CIDR (host bits set?)") from None
+        raise ValueError(f"{_x(value)} is not a network CIDR (host bits set?)") from None
+
+
+def _x(value: object) -> str:
+    """A value quoted in a message: a bounded excerpt (a message must stay one short line)."""
+    return safeyaml.excerpt(value)
 
 
 def _mapping(value: object, path: str) -> Mapping[str, Any]:
@@ -363,5 +375,6 @@ def _mapping(value: object, path: str) -> Mapping[str, Any]:
 def _no_unknown(doc: Mapping[str, Any], known: frozenset[str], path: str) -> None:
     unknown = sorted(str(k) for k in doc if k not in known)
     if unknown:
-        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        first = unknown[0] if len(unknown[0]) <= safeyaml.MAX_EXCERPT else _x(unknown[0])
+        where = f"{path}.{first}" if path else first
         raise _FieldError(where, f"unknown field (known: {', '.join(sorted(known))})")
