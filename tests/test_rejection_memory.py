@@ -206,3 +206,12 @@ def test_a_key_that_becomes_believed_is_forgotten_as_rejected(signers: Signers) 
 def test_excerpt_is_short_and_escaped() -> None:
     assert excerpt("a" * 500) == "a" * 120 + "... (380 more characters)"
     assert excerpt(f"{RLO}\x00") == "\\u202e\\x00"
+
+
+@pytest.mark.parametrize("rel_key", ["workloads/n1/a\\q", "nodes/\\x4", "nodes/\\ud800", ""])
+def test_a_key_that_names_no_etcd_key_is_a_clear_error(rel_key: str) -> None:
+    """CLI input such as `tfcrypt workload delete 'a\\q'`: a one-line TfcryptError (the
+    CLI prints it), not a traceback."""
+    from tfcrypt.errors import TfcryptError
+    with pytest.raises(TfcryptError, match="key"):
+        Keyspace("/tfcrypt/v1").key(rel_key)

@@ -18,11 +18,19 @@ from dataclasses import dataclass
 
 from aetcd.utils import prefix_range_end
 
-from tfcrypt.registry.text import escape_key, unescape_key
+from tfcrypt.registry.errors import BadKey
+from tfcrypt.registry.text import escape_key, excerpt, unescape_key
 
 
 def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
+
+
+def _unescape(rel_key: str) -> bytes:
+    try:
+        return unescape_key(rel_key)
+    except ValueError as exc:
+        raise BadKey(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -44,14 +52,15 @@ class Keyspace:
 
     def key(self, rel_key: str) -> bytes:
         if not rel_key or rel_key.startswith("/"):
-            raise ValueError(f"relative key must be non-empty and not start with '/': {rel_key!r}")
-        return _encode(self.prefix + "/") + unescape_key(rel_key)
+            raise BadKey("relative key must be non-empty and not start with '/': "
+                         f'"{excerpt(rel_key)}"')
+        return _encode(self.prefix + "/") + _unescape(rel_key)
 
     def sub(self, sub_prefix: str) -> bytes:
         """Absolute byte prefix of `sub_prefix` ("" is the whole keyspace)."""
         if sub_prefix.startswith("/"):
-            raise ValueError(f"sub-prefix must not start with '/': {sub_prefix!r}")
-        return self.root + unescape_key(sub_prefix)
+            raise BadKey(f'sub-prefix must not start with "/": "{excerpt(sub_prefix)}"')
+        return self.root + _unescape(sub_prefix)
 
     def relative(self, key: bytes) -> str:
         root = self.root

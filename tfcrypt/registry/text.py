@@ -72,12 +72,12 @@ def unescape_key(text: str) -> bytes:
         digits = text[i + 2: i + 2 + width] if width else ""
         if not width or len(digits) != width or not all(
                 d in "0123456789abcdefABCDEF" for d in digits):
-            raise ValueError(f"bad escape at character {i} of key {excerpt(text)!r}")
+            raise ValueError(f"bad escape at character {i} of key \"{excerpt(text)}\"")
         n = int(digits, 16)
         if kind == "x":
             out.append(n)
         elif n > 0x10FFFF or 0xD800 <= n <= 0xDFFF:
-            raise ValueError(f"bad code point at character {i} of key {excerpt(text)!r}")
+            raise ValueError(f"bad code point at character {i} of key \"{excerpt(text)}\"")
         else:
             out += chr(n).encode("utf-8")
         i += 2 + width
