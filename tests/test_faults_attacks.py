@@ -736,3 +736,71 @@ def test_11_a_running_agent_survives_a_burst_of_garbage(settled: Lab, tmp_path: 
         assert healthy(lab, node)
     assert all(counted(n) == len(values) for n in ("n1", "n3"))
     assert kernel_state(lab, "n1") == before_state
+
+
+# ---------------------------------------------------------------- 14. hostile keys
+
+HOSTILE_KEYS = (b"nodes/\xff\xfe", "nodes/\u202eevil".encode(), b"workloads/n3/\x1b[2Jx")
+HOSTILE_SHOWN = ("nodes/\\xff\\xfe", "nodes/\\u202eevil", "workloads/n3/\\x1b[2Jx")
+
+
+def _raw_etcdctl(lab: Lab, *args: str | bytes) -> None:
+    """etcdctl with raw byte arguments (a key that is not UTF-8), as any etcd client
+    with write access could."""
+    endpoints = ",".join(lab.status()["etcd"]["endpoints"])
+    run_in(lab, "controller", ["etcdctl", f"--endpoints={endpoints}", *args])  # type: ignore[list-item]
+
+
+def _log_since(lab: Lab, node: str, since: int) -> bytes:
+    return Path(agents.running_agent(lab, node).log).read_bytes()[since:]  # type: ignore[union-attr]
+
+
+@pytest.mark.lab
+def test_14_keys_of_any_bytes_are_counted_once_logged_escaped_and_kill_no_agent(
+        settled: Lab) -> None:
+    """Issue #14 item 1: on main one key that is not UTF-8 made every agent exit
+    (UnicodeEncodeError) within seconds, and again at every restart."""
+    lab = settled
+    pids = {n: agents.running_agent(lab, n).pid for n in NODES}  # type: ignore[union-attr]
+    peers = {n: set(wg_peers(lab, n)) for n in NODES}
+    before = {n: status(lab, n)["rejected"] for n in NODES}
+    before_metric = {n: rejected_metric(lab, n) for n in NODES}
+    logs = {n: _log_size(lab, n) for n in NODES}
+    for key in HOSTILE_KEYS:
+        _raw_etcdctl(lab, "put", PREFIX.encode() + b"/" + key, "junk")
+    try:
+        def new(node: str) -> dict[str, int]:
+            now = status(lab, node)["rejected"]
+            return {r: now[r] - before[node].get(r, 0) for r in now
+                    if now[r] != before[node].get(r, 0)}
+
+        wait_for("every agent to count the three hostile keys", lambda: all(
+            new(n) == {"malformed": 3} for n in NODES), timeout=RECOVERY_BOUND_S)
+        time.sleep(2.0)  # any second count (or a crash) would show by now
+        for node in NODES:
+            rec = agents.running_agent(lab, node)
+            assert rec is not None and rec.pid == pids[node], f"{node}'s agent died"
+            assert healthy(lab, node) and set(wg_peers(lab, node)) == peers[node]
+            assert new(node) == {"malformed": 3}
+            grown = {r: v - before_metric[node].get(r, 0.0)
+                     for r, v in rejected_metric(lab, node).items()}
+            assert {r: v for r, v in grown.items() if v} == {"malformed": 3.0}
+            log = _log_since(lab, node, logs[node])
+            assert "\u202e".encode() not in log and b"\xff" not in log and b"\x1b" not in log
+            text = log.decode()
+            for shown in HOSTILE_SHOWN:
+                assert text.count(f"rejected {shown}: malformed") == 1, (shown, text)
+        # a restart with the keys still there (on main: the agent exited again at once)
+        restarted_at = _log_size(lab, "n3")  # the log is appended to
+        assert agents.stop_agent(lab, "n3")
+        agents.start_agent(lab, "n3")
+        wait_for("n3's restarted agent healthy with its peers", lambda: healthy(
+            lab, "n3") and set(wg_peers(lab, "n3")) == peers["n3"], timeout=60)
+        time.sleep(2.0)
+        assert agents.running_agent(lab, "n3") is not None, "n3's agent died after restart"
+        text = _log_since(lab, "n3", restarted_at).decode()
+        assert all(text.count(f"rejected {shown}: malformed") == 1 for shown in HOSTILE_SHOWN)
+    finally:
+        for key in HOSTILE_KEYS:
+            _raw_etcdctl(lab, "del", PREFIX.encode() + b"/" + key)
+    print("hostile keys: counted once by every agent, logged escaped, no agent died")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import pytest
-from etcd_fixture import EtcdCluster, EtcdServer, etcd, etcd_cluster, make_proxy
+from etcd_fixture import ETCDCTL, EtcdCluster, EtcdServer, etcd, etcd_cluster, make_proxy
 
 from tfcrypt.errors import ConfigError
 from tfcrypt.registry import (
@@ -529,3 +529,32 @@ def test_a_list_in_pages_sees_one_revision_and_every_key(etcd: EtcdServer) -> No
         assert "workloads/late" not in listed.items
 
     run(scenario())
+
+
+def test_a_key_of_any_bytes_is_delivered_printable_and_deletable_by_that_name(
+        etcd: EtcdServer) -> None:
+    """Another client writes keys that are not UTF-8 or hold a bidi override: the list
+    and the watch hand them out escaped (strictly encodable, printable), and the escaped
+    name deletes exactly that key."""
+    def raw_put(key: bytes, value: bytes) -> None:
+        subprocess.run([ETCDCTL, "--endpoints", etcd.endpoint, "put", key, value],
+                       env={**os.environ, "ETCDCTL_API": "3"}, check=True,
+                       capture_output=True, timeout=20)
+
+    listed_key, watched_key = b"nodes/\xff\xfe", "nodes/\u202eevil".encode()
+    raw_put(f"{PREFIX}/".encode() + listed_key, b"junk")
+
+    async def scenario() -> None:
+        async with Registry([etcd.endpoint], backoff=FAST) as reg, Consumer(reg) as consumer:
+            await consumer.sees({"nodes/\\xff\\xfe": b"junk"})
+            await asyncio.to_thread(raw_put, f"{PREFIX}/".encode() + watched_key, b"x")
+            await consumer.sees({"nodes/\\xff\\xfe": b"junk", "nodes/\\u202eevil": b"x"})
+            assert all(k.isprintable() for k in consumer.view)
+            assert await reg.delete("nodes/\\xff\\xfe") is True
+            await consumer.sees({"nodes/\\u202eevil": b"x"})
+            assert (await reg.get_all("nodes/")).items.keys() == {"nodes/\\u202eevil"}
+
+    run(scenario())
+    out = json.loads(etcd.etcdctl("get", "--prefix", PREFIX + "/", "-w", "json"))
+    assert [base64.b64decode(kv["key"]) for kv in out["kvs"]] == [
+        f"{PREFIX}/".encode() + watched_key]

@@ -29,6 +29,10 @@ from tfcrypt.status_view import handshake_state
 RECORDS_REJECTED = Counter(
     "tfcrypt_records_rejected_total", "Values read from etcd that were not believed",
     ["reason"])
+REJECTIONS_UNREMEMBERED = Counter(
+    "tfcrypt_records_rejected_unremembered_total",
+    "Rejections counted while the agent's memory of rejected keys was full: each such key "
+    "is counted again at every relist (tfcrypt.identity.view)")
 WORKLOAD_API_ERRORS = Counter(
     "tfcrypt_workload_api_errors_total", "Problems with the SPIFFE Workload API stream",
     ["reason"])

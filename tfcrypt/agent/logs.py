@@ -3,6 +3,11 @@
 Rules:
 - One event is one line in both formats: newlines inside a message or a traceback are
   escaped, so `grep`, journald and log shippers never split an event.
+- A text line shows no character a terminal would act on: other control characters,
+  bidi overrides (U+202E makes a line read backwards) and lone surrogates are escaped as
+  `\\xNN`/`\\uXXXX` (tfcrypt.registry.text.printable), so the line can always be
+  encoded and reads as it was written. JSON escapes them itself (ASCII output). Keys from
+  etcd arrive escaped already; this is the last line of defence for any other text.
 - `--log-format json` gives `{"ts", "level", "logger", "msg", ...}` plus the structured
   fields a call passes as `extra={"fields": {...}}`; text gives
   `TS LEVEL LOGGER: MSG key=value ...` with the same fields.
@@ -22,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tfcrypt.core.compute import Desired
+from tfcrypt.registry.text import printable
 
 MAX_LISTED = 5
 AGENT_LOG = logging.getLogger("tfcrypt.agent.loop")
@@ -56,7 +62,7 @@ class TextFormatter(logging.Formatter):
             line += " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
         if record.exc_info:
             line += " exc=" + self.formatException(record.exc_info)
-        return line.replace("\n", "\\n")
+        return printable(line.replace("\n", "\\n"))
 
 
 def _text(value: object) -> str:

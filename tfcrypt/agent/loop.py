@@ -49,6 +49,7 @@ from tfcrypt.model.node import NodeRecord
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
 from tfcrypt.registry.events import Deleted, Listed, Put
+from tfcrypt.registry.text import excerpt
 from tfcrypt.wireguard.backend import DeviceOrigin
 
 DEBOUNCE = 0.05
@@ -86,7 +87,8 @@ class Agent:
         self.dataplane = dataplane
         self.wg = dataplane.wireguard
         self.view = VerifiedView(families(),
-                                 on_reject=lambda r: metrics.RECORDS_REJECTED.labels(r).inc())
+                                 on_reject=lambda r: metrics.RECORDS_REJECTED.labels(r).inc(),
+                                 on_unremembered=metrics.REJECTIONS_UNREMEMBERED.inc)
         self.svid: SvidUpdate | None = None
         self.listed = False
         self.node_key: NodeKey | None = None
@@ -171,23 +173,24 @@ class Agent:
                 case Listed(items=items):
                     raw = {k: i.value for k, i in items.items()}
                     prepared = await self._check_off_loop(self.view.pending(raw), now)
-                    self.view.replace_all(raw, now, prepared)
+                    self.view.replace_all(raw, now, prepared,
+                                          {k: i.mod_revision for k, i in items.items()})
                     self.inputs.all_changed()  # anything may have changed
                     self._full_needed = True
                     self.listed = True
                     self._causes.append("etcd listed")
                     self._publish_needed.set()  # our record may have vanished meanwhile
-                case Put(rel_key=key, value=value):
-                    self.view.put(key, value, now)
+                case Put(rel_key=key, value=value, mod_revision=revision):
+                    self.view.put(key, value, now, revision)
                     self.inputs.note_changed(key)
-                    self._causes.append(f"put {key}")
+                    self._causes.append(f"put {excerpt(key)}")
                     if key == self._own_key and value not in self._published:
                         log.warning("%s was overwritten by someone else; republishing", key)
                         self._publish_needed.set()
                 case Deleted(rel_key=key):
                     self.view.delete(key)
                     self.inputs.note_changed(key)
-                    self._causes.append(f"deleted {key}")
+                    self._causes.append(f"deleted {excerpt(key)}")
                     if key == self._own_key:
                         self._publish_needed.set()
             self._dirty.set()

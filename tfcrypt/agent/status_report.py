@@ -119,6 +119,7 @@ class StatusReport:
                       for name, (p, b) in sorted((counters or {}).items())
                       if name in DROP_NAMES},
             "rejected": dict(a.view.rejections),
+            "rejected_unremembered": a.view.unremembered,
             "last_reconcile": rec.last_reconcile,
         }
         verdict = status_view.health(status, now)

@@ -8,7 +8,8 @@ Rules:
   on a chain already known to be ours, so the reason names the real problem.
 - Pure: `now` is a parameter, nothing is read from the clock, nothing is logged here.
 - Every failure is `Rejected` with one reason code; details name the problem, never key
-  material or the payload.
+  material or the payload; text taken from the value (a payload's key, a URI SAN) is
+  shown as a short escaped excerpt (tfcrypt.registry.text).
 - The `spiffe` package does no chain validation; `cryptography.x509.verification` does the
   path building against a store holding only the claimed trust domain's CAs.
 """
@@ -47,6 +48,7 @@ from tfcrypt.identity.envelope import (
     is_supported_key,
     verify_signature,
 )
+from tfcrypt.registry.text import excerpt
 
 DEFAULT_MAX_BYTES = 65536
 MAX_SPIFFE_ID_LENGTH = 2048
@@ -102,8 +104,8 @@ def verify_envelope(raw: bytes, key: str, *, bundles: TrustBundles, authorizer: 
         raise Rejected(RejectReason.MALFORMED, f"envelope: {e}") from None
     payload = _parse_payload(env.payload_text)
     if payload["key"] != key:
-        raise Rejected(RejectReason.KEY_MISMATCH,
-                       f"payload names {payload['key']!r} but is stored at {key!r}")
+        raise Rejected(RejectReason.KEY_MISMATCH, f'payload names "{excerpt(payload["key"])}" '
+                       f'but is stored at "{excerpt(key)}"')
     spiffe_id, trust_domain = _leaf_spiffe_id(env.leaf)
     cas = bundles.get(trust_domain)
     if not cas:
@@ -170,9 +172,8 @@ def _leaf_spiffe_id(leaf: x509.Certificate) -> tuple[str, str]:
         raise Rejected(RejectReason.NOT_AN_SVID, "leaf SPIFFE ID is too long")
     m = _SPIFFE_ID_RE.fullmatch(uri)
     if m is None or any(seg in (".", "..") for seg in m.group(2).split("/")):
-        shown = uri if len(uri) <= 200 else uri[:200] + "..."
         raise Rejected(RejectReason.NOT_AN_SVID,
-                       f"leaf URI SAN {shown!r} is not a workload SPIFFE ID")
+                       f'leaf URI SAN "{excerpt(uri)}" is not a workload SPIFFE ID')
     return uri, m.group(1)
 
 

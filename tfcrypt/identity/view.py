@@ -1,10 +1,19 @@
 """A verified view of etcd: raw values in, believed typed records out.
 
 Rules:
-- Every value is verified before it is believed; a rejected value is counted by reason and
-  logged once per distinct value, and never replaces the last verified record at that key
-  (etcd is trusted for availability, not authenticity: a forged overwrite is ignored, a
-  deletion is honoured).
+- Every value is verified before it is believed; a rejected value never replaces the last
+  verified record at that key (etcd is trusted for availability, not authenticity: a
+  forged overwrite is ignored, a deletion is honoured).
+- A rejection is counted by reason and logged once per key and revision (the value's
+  mod_revision; a digest of the value when the caller has no revision): relists and trust
+  changes verify it again but do not count it again; a new write, even of the same bytes,
+  is a new revision and counts. What is remembered per key (`Rejection`) is the revision,
+  the reason and a short escaped message, never value bytes, and it goes when the key is
+  deleted, is missing from a relist or becomes believed. At most `max_remembered` keys
+  are remembered: a rejection beyond that is still counted, every time it is seen, and
+  counted again in `unremembered` (logged individually at debug only, after one warning),
+  so an etcd full of junk costs bounded memory and a bounded log.
+- Keys arrive printable (tfcrypt.registry.text); a key or message is shown as an excerpt.
 - Values that arrive before the trust bundle are kept raw and verified when it arrives;
   a bundle change re-verifies everything.
 - Each key family (`nodes/`, `workloads/`, `policies/`) says how its values are parsed and
@@ -26,7 +35,7 @@ import datetime as dt
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +44,40 @@ from tfcrypt.identity.authz import Authorizer
 from tfcrypt.identity.bundles import TrustBundles
 from tfcrypt.identity.epochs import EpochBook
 from tfcrypt.identity.verify import ChainTime, Verified, verify_envelope
+from tfcrypt.registry.text import excerpt
 
 log = logging.getLogger(__name__)
 
-MAX_REMEMBERED = 10_000  # distinct rejected values remembered so relists do not recount
+MAX_REMEMBERED = 10_000  # keys whose rejection is remembered so relists do not recount
+MESSAGE = 240  # characters of a rejection's message kept and shown
 _TIME_REASONS = frozenset({RejectReason.EXPIRED, RejectReason.INVALID_FIELD})
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """What the view keeps of a refused value: which write it was, why, and a short
+    escaped message (tfcrypt.registry.text.excerpt) - never the value's bytes, so what a
+    remembered key costs does not depend on what was written there."""
+
+    mark: int | bytes  # the value's mod_revision, or a 16-byte digest of it
+    reason: RejectReason
+    message: str
+
+
+class _Messages(Mapping[str, str]):
+    """`last_rejection`: the message of each remembered rejection, by key (read-only)."""
+
+    def __init__(self, rejected: Mapping[str, Rejection]) -> None:
+        self._rejected = rejected
+
+    def __getitem__(self, key: str) -> str:
+        return self._rejected[key].message
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rejected)
+
+    def __len__(self) -> int:
+        return len(self._rejected)
 
 
 @dataclass(frozen=True)
@@ -73,19 +111,30 @@ class VerifiedView:
     """Believed records by key, and why anything else was refused."""
 
     def __init__(self, families: Mapping[str, Family],
-                 on_reject: Callable[[str], None] | None = None) -> None:
+                 on_reject: Callable[[str], None] | None = None,
+                 on_unremembered: Callable[[], None] | None = None,
+                 max_remembered: int = MAX_REMEMBERED) -> None:
         self._families = dict(families)
         self._on_reject = on_reject
+        self._on_unremembered = on_unremembered
+        self.max_remembered = max_remembered
         self.raw: dict[str, bytes] = {}
+        self.revisions: dict[str, int] = {}  # mod_revision of raw values, when known
         self.records: dict[str, Any] = {}
         self.not_after: dict[str, dt.datetime] = {}
         self.rejections: Counter[str] = Counter()
-        self.last_rejection: dict[str, str] = {}
+        self.rejected: dict[str, Rejection] = {}
+        self.unremembered = 0  # rejections counted without being remembered (memory full)
+        self._full_warned = False
         self._believed_raw: dict[str, bytes] = {}
-        self._logged: set[bytes] = set()
         self._epochs = EpochBook()
         self._bundles: TrustBundles | None = None
         self._authorizer: Authorizer | None = None
+
+    @property
+    def last_rejection(self) -> Mapping[str, str]:
+        """Why each remembered key was refused (an escaped excerpt)."""
+        return _Messages(self.rejected)
 
     def of(self, prefix: str) -> dict[str, Any]:
         """Believed records under `prefix`, by key."""
@@ -136,25 +185,37 @@ class VerifiedView:
         return Prepared(bundles, authorizer, results)
 
     def replace_all(self, items: Mapping[str, bytes], now: dt.datetime,
-                    prepared: Prepared | None = None) -> bool:
-        """A full list from etcd: keys missing from it are gone."""
+                    prepared: Prepared | None = None,
+                    revisions: Mapping[str, int] | None = None) -> bool:
+        """A full list from etcd: keys missing from it are gone. `revisions` (each key's
+        mod_revision) makes rejections count once per write, not once per value."""
         before = dict(self.records)
         known = {k: v for k, v in items.items() if self._family(k) is not None}
-        for key in set(self.raw) - set(known):
+        for key in (set(self.raw) | set(self.rejected)) - set(known):
             self._forget(key)
         for key, value in known.items():
             self.raw[key] = value
+            self._set_revision(key, None if revisions is None else revisions.get(key))
             if self._believed_raw.get(key) != value:
                 self._verify(key, value, now, prepared)
         return before != self.records
 
-    def put(self, key: str, value: bytes, now: dt.datetime) -> bool:
+    def put(self, key: str, value: bytes, now: dt.datetime,
+            revision: int | None = None) -> bool:
+        """A change from etcd; `revision` is its mod_revision (see `replace_all`)."""
         if self._family(key) is None:
             return False
         before = self.records.get(key)
         self.raw[key] = value
+        self._set_revision(key, revision)
         self._verify(key, value, now)
         return before != self.records.get(key)
+
+    def _set_revision(self, key: str, revision: int | None) -> None:
+        if revision is None:
+            self.revisions.pop(key, None)
+        else:
+            self.revisions[key] = revision
 
     def delete(self, key: str) -> bool:
         existed = key in self.records
@@ -173,6 +234,8 @@ class VerifiedView:
 
     def _forget(self, key: str) -> None:
         self.raw.pop(key, None)
+        self.revisions.pop(key, None)
+        self.rejected.pop(key, None)
         self._believed_raw.pop(key, None)
         self.records.pop(key, None)
         self.not_after.pop(key, None)
@@ -210,24 +273,42 @@ class VerifiedView:
             self._reject(key, value, rej)
             return
         self._epochs.accept(verified)
+        self.rejected.pop(key, None)
         self.records[key] = record
         if family.chain_time is ChainTime.NOW:
             self.not_after[key] = verified.not_after
         self._believed_raw[key] = value
 
     def _reject(self, key: str, value: bytes, rej: Rejected) -> None:
-        """Count and log each distinct refused value once, however often it is relisted."""
-        self.last_rejection[key] = str(rej)
-        digest = hashlib.sha256(key.encode() + b"\0" + value).digest()
-        if digest in self._logged:
+        """Count and log a refused write once, however often it is relisted (module rules)."""
+        revision = self.revisions.get(key)
+        mark: int | bytes = (revision if revision is not None
+                             else hashlib.blake2b(value, digest_size=16).digest())
+        rejection = Rejection(mark, rej.reason, excerpt(str(rej), MESSAGE))
+        known = self.rejected.get(key)
+        if known is not None and known.mark == mark:
+            self.rejected[key] = rejection  # the same write, refused again: the latest why
             return
-        if len(self._logged) >= MAX_REMEMBERED:
-            self._logged.clear()
-        self._logged.add(digest)
+        shown = excerpt(key)
         self.rejections[rej.reason.value] += 1
         if self._on_reject:
             self._on_reject(rej.reason.value)
-        log.warning("rejected %s: %s", key, rej)
+        if known is not None or len(self.rejected) < self.max_remembered:
+            self.rejected[key] = rejection
+            if len(self.rejected) < self.max_remembered:
+                self._full_warned = False  # warn again if it fills up again
+            log.warning("rejected %s: %s", shown, rejection.message)
+            return
+        self.unremembered += 1
+        if self._on_unremembered:
+            self._on_unremembered()
+        if not self._full_warned:
+            self._full_warned = True
+            log.warning("rejected %s: %s; %d rejected keys are remembered, the bound: "
+                        "further rejections are counted each time they are seen and logged "
+                        "at debug level only", shown, rejection.message, len(self.rejected))
+        else:
+            log.debug("rejected %s (not remembered): %s", shown, rejection.message)
 
 
 def _checked(key: str, value: bytes, family: Family, bundles: TrustBundles,

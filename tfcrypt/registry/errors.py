@@ -46,6 +46,11 @@ class RegistryRequestRejected(RegistryError):
     """etcd refused the request itself; retrying it unchanged will not help."""
 
 
+class BadKey(RegistryRequestRejected, ValueError):
+    """A relative key that cannot name an etcd key: empty, a leading "/", or a bad escape
+    in the printable form (tfcrypt.registry.text). Refused before any request is sent."""
+
+
 _REJECTED_CODES = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,

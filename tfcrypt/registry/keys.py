@@ -3,8 +3,11 @@
 Rules:
 - The prefix is stored without a trailing slash; an absolute key is
   `prefix + "/" + rel_key`, so "/tfcrypt/v1" never sees "/tfcrypt/v10/...".
-- Keys are UTF-8; bytes that are not decode with surrogateescape so that a key written
-  by someone else still round-trips to delete it (the reader rejects it by name).
+- A relative key is handed out in the printable, reversible form of
+  tfcrypt.registry.text (valid UTF-8 as it is; other bytes, control and bidi characters
+  and backslashes escaped), and `key()` reverses it: a key written by someone else, of
+  any bytes, is rejected by a name that every log line, status document and terminal
+  can show, and can still be deleted by that name.
 - A relative key is non-empty and does not start with "/": a leading slash would make
   "nodes/a" and "/nodes/a" different keys that look the same in logs.
 """
@@ -15,9 +18,19 @@ from dataclasses import dataclass
 
 from aetcd.utils import prefix_range_end
 
+from tfcrypt.registry.errors import BadKey
+from tfcrypt.registry.text import escape_key, excerpt, unescape_key
+
 
 def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
+
+
+def _unescape(rel_key: str) -> bytes:
+    try:
+        return unescape_key(rel_key)
+    except ValueError as exc:
+        raise BadKey(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -39,20 +52,21 @@ class Keyspace:
 
     def key(self, rel_key: str) -> bytes:
         if not rel_key or rel_key.startswith("/"):
-            raise ValueError(f"relative key must be non-empty and not start with '/': {rel_key!r}")
-        return _encode(f"{self.prefix}/{rel_key}")
+            raise BadKey("relative key must be non-empty and not start with '/': "
+                         f'"{excerpt(rel_key)}"')
+        return _encode(self.prefix + "/") + _unescape(rel_key)
 
     def sub(self, sub_prefix: str) -> bytes:
         """Absolute byte prefix of `sub_prefix` ("" is the whole keyspace)."""
         if sub_prefix.startswith("/"):
-            raise ValueError(f"sub-prefix must not start with '/': {sub_prefix!r}")
-        return self.root + _encode(sub_prefix)
+            raise BadKey(f'sub-prefix must not start with "/": "{excerpt(sub_prefix)}"')
+        return self.root + _unescape(sub_prefix)
 
     def relative(self, key: bytes) -> str:
         root = self.root
         if not key.startswith(root):
             raise ValueError(f"key outside the registry prefix: {key!r}")
-        return key[len(root):].decode("utf-8", "surrogateescape")
+        return escape_key(key[len(root):])
 
     @staticmethod
     def range_end(start: bytes) -> bytes:
