@@ -23,7 +23,7 @@ from tfcrypt.identity import Authorizer, TrustBundles
 from tfcrypt.identity.view import MESSAGE, Family, Rejection, VerifiedView
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.registry.keys import Keyspace
-from tfcrypt.registry.text import escape_key, excerpt, unescape_key
+from tfcrypt.text import escape_key, excerpt, unescape_key
 
 RLO = "\u202e"
 JUNK = b"{not an envelope"

@@ -69,8 +69,8 @@ class StrictLoader(yaml.SafeLoader):
         self._depth = 0
         self._weights: dict[int, int] = {}  # id(node) -> nodes once aliases expand
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        event = self.peek_event()
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()  # type: ignore[no-untyped-call]  # PyYAML's stubs leave it untyped
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
@@ -91,7 +91,7 @@ class StrictLoader(yaml.SafeLoader):
         self._weights[id(node)] = weight
         return node
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # type: ignore[override]
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         if isinstance(node, yaml.MappingNode):
             seen: set[object] = set()
             for key_node, _ in node.value:

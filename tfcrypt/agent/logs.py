@@ -5,7 +5,7 @@ Rules:
   escaped, so `grep`, journald and log shippers never split an event.
 - A text line shows no character a terminal would act on: other control characters,
   bidi overrides (U+202E makes a line read backwards) and lone surrogates are escaped as
-  `\\xNN`/`\\uXXXX` (tfcrypt.registry.text.printable), so the line can always be
+  `\\xNN`/`\\uXXXX` (tfcrypt.text.printable), so the line can always be
   encoded and reads as it was written. JSON escapes them itself (ASCII output). Keys from
   etcd arrive escaped already; this is the last line of defence for any other text.
 - `--log-format json` gives `{"ts", "level", "logger", "msg", ...}` plus the structured
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tfcrypt.core.compute import Desired
-from tfcrypt.registry.text import printable
+from tfcrypt.text import printable
 
 MAX_LISTED = 5
 AGENT_LOG = logging.getLogger("tfcrypt.agent.loop")

@@ -49,7 +49,7 @@ from tfcrypt.model.node import NodeRecord
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
 from tfcrypt.registry.events import Deleted, Listed, Put
-from tfcrypt.registry.text import excerpt
+from tfcrypt.text import excerpt
 from tfcrypt.wireguard.backend import DeviceOrigin
 
 DEBOUNCE = 0.05

@@ -9,7 +9,7 @@ Rules:
 - Pure: `now` is a parameter, nothing is read from the clock, nothing is logged here.
 - Every failure is `Rejected` with one reason code; details name the problem, never key
   material or the payload; text taken from the value (a payload's key, a URI SAN) is
-  shown as a short escaped excerpt (tfcrypt.registry.text).
+  shown as a short escaped excerpt (tfcrypt.text).
 - The `spiffe` package does no chain validation; `cryptography.x509.verification` does the
   path building against a store holding only the claimed trust domain's CAs.
 """
@@ -48,7 +48,7 @@ from tfcrypt.identity.envelope import (
     is_supported_key,
     verify_signature,
 )
-from tfcrypt.registry.text import excerpt
+from tfcrypt.text import excerpt
 
 DEFAULT_MAX_BYTES = 65536
 MAX_SPIFFE_ID_LENGTH = 2048

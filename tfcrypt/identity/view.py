@@ -13,7 +13,7 @@ Rules:
   are remembered: a rejection beyond that is still counted, every time it is seen, and
   counted again in `unremembered` (logged individually at debug only, after one warning),
   so an etcd full of junk costs bounded memory and a bounded log.
-- Keys arrive printable (tfcrypt.registry.text); a key or message is shown as an excerpt.
+- Keys arrive printable (tfcrypt.text); a key or message is shown as an excerpt.
 - Values that arrive before the trust bundle are kept raw and verified when it arrives;
   a bundle change re-verifies everything.
 - Each key family (`nodes/`, `workloads/`, `policies/`) says how its values are parsed and
@@ -44,7 +44,7 @@ from tfcrypt.identity.authz import Authorizer
 from tfcrypt.identity.bundles import TrustBundles
 from tfcrypt.identity.epochs import EpochBook
 from tfcrypt.identity.verify import ChainTime, Verified, verify_envelope
-from tfcrypt.registry.text import excerpt
+from tfcrypt.text import excerpt
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ _TIME_REASONS = frozenset({RejectReason.EXPIRED, RejectReason.INVALID_FIELD})
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """What the view keeps of a refused value: which write it was, why, and a short
-    escaped message (tfcrypt.registry.text.excerpt) - never the value's bytes, so what a
+    escaped message (tfcrypt.text.excerpt) - never the value's bytes, so what a
     remembered key costs does not depend on what was written there."""
 
     mark: int | bytes  # the value's mod_revision, or a 16-byte digest of it

@@ -48,7 +48,7 @@ class RegistryRequestRejected(RegistryError):
 
 class BadKey(RegistryRequestRejected, ValueError):
     """A relative key that cannot name an etcd key: empty, a leading "/", or a bad escape
-    in the printable form (tfcrypt.registry.text). Refused before any request is sent."""
+    in the printable form (tfcrypt.text). Refused before any request is sent."""
 
 
 _REJECTED_CODES = frozenset(

@@ -4,7 +4,7 @@ Rules:
 - The prefix is stored without a trailing slash; an absolute key is
   `prefix + "/" + rel_key`, so "/tfcrypt/v1" never sees "/tfcrypt/v10/...".
 - A relative key is handed out in the printable, reversible form of
-  tfcrypt.registry.text (valid UTF-8 as it is; other bytes, control and bidi characters
+  tfcrypt.text (valid UTF-8 as it is; other bytes, control and bidi characters
   and backslashes escaped), and `key()` reverses it: a key written by someone else, of
   any bytes, is rejected by a name that every log line, status document and terminal
   can show, and can still be deleted by that name.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from aetcd.utils import prefix_range_end
 
 from tfcrypt.registry.errors import BadKey
-from tfcrypt.registry.text import escape_key, excerpt, unescape_key
+from tfcrypt.text import escape_key, excerpt, unescape_key
 
 
 def _encode(text: str) -> bytes:
