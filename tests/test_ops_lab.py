@@ -93,6 +93,11 @@ def lab() -> Iterator[Lab]:
         for node in ("n1", "n2"):
             wait_for(f"{node} to report healthy with a selected pair",
                      lambda n=node: (st := healthy(lab, n)) and st["selected_pairs"] == 1)
+        # The first packet of a tunnel waits for the WireGuard handshake; an initiation
+        # lost on a loaded machine is retried only after wireguard-go's 5 s rekey timeout,
+        # longer than one ping waits. The tunnel must carry traffic, then carry all of it.
+        wait_for("the n1-n2 tunnel to carry a ping",
+                 lambda: ping(lab, "n1-w1", workload_ip(lab, "n2-w1"), count=1) == 1)
         assert ping(lab, "n1-w1", workload_ip(lab, "n2-w1"), count=3, interval=0.1) == 3
         yield lab
 
