@@ -8,6 +8,7 @@ import copy
 import datetime as dt
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,9 @@ def test_the_api_serves_status_and_healthz_over_http_1_0(tmp_path: Path) -> None
     async def main() -> None:
         _, task = await serving(path, doc)
         loop = asyncio.get_running_loop()
-        assert (path.stat().st_mode & 0o777) == 0o660
+        assert (path.stat().st_mode & 0o777) == 0o600  # was 0660 (issue #14 "Exposure")
+        assert (path.parent.stat().st_mode & 0o777) == 0o700  # the agent made it
+        assert path.stat().st_uid == os.geteuid()
         got = await loop.run_in_executor(None, fetch_status, path)
         assert got == json.loads(json.dumps(doc))
         health_answer = await loop.run_in_executor(
