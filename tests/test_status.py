@@ -279,7 +279,7 @@ def test_the_dataplane_collector_exposes_peers_drops_and_svid_expiry() -> None:
     now = dt.datetime.now(dt.UTC).timestamp()
     collector.update([PeerSample("n2", now - 10, 500, 700), PeerSample("n3", None, 0, 0),
                       PeerSample("n4", now - 1000, 1, 2)],
-                     {"guard_drops": (3, 252), "ingress_drops": (1, 84),
+                     {"guard_drops": (3, 252), "ingress_drops": (1, 84), "spoof_drops": (7, 588),
                       "ingress_audit": (5, 420), "out:c1": (9, 9)})
     collector.set_svid_expiry(now + 300)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -295,6 +295,7 @@ def test_the_dataplane_collector_exposes_peers_drops_and_svid_expiry() -> None:
     assert samples[("tfcrypt_dropped_packets_total", (("reason", "guard"),))] == 3
     assert samples[("tfcrypt_dropped_bytes_total", (("reason", "strict_ingress"),))] == 84
     assert samples[("tfcrypt_strict_ingress_audit_packets_total", ())] == 5
+    assert samples[("tfcrypt_dropped_packets_total", (("reason", "spoof"),))] == 7
     assert 250 < samples[("tfcrypt_svid_expiry_seconds", ())] <= 300
 
     collector.update([PeerSample("n2", now, 1, 1)], None)  # n3, n4 left; counters kept

@@ -36,7 +36,7 @@ from tfcrypt.wireguard.errors import WireGuardError
 from tfcrypt.wireguard.model import DeviceState
 
 DROP_NAMES = {"guard_drops": "guard", "ingress_drops": "strict_ingress",
-              "ingress_audit": "strict_ingress_audit"}
+              "ingress_audit": "strict_ingress_audit", "spoof_drops": "spoof"}
 
 
 class AgentState(Protocol):
