@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -284,13 +284,15 @@ class Lab:
 
     # ---------------------------------------------------------------- Workload API
 
-    def workload_api_start(self) -> ProcessRecord:
+    def workload_api_start(self, serve_as: Mapping[str, str] | None = None) -> ProcessRecord:
+        """Start the Workload API server (if it is not running). `serve_as` {node: other
+        node}: that node's socket serves the other's SVID (netns_lab/workload_api.py)."""
         running = [p for p in self.find_processes(WORKLOAD_API) if procs.is_running(p)]
         if running:
             return running[0]
         for stale in self.find_processes(WORKLOAD_API):
             self.stop_process(stale)
-        workload_api.write_config(self.layout, self.svid_ttl)
+        workload_api.write_config(self.layout, self.svid_ttl, serve_as)
         rec = self.start_process(WORKLOAD_API, workload_api.server_argv(self.layout),
                                  log_name="workload-api.log")
         workload_api.wait_ready(self.layout, rec.pid, lambda: procs.is_running(rec), rec.log)

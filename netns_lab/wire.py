@@ -38,8 +38,9 @@ def ping(lab: Lab, src: str, dst_ip: str, count: int = 3, interval: float = 0.2)
 
 
 @contextlib.contextmanager
-def capture(lab: Lab, path: Path, bpf: str = "ip") -> Iterator[Path]:
-    """tcpdump on every interface of the underlay namespace for the `with` block.
+def capture(lab: Lab, path: Path, bpf: str = "ip", target: str = "underlay") -> Iterator[Path]:
+    """tcpdump on every interface of the underlay namespace for the `with` block (or of
+    another lab `target`, such as a receiving workload, to see what it was handed).
 
     Not on br0 alone: a bridge's own interface sees only frames flooded to it or meant
     for it, so unicast between two learned ports would pass unseen and a "no plaintext"
@@ -49,7 +50,7 @@ def capture(lab: Lab, path: Path, bpf: str = "ip") -> Iterator[Path]:
     Stopped by its PID, after a short grace so the last replies are in.
     """
     proc = subprocess.Popen(
-        [*lab.exec_prefix("underlay"), "tcpdump", "-i", "any", "-n", "-U",
+        [*lab.exec_prefix(target), "tcpdump", "-i", "any", "-n", "-U",
          "--immediate-mode", "-w", str(path), bpf],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,18 @@ def config_path(layout: Layout) -> Path:
     return layout.spire_dir / "config.json"
 
 
-def write_config(layout: Layout, svid_ttl: int) -> Path:
+def write_config(layout: Layout, svid_ttl: int,
+                 serve_as: Mapping[str, str] | None = None) -> Path:
+    """`serve_as` {node: another node} makes a node's socket hand out the other node's
+    SVID (a misregistration in SPIRE): a fault injector for tests, never the default."""
+    by_name = {n.name: n for n in layout.all_nodes()}
+    for node, other in (serve_as or {}).items():
+        if node not in by_name or other not in by_name:
+            raise LabError(f"serve_as {node}->{other}: unknown node")
     identities: list[dict[str, Any]] = [
-        {"socket": str(n.spiffe_socket), "spiffe_id": n.spiffe_id} for n in layout.all_nodes()
+        {"socket": str(n.spiffe_socket),
+         "spiffe_id": by_name[(serve_as or {}).get(n.name, n.name)].spiffe_id}
+        for n in layout.all_nodes()
     ]
     identities.append({"socket": str(layout.controller_socket),
                        "spiffe_id": layout.controller_spiffe_id})

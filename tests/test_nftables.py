@@ -15,6 +15,7 @@ import json
 import random
 import secrets
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from tfcrypt.dataplane.nftables import NftManager
 from tfcrypt.errors import ConfigError
 
 MARK = 0x00100000
-BASE = {"prerouting", "egress_guard"}
+BASE = {"prerouting", "egress_guard", "selected"}
 MAPS = {"out_v4", "out_v6", "in_v4", "in_v6"}
 
 
@@ -86,7 +87,8 @@ def test_first_apply_builds_the_table_and_a_second_apply_sends_nothing() -> None
     assert names(before, "set") == {"ca_v4", "ca_v6", "cb_v4", "cb_v6"}
     assert names(before, "map") == MAPS
     assert names(before, "chain") == BASE | {"out_ca", "in_ca", "out_cb", "in_cb"}
-    assert names(before, "counter") == {"guard_drops", "ingress_drops", "ingress_audit"}
+    assert names(before, "counter") == {"guard_drops", "ingress_drops", "ingress_audit",
+                                        "spoof_drops"}
     assert parse_listing(before).items() == desired_table(desired()).items()
     assert manager.pending == frozenset()
 
@@ -249,18 +251,19 @@ def test_audit_mode_swaps_rules_without_touching_sets() -> None:
     text = json.dumps(fake.listing())
 
     assert {(v, k) for v, k, _ in commands} == {("add", "rule"), ("delete", "rule")}
-    assert {n for _, _, n in commands} == {"out_ca", "in_ca", "out_cb", "in_cb"}
-    assert '"mangle"' not in text.split('"egress_guard"')[0]
+    # the class rules return instead of going to `selected`, which loses its rules
+    assert {n for _, _, n in commands} == {"out_ca", "in_ca", "out_cb", "in_cb", "selected"}
+    assert '"mangle"' not in text and '"fib"' not in text
     assert text.count('"drop"') == 1
     assert '"ingress_audit"' in text
 
 
 def test_wider_mask_clears_our_other_bits_when_marking() -> None:
     fake, _ = applied(desired(mask=0x00300000))
-    rule = next(r for r in fake.table["rules"] if r["chain"] == "out_ca")  # type: ignore[index]
+    rule = [r for r in fake.table["rules"] if r["chain"] == "selected"][-1]  # type: ignore[index]
     guard = next(r for r in fake.table["rules"] if r["chain"] == "egress_guard")  # type: ignore[index]
 
-    assert rule["expr"][-2]["mangle"]["value"] == {
+    assert rule["expr"][-1]["mangle"]["value"] == {
         "|": [{"&": [{"meta": {"key": "mark"}}, 0xFFCFFFFF]}, MARK]}
     assert guard["expr"][0]["match"]["left"] == {"&": [{"meta": {"key": "mark"}}, 0x00300000]}
 
@@ -608,6 +611,49 @@ def test_guard_drops_marked_packets_without_tunnel_and_ingress_drops_plaintext(
     assert counters["guard_drops"][0] == 1
     assert counters["out:cw"][0] == 1
     assert counters["ingress_drops"][0] == 1
+
+
+SPOOF = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: send with an address not ours
+s.bind((sys.argv[1], 0))
+s.sendto(b"spoof", (sys.argv[2], 9))
+"""
+
+
+@pytest.mark.lab
+def test_a_neighbour_wearing_a_selected_address_is_dropped_before_it_is_marked(
+    netns: Callable[[str], str],
+) -> None:
+    """W (selected) and V (unselected) behind A; V sends with W's address to B. The
+    selected path's `fib saddr . iif` check drops it and counts `spoof_drops`; before,
+    it was marked (here, with no tunnel, the guard dropped it; with one, it was carried
+    inside). W's own packets pass the check; the listing reads back as desired."""
+    w, v, a, b = netns("w"), netns("v"), netns("a"), netns("b")
+    prefix = w[:-1]
+    link(w, prefix + "wa", "10.77.1.2/24", a, prefix + "aw", "10.77.1.1/24")
+    link(v, prefix + "va", "10.77.3.2/24", a, prefix + "av", "10.77.3.1/24")
+    link(a, prefix + "ab", "10.77.2.1/24", b, prefix + "ba", "10.77.2.2/24")
+    for ns, gw in ((w, "10.77.1.1"), (v, "10.77.3.1")):
+        sh("ip", "-n", ns, "route", "add", "default", "via", gw)
+    sh("ip", "-n", b, "route", "add", "10.77.0.0/16", "via", "10.77.2.1")
+    sh("ip", "netns", "exec", a, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    manager = NftManager(SubprocessNft(a))
+    want = desired(local={"10.77.1.2": "cw"}, peers={"cw": {"10.77.2.2"}})
+    manager.set_desired(want)
+    assert run(manager.apply()).ok
+    assert parse_listing(run(SubprocessNft(a).list_table())).items() == \
+        desired_table(want).items()
+    assert run(manager.apply(full=True)).ops == 0  # a resync is a no-op
+
+    sh("ip", "netns", "exec", v, sys.executable, "-c", SPOOF, "10.77.1.2", "10.77.2.2")
+    counters = run(manager.counters())
+    assert counters["spoof_drops"][0] == 1 and counters["guard_drops"][0] == 0
+
+    assert not ping(w, "10.77.2.2")  # W's own: passes the check, marked, guard drops it
+    counters = run(manager.counters())
+    assert counters["spoof_drops"][0] == 1 and counters["guard_drops"][0] == 1
 
 
 def probe(ns: str) -> dict[str, int]:

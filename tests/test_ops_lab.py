@@ -122,7 +122,7 @@ def test_status_prints_a_table_and_json_and_exits_0_when_healthy(lab: Lab) -> No
     assert peer["spiffe_id"].endswith("/tfcrypt/node/n2")
     assert peer["allowed_ip_count"] == 1 and peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0
     assert doc["selected_pairs"] == 1 and doc["policies"]["enforce"] == ["encrypt-all"]
-    assert set(doc["drops"]) >= {"guard", "strict_ingress"}
+    assert set(doc["drops"]) >= {"guard", "strict_ingress", "spoof"}
     assert doc["etcd"]["connected"] and doc["etcd"]["last_revision"] > 0
     assert len(doc["public_key_fingerprint"].split(":")) == 8
     assert doc["public_key"] == agent_status(lab, "n1")["public_key"]  # status.json kept
@@ -176,7 +176,8 @@ def test_metrics_are_served_and_parse(lab: Lab) -> None:
     assert m["tfcrypt_peer_sent_bytes_total"][(("peer", "n2"),)] > 0
     assert m["tfcrypt_selected_pairs"][()] == 1
     assert set(m["tfcrypt_dropped_packets_total"]) == {(("reason", "guard"),),
-                                                        (("reason", "strict_ingress"),)}
+                                                        (("reason", "strict_ingress"),),
+                                                        (("reason", "spoof"),)}
     assert 0 < m["tfcrypt_svid_expiry_seconds"][()] <= 600
     assert m["tfcrypt_healthy"][()] == 1
 

@@ -8,6 +8,7 @@ import copy
 import datetime as dt
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ def healthy_status() -> dict[str, Any]:
         "etcd": {"connected": True, "last_revision": 42, "relists": 1, "reconnects": 0,
                  "last_error": None, "disconnected_since": None},
         "etcd_grace_s": 60.0,
+        "workload_api": {"connected": True, "waiting_for_socket": False, "errors": {},
+                         "last_error": None, "last_refusal": None},
         "peers": [{"node": "n2", "spiffe_id": "spiffe://td/tfcrypt/node/n2",
                    "public_key": KEY, "endpoint": "10.77.0.12:51820",
                    "allowed_ips": ["10.200.2.11/32"], "allowed_ip_count": 1,
@@ -87,6 +90,53 @@ def test_each_failed_condition_is_one_reason(edits: dict[str, Any], reason: str)
     verdict = health(changed(**edits), NOW)
     assert not verdict.healthy
     assert len(verdict.reasons) == 1 and verdict.reasons[0].startswith(reason), verdict
+
+
+REFUSAL = {"reason": "unexpected_spiffe_id", "at": at(-30),
+           "message": "served spiffe://td/tfcrypt/node/n2, but this node is "
+                      "spiffe://td/tfcrypt/node/n1"}
+
+
+def test_without_an_svid_the_reason_is_the_last_refusal_not_none_yet() -> None:
+    """Issue #14 item 9: handed another node's SVID, status said "no SVID yet"."""
+    st = changed(svid_expires=None, spiffe_id=None, workload_api__last_refusal=REFUSAL)
+    (reason,) = health(st, NOW).reasons
+    assert "no SVID accepted" in reason and "yet" not in reason
+    assert "unexpected_spiffe_id: served spiffe://td/tfcrypt/node/n2, but this node is " \
+           "spiffe://td/tfcrypt/node/n1" in reason
+    text = render(st, NOW)
+    assert ("Workload API:        connected; last refused SVID 2026-05-01 11:59:30 UTC (30s "
+            "ago): unexpected_spiffe_id: served spiffe://td/tfcrypt/node/n2") in text
+    assert f"  - {reason}" in text
+
+
+def test_a_refusal_after_a_good_svid_is_shown_but_the_good_one_keeps_it_healthy() -> None:
+    st = changed(workload_api__last_refusal=REFUSAL)
+    assert health(st, NOW).healthy
+    assert "last refused SVID" in render(st, NOW)
+
+
+def test_a_refused_spiffe_id_is_escaped_and_cut_short_before_status_sees_it() -> None:
+    from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
+    source = SvidSource("/nonexistent/agent.sock")
+    served = "spiffe://td/tfcrypt/node/n2\u202e" + "x" * 5000
+    source.refuse(SvidUpdate(served, None, (), {}), "spiffe://td/tfcrypt/node/n1")
+    refusal = source.state.last_refusal
+    assert refusal is not None and refusal.reason == "unexpected_spiffe_id"
+    assert "\u202e" not in refusal.message and "\\u202e" in refusal.message
+    assert len(refusal.message) < 400 and "more characters" in refusal.message
+    assert source.state.errors["unexpected_spiffe_id"] == 1
+
+
+def test_status_json_is_written_0600_atomically_whatever_was_there(tmp_path: Path) -> None:
+    from tfcrypt.agent.status_report import write_private
+    path = tmp_path / "status.json"
+    path.write_text("{}")
+    path.chmod(0o644)  # what main left behind
+    write_private(path, b'{"node": "n1"}' * 10000)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert path.read_bytes() == b'{"node": "n1"}' * 10000
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temporary left
 
 
 def test_etcd_down_for_less_than_the_grace_is_still_healthy() -> None:
@@ -168,7 +218,9 @@ def test_the_api_serves_status_and_healthz_over_http_1_0(tmp_path: Path) -> None
     async def main() -> None:
         _, task = await serving(path, doc)
         loop = asyncio.get_running_loop()
-        assert (path.stat().st_mode & 0o777) == 0o660
+        assert (path.stat().st_mode & 0o777) == 0o600  # was 0660 (issue #14 "Exposure")
+        assert (path.parent.stat().st_mode & 0o777) == 0o700  # the agent made it
+        assert path.stat().st_uid == os.geteuid()
         got = await loop.run_in_executor(None, fetch_status, path)
         assert got == json.loads(json.dumps(doc))
         health_answer = await loop.run_in_executor(
@@ -227,7 +279,7 @@ def test_the_dataplane_collector_exposes_peers_drops_and_svid_expiry() -> None:
     now = dt.datetime.now(dt.UTC).timestamp()
     collector.update([PeerSample("n2", now - 10, 500, 700), PeerSample("n3", None, 0, 0),
                       PeerSample("n4", now - 1000, 1, 2)],
-                     {"guard_drops": (3, 252), "ingress_drops": (1, 84),
+                     {"guard_drops": (3, 252), "ingress_drops": (1, 84), "spoof_drops": (7, 588),
                       "ingress_audit": (5, 420), "out:c1": (9, 9)})
     collector.set_svid_expiry(now + 300)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -243,6 +295,7 @@ def test_the_dataplane_collector_exposes_peers_drops_and_svid_expiry() -> None:
     assert samples[("tfcrypt_dropped_packets_total", (("reason", "guard"),))] == 3
     assert samples[("tfcrypt_dropped_bytes_total", (("reason", "strict_ingress"),))] == 84
     assert samples[("tfcrypt_strict_ingress_audit_packets_total", ())] == 5
+    assert samples[("tfcrypt_dropped_packets_total", (("reason", "spoof"),))] == 7
     assert 250 < samples[("tfcrypt_svid_expiry_seconds", ())] <= 300
 
     collector.update([PeerSample("n2", now, 1, 1)], None)  # n3, n4 left; counters kept

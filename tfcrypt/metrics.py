@@ -68,7 +68,8 @@ class PeerSample:
 class DataplaneCollector(Collector):
     """The last sample of kernel-owned state, exposed at scrape time."""
 
-    DROPS = {"guard_drops": "guard", "ingress_drops": "strict_ingress"}
+    DROPS = {"guard_drops": "guard", "ingress_drops": "strict_ingress",
+             "spoof_drops": "spoof"}
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -123,7 +124,9 @@ class DataplaneCollector(Collector):
         drops = CounterMetricFamily("tfcrypt_dropped_packets",
                                     "Packets dropped by the nftables guards: guard (a marked "
                                     "packet leaving outside the tunnel), strict_ingress (a "
-                                    "selected pair arriving in plaintext)", labels=["reason"])
+                                    "selected pair arriving in plaintext), spoof (a selected "
+                                    "packet whose source does not route back through the "
+                                    "interface it came in by)", labels=["reason"])
         drop_bytes = CounterMetricFamily("tfcrypt_dropped_bytes",
                                          "Bytes dropped by the nftables guards",
                                          labels=["reason"])

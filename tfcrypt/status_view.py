@@ -60,11 +60,21 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _refusal(refusal: Mapping[str, Any]) -> str:
+    """`reason: message` of a refused SVID; the agent escaped and shortened the message."""
+    return f"{refusal.get('reason', '?')}: {refusal.get('message', '')}"
+
+
 def health(status: Mapping[str, Any], now: dt.datetime) -> Health:
     """The verdict on a status document at `now`, with one reason per failed condition."""
     reasons: list[str] = []
     expires = parse_time(status.get("svid_expires"))
-    if expires is None:
+    refusal = (status.get("workload_api") or {}).get("last_refusal")
+    if expires is None and refusal:
+        reasons.append(f"no SVID accepted from the SPIFFE Workload API: the last one was "
+                       f"refused ({_refusal(refusal)}); is this socket registered for "
+                       "this node in SPIRE?")
+    elif expires is None:
         reasons.append("no SVID from the SPIFFE Workload API yet (is the agent's socket "
                        "registered with SPIRE?)")
     elif expires <= now:
@@ -160,6 +170,21 @@ def _etcd(etcd: Mapping[str, Any], now: dt.datetime) -> str:
     return f"{state}; {etcd.get('reconnects', 0)} reconnects, {etcd.get('relists', 0)} relists"
 
 
+def _workload_api(api: Mapping[str, Any], now: dt.datetime) -> str:
+    if not api:
+        return "-"
+    if api.get("connected"):
+        state = "connected"
+    elif api.get("waiting_for_socket"):
+        state = "WAITING for its socket"
+    else:
+        state = "NOT CONNECTED" + (f" ({api['last_error']})" if api.get("last_error") else "")
+    refusal = api.get("last_refusal")
+    if refusal:
+        state += f"; last refused SVID {_when(refusal.get('at'), now)}: {_refusal(refusal)}"
+    return state
+
+
 def _reconcile(last: Mapping[str, Any], now: dt.datetime) -> str:
     if not last:
         return "none yet"
@@ -198,6 +223,7 @@ def render(status: Mapping[str, Any], now: dt.datetime) -> str:
         "",
         f"{'SPIFFE ID:':21}{status.get('spiffe_id') or '-'}",
         f"{'SVID expires:':21}{_when(status.get('svid_expires'), now)}",
+        f"{'Workload API:':21}{_workload_api(status.get('workload_api') or {}, now)}",
         f"{'WireGuard:':21}{status.get('interface', '-')} port {status.get('listen_port', '-')}"
         f", key {fp}, epoch {status.get('epoch', '-')}",
         f"{'etcd:':21}{_etcd(status.get('etcd') or {}, now)}",

@@ -146,10 +146,11 @@ class Agent:
             expected = self.cfg.node_spiffe_id(update.trust_domain)
             if update.spiffe_id != expected:
                 metrics.WORKLOAD_API_ERRORS.labels("unexpected_spiffe_id").inc()
-                log.error("Workload API served %s, but this node is %s: ignored",
-                          update.spiffe_id, expected)
+                self.svids.refuse(update, expected)  # logged, and shown by status
                 continue
             self.svid = update
+            log.info("SVID %s serial %x valid until %s", update.spiffe_id, update.serial,
+                     update.not_after.isoformat())
             metrics.DATAPLANE.set_svid_expiry(update.not_after.timestamp())
             self._causes.append(f"SVID serial {update.serial:x}")
             authorizer = Authorizer(

@@ -8,8 +8,11 @@ Rules:
 - The socket is the agent's: a socket file nobody answers on is a dead agent's and is
   replaced; one that answers belongs to a running agent and start fails (two agents on
   one node would fight over the dataplane). The file is removed on exit.
-- Access control is the file mode (0660, root's group): status holds no key material,
-  but it is not for every local user.
+- Access control is the file mode: the socket is 0600, owned by the agent's user (root),
+  from the moment it is bound (bound under a 0177 umask, never chmodded afterwards), and
+  a directory the agent creates for it is 0700. Status holds no key material, but it
+  names peers, addresses and policies: not for every local user. An existing directory
+  is left as it is (it may be /run); the socket's own mode is what guards it.
 - A slow or broken client cannot stall the agent: reads are bounded in time and size.
 """
 
@@ -28,6 +31,8 @@ from typing import Any
 from tfcrypt.errors import TfcryptError
 
 READ_TIMEOUT = 5.0
+SOCKET_MODE = 0o600
+DIR_MODE = 0o700
 MAX_REQUEST = 8192
 
 StatusProvider = Callable[[], Awaitable[dict[str, Any]]]
@@ -67,7 +72,7 @@ class StatusServer:
         return f"StatusServer({str(self.path)!r})"
 
     def _claim(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         try:
             mode = self.path.lstat().st_mode
         except FileNotFoundError:
@@ -82,8 +87,16 @@ class StatusServer:
     async def start(self) -> None:
         """Claim the socket path and listen; StatusApiError if another agent serves it."""
         self._claim()
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
-        os.chmod(self.path, 0o660)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        umask = os.umask(0o777 & ~SOCKET_MODE)
+        try:
+            sock.bind(str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise StatusApiError(f"{self.path}: cannot listen: {exc.strerror}") from None
+        finally:
+            os.umask(umask)
+        self._server = await asyncio.start_unix_server(self._handle, sock=sock)
 
     async def serve(self) -> None:
         """Answer requests until cancelled (a task of the agent's TaskGroup)."""

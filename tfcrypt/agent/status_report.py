@@ -10,6 +10,7 @@ Rules:
   `configured: false`.
 - The fields are documented in docs/operations.md; the health verdict is
   tfcrypt/status_view.py's, from the document alone.
+- status.json is written 0600, atomically (`write_private`).
 - etcd's `disconnected_since` is when the report first saw the connection down (from the
   start until the first connection, too), cleared when it is back.
 """
@@ -35,7 +36,7 @@ from tfcrypt.wireguard.errors import WireGuardError
 from tfcrypt.wireguard.model import DeviceState
 
 DROP_NAMES = {"guard_drops": "guard", "ingress_drops": "strict_ingress",
-              "ingress_audit": "strict_ingress_audit"}
+              "ingress_audit": "strict_ingress_audit", "spoof_drops": "spoof"}
 
 
 class AgentState(Protocol):
@@ -105,7 +106,9 @@ class StatusReport:
             "workload_api": {"connected": svids.connected,
                              "waiting_for_socket": svids.waiting_for_socket,
                              "errors": dict(svids.errors),
-                             "last_error": svids.last_error},
+                             "last_error": svids.last_error,
+                             "last_refusal": (svids.last_refusal.to_json()
+                                              if svids.last_refusal else None)},
             "peers": peers,
             "policies": {"enforce": sorted(p.name for p in policies if p.enforced),
                          "audit": sorted(p.name for p in policies if not p.enforced)},
@@ -128,12 +131,14 @@ class StatusReport:
         return status
 
     async def write(self, state_dir: Path) -> None:
-        """status.json in the state dir, replaced atomically (for scripts and the lab)."""
-        path = state_dir / "status.json"
-        tmp = path.with_suffix(".tmp")
+        """status.json in the state dir, replaced atomically (for scripts and the lab).
+
+        Mode 0600 from its first byte (created so, never widened by the umask), like the
+        status socket: status names peers, addresses and policies, not for every user."""
+        path = state_dir / STATUS_FILE
+        text = json.dumps(await self.collect(), indent=1, sort_keys=True)
         try:
-            tmp.write_text(json.dumps(await self.collect(), indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            write_private(path, text.encode())
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc)
 
@@ -183,3 +188,29 @@ class StatusReport:
                 "rx_bytes": actual.rx_bytes if actual else 0,
                 "tx_bytes": actual.tx_bytes if actual else 0})
         return rows
+
+
+STATUS_FILE = "status.json"
+STATUS_FILE_MODE = 0o600
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically: a 0600 temporary beside it, then rename.
+    An existing wider file is replaced, not chmodded, so no reader ever sees a wide one
+    with the new content."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 STATUS_FILE_MODE)
+    try:
+        try:
+            os.fchmod(fd, STATUS_FILE_MODE)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -23,6 +23,7 @@ from tfcrypt.dataplane.nft_table import (
     FAMILIES,
     LOCAL_MAPS,
     PREROUTING,
+    SELECTED,
     BaseHook,
     Fam,
     NftDesired,
@@ -110,6 +111,7 @@ class DesiredTable:
         else:
             state.chains[PREROUTING] = BaseHook("filter", "prerouting", -150, "accept")
             state.chains[EGRESS_GUARD] = BaseHook("filter", "postrouting", 0, "accept")
+            state.chains[SELECTED] = None
             for name in LOCAL_MAPS:
                 state.sets[name] = SetSpec(BY_SUFFIX[name[-2:]].addr_type, "verdict")
         rules = [] if same_skeleton else list(cached(""))

@@ -18,6 +18,18 @@ Rules of this module:
   (~20-30 at that scale), independent of the number of workloads.
 - The egress guard drops a packet carrying our mark that is about to leave by any
   interface but the tunnel.
+- Anti-spoofing on the selected path: a class chain's match does not mark by itself, it
+  `goto`s the `selected` chain, whose first rule drops (counted in `spoof_drops`) a
+  packet whose source address does not route back through the interface it arrived on
+  (`fib saddr . iif oif missing`: the lookup of the source, restricted to the input
+  interface, finds no route), and whose second rule marks. So the tunnel only carries a
+  workload's own address: an unselected workload on the same node that wears a selected
+  neighbour's address is dropped before it is marked, instead of being carried inside
+  the tunnel and delivered with the neighbour's identity (issue #14 item 7). The check
+  runs once per selected packet and never for unselected ones; the end of `selected`
+  returns to prerouting as the class chain's `return` did. Should the two rules ever be
+  reordered (a hand deletion repaired by appending), the drop still follows the mark.
+  Observe-only (`enforce=False`) tables keep counting and returning: no drop, no mark.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from tfcrypt.dataplane.nft_table import (
     FAMILIES,
     MAX_MARK,
     PREROUTING,
+    SELECTED,
     Fam,
     Json,
     NftDesired,
@@ -68,6 +81,13 @@ def _set_match(proto: str, field_: str, set_ref: str) -> str:
     return encoded(_match("==", {"payload": {"protocol": proto, "field": field_}}, set_ref))
 
 
+def _fib_oif_of_saddr_via_iif() -> Json:
+    """`fib saddr . iif oif`: the interface a reply to the source would leave by, if that
+    is the input interface, else 0 (`missing`, JSON `false`). The strict reverse-path
+    test of rp_filter=1, here on the selected path only."""
+    return {"fib": {"result": "oif", "flags": ["saddr", "iif"]}}
+
+
 def _set_mark(mark: int, mask: int) -> Json:
     """`meta mark set meta mark | MARK`, clearing the rest of the mask first if it is wider.
 
@@ -86,8 +106,8 @@ def class_rules(key: str, selectors: Collection[str], d: NftDesired, mask: int
     acts and returns (so a packet is counted once, whatever number of selectors hold it).
     Statements are encoded once per class (the set matches once per selector)."""
     counter = encoded({"counter": {"packets": 0, "bytes": 0}})
-    marking = [encoded(_set_mark(d.mark, mask))] if d.enforce else []
     back = encoded({"return": None})
+    selected = encoded({"goto": {"target": SELECTED}}) if d.enforce else back
     verdict = ([encoded({"counter": "ingress_drops"}), encoded({"drop": None})] if d.enforce
                else [encoded({"counter": "ingress_audit"}), back])
     not_tunnel = encoded(_match("!=", _meta("iifname"), d.wg_ifname))
@@ -97,7 +117,7 @@ def class_rules(key: str, selectors: Collection[str], d: NftDesired, mask: int
         for fam in FAMILIES:
             peers = "@" + set_name(selector, fam)
             rules.append(_rule(out_name, _set_match(fam.proto, "daddr", peers),
-                               counter, *marking, back))
+                               counter, selected))
             rules.append(_rule(in_name, not_tunnel, _set_match(fam.proto, "saddr", peers),
                                *verdict))
     return rules
@@ -109,6 +129,10 @@ def base_rules(d: NftDesired, mask: int) -> list[RuleSpec]:
         for fam in FAMILIES:
             vmap = {"vmap": {"key": _addr(fam, field_), "data": f"@{direction}_{fam.suffix}"}}
             rules.append(_rule(PREROUTING, vmap))
+    if d.enforce:  # observe-only: nothing jumps here, and the chain stays empty
+        rules.append(_rule(SELECTED, _match("==", _fib_oif_of_saddr_via_iif(), False),
+                           {"counter": "spoof_drops"}, {"drop": None}))
+        rules.append(_rule(SELECTED, _set_mark(d.mark, mask)))
     rules.append(
         _rule(
             EGRESS_GUARD,

@@ -30,9 +30,10 @@ from tfcrypt.errors import ConfigError
 
 FAMILY = "inet"
 TABLE = "tfcrypt"
-COUNTERS = ("guard_drops", "ingress_drops", "ingress_audit")
+COUNTERS = ("guard_drops", "ingress_drops", "ingress_audit", "spoof_drops")
 PREROUTING = "prerouting"
 EGRESS_GUARD = "egress_guard"
+SELECTED = "selected"  # a regular chain: the selected path's spoof check, then the mark
 COMMENT_PREFIX = "tfcrypt:"
 MAX_MARK = 0xFFFFFFFF
 _CLASS_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")

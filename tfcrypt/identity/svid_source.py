@@ -8,7 +8,11 @@ Rules:
   said once), an ended or failed stream is reconnected with backoff, so the agent never
   needs to know which of these happened.
 - An update whose SVID is not the identity this node expects (a misregistered socket)
-  is refused and counted; the last good SVID stays in use.
+  is refused and counted; the last good SVID stays in use. The last refusal is kept in
+  `state.last_refusal` (reason, message, when) so that status can say why there is no
+  SVID instead of only "none yet": an operator reads status, not the log.
+- Whatever the Workload API hands us is outside input: a SPIFFE ID or an error text is
+  escaped and cut short (tfcrypt.text.excerpt) before it reaches a log line or status.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from spiffe import WorkloadApiClient
 from spiffe.workloadapi.workload_api_client import RetryPolicy
+
+from tfcrypt.text import excerpt
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,21 @@ def update_from_context(ctx: object) -> SvidUpdate:
     return SvidUpdate(str(svid.spiffe_id), svid.private_key, tuple(svid.cert_chain), bundles)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """An SVID the Workload API served and this node refused: why, and when."""
+
+    reason: str
+    message: str
+    at: dt.datetime
+
+    def to_json(self) -> dict[str, str]:
+        return {"reason": self.reason, "message": self.message, "at": self.at.isoformat()}
+
+
+REFUSALS = frozenset({"unexpected_spiffe_id", "invalid_svid"})
+
+
 @dataclass
 class SvidSourceState:
     """What status reports about the Workload API connection."""
@@ -67,6 +88,7 @@ class SvidSourceState:
     connected: bool = False
     waiting_for_socket: bool = False
     last_error: str | None = None
+    last_refusal: Refusal | None = None
     reconnects: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     current: SvidUpdate | None = None
@@ -108,9 +130,18 @@ class SvidSource:
         self.state.waiting_for_socket = False
 
     def _fail(self, reason: str, detail: str) -> None:
+        detail = excerpt(detail)
         self.state.errors[reason] += 1
         self.state.last_error = f"{reason}: {detail}"
+        if reason in REFUSALS:
+            self.state.last_refusal = Refusal(reason, detail, dt.datetime.now(dt.UTC))
         log.warning("workload API %s: %s (%s)", self.socket_path, reason, detail)
+
+    def refuse(self, update: SvidUpdate, expected: str) -> None:
+        """`update` names another identity than `expected` (this node's): counted, kept
+        as the last refusal, and not used (the caller keeps its last good SVID)."""
+        self._fail("unexpected_spiffe_id",
+                   f"served {excerpt(update.spiffe_id)}, but this node is {expected}")
 
     async def _follow_one_stream(self) -> AsyncIterator[SvidUpdate]:
         """Yield updates of one py-spiffe watcher until it reports an error."""
@@ -139,13 +170,12 @@ class SvidSource:
                     self._fail("invalid_svid", str(exc))
                     return
                 if self.expected_spiffe_id and update.spiffe_id != self.expected_spiffe_id:
-                    self._fail("unexpected_spiffe_id",
-                               f"got {update.spiffe_id}, expected {self.expected_spiffe_id}")
+                    self.refuse(update, self.expected_spiffe_id)
                     continue
                 self.state.connected = True
                 self.state.current = update
-                log.info("SVID %s serial %x valid until %s", update.spiffe_id,
-                         update.serial, update.not_after.isoformat())
+                log.debug("served SVID %s serial %x valid until %s",
+                          excerpt(update.spiffe_id), update.serial, update.not_after.isoformat())
                 yield update
         finally:
             handler.cancel()
