@@ -143,9 +143,10 @@ class LeaseKeeper:
             return
         if self._recheck:
             self._recheck = False
-            if self._written == desired and not await self._holds(client, desired):
+            written = self._written
+            if written is not None and not await self._holds(client, written):
                 log.warning("etcd holds someone else's write at %s; putting ours back",
-                            desired.key.decode(errors="replace"))
+                            written.key.decode(errors="replace"))
                 self._written = None
                 self.reasserted += 1
         retired: _Lease | None = None
