@@ -125,8 +125,10 @@ def test_a_restarted_reader_refuses_a_replayed_record_reports_it_and_b_puts_its_
     assert agents.stop_agent(lab, "n2") and agents.stop_agent(lab, "n1")
     etcdctl(lab, "put", f"{PREFIX}/nodes/n2", input=before)
     agents.start_agent(lab, "n1")
-    wait_for("n1 to list etcd and reconcile", lambda: (s := status_json(lab, "n1")[1])
-             and s["in_sync"] and s["last_reconcile"], timeout=BOUND_S)
+    wait_for("n1 to decide on n2's record: configure its old key, or report a rollback",
+             lambda: old_key in wg_peers(lab, "n1") or (
+                 (s := status_json(lab, "n1")[1]) and "n2" in s.get("rollbacks", {})),
+             timeout=BOUND_S)
     peers = wg_peers(lab, "n1")
     assert old_key not in peers, "the restarted reader configured n2's rotated-away key\n" \
         + diagnostics(lab, ("n1",))
