@@ -119,6 +119,7 @@ class Agent:
         self._listed_once = asyncio.Event()  # the first publish waits for etcd's view
         self._recheck_own = False  # etcd may hold someone else's write at our key
         self._overwrites: deque[float] = deque(maxlen=16)
+        self._published_basis: tuple[int, str, int] | None = None  # SVID serial, key, epoch
         self.epochs_problem: str | None = None  # the epochs file, at start or on save
         self._epochs_saved = -1
         self._causes: list[str] = []
@@ -189,10 +190,17 @@ class Agent:
         if self.epochs_problem and self.epochs_problem.startswith("cannot write"):
             self.epochs_problem = None
 
-    def _own_write(self, revision: int | None) -> None:
-        """The watch saw a write at our key (None: a listing without our key)."""
-        if revision is not None and revision == self.registry.own_revision:
-            return  # the echo of our own put
+    def _own_write(self, revision: int | None, listed: bool = False) -> None:
+        """The watch saw a write at our key at `revision` (None: a deletion, or a listing
+        without our key). Our own put's echo is nothing; so is an event older than our
+        last put (the echo of an earlier put, arriving late: etcd has had ours since).
+        Anything else makes the keeper read the key back and put ours again if etcd holds
+        something else (a listing is checked whatever its revision: etcd may have been
+        restored)."""
+        own = self.registry.own_revision
+        if revision is not None and own is not None and (
+                revision == own or (revision < own and not listed)):
+            return
         self._recheck_own = True
         self._publish_needed.set()
 
@@ -234,9 +242,9 @@ class Agent:
                     self._full_needed = True
                     self.listed = True
                     self._causes.append("etcd listed")
-                    self._own_write(_revision_of(items, self._own_key))
+                    self._own_write(_revision_of(items, self._own_key), listed=True)
                     self._listed_once.set()
-                    self._publish_needed.set()  # our record may have vanished meanwhile
+                    self._publish_needed.set()
                 case Put(rel_key=key, value=value, mod_revision=revision):
                     self.view.put(key, value, now, revision)
                     self.inputs.note_changed(key)
@@ -268,7 +276,11 @@ class Agent:
         return prepared
 
     async def _publisher(self) -> None:
-        """Publish our signed record whenever the SVID, the key or etcd's view changes.
+        """Publish our signed record whenever the SVID or the key changes, or etcd holds
+        an epoch of ours above it; make the keeper check etcd holds it after any write at
+        our key that was not our own put (the keeper puts the same record back, no new
+        signature: re-signing on every such event made each late echo a new put, whose
+        echo came late again, a republish storm seen in bench C4).
 
         Not before the device holds its peers (the first apply, or an adopted device): a
         peer that learns of us sends a handshake at once, and one that reaches a device not
@@ -286,6 +298,10 @@ class Agent:
                 await self._throttle_fight()
                 self.registry.recheck_published(None)
             self._publish_above_etcd()
+            basis = (self.svid.serial, self.node_key.public_key, self.node_key.epoch)
+            if basis == self._published_basis:
+                continue  # the keeper holds this record and puts it back if etcd lost it
+            self._published_basis = basis
             record = NodeRecord(
                 node=self.cfg.node_name, spiffe_id=self.svid.spiffe_id,
                 wg_public_key=self.node_key.public_key, endpoint=self.cfg.endpoint,
