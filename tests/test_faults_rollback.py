@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +137,9 @@ def test_a_restarted_reader_refuses_a_replayed_record_reports_it_and_b_puts_its_
     assert "n2" in st["rollbacks"] and "n2" in st["missing_peers"], st
     assert rollback_metric(lab, "n1").get("n2") == 1
     assert st["rejected"].get("rollback", 0) >= 1
+    saved = agents.state_dir(lab, "n1") / "epochs.json"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert json.loads(saved.read_text())["epochs"]["nodes/n2"] > 0
 
     agents.start_agent(lab, "n2")
     wait_for("n2 to put its record back and n1 to peer with n2's new key", lambda:

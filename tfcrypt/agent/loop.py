@@ -122,6 +122,7 @@ class Agent:
         self._published_basis: tuple[int, str, int] | None = None  # SVID serial, key, epoch
         self.epochs_problem: str | None = None  # the epochs file, at start or on save
         self._epochs_saved = -1
+        self._epochs_lock = asyncio.Lock()  # reconciles may overlap (key rotation): one writer
         self._causes: list[str] = []
         self.status_server = StatusServer(cfg.status_socket, self.report.collect)
 
@@ -173,22 +174,26 @@ class Agent:
             log.info("restored the epochs of %d keys from %s", len(loaded.floors),
                      epochstore.EPOCHS_FILE)
 
-    def _save_epochs(self) -> None:
+    async def _save_epochs(self) -> None:
         """Persist the floors if one rose since the last save (before the dataplane uses
-        the records that raised them)."""
+        the records that raised them). Written in a worker thread: 100,000 floors are a
+        few MB to serialise and fsync, which the event loop (lease keep-alive, status)
+        should not wait for."""
         book = self.view.epochs
-        if book.generation == self._epochs_saved:
-            return
-        try:
-            epochstore.save(self._state_dir, book.snapshot())
-        except OSError as exc:
-            metrics.STATE_PROBLEMS.labels("epochs_file_write").inc()
-            self.epochs_problem = f"cannot write {epochstore.EPOCHS_FILE}: {exc}"
-            log.warning("%s", self.epochs_problem)
-            return
-        self._epochs_saved = book.generation
-        if self.epochs_problem and self.epochs_problem.startswith("cannot write"):
-            self.epochs_problem = None
+        async with self._epochs_lock:
+            generation = book.generation
+            if generation == self._epochs_saved:
+                return
+            try:
+                await asyncio.to_thread(epochstore.save, self._state_dir, book.snapshot())
+            except OSError as exc:
+                metrics.STATE_PROBLEMS.labels("epochs_file_write").inc()
+                self.epochs_problem = f"cannot write {epochstore.EPOCHS_FILE}: {exc}"
+                log.warning("%s", self.epochs_problem)
+                return
+            self._epochs_saved = generation
+            if self.epochs_problem and self.epochs_problem.startswith("cannot write"):
+                self.epochs_problem = None
 
     def _own_write(self, revision: int | None, listed: bool = False) -> None:
         """The watch saw a write at our key at `revision` (None: a deletion, or a listing
@@ -422,7 +427,7 @@ class Agent:
     async def reconcile(self) -> None:
         """Apply the view once, if in sync; write status.json either way."""
         causes, self._causes = self._causes, []
-        self._save_epochs()
+        await self._save_epochs()
         if not self.in_sync:
             self._causes = causes[-50:]
         else:
