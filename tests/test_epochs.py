@@ -163,3 +163,49 @@ def test_the_file_holds_no_more_than_the_book(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / epochstore.EPOCHS_FILE).read_bytes())
     assert len(doc["epochs"]) == 10
     assert os.stat(tmp_path / epochstore.EPOCHS_FILE).st_size < 1000
+
+
+def _problems(what: str) -> float:
+    from tfcrypt import metrics
+    return metrics.STATE_PROBLEMS.labels(what)._value.get()
+
+
+def test_persisted_floors_count_a_corrupt_file_and_save_only_after_a_rise(
+        tmp_path: Path) -> None:
+    import asyncio
+
+    from tfcrypt.agent.epochstore import PersistedFloors
+
+    (tmp_path / epochstore.EPOCHS_FILE).write_text("{garbage")
+    before = _problems("epochs_file")
+    floors = PersistedFloors(EpochBook(), tmp_path)
+    floors.restore()
+    assert _problems("epochs_file") == before + 1
+    assert floors.problem is not None and "not JSON" in floors.problem
+    asyncio.run(floors.save())   # a bad file is replaced by the (empty) book at once
+    assert epochstore.load(tmp_path).floors == {}
+    floors.book.accept(verified("nodes/n2", 4))
+    asyncio.run(floors.save())
+    assert epochstore.load(tmp_path).floors == {"nodes/n2": 4}
+    stamp = (tmp_path / epochstore.EPOCHS_FILE).stat().st_mtime_ns
+    floors.book.accept(verified("nodes/n2", 4))   # no rise: no write
+    asyncio.run(floors.save())
+    assert (tmp_path / epochstore.EPOCHS_FILE).stat().st_mtime_ns == stamp
+
+
+def test_persisted_floors_report_a_write_failure_and_clear_it_when_writing_works(
+        tmp_path: Path) -> None:
+    import asyncio
+
+    from tfcrypt.agent.epochstore import PersistedFloors
+
+    gone = tmp_path / "gone"
+    floors = PersistedFloors(EpochBook(), gone)
+    floors.restore()
+    assert floors.problem is None
+    floors.book.accept(verified("nodes/n2", 4))
+    asyncio.run(floors.save())
+    assert floors.problem is not None and floors.problem.startswith("cannot write")
+    gone.mkdir()
+    asyncio.run(floors.save())
+    assert floors.problem is None and epochstore.load(gone).floors == {"nodes/n2": 4}

@@ -19,6 +19,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -26,6 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tfcrypt import metrics
+from tfcrypt.agent.logs import AGENT_LOG as log
+from tfcrypt.identity.epochs import EpochBook
 from tfcrypt.text import excerpt
 
 EPOCHS_FILE = "epochs.json"
@@ -119,3 +123,48 @@ def save(state_dir: Path, floors: Mapping[str, int]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class PersistedFloors:
+    """An EpochBook kept in the state dir: `restore()` once at start, before etcd is
+    read; `save()` before each reconcile (writes only after a rise, in a worker thread:
+    100,000 floors are a few MB to serialise and fsync, which the event loop - lease
+    keep-alive, status - should not wait for; one writer at a time, since reconciles
+    may overlap). `problem` is what status shows of the file."""
+
+    def __init__(self, book: EpochBook, state_dir: Path) -> None:
+        self.book = book
+        self.state_dir = state_dir
+        self.problem: str | None = None
+        self._saved = -1
+        self._lock = asyncio.Lock()
+
+    def restore(self) -> None:
+        loaded = load(self.state_dir)
+        if loaded.problem is not None:
+            metrics.STATE_PROBLEMS.labels("epochs_file").inc()
+            self.problem = loaded.problem
+            aside = f" (moved to {loaded.moved_to.name})" if loaded.moved_to else ""
+            log.error("%s%s: a replayed older record is refused only from the first value "
+                      "this run accepts", loaded.problem, aside)
+        self.book.restore(loaded.floors)
+        self._saved = self.book.generation if loaded.problem is None else -1
+        if loaded.floors:
+            log.info("restored the epochs of %d keys from %s", len(loaded.floors),
+                     EPOCHS_FILE)
+
+    async def save(self) -> None:
+        async with self._lock:
+            generation = self.book.generation
+            if generation == self._saved:
+                return
+            try:
+                await asyncio.to_thread(save, self.state_dir, self.book.snapshot())
+            except OSError as exc:
+                metrics.STATE_PROBLEMS.labels("epochs_file_write").inc()
+                self.problem = f"cannot write {EPOCHS_FILE}: {exc}"
+                log.warning("%s", self.problem)
+                return
+            self._saved = generation
+            if self.problem is not None and self.problem.startswith("cannot write"):
+                self.problem = None

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from tfcrypt import metrics
-from tfcrypt.agent import epochstore
 from tfcrypt.agent.dataplane import Dataplane
+from tfcrypt.agent.epochstore import PersistedFloors
 from tfcrypt.agent.logs import AGENT_LOG as log
 from tfcrypt.agent.monitor import KernelScope, watch
 from tfcrypt.agent.nodekey import NodeKey, key_file_stamp, load_node_key, publish_above
@@ -120,9 +120,7 @@ class Agent:
         self._recheck_own = False  # etcd may hold someone else's write at our key
         self._overwrites: deque[float] = deque(maxlen=16)
         self._published_basis: tuple[int, str, int] | None = None  # SVID serial, key, epoch
-        self.epochs_problem: str | None = None  # the epochs file, at start or on save
-        self._epochs_saved = -1
-        self._epochs_lock = asyncio.Lock()  # reconciles may overlap (key rotation): one writer
+        self.floors = PersistedFloors(self.view.epochs, self._state_dir)
         self._causes: list[str] = []
         self.status_server = StatusServer(cfg.status_socket, self.report.collect)
 
@@ -130,7 +128,7 @@ class Agent:
 
     async def run(self) -> None:
         self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._restore_epochs()
+        self.floors.restore()
         await self.status_server.start()
         fallback = None
         try:
@@ -158,42 +156,6 @@ class Agent:
             if isinstance(backend, Supervised):
                 tg.create_task(backend.supervise())
                 tg.create_task(self._follow_device_restarts())
-
-    def _restore_epochs(self) -> None:
-        """Take the rollback floors of the previous run, before etcd is read."""
-        loaded = epochstore.load(self._state_dir)
-        if loaded.problem is not None:
-            metrics.STATE_PROBLEMS.labels("epochs_file").inc()
-            self.epochs_problem = loaded.problem
-            aside = f" (moved to {loaded.moved_to.name})" if loaded.moved_to else ""
-            log.error("%s%s: a replayed older record is refused only from the first value "
-                      "this run accepts", loaded.problem, aside)
-        self.view.epochs.restore(loaded.floors)
-        self._epochs_saved = self.view.epochs.generation if not loaded.problem else -1
-        if loaded.floors:
-            log.info("restored the epochs of %d keys from %s", len(loaded.floors),
-                     epochstore.EPOCHS_FILE)
-
-    async def _save_epochs(self) -> None:
-        """Persist the floors if one rose since the last save (before the dataplane uses
-        the records that raised them). Written in a worker thread: 100,000 floors are a
-        few MB to serialise and fsync, which the event loop (lease keep-alive, status)
-        should not wait for."""
-        book = self.view.epochs
-        async with self._epochs_lock:
-            generation = book.generation
-            if generation == self._epochs_saved:
-                return
-            try:
-                await asyncio.to_thread(epochstore.save, self._state_dir, book.snapshot())
-            except OSError as exc:
-                metrics.STATE_PROBLEMS.labels("epochs_file_write").inc()
-                self.epochs_problem = f"cannot write {epochstore.EPOCHS_FILE}: {exc}"
-                log.warning("%s", self.epochs_problem)
-                return
-            self._epochs_saved = generation
-            if self.epochs_problem and self.epochs_problem.startswith("cannot write"):
-                self.epochs_problem = None
 
     def _own_write(self, revision: int | None, listed: bool = False) -> None:
         """The watch saw a write at our key at `revision` (None: a deletion, or a listing
@@ -421,13 +383,17 @@ class Agent:
     # -- reconcile -----------------------------------------------------------------
 
     @property
+    def epochs_problem(self) -> str | None:
+        return self.floors.problem
+
+    @property
     def in_sync(self) -> bool:
         return self.svid is not None and self.listed and self.node_key is not None
 
     async def reconcile(self) -> None:
         """Apply the view once, if in sync; write status.json either way."""
         causes, self._causes = self._causes, []
-        await self._save_epochs()
+        await self.floors.save()
         if not self.in_sync:
             self._causes = causes[-50:]
         else:
