@@ -558,3 +558,25 @@ def test_a_key_of_any_bytes_is_delivered_printable_and_deletable_by_that_name(
     out = json.loads(etcd.etcdctl("get", "--prefix", PREFIX + "/", "-w", "json"))
     assert [base64.b64decode(kv["key"]) for kv in out["kvs"]] == [
         f"{PREFIX}/".encode() + watched_key]
+
+
+def test_an_overwrite_with_bytes_we_once_wrote_is_put_back_and_our_echo_is_not(
+        etcd: EtcdServer) -> None:
+    """Echoes are told by revision, not by value (issue 14 item 3): another client writing
+    back a value this publisher itself published earlier is an overwrite, and the keeper
+    puts the current record back on its lease; our own put's revision is no overwrite."""
+    async def scenario() -> None:
+        async with Registry([etcd.endpoint], backoff=FAST) as reg:
+            await reg.publish("nodes/n2", b"old", ttl=30)
+            await reg.publish("nodes/n2", b"new", ttl=30)
+            ours = reg.own_revision
+            assert ours is not None and not reg.recheck_published(ours)
+            await ctl(etcd, "put", f"{PREFIX}/nodes/n2", "old")   # no lease
+            out = json.loads(await ctl(etcd, "get", f"{PREFIX}/nodes/n2", "-w", "json"))
+            assert reg.recheck_published(int(out["kvs"][0]["mod_revision"]))
+            await eventually(lambda: etcd_view(etcd) == {"nodes/n2": b"new"},
+                             lambda: etcd_view(etcd))
+            assert etcd_lease_of(etcd, "nodes/n2") == reg.lease_id
+            assert reg.reasserted == 1 and reg.own_revision != ours
+
+    run(scenario())

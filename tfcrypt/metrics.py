@@ -54,6 +54,16 @@ LINGERING = Gauge("tfcrypt_lingering_workloads",
                   "(workload_grace)")
 SVID_EXPIRY = Gauge("tfcrypt_svid_expiry_timestamp_seconds",
                     "When the current X509-SVID expires (unix seconds)")
+PEER_ROLLBACK = Gauge(
+    "tfcrypt_peer_rollback",
+    "1 for each peer whose record in etcd is older than one this agent accepted (a "
+    "replayed or restored record, refused)", ["node"])
+OWN_RECORD_REFUSED = Gauge(
+    "tfcrypt_own_record_refused", "1 if this node's own record in etcd is refused by its "
+    "own view (peers refuse it too)")
+OWN_RECORD_REASSERTED = Gauge(
+    "tfcrypt_own_record_reasserted", "Times this agent put its record back over someone "
+    "else's write at its key (since start)")
 HEALTHY = Gauge("tfcrypt_healthy", "1 if the agent's health verdict is healthy, else 0")
 
 

@@ -107,6 +107,10 @@ def health(status: Mapping[str, Any], now: dt.datetime) -> Health:
     if absent:
         reasons.append(f"{_plural(len(absent), 'peer')} not configured on "
                        f"{status.get('interface', 'the device')}: {', '.join(absent)}")
+    own = (status.get("own_record") or {}).get("refused")
+    if own:
+        reasons.append(f"this node's own record in etcd is refused by its own view, and so "
+                       f"by its peers: {own}")
     return Health(not reasons, tuple(reasons))
 
 
@@ -244,6 +248,13 @@ def render(status: Mapping[str, Any], now: dt.datetime) -> str:
                      f"{lingering.get('grace_s', 0):g}s unless reused)")
     if status.get("key_problem"):
         lines.append(f"{'Key file:':21}{status['key_problem']}")
+    rollbacks = status.get("rollbacks") or {}
+    if rollbacks:
+        lines.append(f"{'Rollbacks refused:':21}{', '.join(sorted(rollbacks))} (etcd holds "
+                     "an older record than one this agent accepted: replayed or restored)")
+    epochs = status.get("epochs") or {}
+    if epochs.get("problem"):
+        lines.append(f"{'Epochs file:':21}{epochs['problem']}")
     peers = status.get("peers") or []
     lines += ["", f"Peers ({len(peers)}):"]
     if peers:

@@ -13,7 +13,9 @@ Rules:
 - Refused while an agent answers on the status socket: it would put everything back.
 - Idempotent: a second run finds nothing and says "nothing to remove".
 - The private key is deleted unless `keep_key` (a reinstall then gets a new key and a
-  higher epoch); the other files the agent wrote in the state dir go too.
+  higher epoch), and with it the epochs the reader accepted (`epochs.json`: kept with the
+  key, a reinstall keeps refusing replays; gone, it starts like a first install); the
+  other files the agent wrote in the state dir go too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyRoute2NetlinkError
 
+from tfcrypt.agent.epochstore import EPOCHS_FILE
 from tfcrypt.agent.nodekey import EPOCH_FILE
 from tfcrypt.agent.status_api import answers
 from tfcrypt.dataplane.netlink import Family, Netlink, PyRoute2Netlink
@@ -39,7 +42,7 @@ from tfcrypt.wireguard.keys import KEY_FILE
 from tfcrypt.wireguard.link import link_state
 
 STATE_FILES = ("status.json", "status.tmp", "wireguard-go.log")
-KEY_FILES = (KEY_FILE, EPOCH_FILE)
+KEY_FILES = (KEY_FILE, EPOCH_FILE, EPOCHS_FILE)
 
 
 @dataclass(frozen=True)

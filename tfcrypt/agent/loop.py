@@ -15,6 +15,15 @@ Rules:
   dataplane.py. Applies are incremental (O(change)); a full apply, which reads the kernel
   and repairs drift, runs on the periodic resync, a relist, a device restart and kernel
   events that are not our own.
+- Rollback floors survive restarts: the epochs accepted per key are restored from the
+  state dir (tfcrypt/agent/epochstore.py) before etcd is read, and saved before each
+  reconcile that follows a rise, so the dataplane never uses a record whose floor a
+  crash could forget. A bad file is counted and reported, and the agent starts empty.
+- Our own record: the first publish waits for the first listing, and is signed above
+  any epoch etcd held for our key that we accepted (tfcrypt/agent/nodekey.py
+  `publish_above`). Any write at our key that is not our own put (told apart by etcd
+  revision, tfcrypt/registry/lease.py) is answered by putting ours back, throttled when
+  someone keeps overwriting it (a second agent for this node fights us).
 - On exit (SIGTERM, SIGINT) the dataplane and the etcd record stay as they are: a
   restart must not disturb traffic; the record's lease lapses if no agent returns.
 - Elsewhere: the snapshot the core is fed (tfcrypt/agent/snapshot.py), lingering
@@ -27,15 +36,16 @@ import asyncio
 import datetime as dt
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from tfcrypt import metrics
 from tfcrypt.agent.dataplane import Dataplane
+from tfcrypt.agent.epochstore import PersistedFloors
 from tfcrypt.agent.logs import AGENT_LOG as log
 from tfcrypt.agent.monitor import KernelScope, watch
-from tfcrypt.agent.nodekey import NodeKey, key_file_stamp, load_node_key
+from tfcrypt.agent.nodekey import NodeKey, key_file_stamp, load_node_key, publish_above
 from tfcrypt.agent.reconcile import Reconciler
 from tfcrypt.agent.snapshot import CoreInput
 from tfcrypt.agent.status_api import StatusServer
@@ -48,11 +58,14 @@ from tfcrypt.model.families import families
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
-from tfcrypt.registry.events import Deleted, Listed, Put
+from tfcrypt.registry.events import Deleted, Item, Listed, Put
 from tfcrypt.text import excerpt
 from tfcrypt.wireguard.backend import DeviceOrigin
 
 DEBOUNCE = 0.05
+FIGHT_WINDOW = 30.0  # seconds: more than FIGHT_FREE overwrites within it is a fight
+FIGHT_FREE = 3
+FIGHT_MAX_DELAY = 30.0
 
 
 @runtime_checkable
@@ -103,9 +116,11 @@ class Agent:
         self._device_ready = asyncio.Event()
         self._state_dir = Path(cfg.state_dir)
         self._own_key = f"nodes/{cfg.node_name}"
-        # our last signed values: the watch echoes each of them back, maybe after a newer
-        # one was published (signatures differ every time), and that is no overwrite
-        self._published: deque[bytes] = deque(maxlen=16)
+        self._listed_once = asyncio.Event()  # the first publish waits for etcd's view
+        self._recheck_own = False  # etcd may hold someone else's write at our key
+        self._overwrites: deque[float] = deque(maxlen=16)
+        self._published_basis: tuple[int, str, int] | None = None  # SVID serial, key, epoch
+        self.floors = PersistedFloors(self.view.epochs, self._state_dir)
         self._causes: list[str] = []
         self.status_server = StatusServer(cfg.status_socket, self.report.collect)
 
@@ -113,6 +128,7 @@ class Agent:
 
     async def run(self) -> None:
         self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.floors.restore()
         await self.status_server.start()
         fallback = None
         try:
@@ -140,6 +156,20 @@ class Agent:
             if isinstance(backend, Supervised):
                 tg.create_task(backend.supervise())
                 tg.create_task(self._follow_device_restarts())
+
+    def _own_write(self, revision: int | None, listed: bool = False) -> None:
+        """The watch saw a write at our key at `revision` (None: a deletion, or a listing
+        without our key). Our own put's echo is nothing; so is an event older than our
+        last put (the echo of an earlier put, arriving late: etcd has had ours since).
+        Anything else makes the keeper read the key back and put ours again if etcd holds
+        something else (a listing is checked whatever its revision: etcd may have been
+        restored)."""
+        own = self.registry.own_revision
+        if revision is not None and own is not None and (
+                revision == own or (revision < own and not listed)):
+            return
+        self._recheck_own = True
+        self._publish_needed.set()
 
     async def _follow_svids(self) -> None:
         async for update in self.svids.updates():
@@ -180,20 +210,21 @@ class Agent:
                     self._full_needed = True
                     self.listed = True
                     self._causes.append("etcd listed")
-                    self._publish_needed.set()  # our record may have vanished meanwhile
+                    self._own_write(_revision_of(items, self._own_key), listed=True)
+                    self._listed_once.set()
+                    self._publish_needed.set()
                 case Put(rel_key=key, value=value, mod_revision=revision):
                     self.view.put(key, value, now, revision)
                     self.inputs.note_changed(key)
                     self._causes.append(f"put {excerpt(key)}")
-                    if key == self._own_key and value not in self._published:
-                        log.warning("%s was overwritten by someone else; republishing", key)
-                        self._publish_needed.set()
+                    if key == self._own_key:
+                        self._own_write(revision)
                 case Deleted(rel_key=key):
                     self.view.delete(key)
                     self.inputs.note_changed(key)
                     self._causes.append(f"deleted {excerpt(key)}")
                     if key == self._own_key:
-                        self._publish_needed.set()
+                        self._own_write(None)
             self._dirty.set()
 
     async def _check_off_loop(self, items: dict[str, bytes], now: dt.datetime,
@@ -213,31 +244,76 @@ class Agent:
         return prepared
 
     async def _publisher(self) -> None:
-        """Publish our signed record whenever the SVID, the key or etcd's view changes.
+        """Publish our signed record whenever the SVID or the key changes, or etcd holds
+        an epoch of ours above it; make the keeper check etcd holds it after any write at
+        our key that was not our own put (the keeper puts the same record back, no new
+        signature: re-signing on every such event made each late echo a new put, whose
+        echo came late again, a republish storm seen in bench C4).
 
         Not before the device holds its peers (the first apply, or an adopted device): a
         peer that learns of us sends a handshake at once, and one that reaches a device not
         knowing that peer yet is dropped and retried only after WireGuard's 5 s.
         """
         await self._device_ready.wait()
+        await self._listed_once.wait()  # what etcd holds for our key decides our epoch
         while True:
             await self._publish_needed.wait()
             self._publish_needed.clear()
             if self.svid is None or self.node_key is None:
                 continue
+            if self._recheck_own:
+                self._recheck_own = False
+                await self._throttle_fight()
+                self.registry.recheck_published(None)
+            self._publish_above_etcd()
+            basis = (self.svid.serial, self.node_key.public_key, self.node_key.epoch)
+            if basis == self._published_basis:
+                continue  # the keeper holds this record and puts it back if etcd lost it
+            self._published_basis = basis
             record = NodeRecord(
                 node=self.cfg.node_name, spiffe_id=self.svid.spiffe_id,
                 wg_public_key=self.node_key.public_key, endpoint=self.cfg.endpoint,
                 workload_subnets=(), epoch=self.node_key.epoch, issued_at=int(time.time()))
             value = sign_envelope(record.to_payload(), self.svid.private_key,
                                   self.svid.chain)
-            self._published.append(value)
             try:
                 await self.registry.publish(record.key, value, ttl=self.cfg.lease_ttl)
                 log.info("published %s (epoch %d, SVID serial %x)", record.key, record.epoch,
                          self.svid.serial)
             except RegistryError as exc:
                 log.warning("publishing %s failed, the keeper retries: %s", record.key, exc)
+
+    def _publish_above_etcd(self) -> None:
+        """Sign above a record of ours that etcd held at a higher epoch (or at ours, with
+        another key): readers that accepted it would refuse ours as a rollback."""
+        assert self.node_key is not None
+        floor = self.view.epoch(self._own_key)
+        if floor is None or floor < self.node_key.epoch:
+            return
+        believed = self.view.records.get(self._own_key)
+        if floor == self.node_key.epoch and (
+                believed is None or believed.wg_public_key == self.node_key.public_key):
+            return
+        self.node_key = publish_above(self._state_dir, self.node_key, floor)
+        log.warning("etcd held %s at epoch %d, signed by this node's identity but not by "
+                    "this agent (another agent instance for %s, or a restored backup of "
+                    "the state dir?): publishing at epoch %d", self._own_key, floor,
+                    self.cfg.node_name, self.node_key.epoch)
+        metrics.STATE_PROBLEMS.labels("epoch_below_etcd").inc()
+
+    async def _throttle_fight(self) -> None:
+        """Put our record back at once the first times; if someone keeps overwriting it
+        (a second agent for this node), back off so two writers do not spin etcd."""
+        now = time.monotonic()
+        self._overwrites.append(now)
+        recent = sum(1 for t in self._overwrites if now - t < FIGHT_WINDOW)
+        if recent <= FIGHT_FREE:
+            return
+        delay = min(FIGHT_MAX_DELAY, 2.0 ** (recent - FIGHT_FREE - 1))
+        log.error("%s was overwritten %d times in %.0fs: is a second agent running for "
+                  "node %s? Putting ours back in %.0fs", self._own_key, recent,
+                  FIGHT_WINDOW, self.cfg.node_name, delay)
+        await asyncio.sleep(delay)
 
     async def _watch_key_file(self) -> None:
         """`tfcrypt keys rotate` rewrites the key file; pick the new key up."""
@@ -308,12 +384,17 @@ class Agent:
     # -- reconcile -----------------------------------------------------------------
 
     @property
+    def epochs_problem(self) -> str | None:
+        return self.floors.problem
+
+    @property
     def in_sync(self) -> bool:
         return self.svid is not None and self.listed and self.node_key is not None
 
     async def reconcile(self) -> None:
         """Apply the view once, if in sync; write status.json either way."""
         causes, self._causes = self._causes, []
+        await self.floors.save()
         if not self.in_sync:
             self._causes = causes[-50:]
         else:
@@ -323,3 +404,8 @@ class Agent:
             if "wireguard" not in result.failed:
                 self._device_ready.set()
         await self.report.write(self._state_dir)
+
+
+def _revision_of(items: Mapping[str, Item], key: str) -> int | None:
+    item = items.get(key)
+    return None if item is None else item.mod_revision

@@ -6,6 +6,9 @@ Rules:
   node whose state directory was lost still publishes an epoch above its old records
   (peers reject lower epochs as rollbacks).
 - Re-signing after an SVID rotation keeps the epoch: the record did not change.
+- A writer publishes above what etcd last held for its key (`publish_above`): a record
+  of ours at a higher epoch (another agent instance, a restored backup of the state dir)
+  would otherwise make every reader refuse ours as a rollback for good.
 """
 
 from __future__ import annotations
@@ -72,3 +75,12 @@ def key_file_stamp(state_dir: Path | str) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns)
+
+
+def publish_above(state_dir: Path | str, node_key: NodeKey, floor: int) -> NodeKey:
+    """The same key at epoch `floor + 1`, saved: etcd held a record of ours at `floor`
+    (another agent instance for this node, a restored backup of the state dir) that
+    readers have accepted, so anything lower would be refused as a rollback for good."""
+    epoch = max(floor + 1, node_key.epoch)
+    _write_epoch(Path(state_dir), epoch)
+    return NodeKey(node_key.key, epoch)

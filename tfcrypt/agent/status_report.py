@@ -60,6 +60,8 @@ class AgentState(Protocol):
     def node_key(self) -> NodeKey | None: ...
     @property
     def in_sync(self) -> bool: ...
+    @property
+    def epochs_problem(self) -> str | None: ...
 
 
 class StatusReport:
@@ -84,6 +86,15 @@ class StatusReport:
         d = rec.desired
         policies = a.view.of("policies/").values()
         svids = a.svids.state
+        own_key = f"nodes/{cfg.node_name}"
+        refused = a.view.rejected.get(own_key)
+        rollbacks = {k.removeprefix("nodes/"): m
+                     for k, m in a.view.rollbacks("nodes/").items() if k != own_key}
+        metrics.PEER_ROLLBACK.clear()
+        for node in rollbacks:
+            metrics.PEER_ROLLBACK.labels(node).set(1)
+        metrics.OWN_RECORD_REFUSED.set(1 if refused else 0)
+        metrics.OWN_RECORD_REASSERTED.set(a.registry.reasserted)
         status: dict[str, Any] = {
             "generated_at": now.isoformat(),
             "node": cfg.node_name,
@@ -122,6 +133,11 @@ class StatusReport:
                       for name, (p, b) in sorted((counters or {}).items())
                       if name in DROP_NAMES},
             "rejected": dict(a.view.rejections),
+            "own_record": {"refused": refused.message if refused else None,
+                           "refused_reason": refused.reason.value if refused else None,
+                           "reasserted": a.registry.reasserted},
+            "rollbacks": rollbacks,
+            "epochs": {"remembered": len(a.view.epochs), "problem": a.epochs_problem},
             "rejected_unremembered": a.view.unremembered,
             "last_reconcile": rec.last_reconcile,
         }

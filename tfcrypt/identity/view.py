@@ -144,6 +144,19 @@ class VerifiedView:
         """The highest epoch believed for `key` (remembered across deletions)."""
         return self._epochs.highest(key)
 
+    @property
+    def epochs(self) -> EpochBook:
+        """The rollback floors, for the agent to persist and restore (tfcrypt/agent/
+        epochstore.py); restore before the first listing, or the first value read for a
+        key sets its floor again."""
+        return self._epochs
+
+    def rollbacks(self, prefix: str) -> dict[str, str]:
+        """Keys under `prefix` whose value in etcd is refused as older than one already
+        accepted (a replayed or restored record), with the remembered message."""
+        return {k: r.message for k, r in self.rejected.items()
+                if r.reason is RejectReason.ROLLBACK and k.startswith(prefix)}
+
     def _family(self, key: str) -> Family | None:
         return next((f for p, f in self._families.items() if key.startswith(p)), None)
 

@@ -10,6 +10,13 @@ Rules:
   A new value goes on the same lease; a new ttl takes a new lease (the old one is
   revoked once the record sits on the new one); a new key moves the record (the old key
   is deleted after the new one is written).
+- Echoes are told from overwrites by etcd revision, never by value: the keeper keeps the
+  revision of its own last put (`put_revision`). The watch hands every write at our key
+  to `recheck(revision)`: our own put's revision is an echo; anything else (someone
+  else's write, even of bytes we once wrote ourselves, or a listing that lacks our put)
+  makes the keeper read the key back, and put again unless etcd holds our last put. The
+  read-back runs in the keeper's own sequence, after any put in flight has completed,
+  so an echo that overtakes its put's reply costs one read, never a put.
 - A lease that etcd no longer knows (expired while we could not reach etcd, or revoked)
   is replaced at once: grant, put. Consumers see the record vanish and come back.
 - `unpublish` revokes the lease, which deletes the record. If etcd is unreachable the
@@ -58,12 +65,32 @@ class LeaseKeeper:
         self._written: Record | None = None
         self._lease: _Lease | None = None
         self._key_on_lease: bytes | None = None
+        self._put_revision: int | None = None
+        self._recheck = False
+        self.reasserted = 0  # puts made because etcd held something else at our key
         self._wake = asyncio.Event()
         self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def lease_id(self) -> int | None:
         return self._lease.id if self._lease else None
+
+    @property
+    def put_revision(self) -> int | None:
+        """The etcd revision of our last put of the record, if we made one."""
+        return self._put_revision
+
+    def recheck(self, revision: int | None) -> bool:
+        """The watch saw a write at our key at `revision` (None: a listing without our
+        key). False for our own put's echo; else True, and the keeper makes sure etcd
+        holds our record (module rules)."""
+        if revision is not None and revision == self._put_revision:
+            return False
+        if self._desired is None:
+            return False
+        self._recheck = True
+        self._wake.set()
+        return True
 
     async def request(self, desired: Record | None) -> None:
         """Set what etcd should hold and wait for the next attempt's outcome."""
@@ -114,6 +141,14 @@ class LeaseKeeper:
         if desired is None:
             await self._revoke(client)
             return
+        if self._recheck:
+            self._recheck = False
+            written = self._written
+            if written is not None and not await self._holds(client, written):
+                log.warning("etcd holds someone else's write at %s; putting ours back",
+                            written.key.decode(errors="replace"))
+                self._written = None
+                self.reasserted += 1
         retired: _Lease | None = None
         if self._lease is None or self._lease.ttl != desired.ttl:
             retired = self._lease
@@ -124,7 +159,8 @@ class LeaseKeeper:
             self._written = None
         if self._written != desired:
             with etcd_errors("put"):
-                await client.put(desired.key, desired.value, lease=self._lease.id)
+                put = await client.put(desired.key, desired.value, lease=self._lease.id)
+            self._put_revision = int(put.header.revision)
             moved_from, self._key_on_lease = self._key_on_lease, desired.key
             if moved_from is not None and moved_from != desired.key:
                 with etcd_errors("delete"):
@@ -138,6 +174,13 @@ class LeaseKeeper:
         if retired is not None:
             with contextlib.suppress(RegistryError), etcd_errors("lease revoke"):
                 await client.revoke_lease(retired.id)
+
+    async def _holds(self, client: aetcd.Client, desired: Record) -> bool:
+        """Whether etcd's value at our key is our last put (by revision, and value)."""
+        with etcd_errors("get"):
+            got = await client.get(desired.key)
+        return (got is not None and int(got.mod_revision) == self._put_revision
+                and bytes(got.value) == desired.value)
 
     async def _revoke(self, client: aetcd.Client) -> None:
         lease, self._lease = self._lease, None

@@ -9,6 +9,9 @@ Rules:
 - `publish()`/`unpublish()` state what this node's record should be; a background keeper
   makes etcd agree and keeps the lease alive (see lease.py). They raise
   `RegistryUnavailable` when the immediate attempt fails, and the keeper keeps trying.
+- `recheck_published(revision)` is told of every write the watch sees at our record's key:
+  the keeper tells its own echo from someone else's write by revision and puts ours back
+  over anything else (lease.py).
 - `put()`/`delete()`/`get_all()` are for the controller CLI: no lease, one attempt per
   endpoint, then `RegistryUnavailable`.
 - Every task the registry starts lives in `self._tasks` and is cancelled by `aclose()`.
@@ -110,6 +113,22 @@ class Registry:
         async with self._publish_lock:
             self._ensure_keeper()
             await self._keeper.request(record)
+
+    def recheck_published(self, revision: int | None) -> bool:
+        """A write at our record's key at `revision` (None: a listing without it); True
+        if it was not our own put, and the keeper will make etcd hold ours again."""
+        return self._keeper.recheck(revision)
+
+    @property
+    def own_revision(self) -> int | None:
+        """The etcd revision of the keeper's last put of our record: its echo is no
+        overwrite."""
+        return self._keeper.put_revision
+
+    @property
+    def reasserted(self) -> int:
+        """How often the keeper put our record back over someone else's write."""
+        return self._keeper.reasserted
 
     async def unpublish(self) -> None:
         """Revoke the lease: the record disappears now (or within its ttl if etcd is away)."""
