@@ -193,7 +193,7 @@ def _key_options(p: argparse.ArgumentParser, names: Sequence[str] | None = None)
             p.add_argument(key.option, dest=key.name, default=None, action="store_const",
                            const=True, help=text)
             continue
-        repeat = key.name in ("etcd", "controller_ids")
+        repeat = key.name in ("etcd", "controller_ids", "infrastructure_cidrs")
         p.add_argument(key.option, dest=key.name, default=None,
                        action="append" if repeat else "store", metavar=key.name.upper(),
                        help=text)

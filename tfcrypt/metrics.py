@@ -54,6 +54,12 @@ LINGERING = Gauge("tfcrypt_lingering_workloads",
                   "(workload_grace)")
 SVID_EXPIRY = Gauge("tfcrypt_svid_expiry_timestamp_seconds",
                     "When the current X509-SVID expires (unix seconds)")
+REFUSED_ADDRESSES = Gauge(
+    "tfcrypt_refused_addresses",
+    "Workload addresses refused for selection because they are infrastructure, by reason",
+    ["reason"])
+INFRASTRUCTURE_PREFIXES = Gauge("tfcrypt_infrastructure_prefixes",
+                                "Prefixes never selected nor classified (infra_v4/infra_v6)")
 HEALTHY = Gauge("tfcrypt_healthy", "1 if the agent's health verdict is healthy, else 0")
 
 
