@@ -101,6 +101,8 @@ def test_workloads_holding_node_addresses_never_cut_node_to_node_traffic(
         "node-to-node traffic was carried in the tunnel: infrastructure was selected")
     refused = agent_status(lab, "n1").get("refused", {})
     assert refused.get("by_reason") == {"node address": 3}, refused
+    out = inventory.tfcrypt(lab, "explain", a, n2)
+    assert f"{n2} is infrastructure (node address): refused for selection" in out, out
 
 
 def test_a_workload_holding_the_etcd_address_never_cuts_nodes_off_etcd(lab: Lab) -> None:
@@ -119,6 +121,8 @@ def test_a_workload_holding_the_etcd_address_never_cuts_nodes_off_etcd(lab: Lab)
     assert all(etcd_ok.values()), f"etcd health from each node: {etcd_ok}"
     assert agent_status(lab, "n1")["refused"]["by_reason"] == {
         "etcd endpoint": 1, "node address": 3}
+    out = inventory.tfcrypt(lab, "explain", workload_ip(lab, "n1-w1"), etcd_ip(lab))
+    assert f"{etcd_ip(lab)} is infrastructure (etcd endpoint)" in out, out
     inventory.tfcrypt(lab, "workload", "delete", "squatter")
     inventory.set_workload(lab, "latecomer", ["application=shop"], node="n3",
                            ips=["10.200.3.99"])

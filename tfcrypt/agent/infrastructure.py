@@ -15,21 +15,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from urllib.parse import urlsplit
 
 from tfcrypt.agent.logs import AGENT_LOG as log
 from tfcrypt.config import AgentConfig
-from tfcrypt.core.infrastructure import Reason, canonical_prefix, merge
-
-
-def etcd_hosts(endpoints: tuple[str, ...]) -> list[str]:
-    """The host part of each etcd endpoint (`http(s)://host:port` or `host:port`)."""
-    hosts = []
-    for e in endpoints:
-        parts = urlsplit(e if "//" in e else f"//{e}")
-        if parts.hostname:
-            hosts.append(parts.hostname)
-    return hosts
+from tfcrypt.core.infrastructure import Reason, canonical_prefix, etcd_hosts, merge
 
 
 def resolve(host: str) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from tfcrypt.controller.session import ControllerSession
@@ -131,21 +132,26 @@ def _global_view(view: VerifiedView) -> tuple[dict[str, Workload],
             {r.node: r for r in view.of("nodes/").values()})
 
 
-async def explain_flow(s: ControllerSession, src_ip: str, dst_ip: str) -> Explanation:
+async def explain_flow(s: ControllerSession, src_ip: str, dst_ip: str,
+                       infrastructure: Mapping[str, str] | None = None) -> Explanation:
     for what, ip in (("SRC_IP", src_ip), ("DST_IP", dst_ip)):
         try:
             ipaddress.ip_address(ip)
         except ValueError:
             raise ConfigError(f"{what}: {ip!r} is not an IP address") from None
-    return explain(GlobalView(*_global_view(await s.read_view())), src_ip, dst_ip)
+    return explain(GlobalView(*_global_view(await s.read_view())), src_ip, dst_ip,
+                   infrastructure)
 
 
-async def policy_plan(s: ControllerSession, policy: EncryptionPolicy) -> dict[str, Any]:
+async def policy_plan(s: ControllerSession, policy: EncryptionPolicy,
+                      infrastructure: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What enforcing `policy` (as written, or as if enforced when it is audit-mode) would
-    change, and whether every node it needs has a verified key."""
+    change, and whether every node it needs has a verified key; infrastructure addresses
+    (node records', plus `infrastructure`) are screened out as the agents do."""
     workloads, policies, nodes = _global_view(await s.read_view())
     enforced = dataclasses.replace(policy, mode=Mode.ENFORCE)
-    diff = diff_selection(policies, {**policies, policy.name: enforced}, workloads, nodes)
+    diff = diff_selection(policies, {**policies, policy.name: enforced}, workloads, nodes,
+                          infrastructure)
     affected = sorted(set(diff.per_node) | diff.missing_peers)
     return {
         "policy": policy.name,

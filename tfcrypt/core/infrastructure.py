@@ -30,6 +30,7 @@ import enum
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit
 
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.workload import Workload
@@ -53,6 +54,28 @@ def canonical_prefix(text: str) -> str:
     """`text` (an address or a CIDR, host bits allowed) as a network; ValueError if none."""
     net = ipaddress.ip_network(text.strip(), strict=False)
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+def etcd_hosts(endpoints: Iterable[str]) -> list[str]:
+    """The host part of each etcd endpoint (`http(s)://host:port` or `host:port`)."""
+    hosts = []
+    for e in endpoints:
+        parts = urlsplit(e if "//" in e else f"//{e}")
+        if parts.hostname:
+            hosts.append(parts.hostname)
+    return hosts
+
+
+def literal_etcd_hosts(endpoints: Iterable[str]) -> dict[str, str]:
+    """The etcd endpoints given as IP literals, as infrastructure entries (names need a
+    resolver: the agent resolves them at start, tfcrypt/agent/infrastructure.py)."""
+    out = {}
+    for host in etcd_hosts(endpoints):
+        try:
+            out[str(ipaddress.ip_address(host))] = Reason.ETCD.value
+        except ValueError:
+            continue
+    return out
 
 
 def endpoint_host(endpoint: str) -> str:
