@@ -149,3 +149,61 @@ def test_the_agents_screen_kept_across_changes_equals_screening_from_scratch() -
             assert {k for k in before.keys() | after.keys()
                     if before.get(k) != after.get(k)} <= told
         before = after
+
+
+class StubView:
+    """What CoreInput reads of the verified view: `of(prefix)`."""
+
+    def __init__(self, workloads: list[Workload], nodes: list[NodeRecord]) -> None:
+        self.workloads = {w.key: w for w in workloads}
+        self.nodes = {f"nodes/{r.node}": r for r in nodes}
+
+    def of(self, prefix: str) -> dict[str, object]:
+        return {"workloads/": self.workloads, "nodes/": self.nodes,
+                "policies/": {CATCH_ALL.key: CATCH_ALL}}[prefix]  # type: ignore[return-value]
+
+
+def test_the_agents_infrastructure_follows_node_records_keeps_expired_ones_and_reaches_nft(
+        ) -> None:
+    import asyncio
+
+    from test_dataplane import make
+
+    from tfcrypt.agent.snapshot import CoreInput
+    from tfcrypt.dataplane.nft_listing import parse_listing
+
+    inputs = CoreInput("n1", 0, {"10.77.0.2": Reason.ETCD.value})
+    w = [Workload("w1", "n1", ("10.0.0.1",), frozenset()),
+         Workload("w2", "n2", ("10.0.0.2",), frozenset()),
+         Workload("host-n2", "n2", ("192.0.2.2",), frozenset()),
+         Workload("squatter", "n2", ("10.77.0.2",), frozenset()),
+         Workload("w3", "n3", ("192.0.2.3",), frozenset())]
+    view = StubView(w, [record("n1"), record("n2")])
+    dp, _, _ = make()
+
+    def step(full: bool = False) -> tuple[dict[str, str], set[str], set[str]]:
+        d = inputs.desired(view, record("n1").wg_public_key, full, [])  # type: ignore[arg-type]
+        dp.set_desired(d, private_key_b64=record("n1").wg_public_key, listen_port=51820,
+                       mtu=1420, keepalive=25)
+        assert not asyncio.run(dp.apply(full=full)).errors
+        fake = dp.nft._nft
+        infra = set(parse_listing(fake.listing()).elements["infra_v4"])  # type: ignore[attr-defined]
+        return dict(d.refused), set(d.selected_remote_ips), infra
+
+    refused, selected, infra = step()
+    assert refused == {"10.77.0.2": "etcd endpoint", "192.0.2.2": "node address"}
+    assert selected == {"10.0.0.2", "192.0.2.3"}
+    assert infra == {"10.77.0.2", "192.0.2.1", "192.0.2.2"}
+
+    view.nodes.pop("nodes/n2")  # n2's record expired: its address stays infrastructure
+    view.nodes["nodes/n3"] = record("n3")  # n3 appears: w3's address is now refused
+    refused, selected, infra = step()
+    assert refused == {"10.77.0.2": "etcd endpoint", "192.0.2.2": "node address",
+                       "192.0.2.3": "node address"}
+    assert selected == {"10.0.0.2"}
+    assert infra == {"10.77.0.2", "192.0.2.1", "192.0.2.2/31"}  # collapsed
+
+    view.workloads.pop("workloads/n2/squatter")
+    inputs.note_changed("workloads/n2/squatter")
+    refused, selected, _ = step(full=True)
+    assert "10.77.0.2" not in refused and selected == {"10.0.0.2"}

@@ -44,7 +44,7 @@ from tfcrypt.core.compute import (
     usable_records,
 )
 from tfcrypt.core.counting import Bitmaps, SelectorMasks
-from tfcrypt.core.infrastructure import infrastructure_of, screened
+from tfcrypt.core.infrastructure import Infrastructure, infrastructure_of, screened
 from tfcrypt.core.inventory import queryable
 from tfcrypt.core.inventory_index import InventoryIndex
 from tfcrypt.core.remote_index import RemoteIndex
@@ -67,6 +67,8 @@ class IncrementalCore:
         self.own_node = own_node
         self.desired: Desired | None = None
         self.rebuilds = 0
+        self._infra_inputs: tuple[dict[str, str], dict[str, NodeRecord]] | None = None
+        self._infra_value = Infrastructure()
 
     # -- entry point -----------------------------------------------------------------
 
@@ -75,7 +77,7 @@ class IncrementalCore:
         """The Desired of `snap` (== compute(snap)), reusing what did not change."""
         if snap.own_node != self.own_node:
             raise ValueError(f"snapshot of {snap.own_node}, core of {self.own_node}")
-        infra = infrastructure_of(snap.infrastructure, snap.nodes)
+        infra = self._infrastructure(snap)
         self._infra = infra.prefixes
         self._refused: Mapping[str, str] = {}
         if infra and queryable(snap.workloads) is None:
@@ -103,6 +105,15 @@ class IncrementalCore:
         if len(old) - len(workloads) + new_keys:
             keys |= old.keys() - workloads.keys()
         return keys
+
+    def _infrastructure(self, snap: Snapshot) -> Infrastructure:
+        """infrastructure_of(snap), rebuilt only when its inputs changed (~5 ms at 1,000
+        nodes otherwise, on every update)."""
+        inputs = (dict(snap.infrastructure), dict(snap.nodes))
+        if self._infra_inputs != inputs:
+            self._infra_inputs = inputs
+            self._infra_value = infrastructure_of(snap.infrastructure, snap.nodes)
+        return self._infra_value
 
     # -- full rebuild ----------------------------------------------------------------
 

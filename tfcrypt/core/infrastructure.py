@@ -113,15 +113,31 @@ class Infrastructure:
         return frozenset(self.entries)
 
     def reason_for(self, ip: str) -> str | None:
-        """The reason `ip` (a normalised workload address) is infrastructure, or None."""
+        """The reason `ip` (a normalised workload address) is infrastructure, or None.
+
+        Wider prefixes are compared as integers (an IPv4 address parsed by hand: the
+        `ipaddress` objects cost ~6 us each, 0.6 s over 100,000 workloads)."""
         found = self._hosts.get(ip)
         if found is not None or not self._nets:
             return found
-        addr = ipaddress.ip_address(ip)
-        for net, reason in self._nets:
-            if addr.version == net.version and addr in net:
+        if ":" in ip:
+            number, version = int(ipaddress.IPv6Address(ip)), 6
+        else:
+            a, b, c, d = ip.split(".")
+            number, version = (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d), 4
+        for first, last, v, reason in self._spans:
+            if v == version and first <= number <= last:
                 return reason
         return None
+
+    @property
+    def _spans(self) -> tuple[tuple[int, int, int, str], ...]:
+        spans = self.__dict__.get("_spans_cache")
+        if spans is None:
+            spans = tuple((int(net.network_address), int(net.broadcast_address), net.version,
+                           reason) for net, reason in self._nets)
+            object.__setattr__(self, "_spans_cache", spans)
+        return spans
 
     def __bool__(self) -> bool:
         return bool(self.entries)
