@@ -185,7 +185,7 @@ def _key_options(p: argparse.ArgumentParser, names: Sequence[str] | None = None)
             continue
         default = defaults.get(key.field)
         if isinstance(default, tuple):
-            default = ",".join(default)
+            default = ",".join(default) or None
         elif isinstance(default, int) and key.name in ("mark", "mark_mask"):
             default = hex(default)
         shown = "none" if default is None else default
