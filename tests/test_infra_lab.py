@@ -78,8 +78,10 @@ def test_workloads_holding_node_addresses_never_cut_node_to_node_traffic(
     nodes still reach each other and etcd in plaintext, and the ordinary workload pairs
     still cross only inside WireGuard."""
     for node in NODES:
-        inventory.set_workload(lab, f"{node}-host", ["application=shop"], node=node,
-                               ips=[node_ip(lab, node)])
+        said = inventory.set_workload(lab, f"{node}-host", ["application=shop"], node=node,
+                                      ips=[node_ip(lab, node)])
+        assert (f"{node_ip(lab, node)} is infrastructure (node address): agents refuse it "
+                "for selection") in said, said
     wait_for("every agent to see the host-network records",
              lambda: all(workloads_seen(lab, n) == 6 for n in NODES), timeout=20)
     wait_for("every agent to reconcile after them", lambda: all(

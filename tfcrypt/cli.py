@@ -325,7 +325,7 @@ async def _controller_command(args: argparse.Namespace) -> int:
             print(json.dumps(explanation.to_json(), indent=2) if args.json
                   else explanation.render())
         elif workload is not None:
-            print(await commands.workload_set(s, workload))
+            print(await commands.workload_set(s, workload, infra))
         elif policy is not None and args.policy_command == "plan":
             plan = await commands.policy_plan(s, policy, infra)
             print(json.dumps(commands.plan_to_json(plan), indent=2) if args.json

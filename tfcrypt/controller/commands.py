@@ -29,6 +29,7 @@ from tfcrypt.core.explain import (
     diff_selection,
     explain,
 )
+from tfcrypt.core.infrastructure import infrastructure_of, screen_one
 from tfcrypt.errors import ConfigError
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.node import NodeRecord
@@ -44,7 +45,11 @@ def build_workload(name: str, node: str, ips: list[str], tags: list[str]) -> Wor
         raise ConfigError(f"workload {name}: {exc}") from None
 
 
-async def workload_set(s: ControllerSession, workload: Workload) -> str:
+async def workload_set(s: ControllerSession, workload: Workload,
+                       infrastructure: Mapping[str, str] | None = None) -> str:
+    """Write the workload; say which of its addresses agents refuse for selection as
+    infrastructure (written anyway: a host-network pod's record is legitimate, its
+    address is just never selected; docs/policy.md)."""
     s.require_controller()
     view = await s.read_view()
     elsewhere = [k for k, w in view.of("workloads/").items()
@@ -56,7 +61,11 @@ async def workload_set(s: ControllerSession, workload: Workload) -> str:
     for key in elsewhere:
         await s.delete(key)
     moved = f" (moved from {', '.join(k.split('/')[1] for k in elsewhere)})" if elsewhere else ""
-    return f"workload {workload.name} on {workload.node}: set, epoch {epoch}{moved}"
+    _, refused = screen_one(workload, infrastructure_of(infrastructure or {},
+                                                        _global_view(view)[2]))
+    note = "".join(f"\n  {ip} is infrastructure ({why}): agents refuse it for selection"
+                   for ip, why in refused.items())
+    return f"workload {workload.name} on {workload.node}: set, epoch {epoch}{moved}{note}"
 
 
 async def workload_delete(s: ControllerSession, name: str, node: str | None) -> str:
