@@ -166,3 +166,13 @@ def test_bad_policy_files_end_in_exit_2_and_one_short_line(
     assert line.startswith(f"tfcrypt: -f {path}: " if "file" in problem else
                            f"tfcrypt: {path}: not valid YAML") and problem in line
     assert len(line) < 200
+
+
+def test_a_bad_infrastructure_cidr_for_explain_is_one_line_and_exit_2(workdir: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "tfcrypt", "explain", "10.0.0.1", "10.0.0.2",
+                          "--infrastructure-cidr", "10.0.0.0/33", "--etcd", "127.0.0.1:9",
+                          "--spiffe-socket", str(workdir / "none")],
+                         capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == ("tfcrypt: --infrastructure-cidr: '10.0.0.0/33' is not an address "
+                          "or CIDR\n")

@@ -246,3 +246,28 @@ def test_sets_are_per_remote_selector_and_shared_by_classes() -> None:
     assert sum(map(len, d.selector_ips.values())) == 2  # 10.0.2.1 stored once
     assert all(re.fullmatch(r"s[0-9a-f]{10}(_\d+)?", s) for s in d.selector_ips)
     assert d.selected_pair_count == 3 == len(pairs(d))
+
+
+def test_explain_and_plan_say_an_infrastructure_address_is_never_selected() -> None:
+    everything = policy("all", """\
+    - endpoint1: {any: true}
+      endpoint2: {any: true}
+""")
+    squat = [*W, wl("host-n2", "n2", "192.0.2.2"), wl("etcd", "n3", "10.77.0.2")]
+    view = snap("n1", squat, [everything])
+    out = explain(view, "10.200.1.11", "192.0.2.2")
+    assert not out.selected and out.refused == (("192.0.2.2", "node address"),)
+    assert ("192.0.2.2 is infrastructure (node address): refused for selection, never "
+            "encrypted (traffic to and from it is never classified)") in out.render()
+    assert out.to_json()["refused"] == {"192.0.2.2": "node address"}
+    etcd = explain(view, "10.200.1.11", "10.77.0.2", {"10.77.0.2": "etcd endpoint"})
+    assert not etcd.selected and "10.77.0.2 is infrastructure (etcd endpoint)" in etcd.render()
+    assert explain(view, "10.200.1.11", "10.77.0.2").selected  # nobody said it was etcd
+    assert explain(view, "10.200.1.11", "10.200.2.11").selected
+
+    plan = diff_selection({}, {"all": everything}, view.workloads, RECORDS,
+                          {"10.77.0.0/24": "configured"})
+    assert plan.refused == {"10.77.0.2": "configured", "192.0.2.2": "node address"}
+    assert not any(ip in pair for pair in plan.added for ip in plan.refused)
+    assert ("  2 workload address(es) refused as infrastructure, never selected: "
+            "10.77.0.2 (configured), 192.0.2.2 (node address)") in plan.render().splitlines()

@@ -42,6 +42,7 @@ BAD = {
     "log_format": ("xml", "'xml' is not one of text, json"),
     "log_level": ("verbose", "'verbose' is not one of debug, info, warning, error"),
     "wireguard_log": ("wg.log", "is not an absolute path"),
+    "infrastructure_cidrs": ("10.96.0.0/33", "'10.96.0.0/33' is not an address or CIDR"),
 }
 
 
@@ -278,3 +279,24 @@ def test_the_default_mark_lies_in_calicos_default_mask_and_is_kept() -> None:
     assert (cfg.mark, cfg.mark_mask) == (0x00100000, 0x00100000)
     assert foreign_clashes(cfg.mark_mask) == [
         "0x100000 is Calico's (default FELIX_IPTABLESMARKMASK 0xffff0000)"]
+
+
+def test_infrastructure_cidrs_come_from_every_layer_and_repeated_flags(tmp_path: Path) -> None:
+    from tfcrypt.agent.infrastructure import etcd_hosts, static_infrastructure
+    from tfcrypt.cli import build_parser
+
+    assert agent_config(NEEDED, {}, None).infrastructure_cidrs == ()
+    path = write(tmp_path, "infrastructure_cidrs: [10.96.0.0/12, 10.77.0.5]\n")
+    assert agent_config(NEEDED, {}, path).infrastructure_cidrs == ("10.96.0.0/12", "10.77.0.5")
+    env = {"TFCRYPT_INFRASTRUCTURE_CIDRS": "10.96.0.1,fd00:96::/64"}
+    assert agent_config(NEEDED, env, path).infrastructure_cidrs == ("10.96.0.1", "fd00:96::/64")
+    args = build_parser().parse_args(["agent", "--infrastructure-cidr", "10.96.0.0/12",
+                                      "--infrastructure-cidr", "192.0.2.7"])
+    flags = {**NEEDED, "infrastructure_cidrs": args.infrastructure_cidrs}
+    cfg = agent_config(flags, env, path)
+    assert cfg.infrastructure_cidrs == ("10.96.0.0/12", "192.0.2.7")
+    cfg = agent_config({**flags, "etcd": "http://10.77.0.2:2379,[fd00:77::2]:2379"}, {}, None)
+    assert etcd_hosts(cfg.etcd_endpoints) == ["10.77.0.2", "fd00:77::2"]
+    assert static_infrastructure(cfg) == {
+        "10.96.0.0/12": "configured", "192.0.2.7": "configured", "10.77.0.11": "node address",
+        "10.77.0.2": "etcd endpoint", "fd00:77::2": "etcd endpoint"}

@@ -31,6 +31,7 @@ from tfcrypt.errors import ConfigError
 MARK = 0x00100000
 BASE = {"prerouting", "egress_guard", "selected"}
 MAPS = {"out_v4", "out_v6", "in_v4", "in_v6"}
+INFRA = {"infra_v4", "infra_v6"}
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -84,7 +85,7 @@ def test_first_apply_builds_the_table_and_a_second_apply_sends_nothing() -> None
     assert manager.last_transaction == []
     assert len(fake.transactions) == 1
     assert fake.listing() == before
-    assert names(before, "set") == {"ca_v4", "ca_v6", "cb_v4", "cb_v6"}
+    assert names(before, "set") == {"ca_v4", "ca_v6", "cb_v4", "cb_v6"} | INFRA
     assert names(before, "map") == MAPS
     assert names(before, "chain") == BASE | {"out_ca", "in_ca", "out_cb", "in_cb"}
     assert names(before, "counter") == {"guard_drops", "ingress_drops", "ingress_audit",
@@ -151,7 +152,7 @@ def test_class_removed_entirely_and_empty_desired_keeps_base_chains_and_guard() 
     state = parse_listing(fake.listing())
 
     assert set(state.chains) == BASE
-    assert set(state.sets) == MAPS
+    assert set(state.sets) == MAPS | INFRA
     assert all(not members for members in state.elements.values())
     assert {c for c, _ in state.rules} == BASE
     assert state.chains["egress_guard"] is not None
@@ -670,7 +671,7 @@ def test_classes_share_selector_sets_one_rule_per_selector_and_family() -> None:
                    {"sx": frozenset({"10.2.0.1"}), "sy": frozenset({"10.3.0.1", "fd00:3::1"})},
                    mark=MARK)
     state = desired_table(d)
-    assert set(state.sets) == MAPS | {"sx_v4", "sx_v6", "sy_v4", "sy_v6"}
+    assert set(state.sets) == MAPS | INFRA | {"sx_v4", "sx_v6", "sy_v4", "sy_v6"}
     assert state.elements["sy_v4"] == {"10.3.0.1": None}  # once, though two classes use it
     per_chain: dict[str, int] = {}
     for chain, _ in state.rules:
@@ -701,3 +702,119 @@ def test_a_class_gaining_a_selector_gets_its_rules_on_an_incremental_apply() -> 
     assert sorted(what(c) for c in changed) == [("add", "rule", "in_ca")] * 2 + [
         ("add", "rule", "out_ca")] * 2
     assert reapply(manager, more) == []
+
+
+# --- infrastructure addresses (issue #14 item 2) -------------------------------------
+
+
+def test_infrastructure_sets_hold_collapsed_prefixes_and_every_dispatch_excludes_them() -> None:
+    d = desired(infrastructure=frozenset({"10.77.0.0/24", "10.77.0.2", "10.9.0.1",
+                                          "192.168.0.0/25", "192.168.0.128/25",
+                                          "fd00:77::5/64", "fd00:77::9"}))
+    fake, manager = applied(d)
+    state = parse_listing(fake.listing())
+    assert state.sets["infra_v4"].flags == ("interval",)
+    assert set(state.elements["infra_v4"]) == {"10.77.0.0/24", "10.9.0.1", "192.168.0.0/24"}
+    assert set(state.elements["infra_v6"]) == {"fd00:77::/64"}
+    dispatch = [r for r in fake.listing()["nftables"]
+                if "rule" in r and r["rule"]["chain"] == "prerouting"]
+    assert len(dispatch) == 4
+    for r in dispatch:
+        refs = [s["match"]["right"] for s in r["rule"]["expr"] if "match" in s]
+        fam = "v6" if "ip6" in json.dumps(r) else "v4"
+        assert refs == [f"@infra_{fam}", f"@infra_{fam}"]
+        assert all(s["match"]["op"] == "!=" for s in r["rule"]["expr"] if "match" in s)
+        assert "vmap" in r["rule"]["expr"][-1]
+    assert run(manager.apply()).ops == 0 and run(manager.apply(full=True)).ops == 0
+
+    moved = desired(infrastructure=frozenset({"10.77.0.0/16", "fd00:77::9"}))
+    cmds = reapply(manager, moved)
+    assert sorted(what(c) for c in cmds) == [
+        ("add", "element", "infra_v4"), ("add", "element", "infra_v6"),
+        ("delete", "element", "infra_v4"), ("delete", "element", "infra_v6")]
+    assert set(parse_listing(fake.listing()).elements["infra_v4"]) == {"10.77.0.0/16"}
+    assert run(manager.apply(full=True)).ops == 0
+
+
+def test_a_table_from_before_infrastructure_sets_is_upgraded_in_one_transaction() -> None:
+    fake = FakeNft()
+    old = NftManager(fake)
+    old.set_desired(desired())
+    assert run(old.apply()).ok
+    assert fake.table is not None
+    del fake.table["sets"]["infra_v4"], fake.table["sets"]["infra_v6"]  # as main built it
+    for r in fake.table["rules"]:  # main's dispatch: the vmap alone, another comment
+        if r["chain"] == "prerouting":
+            r["expr"], r["comment"] = r["expr"][-1:], "tfcrypt:" + "0" * 11 + r["comment"][-1]
+    manager = NftManager(fake)
+    manager.set_desired(desired(infrastructure=frozenset({"10.2.0.1"})))
+    report = run(manager.apply())
+    assert report.ok and len(fake.transactions) == 2
+    verbs = sorted(what(c) for c in manager.last_transaction)
+    assert verbs.count(("delete", "rule", "prerouting")) == 4
+    assert verbs.count(("add", "rule", "prerouting")) == 4
+    assert parse_listing(fake.listing()).items() == desired_table(
+        desired(infrastructure=frozenset({"10.2.0.1"}))).items()
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "host.example", "fd00::/129"])
+def test_an_infrastructure_entry_that_is_no_prefix_is_refused(bad: str) -> None:
+    manager = NftManager(FakeNft())
+    with pytest.raises(ConfigError, match="infrastructure"):
+        manager.set_desired(desired(infrastructure=frozenset({bad})))
+    assert manager.desired is None
+
+
+@pytest.mark.lab
+def test_real_nft_reads_the_infrastructure_sets_back_so_a_resync_changes_nothing(
+    netns: Callable[[str], str],
+) -> None:
+    ns = netns("i")
+    fake_nft = FakeNft()
+    real, fake = NftManager(SubprocessNft(ns)), NftManager(fake_nft)
+    infra = frozenset({"10.77.0.0/24", "10.9.0.1", "10.9.0.2", "fd00:77::/64", "fd00:9::1"})
+    for manager in (real, fake):
+        manager.set_desired(desired(infrastructure=infra))
+        assert run(manager.apply()).ok
+    assert real.last_transaction == fake.last_transaction
+    text = nft_text(ns)
+    assert "flags interval" in text and "ip saddr != @infra_v4 ip daddr != @infra_v4" in text
+    assert run(real.apply(full=True)).ops == 0 and nft_text(ns) == text
+    change = frozenset({"10.77.0.0/16", "10.9.0.2", "fd00:9::1"})
+    for manager in (real, fake):
+        manager.set_desired(desired(infrastructure=change))
+        assert run(manager.apply()).ok
+    assert real.last_transaction == fake.last_transaction
+    after = parse_listing(run(SubprocessNft(ns).list_table()))
+    assert set(after.elements["infra_v4"]) == {"10.77.0.0/16", "10.9.0.2"}
+    assert set(after.elements["infra_v6"]) == {"fd00:9::1"}
+    assert run(real.apply(full=True)).ops == 0
+
+
+@pytest.mark.lab
+def test_an_infrastructure_address_in_every_set_is_neither_marked_nor_dropped(
+    netns: Callable[[str], str],
+) -> None:
+    """W - A - B as in the guard test, with B's addresses selected and W's class; one of
+    B's addresses is infrastructure: it crosses in plaintext both ways (no tunnel
+    exists, so a marked packet would be dropped by the guard and a plaintext reply by
+    strict ingress), the other stays dropped."""
+    w, a, b = netns("w"), netns("a"), netns("b")
+    prefix = w[:-1]
+    link(w, prefix + "wa", "10.77.1.2/24", a, prefix + "aw", "10.77.1.1/24")
+    link(a, prefix + "ab", "10.77.2.1/24", b, prefix + "ba", "10.77.2.2/24")
+    sh("ip", "-n", b, "addr", "add", "10.77.2.3/24", "dev", prefix + "ba")
+    sh("ip", "-n", w, "route", "add", "default", "via", "10.77.1.1")
+    sh("ip", "-n", b, "route", "add", "10.77.1.0/24", "via", "10.77.2.1")
+    sh("ip", "netns", "exec", a, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    manager = NftManager(SubprocessNft(a))
+    manager.set_desired(desired(local={"10.77.1.2": "cw"},
+                                peers={"cw": {"10.77.2.2", "10.77.2.3"}},
+                                infrastructure=frozenset({"10.77.2.2"})))
+    assert run(manager.apply()).ok
+    assert ping(w, "10.77.2.2")
+    assert ping(b, "10.77.1.2", src="10.77.2.2")
+    assert not ping(w, "10.77.2.3")
+    assert not ping(b, "10.77.1.2", src="10.77.2.3")
+    counters = run(manager.counters())
+    assert counters["guard_drops"][0] == 1 and counters["ingress_drops"][0] == 1

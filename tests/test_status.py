@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -360,3 +361,32 @@ def test_the_table_lists_lingering_workloads_only_when_there_are_some() -> None:
     assert ("Lingering workloads: 1: n1/w3 (12.5s left) (deleted, kept selected for 30s "
             "unless reused)") in render(doc, NOW).splitlines()
 
+
+
+def test_refused_infrastructure_addresses_are_counted_shown_and_gauged() -> None:
+    from prometheus_client import REGISTRY
+
+    from tfcrypt.agent.reconcile import note_refused
+    from tfcrypt.agent.status_report import refused_status
+
+    doc = {**healthy_status(), "refused": refused_status({})}
+    assert "Refused" not in render(doc, NOW)
+    refused = {"10.77.0.2": "etcd endpoint", "10.77.0.11": "node address"}
+    doc["refused"] = refused_status(refused)
+    assert doc["refused"] == {"count": 2, "by_reason": {"etcd endpoint": 1, "node address": 1},
+                              "entries": [{"ip": "10.77.0.2", "reason": "etcd endpoint"},
+                                          {"ip": "10.77.0.11", "reason": "node address"}]}
+    assert ("Refused addresses:   2: 10.77.0.2 (etcd endpoint), 10.77.0.11 (node address) "
+            "(workload records claiming infrastructure: never selected)"
+            ) in render(doc, NOW).splitlines()
+    many = refused_status({f"10.77.1.{i}": "configured" for i in range(30)})
+    assert "entries" not in many and many["by_reason"] == {"configured": 30}
+    assert "Refused addresses:   30 configured 30" in render({**doc, "refused": many}, NOW)
+
+    note_refused(dataclasses.replace(desired({}, {}, {}), refused=refused))
+    sample = REGISTRY.get_sample_value
+    assert sample("tfcrypt_refused_addresses", {"reason": "etcd endpoint"}) == 1
+    assert sample("tfcrypt_refused_addresses", {"reason": "node address"}) == 1
+    assert sample("tfcrypt_refused_addresses", {"reason": "configured"}) == 0
+    note_refused(desired({}, {}, {}))
+    assert sample("tfcrypt_refused_addresses", {"reason": "etcd endpoint"}) == 0

@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     expl.add_argument("src_ip", metavar="SRC_IP")
     expl.add_argument("dst_ip", metavar="DST_IP")
     expl.add_argument("--json", action="store_true")
+    for p_ in (pol_plan, expl):
+        p_.add_argument("--infrastructure-cidr", action="append", default=[],
+                        metavar="CIDR", help="an address or CIDR the agents are configured "
+                        "to treat as infrastructure (repeatable); node records' addresses "
+                        "and the --etcd endpoints given as IPs always are")
     controller_parsers = [wl_set, wl_del, wl_list, pol_apply, pol_del, pol_list, pol_plan,
                           expl]
 
@@ -180,7 +185,7 @@ def _key_options(p: argparse.ArgumentParser, names: Sequence[str] | None = None)
             continue
         default = defaults.get(key.field)
         if isinstance(default, tuple):
-            default = ",".join(default)
+            default = ",".join(default) or None
         elif isinstance(default, int) and key.name in ("mark", "mark_mask"):
             default = hex(default)
         shown = "none" if default is None else default
@@ -193,10 +198,25 @@ def _key_options(p: argparse.ArgumentParser, names: Sequence[str] | None = None)
             p.add_argument(key.option, dest=key.name, default=None, action="store_const",
                            const=True, help=text)
             continue
-        repeat = key.name in ("etcd", "controller_ids")
+        repeat = key.name in ("etcd", "controller_ids", "infrastructure_cidrs")
         p.add_argument(key.option, dest=key.name, default=None,
                        action="append" if repeat else "store", metavar=key.name.upper(),
                        help=text)
+
+
+def _cli_infrastructure(args: argparse.Namespace) -> dict[str, str]:
+    """What explain and plan treat as infrastructure besides the node records' addresses:
+    the --etcd endpoints given as IPs and each --infrastructure-cidr."""
+    from tfcrypt.core.infrastructure import Reason, canonical_prefix, literal_etcd_hosts, merge
+
+    configured = {}
+    for cidr in getattr(args, "infrastructure_cidr", None) or ():
+        try:
+            configured[canonical_prefix(cidr)] = Reason.CONFIGURED.value
+        except ValueError:
+            raise ConfigError(f"--infrastructure-cidr: {cidr!r} is not an address or CIDR"
+                              ) from None
+    return merge(configured, literal_etcd_hosts(_etcd(args)))
 
 
 def _flags(args: argparse.Namespace) -> dict[str, object]:
@@ -298,15 +318,16 @@ async def _controller_command(args: argparse.Namespace) -> int:
         if args.command == "policy" and args.policy_command in ("apply", "plan") else None
     workload = commands.build_workload(args.name, args.node, args.ip, args.tag) \
         if args.command == "workload" and args.workload_command == "set" else None
+    infra = _cli_infrastructure(args)
     async with session(_etcd(args), args.prefix, args.spiffe_socket, controller_ids) as s:
         if args.command == "explain":
-            explanation = await commands.explain_flow(s, args.src_ip, args.dst_ip)
+            explanation = await commands.explain_flow(s, args.src_ip, args.dst_ip, infra)
             print(json.dumps(explanation.to_json(), indent=2) if args.json
                   else explanation.render())
         elif workload is not None:
-            print(await commands.workload_set(s, workload))
+            print(await commands.workload_set(s, workload, infra))
         elif policy is not None and args.policy_command == "plan":
-            plan = await commands.policy_plan(s, policy)
+            plan = await commands.policy_plan(s, policy, infra)
             print(json.dumps(commands.plan_to_json(plan), indent=2) if args.json
                   else commands.render_plan(plan))
         elif policy is not None:

@@ -71,6 +71,7 @@ class AgentConfig:
     log_format: str = "text"
     log_level: str = "info"
     wireguard_log: str | None = None
+    infrastructure_cidrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -190,6 +191,15 @@ def _endpoints(v: tuple[str, ...]) -> str | None:
         return "at least one endpoint is needed"
     bad = [e for e in v if not re.match(r"^(https?://)?[^\s/]+:\d+$", e)]
     return f"{_x(bad[0])} is not host:port or http(s)://host:port" if bad else None
+
+
+def _cidrs(v: tuple[str, ...]) -> str | None:
+    for item in v:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"{_x(item)} is not an address or CIDR"
+    return None
 
 
 def _single_bit(v: int) -> str | None:
@@ -345,6 +355,11 @@ KEYS: tuple[Key, ...] = (
     Key("log_level", "log_level", _str, _one_of(*LOG_LEVELS), "debug, info, warning, error"),
     Key("wireguard_log", "wireguard_log", _optional(_str), _absolute,
         "file for wireguard-go's output (default: in the state dir)"),
+    Key("infrastructure_cidrs", "infrastructure_cidrs", _list, _cidrs,
+        "addresses or CIDRs no workload may claim for selection and that are never "
+        "classified (API server, SPIRE, the underlay subnet); every node's address, this "
+        "node's and the etcd endpoints' are added automatically (docs/policy.md)",
+        "--infrastructure-cidr"),
 )
 KEYS_BY_NAME = {k.name: k for k in KEYS}
 KEYS_BY_FIELD = {k.field: k for k in KEYS}

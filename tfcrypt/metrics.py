@@ -64,6 +64,12 @@ OWN_RECORD_REFUSED = Gauge(
 OWN_RECORD_REASSERTED = Gauge(
     "tfcrypt_own_record_reasserted", "Times this agent put its record back over someone "
     "else's write at its key (since start)")
+REFUSED_ADDRESSES = Gauge(
+    "tfcrypt_refused_addresses",
+    "Workload addresses refused for selection because they are infrastructure, by reason",
+    ["reason"])
+INFRASTRUCTURE_PREFIXES = Gauge("tfcrypt_infrastructure_prefixes",
+                                "Prefixes never selected nor classified (infra_v4/infra_v6)")
 HEALTHY = Gauge("tfcrypt_healthy", "1 if the agent's health verdict is healthy, else 0")
 
 

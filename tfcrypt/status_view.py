@@ -246,6 +246,12 @@ def render(status: Mapping[str, Any], now: dt.datetime) -> str:
         lines.append(f"{'Lingering workloads:':21}{lingering['count']}"
                      f"{': ' + shown if shown else ''} (deleted, kept selected for "
                      f"{lingering.get('grace_s', 0):g}s unless reused)")
+    refused = status.get("refused") or {}
+    if refused.get("count"):
+        shown = ", ".join(f"{e['ip']} ({e['reason']})" for e in refused.get("entries", []))
+        lines.append(f"{'Refused addresses:':21}{refused['count']}"
+                     f"{': ' + shown if shown else ' ' + _counts(refused.get('by_reason', {}))}"
+                     " (workload records claiming infrastructure: never selected)")
     if status.get("key_problem"):
         lines.append(f"{'Key file:':21}{status['key_problem']}")
     rollbacks = status.get("rollbacks") or {}

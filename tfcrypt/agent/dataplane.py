@@ -98,7 +98,8 @@ class Dataplane:
         self.nft.set_desired(NftDesired(
             local_class=desired.local_class, class_selectors=desired.class_selectors,
             selector_ips=desired.selector_ips,
-            mark=r.mark, mask=r.mask, wg_ifname=r.ifname))
+            mark=r.mark, mask=r.mask, wg_ifname=r.ifname,
+            infrastructure=desired.infrastructure))
 
     def _peer_configs_for(self, desired: Desired, keepalive: int) -> dict[str, PeerConfig]:
         """PeerConfigs (which normalise their CIDRs) built only for peers that changed."""

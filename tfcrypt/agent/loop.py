@@ -43,6 +43,7 @@ from typing import Protocol, runtime_checkable
 from tfcrypt import metrics
 from tfcrypt.agent.dataplane import Dataplane
 from tfcrypt.agent.epochstore import PersistedFloors
+from tfcrypt.agent.infrastructure import static_infrastructure
 from tfcrypt.agent.logs import AGENT_LOG as log
 from tfcrypt.agent.monitor import KernelScope, watch
 from tfcrypt.agent.nodekey import NodeKey, key_file_stamp, load_node_key, publish_above
@@ -129,6 +130,9 @@ class Agent:
     async def run(self) -> None:
         self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.floors.restore()
+        # etcd endpoints given by name are resolved once, here (tfcrypt/agent/infrastructure.py)
+        self.inputs.static_infrastructure = await asyncio.to_thread(
+            static_infrastructure, self.cfg)
         await self.status_server.start()
         fallback = None
         try:

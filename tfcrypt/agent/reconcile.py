@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import Counter
 from typing import Any
 
 from tfcrypt import metrics
@@ -29,6 +30,7 @@ from tfcrypt.agent.nodekey import NodeKey
 from tfcrypt.agent.snapshot import CoreInput
 from tfcrypt.config import AgentConfig
 from tfcrypt.core.compute import Desired
+from tfcrypt.core.infrastructure import Reason
 from tfcrypt.identity.view import VerifiedView
 
 OWN_EVENTS_WINDOW = 1.0  # seconds after an apply that changed something: events are ours
@@ -68,6 +70,8 @@ class Reconciler:
                                       desired.missing_peers != self.desired.missing_peers):
             log.warning("selected traffic to %s is dropped: no verified key",
                         ", ".join(sorted(desired.missing_peers)))
+        if self.desired is None or desired.refused != self.desired.refused:
+            note_refused(desired)
         previous, self.desired = self.desired, desired
         if full or self.mtu is None:
             await self._pick_mtu()
@@ -92,6 +96,7 @@ class Reconciler:
         metrics.RECONCILE_SECONDS.observe(duration)
         metrics.PEERS.set(len(desired.peers))
         metrics.SELECTED_PAIRS.set(desired.selected_pair_count)
+        metrics.INFRASTRUCTURE_PREFIXES.set(len(desired.infrastructure))
         if result.ops:
             log.info("reconciled", extra={"fields": {
                 "event": "dataplane_changed", **change_summary(previous, desired),
@@ -110,6 +115,25 @@ class Reconciler:
         if (mtu, source) != (self.mtu, self.mtu_source):
             log.info("wireguard MTU %d (%s)", mtu, source)
         self.mtu, self.mtu_source = mtu, source
+
+
+MAX_REFUSED_LOGGED = 20
+
+
+def note_refused(desired: Desired) -> None:
+    """The gauge by reason, and one warning naming (at most 20 of) the refused addresses."""
+    by_reason = Counter(desired.refused.values())
+    for reason in Reason:
+        metrics.REFUSED_ADDRESSES.labels(reason.value).set(by_reason.get(reason.value, 0))
+    if desired.refused:
+        shown = list(desired.refused.items())[:MAX_REFUSED_LOGGED]
+        more = len(desired.refused) - len(shown)
+        log.warning("workload addresses refused for selection (infrastructure): %s%s",
+                    ", ".join(f"{ip} ({why})" for ip, why in shown),
+                    f" and {more} more" if more else "",
+                    extra={"fields": {"event": "infrastructure_refused",
+                                      "refused_total": len(desired.refused),
+                                      "by_reason": dict(by_reason)}})
 
 
 def why(causes: list[str]) -> str:

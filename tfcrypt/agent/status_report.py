@@ -39,6 +39,21 @@ DROP_NAMES = {"guard_drops": "guard", "ingress_drops": "strict_ingress",
               "ingress_audit": "strict_ingress_audit", "spoof_drops": "spoof"}
 
 
+MAX_REFUSED_SHOWN = 20  # status lists refused addresses only when there are this few
+
+
+def refused_status(refused: dict[str, str] | Any) -> dict[str, Any]:
+    """Count, count by reason and (when few) each workload address refused as
+    infrastructure with its reason."""
+    by_reason: dict[str, int] = {}
+    for why in refused.values():
+        by_reason[why] = by_reason.get(why, 0) + 1
+    doc: dict[str, Any] = {"count": len(refused), "by_reason": dict(sorted(by_reason.items()))}
+    if len(refused) <= MAX_REFUSED_SHOWN:
+        doc["entries"] = [{"ip": ip, "reason": why} for ip, why in refused.items()]
+    return doc
+
+
 class AgentState(Protocol):
     """What the report reads of the agent (tfcrypt/agent/loop.py)."""
 
@@ -129,6 +144,11 @@ class StatusReport:
             "lingering_workloads": rec.inputs.lingering.status(),
             "missing_peers": sorted(d.missing_peers) if d else [],
             "conflicts": list(d.conflicts) if d else [],
+            "refused": refused_status(d.refused if d else {}),
+            "infrastructure": {"count": len(d.infrastructure) if d else 0,
+                               **({"prefixes": sorted(d.infrastructure)}
+                                  if d and len(d.infrastructure) <= MAX_REFUSED_SHOWN
+                                  else {})},
             "drops": {DROP_NAMES[name]: {"packets": p, "bytes": b}
                       for name, (p, b) in sorted((counters or {}).items())
                       if name in DROP_NAMES},

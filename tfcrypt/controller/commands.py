@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from tfcrypt.controller.session import ControllerSession
@@ -28,6 +29,7 @@ from tfcrypt.core.explain import (
     diff_selection,
     explain,
 )
+from tfcrypt.core.infrastructure import infrastructure_of, screen_one
 from tfcrypt.errors import ConfigError
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.node import NodeRecord
@@ -43,7 +45,11 @@ def build_workload(name: str, node: str, ips: list[str], tags: list[str]) -> Wor
         raise ConfigError(f"workload {name}: {exc}") from None
 
 
-async def workload_set(s: ControllerSession, workload: Workload) -> str:
+async def workload_set(s: ControllerSession, workload: Workload,
+                       infrastructure: Mapping[str, str] | None = None) -> str:
+    """Write the workload; say which of its addresses agents refuse for selection as
+    infrastructure (written anyway: a host-network pod's record is legitimate, its
+    address is just never selected; docs/policy.md)."""
     s.require_controller()
     view = await s.read_view()
     elsewhere = [k for k, w in view.of("workloads/").items()
@@ -55,7 +61,11 @@ async def workload_set(s: ControllerSession, workload: Workload) -> str:
     for key in elsewhere:
         await s.delete(key)
     moved = f" (moved from {', '.join(k.split('/')[1] for k in elsewhere)})" if elsewhere else ""
-    return f"workload {workload.name} on {workload.node}: set, epoch {epoch}{moved}"
+    _, refused = screen_one(workload, infrastructure_of(infrastructure or {},
+                                                        _global_view(view)[2]))
+    note = "".join(f"\n  {ip} is infrastructure ({why}): agents refuse it for selection"
+                   for ip, why in refused.items())
+    return f"workload {workload.name} on {workload.node}: set, epoch {epoch}{moved}{note}"
 
 
 async def workload_delete(s: ControllerSession, name: str, node: str | None) -> str:
@@ -131,21 +141,26 @@ def _global_view(view: VerifiedView) -> tuple[dict[str, Workload],
             {r.node: r for r in view.of("nodes/").values()})
 
 
-async def explain_flow(s: ControllerSession, src_ip: str, dst_ip: str) -> Explanation:
+async def explain_flow(s: ControllerSession, src_ip: str, dst_ip: str,
+                       infrastructure: Mapping[str, str] | None = None) -> Explanation:
     for what, ip in (("SRC_IP", src_ip), ("DST_IP", dst_ip)):
         try:
             ipaddress.ip_address(ip)
         except ValueError:
             raise ConfigError(f"{what}: {ip!r} is not an IP address") from None
-    return explain(GlobalView(*_global_view(await s.read_view())), src_ip, dst_ip)
+    return explain(GlobalView(*_global_view(await s.read_view())), src_ip, dst_ip,
+                   infrastructure)
 
 
-async def policy_plan(s: ControllerSession, policy: EncryptionPolicy) -> dict[str, Any]:
+async def policy_plan(s: ControllerSession, policy: EncryptionPolicy,
+                      infrastructure: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What enforcing `policy` (as written, or as if enforced when it is audit-mode) would
-    change, and whether every node it needs has a verified key."""
+    change, and whether every node it needs has a verified key; infrastructure addresses
+    (node records', plus `infrastructure`) are screened out as the agents do."""
     workloads, policies, nodes = _global_view(await s.read_view())
     enforced = dataclasses.replace(policy, mode=Mode.ENFORCE)
-    diff = diff_selection(policies, {**policies, policy.name: enforced}, workloads, nodes)
+    diff = diff_selection(policies, {**policies, policy.name: enforced}, workloads, nodes,
+                          infrastructure)
     affected = sorted(set(diff.per_node) | diff.missing_peers)
     return {
         "policy": policy.name,

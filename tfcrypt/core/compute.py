@@ -21,6 +21,11 @@ Rules (DESIGN.md, "Policy model" and "Dataplane"; docs/policy.md):
   selected IP that no peer gets is dropped by the dataplane's guard, never sent in clear.
 - `missing_peers`: remote nodes owning a selected IP without a usable record. Their
   traffic must be dropped; the dataplane does it, compute only reports it.
+- Infrastructure addresses (tfcrypt/core/infrastructure.py: every node record's address,
+  plus `Snapshot.infrastructure`: the agent's own, the etcd endpoints, configured CIDRs)
+  are never selected: a plain mapping of workloads is screened here first, each refused
+  address reported in `Desired.refused` with its reason; an Inventory is screened as it
+  is fed (the agent's CoreInput, with `Screen`), and the agent fills `refused` itself.
 - `Snapshot.workloads` may be an Inventory (the agent's, tfcrypt/core/inventory.py):
   selection then queries its maintained postings instead of indexing every workload
   (the result is the same: tests/test_inventory.py). Its rows are caches compute may
@@ -37,6 +42,7 @@ from operator import attrgetter
 
 from tfcrypt.core.collector import collector_paused
 from tfcrypt.core.counting import union_of
+from tfcrypt.core.infrastructure import infrastructure_of, screened
 from tfcrypt.core.inventory import queryable
 from tfcrypt.core.inventory_index import InventoryIndex
 from tfcrypt.core.postings import planned_keys
@@ -56,13 +62,16 @@ from tfcrypt.model.workload import Workload
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Verified inputs: workloads by key, policies by name, fresh node records by node."""
+    """Verified inputs: workloads by key, policies by name, fresh node records by node;
+    `infrastructure`: prefix -> reason of the addresses no workload may claim besides
+    the node records' (the agent's own, the etcd endpoints, configured CIDRs)."""
 
     own_node: str
     workloads: Mapping[str, Workload]
     policies: Mapping[str, EncryptionPolicy]
     nodes: Mapping[str, NodeRecord]
     own_public_key: str
+    infrastructure: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,8 @@ class Desired:
     selectors; `selector_ips`: selector name -> the remote IPs it selects. A class selects
     the union of its selectors' sets; that union is not stored (see docs/policy.md,
     "Scale"): `class_peers` builds it on demand, O(elements), for tests and small views.
+    `infrastructure`: the prefixes never selected (the dataplane's `infra_*` sets);
+    `refused`: workload address -> why it was refused for selection.
     """
 
     local_class: Mapping[str, str]
@@ -100,6 +111,8 @@ class Desired:
     missing_peers: frozenset[str]
     audit: AuditReport
     conflicts: tuple[str, ...]
+    infrastructure: frozenset[str] = frozenset()
+    refused: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def class_peers(self) -> dict[str, frozenset[str]]:
@@ -119,7 +132,13 @@ def compute(snap: Snapshot) -> Desired:
                      key=lambda p: p.name)
     audit_rules = [rules_of([p], Mode.AUDIT) for p in audited]
     inventory = queryable(snap.workloads)
-    workloads = () if inventory is not None else tuple(snap.workloads.values())
+    infra = infrastructure_of(snap.infrastructure, snap.nodes)
+    refused: Mapping[str, str] = {}
+    if inventory is None:
+        plain, refused = screened(snap.workloads, infra)
+        workloads: tuple[Workload, ...] = tuple(plain.values())
+    else:
+        workloads = ()
     if inventory is not None:  # the agent's maintained indexes: a query, no pass
         local = inventory.workloads_on(own)
         claims = IpClaims.unshared({n: inventory.ips_of(n) for n in inventory.nodes()})
@@ -154,6 +173,8 @@ def compute(snap: Snapshot) -> Desired:
         missing_peers=frozenset(missing),
         audit=audit,
         conflicts=tuple(conflicts),
+        infrastructure=infra.prefixes,
+        refused=refused,
     )
 
 

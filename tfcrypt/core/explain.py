@@ -9,6 +9,10 @@ Rules:
   both orientations, in words an operator can act on:
   "src 10.200.1.11 (n1-w1) lacks tag application=payments",
   "match_tags site: n1-w1 has site=a, n2-w1 has site=b", "same node", "unknown IP".
+- An address that is infrastructure (tfcrypt/core/infrastructure.py: a node record's
+  address, an etcd endpoint, a prefix the caller passes) is refused for selection: the
+  flow is not selected whatever the rules say, and the note says why; `diff_selection`
+  screens the workloads the same way and lists the refused addresses.
 - A selected flow whose nodes lack a usable key is reported as dropped: tfcrypt never
   sends a selected flow in plaintext.
 - `diff_selection` computes the pairs a policy change adds and removes, over all nodes
@@ -22,10 +26,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tfcrypt.core.compute import usable_records
+from tfcrypt.core.infrastructure import infrastructure_of, screened
 from tfcrypt.core.remote_index import RemoteIndex
 from tfcrypt.core.selection import (
     RuleRef,
@@ -94,6 +99,7 @@ class Explanation:
     verdicts: tuple[RuleVerdict, ...]  # every enforce rule, per workload combination
     audit_matches: tuple[RuleVerdict, ...]
     missing_keys: tuple[str, ...]    # nodes of the flow without a usable verified key
+    refused: tuple[tuple[str, str], ...] = ()  # (ip, reason): infrastructure, never selected
 
     @property
     def matches(self) -> tuple[RuleVerdict, ...]:
@@ -135,17 +141,29 @@ class Explanation:
                 "selected": self.selected, "dropped": self.dropped, "notes": list(self.notes),
                 "rules": [v.to_json() for v in self.verdicts],
                 "audit_matches": [v.to_json() for v in self.audit_matches],
-                "missing_keys": list(self.missing_keys)}
+                "missing_keys": list(self.missing_keys),
+                "refused": dict(self.refused)}
 
 
-def explain(inventory: Inventory, src_ip: str, dst_ip: str) -> Explanation:
-    """Why the flow src_ip -> dst_ip is or is not selected, rule by rule."""
+def explain(inventory: Inventory, src_ip: str, dst_ip: str,
+            infrastructure: Mapping[str, str] | None = None) -> Explanation:
+    """Why the flow src_ip -> dst_ip is or is not selected, rule by rule; `infrastructure`
+    (prefix -> reason) is added to the node records' addresses."""
     src_ip, dst_ip = _normal(src_ip), _normal(dst_ip)
     workloads = sorted(inventory.workloads.values(), key=lambda w: w.key)
     srcs = [w for w in workloads if src_ip in w.ips]
     dsts = [w for w in workloads if dst_ip in w.ips]
     notes = [f"unknown IP {ip}: no workload has it"
              for ip, found in ((src_ip, srcs), (dst_ip, dsts)) if not found]
+    infra = infrastructure_of(infrastructure or {}, inventory.nodes)
+    refused = tuple((ip, why) for ip in dict.fromkeys((src_ip, dst_ip))
+                    if (why := infra.reason_for(ip)) is not None)
+    notes += [f"{ip} is infrastructure ({why}): refused for selection, never encrypted "
+              "(traffic to and from it is never classified)" for ip, why in refused]
+    if refused:
+        return Explanation(src_ip, dst_ip, tuple(_label(w) for w in srcs),
+                           tuple(_label(w) for w in dsts), False, tuple(notes), (), (), (),
+                           refused)
     enforce = rules_of(inventory.policies.values(), Mode.ENFORCE)
     audit = rules_of(inventory.policies.values(), Mode.AUDIT)
     verdicts: list[RuleVerdict] = []
@@ -232,6 +250,7 @@ class PlanDiff:
     removed: frozenset[tuple[str, str]]
     per_node: Mapping[str, NodePlan]     # nodes with a change only
     missing_peers: frozenset[str]        # nodes the new selection needs without a usable key
+    refused: Mapping[str, str] = field(default_factory=dict)  # infrastructure ip -> reason
 
     @property
     def changed(self) -> bool:
@@ -244,6 +263,13 @@ class PlanDiff:
         lines += [f"  node {p.node}: +{p.added} -{p.removed}" for p in self.per_node.values()]
         lines += [f"  missing peer key for {n}: its selected traffic would be dropped"
                   for n in sorted(self.missing_peers)]
+        if self.refused:
+            shown = list(self.refused.items())[:20]
+            more = len(self.refused) - len(shown)
+            lines.append(f"  {len(self.refused)} workload address(es) refused as "
+                         "infrastructure, never selected: "
+                         + ", ".join(f"{ip} ({why})" for ip, why in shown)
+                         + (f" and {more} more" if more else ""))
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -251,14 +277,18 @@ class PlanDiff:
                 "removed": [list(p) for p in _ordered(self.removed)],
                 "per_node": {n: {"added": p.added, "removed": p.removed}
                              for n, p in self.per_node.items()},
-                "missing_peers": sorted(self.missing_peers)}
+                "missing_peers": sorted(self.missing_peers),
+                "refused": dict(self.refused)}
 
 
 def diff_selection(before_policies: Mapping[str, EncryptionPolicy],
                    after_policies: Mapping[str, EncryptionPolicy],
                    workloads: Mapping[str, Workload],
-                   nodes: Mapping[str, NodeRecord]) -> PlanDiff:
-    """What replacing `before_policies` by `after_policies` changes in enforced selection."""
+                   nodes: Mapping[str, NodeRecord],
+                   infrastructure: Mapping[str, str] | None = None) -> PlanDiff:
+    """What replacing `before_policies` by `after_policies` changes in enforced selection
+    (infrastructure addresses screened out first, as the agents do)."""
+    workloads, refused = screened(workloads, infrastructure_of(infrastructure or {}, nodes))
     all_workloads = tuple(workloads.values())
     before_rules = rules_of(before_policies.values(), Mode.ENFORCE)
     after_rules = rules_of(after_policies.values(), Mode.ENFORCE)
@@ -285,7 +315,7 @@ def diff_selection(before_policies: Mapping[str, EncryptionPolicy],
     added, removed = after_all - before_all, before_all - after_all
     usable = _usable(nodes)
     return PlanDiff(frozenset(added), frozenset(removed), per_node,
-                    frozenset(n for n in needed if n not in usable))
+                    frozenset(n for n in needed if n not in usable), refused)
 
 
 def _usable(nodes: Mapping[str, NodeRecord]) -> set[str]:

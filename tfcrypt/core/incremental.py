@@ -13,6 +13,9 @@ Rules (docs/policy.md; DESIGN.md "Shape of the code"):
 - Which workloads changed: diffing two 100,000-entry mappings costs more than applying
   one change, so the caller that knows (a watch event names its key) passes the keys;
   without them every value is compared by identity, then equality.
+- Infrastructure (tfcrypt/core/infrastructure.py): a plain mapping of workloads is
+  screened like compute() screens it (and then compared whole); an Inventory is already
+  screened by whoever fed it.
 - Pure like the rest of the core: no I/O, no clock. The Desired values it returns are
   never mutated afterwards (new frozensets replace changed ones), so the caller may keep
   the previous one to compare.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from tfcrypt.core.claims import Claims
 from tfcrypt.core.class_table import ClassTable, RebuildNeeded
@@ -40,6 +44,7 @@ from tfcrypt.core.compute import (
     usable_records,
 )
 from tfcrypt.core.counting import Bitmaps, SelectorMasks
+from tfcrypt.core.infrastructure import Infrastructure, infrastructure_of, screened
 from tfcrypt.core.inventory import queryable
 from tfcrypt.core.inventory_index import InventoryIndex
 from tfcrypt.core.remote_index import RemoteIndex
@@ -62,6 +67,8 @@ class IncrementalCore:
         self.own_node = own_node
         self.desired: Desired | None = None
         self.rebuilds = 0
+        self._infra_inputs: tuple[dict[str, str], dict[str, NodeRecord]] | None = None
+        self._infra_value = Infrastructure()
 
     # -- entry point -----------------------------------------------------------------
 
@@ -70,6 +77,14 @@ class IncrementalCore:
         """The Desired of `snap` (== compute(snap)), reusing what did not change."""
         if snap.own_node != self.own_node:
             raise ValueError(f"snapshot of {snap.own_node}, core of {self.own_node}")
+        infra = self._infrastructure(snap)
+        self._infra = infra.prefixes
+        self._refused: Mapping[str, str] = {}
+        if infra and queryable(snap.workloads) is None:
+            plain, self._refused = screened(snap.workloads, infra)
+            if plain is not snap.workloads:
+                snap = replace(snap, workloads=plain)
+                changed_workloads = None
         if self.desired is None or dict(snap.policies) != self._policies:
             return self._rebuild(snap)
         keys = (self._changed_keys(snap.workloads) if changed_workloads is None
@@ -90,6 +105,15 @@ class IncrementalCore:
         if len(old) - len(workloads) + new_keys:
             keys |= old.keys() - workloads.keys()
         return keys
+
+    def _infrastructure(self, snap: Snapshot) -> Infrastructure:
+        """infrastructure_of(snap), rebuilt only when its inputs changed (~5 ms at 1,000
+        nodes otherwise, on every update)."""
+        inputs = (dict(snap.infrastructure), dict(snap.nodes))
+        if self._infra_inputs != inputs:
+            self._infra_inputs = inputs
+            self._infra_value = infrastructure_of(snap.infrastructure, snap.nodes)
+        return self._infra_value
 
     # -- full rebuild ----------------------------------------------------------------
 
@@ -403,4 +427,6 @@ class IncrementalCore:
             missing_peers=frozenset(self._missing),
             audit=self._audit_report(),
             conflicts=(*self._key_conflicts, *sorted(self._claims.conflicts.values())),
+            infrastructure=self._infra,
+            refused=self._refused,
         )

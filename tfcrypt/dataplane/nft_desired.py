@@ -9,6 +9,9 @@ Rules of this module:
 - It places objects and elements; what a rule says is built in
   tfcrypt/dataplane/nft_rules.py.
 - Addresses are canonicalised through a cache (remote IPs recur in several selector sets).
+- The infrastructure interval sets (`infra_v4`, `infra_v6`) are part of the skeleton
+  and exist, possibly empty, whenever the table does; their elements are a few hundred
+  at most and are recomputed on every update, reported as changed only when they differ.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tfcrypt.dataplane.nft_table import (
     COUNTERS,
     EGRESS_GUARD,
     FAMILIES,
+    INTERVAL,
     LOCAL_MAPS,
     PREROUTING,
     SELECTED,
@@ -32,6 +36,8 @@ from tfcrypt.dataplane.nft_table import (
     TableState,
     canonical_ip,
     in_chain,
+    infra_elements,
+    infra_set,
     out_chain,
     set_name,
     validate,
@@ -85,6 +91,7 @@ class DesiredTable:
     def update(self, d: NftDesired) -> set[str]:
         """Make `state` the table for `d`; returns the selector sets whose elements changed."""
         validate(d)
+        infra = infra_elements(d.infrastructure)
         mask = d.mask if d.mask is not None else d.mark
         old = self.state
         shape = (d.mark, mask, d.enforce, d.wg_ifname, frozenset(d.local_class.values()),
@@ -114,9 +121,17 @@ class DesiredTable:
             state.chains[SELECTED] = None
             for name in LOCAL_MAPS:
                 state.sets[name] = SetSpec(BY_SUFFIX[name[-2:]].addr_type, "verdict")
+            for fam in FAMILIES:
+                state.sets[infra_set(fam)] = SetSpec(fam.addr_type, flags=INTERVAL)
         rules = [] if same_skeleton else list(cached(""))
         members: dict[str, _SetMembers] = {}
         changed: set[str] = set()
+        for name, elements in infra.items():
+            if old.elements.get(name) == elements and self.desired is not None:
+                state.elements[name] = old.elements[name]
+            else:
+                state.elements[name] = elements
+                changed.add(name)
         used = {n for names in d.class_selectors.values() for n in names}
         for selector in sorted({*d.selector_ips, *used}):
             names = [set_name(selector, fam) for fam in FAMILIES]

@@ -10,13 +10,16 @@ Rules of this module:
 - `FakeNft` understands the subset of JSON commands tfcrypt emits and mimics the kernel
   behaviour the manager depends on: atomic transactions, EEXIST when an element is added
   with another value, ENOENT for a missing object, EBUSY for deleting an object still
-  referenced, and a listing in the same shape as `nft -j list table`.
+  referenced, and a listing in the same shape as `nft -j list table`. Interval sets
+  (`flags: ["interval"]`) take prefixes (`{"prefix": {"addr", "len"}}`) and refuse an
+  element overlapping one already there, as the kernel does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import ipaddress
 import json
 from typing import Any, Protocol
 
@@ -28,6 +31,22 @@ Json = dict[str, Any]
 _ENOENT = "Error: Could not process rule: No such file or directory"
 _EEXIST = "Error: Could not process rule: File exists"
 _EBUSY = "Error: Could not process rule: Device or resource busy"
+_OVERLAP = "Error: interval overlaps with an existing one"
+
+
+def _elem_key(raw: Any) -> Any:
+    """A plain set's element as the fake keys it: a prefix as `addr/len`."""
+    if isinstance(raw, dict) and isinstance(raw.get("prefix"), dict):
+        return f"{raw['prefix']['addr']}/{raw['prefix']['len']}"
+    return raw
+
+
+def _elem_raw(key: Any) -> Any:
+    """The listing's spelling of a fake element key (the inverse of `_elem_key`)."""
+    if isinstance(key, str) and "/" in key:
+        addr, length = key.split("/")
+        return {"prefix": {"addr": addr, "len": int(length)}}
+    return key
 
 
 class NftError(TfcryptError):
@@ -171,8 +190,10 @@ class FakeNft:
             obj: Json = {**base, "name": name, "type": s["type"], "handle": s["handle"]}
             if s["map"]:
                 obj["map"] = s["map"]
+            if s.get("flags"):
+                obj["flags"] = list(s["flags"])
             if s["elem"]:
-                obj["elem"] = [[k, {"jump": {"target": v}}] if s["map"] else k
+                obj["elem"] = [[k, {"jump": {"target": v}}] if s["map"] else _elem_raw(k)
                                for k, v in s["elem"].items()]
             out.append({"map" if s["map"] else "set": obj})
         for name, c in t["chains"].items():
@@ -216,10 +237,12 @@ class FakeNft:
 
     def _add_set(self, t: Json, obj: Json, map_: str | None = None) -> None:
         have = t["sets"].get(obj["name"])
-        if have is not None and (have["type"], have["map"]) != (obj["type"], map_):
+        flags = list(obj.get("flags", []))
+        if have is not None and (have["type"], have["map"], have.get("flags", [])) != (
+                obj["type"], map_, flags):
             raise NftError(_EEXIST)
         if have is None:
-            t["sets"][obj["name"]] = {"type": obj["type"], "map": map_,
+            t["sets"][obj["name"]] = {"type": obj["type"], "map": map_, "flags": flags,
                                       "handle": self._handle(t), "elem": {}}
         if obj.get("elem"):
             self._add_element(t, obj)
@@ -242,16 +265,21 @@ class FakeNft:
             raise NftError(_ENOENT)
         for raw in obj["elem"]:
             key, value = (raw[0], raw[1]["jump"]["target"]) if s["map"] else (raw, None)
+            key = _elem_key(key)
             if value is not None and value not in t["chains"]:
                 raise NftError(_ENOENT)
             if key in s["elem"] and s["elem"][key] != value:
                 raise NftError(_EEXIST)
+            if "interval" in s.get("flags", []) and key not in s["elem"]:
+                net = ipaddress.ip_network(key, strict=True)
+                if any(net.overlaps(ipaddress.ip_network(k)) for k in s["elem"]):
+                    raise NftError(_OVERLAP)
             s["elem"][key] = value
 
     def _delete_element(self, t: Json, obj: Json) -> None:
         s = t["sets"].get(obj["name"])
         for raw in obj["elem"]:
-            key = raw[0] if isinstance(raw, list) else raw
+            key = _elem_key(raw[0] if isinstance(raw, list) else raw)
             if s is None or key not in s["elem"]:
                 raise NftError(_ENOENT)
             del s["elem"][key]

@@ -7,6 +7,10 @@ Rules of this module:
 - Anything in the table this module does not recognise (an object kind tfcrypt never
   creates, an element that is not a plain address) is listed in `TableState.foreign`; the
   manager answers that by rebuilding the table in one atomic transaction.
+- Interval sets (the infrastructure sets) list a host as its address and a wider prefix as
+  `{"prefix": {"addr", "len"}}`, read back as `addr/len` (the desired side's spelling,
+  tfcrypt/dataplane/nft_table.py `infra_elements`); a range, which tfcrypt never
+  creates, is foreign.
 - Addresses are canonicalised as on the desired side; `raw_elements` keeps nft's spelling
   where it differs, so a delete names the element as nft knows it.
 """
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from tfcrypt.dataplane.nft_table import (
     BY_ADDR_TYPE,
     COMMENT_PREFIX,
+    INTERVAL,
     BaseHook,
     Fam,
     Json,
@@ -63,9 +68,12 @@ def parse_listing(listing: Json,
 def _parse_set(state: TableState, kind: str, obj: Json,
                canon_of: Callable[[str], tuple[Fam, str]]) -> None:
     name = obj["name"]
+    flags = obj.get("flags") or []
     spec = SetSpec(obj["type"] if isinstance(obj["type"], str) else json.dumps(obj["type"]),
-                   obj.get("map") if kind == "map" else None)
-    if obj.get("flags") or spec.type not in BY_ADDR_TYPE:
+                   obj.get("map") if kind == "map" else None,
+                   tuple(flags) if isinstance(flags, list) else (str(flags),))
+    if spec.flags not in ((), INTERVAL) or spec.type not in BY_ADDR_TYPE or (
+            spec.flags and kind == "map"):
         state.foreign.append(f"{kind} {name} of type {spec.type} flags {obj.get('flags')}")
     state.sets[name] = spec
     state.handles[("set", name)] = obj["handle"]
@@ -74,6 +82,11 @@ def _parse_set(state: TableState, kind: str, obj: Json,
         key, value = (raw[0], raw[1]) if kind == "map" else (raw, None)
         if isinstance(key, dict) and "elem" in key:
             key = key["elem"].get("val")
+        length = None
+        if spec.flags and isinstance(key, dict) and isinstance(key.get("prefix"), dict):
+            key, length = key["prefix"].get("addr"), key["prefix"].get("len")
+            if not isinstance(length, int):
+                key = None
         target = value["jump"]["target"] if isinstance(value, dict) and "jump" in value else None
         if not isinstance(key, str) or (kind == "map" and target is None):
             state.foreign.append(f"element {json.dumps(raw)} in {name}")
@@ -83,9 +96,14 @@ def _parse_set(state: TableState, kind: str, obj: Json,
         except ConfigError:
             state.foreign.append(f"element {key!r} in {name}")
             continue
+        if length is not None:
+            raw_key: object = {"prefix": {"addr": key, "len": length}}
+            key, canon = f"{key}/{length}", f"{canon}/{length}"
+        else:
+            raw_key = key
         members[canon] = target
         if canon != key:
-            state.raw_elements[(name, canon)] = key
+            state.raw_elements[(name, canon)] = raw_key
     state.elements[name] = members
 
 

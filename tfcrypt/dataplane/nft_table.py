@@ -9,6 +9,11 @@ Rules of this module:
 - Every object name tfcrypt creates is made here (`set_name`, `out_chain`, `in_chain`, the
   base chains, counters and local maps); class keys and selector names become object
   names, so `validate` checks them before anything is built.
+- Infrastructure addresses (issue #14: every verified node's addresses, the etcd
+  endpoints, configured CIDRs) live in the interval sets `infra_v4` / `infra_v6`; the
+  prerouting dispatch never classifies a packet to or from one (tfcrypt/dataplane/
+  nft_rules.py), whatever the selector sets hold. `infra_elements` collapses them into
+  non-overlapping prefixes (the kernel refuses overlapping intervals).
 - One path for IPv4 and IPv6 (`FAMILIES`); addresses are canonicalised with
   `inet_pton`/`inet_ntop` (what nft itself prints with, and ~10x cheaper than `ipaddress`),
   so that nft's spelling never shows up as a difference.
@@ -19,6 +24,7 @@ Rules of this module:
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import re
 import socket
@@ -37,7 +43,9 @@ SELECTED = "selected"  # a regular chain: the selected path's spoof check, then 
 COMMENT_PREFIX = "tfcrypt:"
 MAX_MARK = 0xFFFFFFFF
 _CLASS_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
-_RESERVED_KEYS = frozenset({"out", "in"})
+_RESERVED_KEYS = frozenset({"out", "in", "infra"})
+INFRA = "infra"
+INTERVAL = ("interval",)
 LOCAL_MAPS = ("out_v4", "out_v6", "in_v4", "in_v6")
 
 Json = dict[str, Any]
@@ -66,6 +74,8 @@ class NftDesired:
     selects the union of its selectors' sets). `mark` is the bit set on selected packets
     and `mask` the bits tfcrypt owns in the fwmark (None means `mark`). `enforce=False` is
     observe-only: the class rules count what they would mark or drop, and change no packet.
+    `infrastructure`: addresses and CIDRs never classified (neither marked nor dropped by
+    strict ingress), in enforce and observe mode alike.
     """
 
     local_class: Mapping[str, str]
@@ -75,6 +85,7 @@ class NftDesired:
     mask: int | None = None
     wg_ifname: str = "tfcrypt0"
     enforce: bool = True
+    infrastructure: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.mask is None:
@@ -91,10 +102,12 @@ class BaseHook:
 
 @dataclass(frozen=True)
 class SetSpec:
-    """A set (`map` None) or a map whose values are of type `map` (tfcrypt: "verdict")."""
+    """A set (`map` None) or a map whose values are of type `map` (tfcrypt: "verdict");
+    `flags` ("interval" for the infrastructure sets) as nft lists them."""
 
     type: str
     map: str | None = None
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,41 @@ def out_chain(key: str) -> str:
 
 def in_chain(key: str) -> str:
     return f"in_{key}"
+
+
+def infra_set(fam: Fam) -> str:
+    return f"{INFRA}_{fam.suffix}"
+
+
+def infra_elements(prefixes: Collection[str]) -> dict[str, dict[str, str | None]]:
+    """Set name -> the elements of the infrastructure sets for `prefixes` (addresses or
+    CIDRs, host bits allowed): collapsed per family into non-overlapping prefixes, a host
+    spelled as its address and a wider prefix as `addr/len` (what the listing gives back,
+    tfcrypt/dataplane/nft_listing.py). ConfigError for anything that is not a prefix."""
+    nets: dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {4: [], 6: []}
+    for text in prefixes:
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"infrastructure {text!r}: not an address or CIDR") from exc
+        nets[net.version].append(net)
+    out: dict[str, dict[str, str | None]] = {}
+    for fam, version in zip(FAMILIES, (4, 6), strict=True):
+        found: dict[str, str | None] = {}
+        for net in ipaddress.collapse_addresses(nets[version]):  # type: ignore[type-var]
+            _, addr = canonical_ip(str(net.network_address))
+            found[addr if net.prefixlen == net.max_prefixlen else f"{addr}/{net.prefixlen}"] = None
+        out[infra_set(fam)] = found
+    return out
+
+
+def element_json(set_spec: SetSpec, key: str) -> object:
+    """One element of a plain set as nft's JSON takes it: a prefix of an interval set as
+    `{"prefix": ...}`, anything else as the address."""
+    if set_spec.flags and "/" in key:
+        addr, length = key.split("/")
+        return {"prefix": {"addr": addr, "len": int(length)}}
+    return key
 
 
 def canonical_ip(text: str) -> tuple[Fam, str]:

@@ -39,7 +39,15 @@ from tfcrypt.dataplane.delta import DeltaTracker, Plan
 from tfcrypt.dataplane.nft_desired import DesiredTable
 from tfcrypt.dataplane.nft_json import Nft, NftError, NftUnreadable
 from tfcrypt.dataplane.nft_listing import counter_values, parse_listing
-from tfcrypt.dataplane.nft_table import FAMILY, LOCAL_MAPS, TABLE, Json, NftDesired, TableState
+from tfcrypt.dataplane.nft_table import (
+    FAMILY,
+    LOCAL_MAPS,
+    TABLE,
+    Json,
+    NftDesired,
+    TableState,
+    element_json,
+)
 from tfcrypt.dataplane.routes import ApplyReport, ItemError
 
 log = logging.getLogger(__name__)
@@ -69,12 +77,14 @@ def _element_cmds(verb: str, want: TableState, by_set: dict[str, list[str]],
     out = []
     for name in sorted(by_set):
         ips = sorted(by_set[name])
+        spec = want.sets.get(name) or have.sets[name]
         if verb == "delete":
-            elem: list[object] = [have.raw_elements.get((name, ip), ip) for ip in ips]
-        elif want.sets[name].map:
+            elem: list[object] = [have.raw_elements.get((name, ip), element_json(spec, ip))
+                                  for ip in ips]
+        elif spec.map:
             elem = [[ip, {"jump": {"target": want.elements[name][ip]}}] for ip in ips]
         else:
-            elem = list(ips)
+            elem = [element_json(spec, ip) for ip in ips]
         out.append(_cmd(verb, "element", name=name, elem=elem))
     return out
 
@@ -114,7 +124,8 @@ def build_transaction(want: TableState, have: TableState, plan: Plan[Key, object
         if spec.map:
             cmds.append(_cmd("add", "map", name=key[1], type=spec.type, map=spec.map))
         else:
-            cmds.append(_cmd("add", "set", name=key[1], type=spec.type))
+            flags = {"flags": list(spec.flags)} if spec.flags else {}
+            cmds.append(_cmd("add", "set", name=key[1], type=spec.type, **flags))
     for key in sorted(k for k in plan.upserts if k[0] == "chain"):
         hook = want.chains[key[1]]
         base = {} if hook is None else {"type": hook.type, "hook": hook.hook,
