@@ -115,6 +115,30 @@ def test_selected_pairs_cross_only_inside_wireguard_unselected_in_plaintext(
     assert count_packets(pcap, f"{other} and {WG}") == 0, "WireGuard over the wrong family"
 
 
+@pytest.mark.parametrize("family", [6, 4])
+def test_a_full_size_packet_crosses_the_tunnel_unfragmented(
+        lab: Lab, tmp_path: Path, family: int) -> None:
+    """The tunnel MTU is the underlay's minus 80 (WireGuard over IPv6: 40 + 8 + 32), so
+    a packet of exactly the tunnel MTU, DF set, crosses and its WireGuard packet fits the
+    underlay whole: no fragment of it on the wire, over either underlay family. (With 60,
+    right for an IPv4 underlay only, this fails on the IPv6-only underlay.)"""
+    mtu = agent_status(lab, "n1")["mtu"]
+    assert mtu == 1420
+    addr = ips(lab)
+    (a, b) = SELECTED[0]
+    header = 48 if family == 6 else 28   # IP + ICMP headers inside the tunnel
+    pcap = tmp_path / f"full{family}.pcap"
+    with capture(lab, pcap, bpf="ip or ip6"):
+        got = subprocess.run([*lab.exec_prefix(a), "ping", f"-{family}", "-c", "3", "-i", "0.2",
+                              "-W", "2", "-M", "do", "-s", str(mtu - header), addr[b][family]],
+                             capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert count_packets(pcap, f"{WG} and greater 1400") > 0
+    fragments = ("ip6[6] == 44" if v6_underlay(lab)
+                 else "ip and (ip[6:2] & 0x3fff) != 0")
+    assert count_packets(pcap, fragments) == 0, "WireGuard packets were fragmented"
+
+
 def test_killing_wireguard_go_under_ipv6_traffic_leaks_no_plaintext(
         lab: Lab, tmp_path: Path) -> None:
     addr = ips(lab)
