@@ -91,6 +91,10 @@ def test_the_lab_is_dual_stack_and_the_agents_report_both_addresses(lab: Lab) ->
     out = subprocess.run([*lab.exec_prefix("n1"), sys.executable, "-m", "tfcrypt", "status",
                           "--json"], capture_output=True, text=True, check=True).stdout
     assert '"fd00:200:1::12"' in out
+    explained = inventory.tfcrypt(lab, "explain", "fd00:200:1::11", "fd00:200:2::11")
+    assert "not selected" not in explained and "payments rule 0: selects" in explained
+    assert "not selected" in inventory.tfcrypt(lab, "explain", "fd00:200:1::12",
+                                               "fd00:200:2::11")
 
 
 @pytest.mark.parametrize("family", [6, 4])
