@@ -206,6 +206,9 @@ class Lab:
 
         Pitfall: proxy ARP answers only if the node has a unicast route to the target,
         so the node routes 169.254.1.1 to its loopback (it has no default route).
+        IPv6 needs no proxy: the node side holds the link-local gateway fe80::1 itself
+        (the same address on every workload veth is fine, link-local is per link) and
+        answers neighbour discovery for it; the workload answers for its own /128.
         """
         settings = {
             "net.ipv4.ip_forward": "1",
