@@ -58,6 +58,11 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="etcd cluster size (default 1)")
     up.add_argument("--svid-ttl", type=int, default=DEFAULT_SVID_TTL, metavar="SECONDS",
                     help=f"lifetime of issued X509-SVIDs (default {DEFAULT_SVID_TTL})")
+    up.add_argument("--ipv6", action="store_true",
+                    help="IPv6 (ULA) beside IPv4 for nodes and workloads (docs/lab.md)")
+    up.add_argument("--underlay", choices=("v4", "v6"), default="v4",
+                    help="underlay family: v6 is IPv6-only (etcd and WireGuard endpoints "
+                         "over IPv6; implies --ipv6); default v4")
 
     up.add_argument("--agents", action="store_true",
                     help="start a tfcrypt agent in every node once the lab is up")
@@ -112,6 +117,7 @@ def _summary(s: dict[str, Any]) -> str:
         f"etcd {','.join(s['etcd']['endpoints'])} [{members}]; workload API {api}",
     ]
     lines += [f"  {n['name']} {n['underlay_ip']} {n['workload_subnet']} "
+              f"{(n['workload_subnet6'] + ' ') if n.get('workload_subnet6') else ''}"
               f"workloads: {' '.join(n['workloads']) or '-'}"
               f"{' agent pid ' + str(n['agent']['pid']) if n['agent']['running'] else ''}"
               for n in s["nodes"]]
@@ -120,7 +126,8 @@ def _summary(s: dict[str, Any]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
-        lab = Lab(Layout(args.name, args.nodes, args.workloads_per_node, args.etcd_members),
+        lab = Lab(Layout(args.name, args.nodes, args.workloads_per_node, args.etcd_members,
+                         ipv6=args.ipv6, underlay=args.underlay),
                   svid_ttl=args.svid_ttl)
         lab.up()
         print(f"lab {args.name} is up: run dir {lab.run_dir}")

@@ -36,12 +36,13 @@ def tfcrypt(lab: Lab, *args: str, timeout: float = 60) -> str:
 
 def set_workload(lab: Lab, name: str, tags: Iterable[str], node: str | None = None,
                  ips: Iterable[str] | None = None) -> str:
-    """Publish one lab workload with `tags` (its node and IP from the layout by default)."""
+    """Publish one lab workload with `tags` (its node and every address it has, IPv4 and
+    IPv6 in a dual-stack lab, from the layout by default)."""
     wl = next((w for w in lab.status()["workloads"] if w["name"] == name), None)
     if wl is None and (node is None or ips is None):
         raise LabError(f"unknown workload {name!r}: give its node and ips")
     args = ["workload", "set", name, "--node", node or wl["node"]]  # type: ignore[index]
-    for ip in ips or [wl["ip"]]:  # type: ignore[index]
+    for ip in ips or wl.get("ips") or [wl["ip"]]:  # type: ignore[index,union-attr]
         args += ["--ip", ip]
     for tag in tags:
         args += ["--tag", tag]

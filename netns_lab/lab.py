@@ -32,9 +32,11 @@ from .layout import (
     BRIDGE,
     RUN_ROOT,
     TRUST_DOMAIN,
-    UNDERLAY_CIDR,
+    UNDERLAY_CIDR6,
     UNDERLAY_PREFIXLEN,
+    UNDERLAY_PREFIXLEN6,
     WORKLOAD_GATEWAY,
+    WORKLOAD_GATEWAY6,
     Layout,
     Node,
     check_name,
@@ -79,13 +81,15 @@ class Lab:
             state = json.loads(path.read_text())
         except FileNotFoundError:
             raise LabError(f"lab {name} is not up") from None
-        layout = Layout(name, state["nodes"], state["workloads_per_node"], state["etcd_members"])
+        layout = Layout(name, state["nodes"], state["workloads_per_node"], state["etcd_members"],
+                        ipv6=state.get("ipv6", False), underlay=state.get("underlay", "v4"))
         return cls(layout, svid_ttl=state["svid_ttl"])
 
     def _initial_state(self) -> dict[str, Any]:
         return {"name": self.name, "nodes": self.layout.nodes,
                 "workloads_per_node": self.layout.workloads_per_node,
                 "etcd_members": self.layout.etcd_members, "svid_ttl": self.svid_ttl,
+                "ipv6": self.layout.ipv6, "underlay": self.layout.underlay,
                 "phase": "creating", "processes": []}
 
     @contextlib.contextmanager
@@ -139,9 +143,14 @@ class Lab:
         for ns in lay.all_netns():
             self.ledger.record("netns", name=ns)
             net.create_netns(ns)
+            if lay.ipv6:  # before any link exists, so every link inherits it
+                net.sysctl(ns, {"net.ipv6.conf.all.accept_dad": "0",
+                                "net.ipv6.conf.default.accept_dad": "0"})
         self._build_underlay()
         for node in lay.all_nodes():
             self._build_workloads(node)
+        if lay.ipv6:
+            net.wait_not_tentative(lay.all_netns())
         for node in lay.all_nodes():
             self.ledger.record("mount", path=str(node.mount_ns))
             mountns.create_node_mount_ns(node.netns, node.mount_ns, node.wireguard_dir,
@@ -153,31 +162,53 @@ class Lab:
         self.ledger.record("link", netns=ns, ifname=ifname)
 
     def _build_underlay(self) -> None:
+        """One bridge; each host gets its IPv4 address, its IPv6 one beside it (ipv6), or
+        only the IPv6 one (IPv6-only underlay); nodes route the others' workload subnets
+        via their underlay address of the same family, IPv4 via IPv6 on an IPv6-only one."""
         lay = self.layout
         ul = lay.underlay_netns
         self._link(ul, BRIDGE)
-        net.add_bridge(ul, BRIDGE)
-        ends: list[tuple[str, str, str, list[dict[str, object]]]] = [
-            (lay.controller_netns, "ctl", lay.controller_ip, []),
-            *((m.netns, m.name, m.underlay_ip, []) for m in lay.all_members()),
+        net.add_bridge(ul, BRIDGE, mcast_snooping=not lay.ipv6)
+
+        def addresses(primary: str, v6: str | None) -> list[tuple[str, int]]:
+            if lay.v6_underlay:
+                return [(primary, UNDERLAY_PREFIXLEN6)]
+            return [(primary, UNDERLAY_PREFIXLEN), *([(v6, UNDERLAY_PREFIXLEN6)] if v6 else [])]
+
+        ends: list[tuple[str, str, list[tuple[str, int]], list[dict[str, object]]]] = [
+            (lay.controller_netns, "ctl", addresses(lay.controller_ip, lay.controller_ip6), []),
+            *((m.netns, m.name, addresses(m.underlay_ip, m.underlay_ip6), [])
+              for m in lay.all_members()),
         ]
         for node in lay.all_nodes():
-            routes: list[dict[str, object]] = [
-                {"dst": other.workload_subnet, "gateway": other.underlay_ip}
-                for other in lay.all_nodes() if other.name != node.name
-            ]
-            ends.append((node.netns, node.name, node.underlay_ip, routes))
-        for ns, port, ip, routes in ends:
+            routes: list[dict[str, object]] = []
+            for other in lay.all_nodes():
+                if other.name == node.name:
+                    continue
+                if lay.v6_underlay:
+                    routes.append({"dst": other.workload_subnet, "via6": other.underlay_ip})
+                else:
+                    routes.append({"dst": other.workload_subnet, "gateway": other.underlay_ip})
+                if other.workload_subnet6 and other.underlay_ip6:
+                    routes.append({"dst": other.workload_subnet6, "gateway": other.underlay_ip6})
+            ends.append((node.netns, node.name, addresses(node.underlay_ip, node.underlay_ip6),
+                         routes))
+        for ns, port, addrs, routes in ends:
             self._link(ns, "eth0")
             net.add_veth(ns, "eth0", ul, port)
             net.enslave_up(ul, port, BRIDGE)
-            net.configure(ns, "eth0", address=ip, prefixlen=UNDERLAY_PREFIXLEN, routes=routes)
+            net.configure(ns, "eth0")
+            net.add_addresses(ns, "eth0", addrs)
+            net.add_routes(ns, "eth0", routes)
 
     def _build_workloads(self, node: Node) -> None:
         """Calico-style: /32 on the workload, onlink default via 169.254.1.1, proxy ARP.
 
         Pitfall: proxy ARP answers only if the node has a unicast route to the target,
         so the node routes 169.254.1.1 to its loopback (it has no default route).
+        IPv6 needs no proxy: the node side holds the link-local gateway fe80::1 itself
+        (the same address on every workload veth is fine, link-local is per link) and
+        answers neighbour discovery for it; the workload answers for its own /128.
         """
         settings = {
             "net.ipv4.ip_forward": "1",
@@ -185,6 +216,8 @@ class Lab:
             "net.ipv4.conf.default.rp_filter": "0",
             "net.ipv4.conf.eth0.rp_filter": "0",
         }
+        if self.layout.ipv6:
+            settings["net.ipv6.conf.all.forwarding"] = "1"
         net.configure(node.netns, "lo",
                       routes=[{"dst": f"{WORKLOAD_GATEWAY}/32", "scope": RT_SCOPE_LINK}])
         for wl in self.layout.workloads_of(node):
@@ -194,6 +227,12 @@ class Lab:
                           routes=[{"dst": f"{wl.ip}/32", "scope": RT_SCOPE_LINK}])
             net.configure(wl.netns, "eth0", address=wl.ip, prefixlen=32, routes=[
                 {"dst": "0.0.0.0/0", "gateway": WORKLOAD_GATEWAY, "flags": RTNH_F_ONLINK}])
+            if wl.ip6:  # Calico style again: a link-local gateway, a /128 routed by the node
+                net.add_addresses(node.netns, wl.node_if, [(WORKLOAD_GATEWAY6, 64)])
+                net.add_routes(node.netns, wl.node_if, [{"dst": f"{wl.ip6}/128"}])
+                net.add_addresses(wl.netns, "eth0", [(wl.ip6, 128)])
+                net.add_routes(wl.netns, "eth0", [{"dst": "::/0",
+                                                   "gateway": WORKLOAD_GATEWAY6}])
             settings[f"net.ipv4.conf.{wl.node_if}.rp_filter"] = "0"
             settings[f"net.ipv4.conf.{wl.node_if}.proxy_arp"] = "1"
             settings[f"net.ipv4.neigh.{wl.node_if}.proxy_delay"] = "0"
@@ -322,12 +361,16 @@ class Lab:
             "phase": state["phase"],
             "run_dir": str(self.run_dir),
             "trust_domain": TRUST_DOMAIN,
-            "underlay_cidr": UNDERLAY_CIDR,
+            "underlay_cidr": lay.underlay_cidr,
+            "underlay_cidr6": UNDERLAY_CIDR6 if lay.ipv6 else None,
+            "ipv6": lay.ipv6,
+            "underlay_family": lay.underlay,
             "underlay": {"netns": lay.underlay_netns, "bridge": BRIDGE,
                          "exec": self.exec_prefix("underlay")},
             "nodes": [{
                 "name": n.name, "netns": n.netns, "underlay_if": "eth0",
                 "underlay_ip": n.underlay_ip, "workload_subnet": n.workload_subnet,
+                "underlay_ip6": n.underlay_ip6, "workload_subnet6": n.workload_subnet6,
                 "spiffe_socket": str(n.spiffe_socket), "spiffe_id": n.spiffe_id,
                 "exec": n.exec_prefix(), "wireguard_dir": str(n.wireguard_dir),
                 "workloads": [w.name for w in lay.workloads_of(n)],
@@ -339,11 +382,13 @@ class Lab:
                 },
             } for n in lay.all_nodes()],
             "workloads": [{
-                "name": w.name, "netns": w.netns, "ip": w.ip, "node": w.node,
+                "name": w.name, "netns": w.netns, "ip": w.ip, "ip6": w.ip6, "ips": w.ips,
+                "node": w.node,
                 "node_if": w.node_if, "exec": self.exec_prefix(w.name),
             } for w in lay.all_workloads()],
             "controller": {
                 "netns": lay.controller_netns, "underlay_ip": lay.controller_ip,
+                "underlay_ip6": lay.controller_ip6,
                 "spiffe_socket": str(lay.controller_socket),
                 "spiffe_id": lay.controller_spiffe_id,
                 "exec": self.exec_prefix("controller"),
@@ -352,6 +397,7 @@ class Lab:
                 "endpoints": lay.etcd_endpoints(),
                 "members": [{
                     "name": m.name, "netns": m.netns, "underlay_ip": m.underlay_ip,
+                    "underlay_ip6": m.underlay_ip6,
                     "pid": (r.pid if (r := running("etcd", m.name)) else None),
                     "data_dir": str(m.data_dir), "running": r is not None,
                 } for m in lay.all_members()],

@@ -4,6 +4,12 @@ Rules: this module is pure (no I/O); everything a lab creates is named here, wit
 name as prefix, so `down`, `status` and other tools agree without asking the kernel.
 Underlay 10.77.0.0/24: etcd member k -> .(1+k), controller -> .9, node i -> .(10+i).
 Node i owns workload subnet 10.200.i.0/24; its workload j gets 10.200.i.(10+j)/32.
+IPv6 (`ipv6=True`, off by default): ULA beside IPv4. Underlay fd00:77::/64 with the same
+last numbers (etcd k -> fd00:77::(1+k), controller ::9, node i ::(10+i), written as hex
+digits: node 1 is fd00:77::11); node i owns fd00:200:i::/64, its workload j gets
+fd00:200:i::(10+j)/128. `underlay="v6"` (implies ipv6) makes the underlay IPv6-only:
+no IPv4 address on it at all, so etcd, the controller and WireGuard endpoints are IPv6
+and the workloads' IPv4 subnets are routed via the nodes' IPv6 addresses (RFC 5549).
 """
 
 from __future__ import annotations
@@ -26,13 +32,21 @@ NODE_STATE_DIR = Path(AgentConfig.state_dir)
 NODE_STATUS_SOCKET = Path(DEFAULT_STATUS_SOCKET)
 NODE_SPIFFE_SOCKET = Path(DEFAULT_SPIFFE_SOCKET)
 UNDERLAY_PREFIXLEN = 24
+UNDERLAY_CIDR6 = "fd00:77::/64"
+UNDERLAY_PREFIXLEN6 = 64
+UNDERLAYS = ("v4", "v6")
 BRIDGE = "br0"
 WORKLOAD_GATEWAY = "169.254.1.1"
+WORKLOAD_GATEWAY6 = "fe80::1"  # link-local on every node-side workload veth (nodad)
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 MAX_NODES = 50
 MAX_WORKLOADS = 50
 ETCD_SIZES = (1, 3)
+
+
+def _url_host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip
 
 
 def check_name(name: str) -> str:
@@ -49,16 +63,17 @@ class Member:
 
     name: str
     netns: str
-    underlay_ip: str
+    underlay_ip: str  # IPv6 on an IPv6-only underlay
     data_dir: Path
+    underlay_ip6: str | None = None
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.underlay_ip}:{ETCD_CLIENT_PORT}"
+        return f"http://{_url_host(self.underlay_ip)}:{ETCD_CLIENT_PORT}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.underlay_ip}:{ETCD_PEER_PORT}"
+        return f"http://{_url_host(self.underlay_ip)}:{ETCD_PEER_PORT}"
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,10 @@ class Node:
     spiffe_id: str
     state_dir: Path  # the agent's state dir, seen as /var/lib/tfcrypt inside the node
     status_socket: Path  # the agent's status API socket, /run/tfcrypt/agent.sock inside
+    # `underlay_ip` is what peers send WireGuard to (the agent's advertise address): the
+    # IPv6 one on an IPv6-only underlay. `underlay_ip6` is set whenever the lab has IPv6.
+    underlay_ip6: str | None = None
+    workload_subnet6: str | None = None
 
     def default_path_binds(self) -> list[tuple[Path, Path]]:
         """(host directory, where the node sees it): tfcrypt's default paths."""
@@ -97,6 +116,12 @@ class Workload:
     ip: str
     node: str
     node_if: str
+    ip6: str | None = None
+
+    @property
+    def ips(self) -> list[str]:
+        """Every address of the workload, IPv4 first (what its record publishes)."""
+        return [self.ip, *([self.ip6] if self.ip6 else [])]
 
 
 @dataclass(frozen=True)
@@ -107,9 +132,15 @@ class Layout:
     nodes: int
     workloads_per_node: int
     etcd_members: int = 1
+    ipv6: bool = False
+    underlay: str = "v4"
 
     def __post_init__(self) -> None:
         check_name(self.name)
+        if self.underlay not in UNDERLAYS:
+            raise LabError(f"--underlay must be v4 or v6, got {self.underlay!r}")
+        if self.underlay == "v6" and not self.ipv6:
+            object.__setattr__(self, "ipv6", True)  # an IPv6 underlay needs IPv6 in nodes
         if not 1 <= self.nodes <= MAX_NODES:
             raise LabError(f"--nodes must be 1..{MAX_NODES}, got {self.nodes}")
         if not 0 <= self.workloads_per_node <= MAX_WORKLOADS:
@@ -131,7 +162,27 @@ class Layout:
     def controller_netns(self) -> str:
         return f"{self.name}-ctl"
 
-    controller_ip = "10.77.0.9"
+    @property
+    def v6_underlay(self) -> bool:
+        return self.underlay == "v6"
+
+    def _underlay(self, last: int) -> tuple[str, str | None]:
+        """(primary address, IPv6 address or None) of underlay host number `last`."""
+        v6 = f"fd00:77::{last}" if self.ipv6 else None
+        return (v6 if self.v6_underlay and v6 else f"10.77.0.{last}"), v6
+
+    @property
+    def controller_ip(self) -> str:
+        return self._underlay(9)[0]
+
+    @property
+    def controller_ip6(self) -> str | None:
+        return self._underlay(9)[1]
+
+    @property
+    def underlay_cidr(self) -> str:
+        return UNDERLAY_CIDR6 if self.v6_underlay else UNDERLAY_CIDR
+
     controller_spiffe_id = f"spiffe://{TRUST_DOMAIN}/tfcrypt/controller"
 
     @property
@@ -148,12 +199,15 @@ class Layout:
 
     def node(self, i: int) -> Node:
         name = f"n{i}"
+        primary, v6 = self._underlay(10 + i)
         return Node(
             index=i,
             name=name,
             netns=f"{self.name}-{name}",
-            underlay_ip=f"10.77.0.{10 + i}",
+            underlay_ip=primary,
+            underlay_ip6=v6,
             workload_subnet=f"10.200.{i}.0/24",
+            workload_subnet6=f"fd00:200:{i}::/64" if self.ipv6 else None,
             mount_ns=self.run_dir / "mnt" / name,
             wireguard_dir=self.run_dir / name / "wireguard",
             spiffe_socket=self.run_dir / name / "spire-sockets" / NODE_SPIFFE_SOCKET.name,
@@ -171,6 +225,7 @@ class Layout:
                 name=f"{node.name}-w{j}",
                 netns=f"{self.name}-{node.name}-w{j}",
                 ip=f"10.200.{node.index}.{10 + j}",
+                ip6=f"fd00:200:{node.index}::{10 + j}" if self.ipv6 else None,
                 node=node.name,
                 node_if=f"w{j}",
             )
@@ -184,7 +239,8 @@ class Layout:
         return Member(
             name=f"e{k}",
             netns=f"{self.name}-e{k}",
-            underlay_ip=f"10.77.0.{1 + k}",
+            underlay_ip=self._underlay(1 + k)[0],
+            underlay_ip6=self._underlay(1 + k)[1],
             data_dir=self.run_dir / "etcd" / f"e{k}",
         )
 

@@ -9,7 +9,9 @@ ledger that may list objects a crashed `up` never made.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Iterable
 
 from pyroute2 import IPRoute, netns
@@ -18,6 +20,9 @@ from .errors import LabError
 
 RT_SCOPE_LINK = 253
 RTNH_F_ONLINK = 4
+IFA_F_NODAD = 0x02
+IFA_F_TENTATIVE = 0x40
+DAD_TIMEOUT = 10.0
 
 
 def netns_exists(name: str) -> bool:
@@ -46,9 +51,12 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return int(found[0])
 
 
-def add_bridge(ns: str, ifname: str) -> None:
+def add_bridge(ns: str, ifname: str, *, mcast_snooping: bool = True) -> None:
+    """A bridge; without multicast snooping it floods IPv6 neighbour discovery to every
+    port instead of guessing from MLD reports it may not have seen yet."""
     with IPRoute(netns=ns) as ipr:
-        ipr.link("add", ifname=ifname, kind="bridge")
+        ipr.link("add", ifname=ifname, kind="bridge",
+                 **({} if mcast_snooping else {"br_mcast_snooping": 0}))
         ipr.link("set", index=_index(ipr, ifname), state="up")
 
 
@@ -81,6 +89,51 @@ def configure(
             oif = spec.pop("oif", ifname)
             spec["oif"] = _index(ipr, str(oif))
             ipr.route("add", **spec)
+
+
+def add_addresses(ns: str, ifname: str, addresses: Iterable[tuple[str, int]]) -> None:
+    """More addresses on an interface; IPv6 ones with `nodad`: the lab's addresses are
+    unique by construction, and a tentative address can neither send nor be reached."""
+    with IPRoute(netns=ns) as ipr:
+        idx = _index(ipr, ifname)
+        for address, prefixlen in addresses:
+            extra = {"flags": IFA_F_NODAD} if ":" in address else {}
+            ipr.addr("add", index=idx, address=address, prefixlen=prefixlen, **extra)
+
+
+def add_routes(ns: str, ifname: str, routes: Iterable[dict[str, object]]) -> None:
+    """Routes by `ifname` (or `oif`); `via6` routes an IPv4 prefix via an IPv6 next hop
+    (RFC 5549, Linux >= 5.2), how an IPv6-only underlay carries unselected IPv4."""
+    with IPRoute(netns=ns) as ipr:
+        for route in routes:
+            spec = dict(route)
+            spec["oif"] = _index(ipr, str(spec.pop("oif", ifname)))
+            if "via6" in spec:
+                spec["via"] = {"family": socket.AF_INET6, "addr": spec.pop("via6")}
+            if ":" in str(spec.get("dst", "")):
+                spec["family"] = socket.AF_INET6
+            ipr.route("add", **spec)
+
+
+def tentative(ns: str) -> list[str]:
+    """IPv6 addresses of a namespace still in duplicate address detection."""
+    with IPRoute(netns=ns) as ipr:
+        return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET6)
+                if (a.get_attr("IFA_FLAGS") or a["flags"]) & IFA_F_TENTATIVE]
+
+
+def wait_not_tentative(namespaces: Iterable[str], timeout: float = DAD_TIMEOUT) -> None:
+    """Return once no IPv6 address in `namespaces` is tentative (DAD finished), or raise."""
+    left = list(namespaces)
+    deadline = time.monotonic() + timeout
+    while left:
+        left = [ns for ns in left if tentative(ns)]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"IPv6 addresses still tentative after {timeout:.0f}s in "
+                           f"{left[0]}: {', '.join(tentative(left[0]))}")
+        time.sleep(0.1)
 
 
 def sysctl(ns: str, settings: dict[str, str]) -> None:

@@ -182,6 +182,41 @@ def test_cross_node_and_same_node_ping(lab3: Lab) -> None:
     assert ping(s, "n1-w1", "n1-w2")
 
 
+@pytest.mark.parametrize("underlay", ["v4", "v6"])
+def test_ipv6_labs_from_the_cli_route_both_families_with_nothing_tentative(
+        underlay: str) -> None:
+    """`up --ipv6` (dual-stack underlay) and `up --underlay v6` (IPv6-only underlay)."""
+    name = new_lab_name()
+    extra = ["--ipv6"] if underlay == "v4" else ["--underlay", "v6"]
+    res = cli("up", "--name", name, "--nodes", "2", "--workloads-per-node", "2", *extra)
+    try:
+        assert res.returncode == 0, res.stderr
+        s = status(name)
+        assert s["ipv6"] and s["underlay_family"] == underlay
+        wl = {w["name"]: w for w in s["workloads"]}
+        assert wl["n2-w1"]["ips"] == ["10.200.2.11", "fd00:200:2::11"]
+        n1 = s["nodes"][0]
+        assert n1["underlay_ip6"] == "fd00:77::11"
+        assert n1["workload_subnet6"] == "fd00:200:1::/64"
+        v4 = run([*n1["exec"], "ip", "-o", "-4", "addr", "show", "dev", "eth0"]).stdout
+        if underlay == "v6":
+            assert n1["underlay_ip"] == "fd00:77::11" and v4 == ""
+            assert s["etcd"]["endpoints"] == ["http://[fd00:77::2]:2379"]
+        else:
+            assert "10.77.0.11/24" in v4
+        for ns in lab_netns(name):
+            out = run(["ip", "-n", ns, "-6", "addr", "show", "tentative"]).stdout
+            assert out == "", f"{ns}: {out}"
+        for src, dst in (("n1-w1", "n2-w2"), ("n2-w2", "n1-w1"), ("n1-w1", "n1-w2")):
+            for ip in wl[dst]["ips"]:
+                got = run(["ip", "netns", "exec", wl[src]["netns"], "ping", "-c", "1", "-W",
+                           "2", ip])
+                assert got.returncode == 0, f"{src} -> {ip}: {got.stdout}"
+    finally:
+        assert cli("down", "--name", name).returncode == 0
+    assert_gone(name, [])
+
+
 def test_cli_exec_runs_in_the_target(lab3: Lab) -> None:
     res = cli("exec", "--name", lab3.name, "n2-w1", "--", "ip", "-o", "-4", "addr")
     assert res.returncode == 0 and "10.200.2.11/32" in res.stdout

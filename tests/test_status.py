@@ -189,6 +189,20 @@ def test_an_unhealthy_table_ends_with_its_reasons() -> None:
     assert lines[-2:] == ["Unhealthy because:", "  - etcd unreachable for 125s (allowed 60s)"]
 
 
+def test_local_workloads_carry_every_address_and_the_table_names_them() -> None:
+    """Dual-stack: the status lists this node's workloads with both families (`ips`)."""
+    from tfcrypt.agent.status_report import local_workloads
+    from tfcrypt.model.workload import Workload
+    wls = [Workload("b", "n1", ("fd00:200:1::0:12", "10.200.1.12"), frozenset()),
+           Workload("a", "n1", ("10.200.1.11",), frozenset()),
+           Workload("c", "n2", ("10.200.2.11", "fd00:200:2::11"), frozenset())]
+    local = local_workloads(wls, "n1")
+    assert local == [{"name": "a", "ips": ["10.200.1.11"]},
+                     {"name": "b", "ips": ["10.200.1.12", "fd00:200:1::12"]}]
+    lines = render(healthy_status() | {"local_workloads": local}, NOW).splitlines()
+    assert "Local workloads:     a 10.200.1.11; b 10.200.1.12 fd00:200:1::12" in lines
+
+
 def test_the_fingerprint_is_short_stable_and_not_the_key() -> None:
     fp = fingerprint(KEY)
     assert fp == fingerprint(KEY) and len(fp.split(":")) == 8 and KEY[:8] not in fp

@@ -215,6 +215,9 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
             for row in [list(header), *rows]]
 
 
+LOCAL_SHOWN = 8  # local workloads named in the text view; `--json` lists them all
+
+
 def render(status: Mapping[str, Any], now: dt.datetime) -> str:
     """The status as `calicoctl node status` would print it: a header block, a peer table,
     then the verdict's reasons."""
@@ -239,6 +242,12 @@ def render(status: Mapping[str, Any], now: dt.datetime) -> str:
         f"{'Last reconcile:':21}{_reconcile(status.get('last_reconcile') or {}, now)}",
         f"{'Rejected records:':21}{_counts(status.get('rejected') or {})}",
     ]
+    local = status.get("local_workloads") or []
+    if local:
+        shown = "; ".join(f"{w.get('name', '?')} {' '.join(w.get('ips') or ['-'])}"
+                          for w in local[:LOCAL_SHOWN])
+        more = f" (+{len(local) - LOCAL_SHOWN} more)" if len(local) > LOCAL_SHOWN else ""
+        lines.append(f"{'Local workloads:':21}{shown}{more}")
     lingering = status.get("lingering_workloads") or {}
     if lingering.get("count"):
         shown = ", ".join(f"{e['key'].removeprefix('workloads/')} ({e['ends_in_s']:g}s left)"

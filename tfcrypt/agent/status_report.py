@@ -11,6 +11,9 @@ Rules:
 - The fields are documented in docs/operations.md; the health verdict is
   tfcrypt/status_view.py's, from the document alone.
 - status.json is written 0600, atomically (`write_private`).
+- `local_workloads` lists this node's own workloads with every address each has (`ips`,
+  IPv4 before IPv6): bounded by the pods a node runs, unlike the cluster's workloads,
+  which are only counted (`workloads`).
 - etcd's `disconnected_since` is when the report first saw the connection down (from the
   start until the first connection, too), cleared when it is back.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +35,7 @@ from tfcrypt.agent.reconcile import Reconciler
 from tfcrypt.config import AgentConfig
 from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
 from tfcrypt.identity.view import VerifiedView
+from tfcrypt.model.workload import Workload
 from tfcrypt.registry import Registry
 from tfcrypt.wireguard.errors import WireGuardError
 from tfcrypt.wireguard.model import DeviceState
@@ -110,6 +115,7 @@ class StatusReport:
             metrics.PEER_ROLLBACK.labels(node).set(1)
         metrics.OWN_RECORD_REFUSED.set(1 if refused else 0)
         metrics.OWN_RECORD_REASSERTED.set(a.registry.reasserted)
+        wls = a.view.of("workloads/")
         status: dict[str, Any] = {
             "generated_at": now.isoformat(),
             "node": cfg.node_name,
@@ -138,7 +144,8 @@ class StatusReport:
             "peers": peers,
             "policies": {"enforce": sorted(p.name for p in policies if p.enforced),
                          "audit": sorted(p.name for p in policies if not p.enforced)},
-            "workloads": len(a.view.of("workloads/")),
+            "workloads": len(wls),
+            "local_workloads": local_workloads(wls.values(), cfg.node_name),
             "selected_pairs": d.selected_pair_count if d else 0,
             "audit_pairs": d.audit.pair_count if d else 0,
             "lingering_workloads": rec.inputs.lingering.status(),
@@ -224,6 +231,12 @@ class StatusReport:
                 "rx_bytes": actual.rx_bytes if actual else 0,
                 "tx_bytes": actual.tx_bytes if actual else 0})
         return rows
+
+
+def local_workloads(workloads: Iterable[Workload], node: str) -> list[dict[str, Any]]:
+    """This node's workloads, by name, each with all its addresses (both families)."""
+    return [{"name": w.name, "ips": list(w.ips)}
+            for w in sorted(workloads, key=lambda w: w.name) if w.node == node]
 
 
 STATUS_FILE = "status.json"
