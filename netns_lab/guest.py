@@ -13,8 +13,9 @@ Rules:
   module they depend on, read from each .ko file's `.modinfo` `depends=` (the package
   has no modules.dep; depmod runs only on install). Its /init loads them in dependency
   order, mounts the host root read-only over virtio-9p (tag `host`), a per-run host
-  temp dir read-write at the same path (tag `out`), tmpfs on /run, /tmp, /dev/shm, and
-  chroots into the host root to run the command from the same working directory.
+  temp dir read-write at the same path (tag `out`), tmpfs on /run, /tmp, /dev/shm, moves
+  the host root onto / (so `nsenter --mount` into a lab node lands in it, not in the
+  initramfs) and chroots into it to run the command from the same working directory.
 - The command's output is the guest's serial console, streamed line by line; its exit
   code is written to the shared temp dir and returned. A guest that ends without one
   (panic, crash) gives 125, a timeout 124; qemu is stopped by its PID on every path.
@@ -53,7 +54,7 @@ ROOT_MODULES = ("virtio_pci", "virtio_rng", "9pnet_virtio", "9p", "veth", "bridg
 ROOT_GLOBS = ("kernel/net/netfilter/nft_*.ko", "kernel/net/ipv4/netfilter/nft_*.ko",
               "kernel/net/ipv6/netfilter/nft_*.ko", "kernel/net/bridge/netfilter/nft_*.ko")
 # Environment carried into the guest: nothing else of the host's is.
-PASS_ENV = ("TERM", "TFCRYPT_LAB_BACKEND", "PYTEST_ADDOPTS")
+PASS_ENV = ("NETNS_LAB_BACKEND", "NETNS_LAB_TIMEOUT_SCALE", "PYTEST_ADDOPTS")
 REBOOT_LINE = re.compile(r"^\[\s*\d+\.\d+\] reboot: ")  # the guest's own way out
 EXIT_TIMEOUT = 124
 EXIT_NO_STATUS = 125
@@ -73,6 +74,8 @@ mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts
+for i in 0:stdin 1:stdout 2:stderr; do ln -sf "/proc/self/fd/${i%%:*}" "/host/dev/${i#*:}"; done
+ln -sf /proc/self/fd /host/dev/fd
 mount -t tmpfs tmpfs /host/dev/shm
 mount -t cgroup2 cgroup2 /host/sys/fs/cgroup 2>/dev/null
 mount -t tmpfs -o mode=0755 tmpfs /host/run
@@ -82,11 +85,13 @@ mkdir -p "/host$OUT"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out "/host$OUT" \
   || { echo "guest: cannot mount the run dir"; reboot -f; }
 ip link set lo up 2>/dev/null
-chroot /host /bin/sh "$OUT/command.sh"
-echo $? > "/host$OUT/exit-code"
+# The host root becomes the namespace's root (as switch_root does), not only a chroot:
+# `nsenter --mount` into a lab node's namespace enters at the namespace's root.
+cd /host && mount --move . / || { echo "guest: cannot move the host root"; reboot -f; }
+chroot . /bin/sh "$OUT/command.sh"
+echo $? > "./$OUT/exit-code"
 sync
-umount "/host$OUT"
-reboot -f
+/bin/busybox reboot -f
 """
 
 
@@ -300,7 +305,7 @@ def build_initramfs(kernel: Kernel, out_dir: Path, dest: Path) -> list[str]:
 def command_script(argv: Sequence[str], cwd: str, env: dict[str, str]) -> str:
     lines = ["set -e", f"cd {shlex.quote(cwd)}",
              "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-             "export HOME=/root PYTHONDONTWRITEBYTECODE=1 TFCRYPT_IN_GUEST=1"]
+             "export HOME=/root TERM=dumb PYTHONDONTWRITEBYTECODE=1 NETNS_LAB_GUEST=1"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     lines += ["set +e", f"exec {shlex.join(argv)}"]
     return "\n".join(lines) + "\n"

@@ -112,6 +112,7 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
+@pytest.mark.kernel
 def test_only_selected_pairs_cross_inside_wireguard(lab: Lab, tmp_path: Path) -> None:
     assert_split(lab, POLICIES, tmp_path / "split.pcap")
 
