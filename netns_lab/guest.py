@@ -374,12 +374,7 @@ def _boot(argv: list[str], timeout: float) -> int | None:
     try:
         timer.start()
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").replace("\r\n", "\n")
-            if REBOOT_LINE.match(line):
-                continue
-            sys.stdout.write(line)
-            sys.stdout.flush()
+        _copy_console(proc.stdout.fileno())
         proc.wait()
         return None if timer.fired else proc.returncode
     finally:
@@ -387,6 +382,23 @@ def _boot(argv: list[str], timeout: float) -> int | None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _copy_console(fd: int) -> None:
+    """Console to stdout as it comes (pytest's progress dots have no newline), without
+    the serial line's CRs and the guest's final reboot message."""
+    pending = b""
+    while chunk := os.read(fd, 65536):
+        pending += chunk.replace(b"\r\n", b"\n")
+        head, sep, pending = pending.rpartition(b"\n")
+        text = head + sep
+        if pending and not pending.startswith(b"["):  # a partial line that is no kernel
+            text, pending = text + pending, b""       # message: out now
+        lines = text.decode(errors="replace").splitlines(keepends=True)
+        sys.stdout.write("".join(x for x in lines if not REBOOT_LINE.match(x)))
+        sys.stdout.flush()
+    sys.stdout.write(pending.decode(errors="replace"))
+    sys.stdout.flush()
 
 
 class _Watchdog:
