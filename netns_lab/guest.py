@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LabError
+from .layout import NODE_SPIFFE_SOCKET, NODE_STATE_DIR, NODE_STATUS_SOCKET
 
 QEMU = "qemu-system-x86_64"
 META_PACKAGE = "linux-image-amd64"
@@ -338,6 +339,7 @@ def run(argv: Sequence[str], *, timeout: float = 1800, memory_mb: int = 3072,
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} not found: install the Debian package qemu-system-x86")
     kernel = fetch_kernel()
+    _host_mount_points()
     carried = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     carried.update(env or {})
     out_dir = Path(tempfile.gettempdir()) / f"tfc-guest-{secrets.token_hex(4)}"
@@ -362,6 +364,15 @@ def run(argv: Sequence[str], *, timeout: float = 1800, memory_mb: int = 3072,
         return rc
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _host_mount_points() -> None:
+    """A lab binds node directories onto tfcrypt's default paths (netns_lab/mountns.py),
+    and a mount point must exist. In the guest the host root is read-only: those outside
+    the guest's tmpfs (/var/lib/tfcrypt) are made here, empty, as the lab leaves them."""
+    for path in (NODE_STATE_DIR, NODE_STATUS_SOCKET.parent, NODE_SPIFFE_SOCKET.parent):
+        if not any(path.is_relative_to(t) for t in ("/run", "/tmp", "/dev")):
+            path.mkdir(parents=True, exist_ok=True)
 
 
 def _boot(argv: list[str], timeout: float) -> int | None:

@@ -16,9 +16,9 @@ bash scripts/setup.sh
 .venv/bin/mypy --strict tfcrypt/core tfcrypt/model
 
 kernel_tier() {
-    # Deadlines x3 in the guest: TCG runs Python several times slower than the host.
+    # Deadlines x6 in the guest: TCG runs Python several times slower than the host.
     .venv/bin/python -m netns_lab guest --timeout 2400 \
-        --env NETNS_LAB_BACKEND=kernel --env NETNS_LAB_TIMEOUT_SCALE=3 -- \
+        --env NETNS_LAB_BACKEND=kernel --env NETNS_LAB_TIMEOUT_SCALE=6 -- \
         .venv/bin/pytest -q -p no:cacheprovider -m kernel --timeout 900 "$@" tests/
 }
 
