@@ -6,12 +6,16 @@ Rules:
   Workload API socket, a state directory and a status socket under the node's run dir,
   given by their host paths; inside the node the same files are at tfcrypt's default
   paths (netns_lab/mountns.py), so `tfcrypt status` there needs no flags.
+- The WireGuard backend is the agent's default (userspace: wireguard-go) unless
+  NETNS_LAB_BACKEND says `kernel`: the kernel tier runs the same lab tests inside a
+  guest kernel that has the module (netns_lab/guest.py, scripts/test.sh --kernel).
 - The agent leaves wireguard-go running when it exits, as it must in production; the
   lab's `down` stops whatever still runs inside lab namespaces.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +28,15 @@ from .procs import ProcessRecord, is_running
 AGENT = "agent"
 ACTIONS = ("start", "stop", "kill", "restart")
 METRICS_ADDRESS = "127.0.0.1:9477"  # the node's own loopback: each node is a namespace
+BACKENDS = ("userspace", "kernel")
+
+
+def backend() -> str:
+    """The WireGuard backend lab agents use: NETNS_LAB_BACKEND, default userspace."""
+    value = os.environ.get("NETNS_LAB_BACKEND") or "userspace"
+    if value not in BACKENDS:
+        raise LabError(f"NETNS_LAB_BACKEND={value!r}: use one of {', '.join(BACKENDS)}")
+    return value
 
 
 def _node(lab: Lab, name: str) -> Node:
@@ -55,6 +68,7 @@ def agent_argv(lab: Lab, node: Node) -> list[str]:
         "--resync-interval", "5",
         "--status-socket", str(status_socket(lab, node.name)),
         "--metrics-address", METRICS_ADDRESS,
+        "--backend", backend(),
     ]
 
 

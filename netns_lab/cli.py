@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import agents, demo, procs
+from . import agents, demo, guest, procs
 from .errors import LabError
 from .lab import Lab, down
 from .layout import MAX_NODES, MAX_WORKLOADS, Layout, check_name
@@ -102,6 +102,24 @@ def _build_parser() -> argparse.ArgumentParser:
     et.add_argument("--no-wait", action="store_true",
                     help="start: do not wait for the started members to be healthy")
 
+    gu = sub.add_parser("guest", help="run a command in Debian's current kernel under qemu "
+                                      "(TCG), host root read-only: the kernel tier",
+                        description="Fetch (once, into ~/.cache/tfcrypt/kernel) the kernel "
+                                    "package Debian's linux-image-amd64 depends on, boot it "
+                                    "under qemu with the host root shared read-only and tmpfs "
+                                    "on /run and /tmp, run CMD in the current directory, "
+                                    "stream its output and exit with its status (124 timeout, "
+                                    "125 the guest ended without one).")
+    gu.add_argument("--timeout", type=float, default=1800, metavar="SECONDS",
+                    help="stop qemu after this long (default 1800)")
+    gu.add_argument("--memory", type=int, default=3072, metavar="MB",
+                    help="guest memory (default 3072)")
+    gu.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    gu.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set in the command's environment (repeatable)")
+    gu.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...",
+                    help="command to run, after --")
+
     wa = cmd("workload-api", "start or stop the lab's SPIFFE Workload API server")
     wa.add_argument("action", choices=("start", "stop"))
     return p
@@ -141,6 +159,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         return demo.run(args.name, args.keep)
+    if args.command == "guest":
+        argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not argv:
+            raise LabError("guest needs a command: guest -- CMD...")
+        env = dict(kv.partition("=")[::2] for kv in args.env)
+        return guest.run(argv, timeout=args.timeout, memory_mb=args.memory, cpus=args.cpus,
+                         env=env)
     if args.command == "down":
         if down(args.name):
             print(f"lab {args.name} is down")

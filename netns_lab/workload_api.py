@@ -70,6 +70,17 @@ def wait_ready(layout: Layout, pid: int, alive: Any, log: str,
         except FileNotFoundError:
             pass
         if not alive():
-            raise LabError(f"Workload API server exited before it was ready: see {log}")
+            raise LabError(f"Workload API server exited before it was ready: see {log}"
+                           f"{_tail(log)}")
         time.sleep(0.1)
     raise LabError(f"Workload API server not ready after {timeout:.0f} s: see {log}")
+
+
+def _tail(log: str, lines: int = 8) -> str:
+    """The end of the server's log, for an error seen where the log is not (a guest's
+    tmpfs is gone with the guest)."""
+    try:
+        text = Path(log).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "; last lines: " + " | ".join(text) if text else ""

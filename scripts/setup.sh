@@ -11,7 +11,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(wireguard-go wireguard-tools etcd-server etcd-client nftables iproute2
-          iputils-ping tcpdump iperf3 util-linux python3-venv)
+          iputils-ping tcpdump iperf3 util-linux python3-venv
+          qemu-system-x86 busybox-static cpio)  # the last three: the kernel tier (scripts/test.sh --kernel)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -35,9 +36,15 @@ def run_in(lab: Lab, target: str, argv: list[str], *, check: bool = True,
                           text=input is None)  # type: ignore[call-overload]
 
 
+# Deadlines stretch in the kernel tier's emulated guest (TCG runs Python several times
+# slower); a deadline bounds a wait, it asserts no duration (STYLE: no timed assertions).
+TIMEOUT_SCALE = float(os.environ.get("NETNS_LAB_TIMEOUT_SCALE") or 1)
+
+
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 20.0,
              interval: float = 0.2) -> T:
     """Poll `probe` until it returns something truthy; fail naming `what`."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     last: T | None = None
     while time.monotonic() < deadline:

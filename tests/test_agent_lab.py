@@ -72,6 +72,7 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
+@pytest.mark.kernel
 def test_agents_form_a_verified_mesh_and_traffic_crosses_inside_it(
         lab: Lab, tmp_path: Path) -> None:
     wait_for("wg show to list exactly the two other nodes with their keys and endpoints",
@@ -118,6 +119,7 @@ def test_forged_records_are_ignored_and_counted_and_the_real_peer_stays(lab: Lab
     etcdctl(lab, "del", f"{PREFIX}/nodes/n9")
 
 
+@pytest.mark.kernel
 def test_agent_sigkill_and_restart_keeps_key_and_peers_and_loses_no_ping(lab: Lab) -> None:
     key_before = agent_status(lab, "n2")["public_key"]
     peers_before = {k: (p.endpoint, p.allowed_ips) for k, p in wg_peers(lab, "n2").items()}

@@ -182,6 +182,7 @@ def test_metrics_are_served_and_parse(lab: Lab) -> None:
     assert m["tfcrypt_healthy"][()] == 1
 
 
+@pytest.mark.kernel
 def test_sigkill_under_traffic_loses_no_packet_and_leaks_none(lab: Lab,
                                                               tmp_path: Path) -> None:
     src, dst = workload_ip(lab, "n1-w1"), workload_ip(lab, "n2-w1")
@@ -204,6 +205,7 @@ def test_sigkill_under_traffic_loses_no_packet_and_leaks_none(lab: Lab,
     assert dataplane(lab, "n1") == before
 
 
+@pytest.mark.kernel
 def test_sigterm_leaves_the_dataplane_and_a_new_agent_adopts_it_without_changes(
         lab: Lab, tmp_path: Path) -> None:
     before = dataplane(lab, "n1")
@@ -251,6 +253,7 @@ def wg_mtu(lab: Lab, node: str) -> int:
     return int(words[words.index("mtu") + 1])
 
 
+@pytest.mark.kernel
 def test_the_wireguard_mtu_follows_the_underlay_and_a_full_segment_still_crosses(
         lab: Lab) -> None:
     """No MTU configured: the agent takes the underlay's minus 80 and follows a change."""
@@ -271,10 +274,11 @@ def test_the_wireguard_mtu_follows_the_underlay_and_a_full_segment_still_crosses
     wait_for("n2's WireGuard MTU back at 1420", lambda: wg_mtu(lab, "n2") == 1420, timeout=30)
 
 
+@pytest.mark.kernel
 def test_uninstall_restores_the_kernel_as_it_was_before_the_agent(lab: Lab) -> None:
     state = agents.state_dir(lab, "n1")
     args = ("uninstall", "--state-dir", str(state), "--status-socket",
-            str(agents.status_socket(lab, "n1")))
+            str(agents.status_socket(lab, "n1")), "--backend", agents.backend())
     refused = tfcrypt(lab, "n1", *args)
     assert refused.returncode == 1 and "an agent is running" in refused.stderr
     for rec in lab.find_processes(agents.AGENT, "n1"):
@@ -285,7 +289,9 @@ def test_uninstall_restores_the_kernel_as_it_was_before_the_agent(lab: Lab) -> N
     said = first.stdout
     assert "deleted nftables table inet tfcrypt" in said
     assert "ip rules at priority 1820" in said and "ip rules at priority 1821" in said
-    assert "from table 29799" in said and "stopped wireguard-go pid" in said
+    assert "from table 29799" in said
+    assert ("stopped wireguard-go pid" if agents.backend() == "userspace"
+            else "deleted interface tfcrypt0") in said
     assert not (state / "wireguard.key").exists()
     after = kernel_baseline(lab, "n1")
     before = lab.before  # type: ignore[attr-defined]

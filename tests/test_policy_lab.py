@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -112,6 +112,7 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
+@pytest.mark.kernel
 def test_only_selected_pairs_cross_inside_wireguard(lab: Lab, tmp_path: Path) -> None:
     assert_split(lab, POLICIES, tmp_path / "split.pcap")
 
@@ -172,14 +173,16 @@ def test_explain_and_plan_tell_the_operator(lab: Lab) -> None:
     assert "as if enforced" in plan and "ready" in plan
 
 
-def test_killing_wireguard_go_leaks_nothing_and_the_agent_restores_it(
+@pytest.mark.kernel
+def test_losing_the_device_leaks_nothing_and_the_agent_restores_it(
         lab: Lab, tmp_path: Path) -> None:
+    """The device goes the way its backend loses one: wireguard-go SIGKILLed (userspace),
+    the link deleted by hand (kernel). Either takes the peers and routes with it."""
     wls = workloads(lab)
     selected = ("n1-w1", "n2-w3")   # payments <-> any
     unselected = ("n1-w2", "n2-w3")
-    wg_pid = _wireguard_go_pid(lab, "n1")
-    assert wg_pid is not None
-    pcap = tmp_path / "kill.pcap"
+    pcap = tmp_path / "lost.pcap"
+    restarts = agent_status(lab, "n1")["device_restarts"]
     with capture(lab, pcap):
         sel = subprocess.Popen([*lab.exec_prefix(selected[0]), "ping", "-n", "-q", "-i",
                                 "0.05", "-c", "120", "-W", "1", wls[selected[1]].ips[0]],
@@ -188,16 +191,30 @@ def test_killing_wireguard_go_leaks_nothing_and_the_agent_restores_it(
                                 "0.05", "-c", "120", "-W", "1", wls[unselected[1]].ips[0]],
                                stdout=subprocess.PIPE, text=True)
         time.sleep(1)
-        subprocess.run(["kill", "-9", str(wg_pid)], check=True)
+        restored = _lose_device(lab, "n1")
         uns_out, _ = uns.communicate(timeout=60)
         sel.communicate(timeout=60)
     a, b = wls[selected[0]].ips[0], wls[selected[1]].ips[0]
     assert count_packets(pcap, f"icmp and host {a} and host {b}") == 0, "plaintext leaked"
     assert " 0% packet loss" in uns_out, uns_out
     wait_for("the agent to restore the tunnel",
-             lambda: _wireguard_go_pid(lab, "n1") not in (None, wg_pid)
-             and ping(lab, selected[0], b) == 3, timeout=30)
+             lambda: restored() and ping(lab, selected[0], b) == 3, timeout=30)
+    wait_for("status to count the device restart",
+             lambda: agent_status(lab, "n1")["device_restarts"] == restarts + 1)
     assert_split(lab, POLICIES, tmp_path / "after.pcap")
+
+
+def _lose_device(lab: Lab, node: str) -> Callable[[], bool]:
+    """Take `node`'s WireGuard device away; returns the probe for "it is back"."""
+    prefix = lab.exec_prefix(node)
+    if agents.backend() == "kernel":
+        subprocess.run([*prefix, "ip", "link", "del", "tfcrypt0"], check=True)
+        return lambda: subprocess.run([*prefix, "ip", "link", "show", "tfcrypt0"],
+                                      capture_output=True).returncode == 0
+    wg_pid = _wireguard_go_pid(lab, node)
+    assert wg_pid is not None
+    subprocess.run(["kill", "-9", str(wg_pid)], check=True)
+    return lambda: _wireguard_go_pid(lab, node) not in (None, wg_pid)
 
 
 def _wireguard_go_pid(lab: Lab, node: str) -> int | None:

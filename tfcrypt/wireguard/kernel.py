@@ -62,6 +62,7 @@ class KernelBackend:
         self.ifname = ifname
         self.netns = netns
         self._known = False
+        self.restarts = 0  # links recreated after vanishing (status: device_restarts)
 
     def __repr__(self) -> str:
         return f"KernelBackend({self.ifname!r})"
@@ -80,6 +81,7 @@ class KernelBackend:
         else:
             await self._add_link()
             origin = DeviceOrigin.RESTARTED if self._known else DeviceOrigin.STARTED
+            self.restarts += origin is DeviceOrigin.RESTARTED
         self._known = True
         return origin
 
