@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from . import agents, demo, procs
 from .errors import LabError
-from .lab import Lab, down
+from .lab import DEFAULT_WORKLOAD_API, WORKLOAD_API_MODES, Lab, down
 from .layout import MAX_NODES, MAX_WORKLOADS, Layout, check_name
 from .workload_api import DEFAULT_SVID_TTL
 
@@ -58,6 +58,10 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="etcd cluster size (default 1)")
     up.add_argument("--svid-ttl", type=int, default=DEFAULT_SVID_TTL, metavar="SECONDS",
                     help=f"lifetime of issued X509-SVIDs (default {DEFAULT_SVID_TTL})")
+    up.add_argument("--workload-api", choices=WORKLOAD_API_MODES, default=DEFAULT_WORKLOAD_API,
+                    help="who issues SVIDs: spire (a real spire-server and a spire-agent per "
+                         "node, built by scripts/build-go.sh) or lab (the lab's own server, "
+                         f"a fault injector); default {DEFAULT_WORKLOAD_API}")
 
     up.add_argument("--agents", action="store_true",
                     help="start a tfcrypt agent in every node once the lab is up")
@@ -99,17 +103,27 @@ def _build_parser() -> argparse.ArgumentParser:
 
     wa = cmd("workload-api", "start or stop the lab's SPIFFE Workload API server")
     wa.add_argument("action", choices=("start", "stop"))
+
+    sp = cmd("spire", "start, stop (SIGTERM) or kill (SIGKILL) the spire-server or one "
+                      "spire-agent of a lab brought up with --workload-api spire")
+    sp.add_argument("which", help="server, a node (n1, ...) or ctl (the controller's agent)")
+    sp.add_argument("action", choices=("start", "stop", "kill"))
     return p
 
 
 def _summary(s: dict[str, Any]) -> str:
     members = ", ".join(f"{m['name']} {'running' if m['running'] else 'stopped'}"
                         for m in s["etcd"]["members"])
-    api = "running" if s["workload_api"]["running"] else "stopped"
+    if s["spire"] is not None:
+        up_ = [a["name"] for a in s["spire"]["agents"] if a["running"]]
+        api = (f"SPIRE server {'running' if s['spire']['server']['running'] else 'stopped'}"
+               f", agents running: {' '.join(up_) or '-'}")
+    else:
+        api = "lab server " + ("running" if s["workload_api"]["running"] else "stopped")
     lines = [
         f"lab {s['name']} ({s['phase']}): {len(s['nodes'])} node(s), "
         f"{len(s['workloads'])} workload(s), run dir {s['run_dir']}",
-        f"etcd {','.join(s['etcd']['endpoints'])} [{members}]; workload API {api}",
+        f"etcd {','.join(s['etcd']['endpoints'])} [{members}]; identities: {api}",
     ]
     lines += [f"  {n['name']} {n['underlay_ip']} {n['workload_subnet']} "
               f"workloads: {' '.join(n['workloads']) or '-'}"
@@ -121,7 +135,7 @@ def _summary(s: dict[str, Any]) -> str:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         lab = Lab(Layout(args.name, args.nodes, args.workloads_per_node, args.etcd_members),
-                  svid_ttl=args.svid_ttl)
+                  svid_ttl=args.svid_ttl, workload_api=args.workload_api)
         lab.up()
         print(f"lab {args.name} is up: run dir {lab.run_dir}")
         if args.agents:
@@ -169,6 +183,20 @@ def _run(args: argparse.Namespace) -> int:
         else:
             lab.workload_api_stop()
             print("workload API stopped")
+    elif args.command == "spire":
+        if lab.workload_api != "spire":
+            raise LabError(f"lab {lab.name} runs the lab Workload API server, not SPIRE: "
+                           f"bring it up with --workload-api spire")
+        if args.action == "start":
+            rec = (lab.spire_server_start() if args.which == "server"
+                   else lab.spire_agent_start(args.which))
+            print(f"{rec.what} {args.which} running, pid {rec.pid}, log {rec.log}")
+        else:
+            if args.which == "server":
+                lab.spire_server_stop(kill=args.action == "kill")
+            else:
+                lab.spire_agent_stop(args.which, kill=args.action == "kill")
+            print(f"spire {args.which}: {args.action} done")
     return 0
 
 

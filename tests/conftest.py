@@ -26,9 +26,10 @@ def new_lab_name() -> str:
 
 @contextlib.contextmanager
 def running_lab(nodes: int = 2, workloads_per_node: int = 1, etcd_members: int = 1,
-                svid_ttl: int = 600) -> Iterator[Lab]:
+                svid_ttl: int = 600, workload_api: str = "lab") -> Iterator[Lab]:
     """A lab that exists for the `with` block only."""
-    lab = Lab(Layout(new_lab_name(), nodes, workloads_per_node, etcd_members), svid_ttl)
+    lab = Lab(Layout(new_lab_name(), nodes, workloads_per_node, etcd_members), svid_ttl,
+              workload_api)
     try:
         lab.up()
         yield lab
@@ -38,7 +39,8 @@ def running_lab(nodes: int = 2, workloads_per_node: int = 1, etcd_members: int =
 
 @pytest.fixture
 def lab_factory() -> Iterator[Callable[..., Lab]]:
-    """`lab_factory(nodes=2, workloads_per_node=1, etcd_members=1, svid_ttl=600)` -> Lab."""
+    """`lab_factory(nodes=2, workloads_per_node=1, etcd_members=1, svid_ttl=600,
+    workload_api="lab")` -> Lab."""
     with contextlib.ExitStack() as stack:
         yield lambda **kw: stack.enter_context(running_lab(**kw))
 

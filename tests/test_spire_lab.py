@@ -1,0 +1,107 @@
+"""tfcrypt agents on real SPIRE: a spire-server and a spire-agent per node, built from
+tools/spire (scripts/build-go.sh), brought up by `netns_lab up --workload-api spire`.
+
+What a user would notice: each node's agent holds its own node identity, the one the real
+`spire-agent api fetch x509` reports for that node's socket; a workload (root, in its own
+namespace) asking the node's spire-agent gets no node identity; the mesh forms and
+workload traffic crosses the underlay only inside WireGuard (tcpdump on the bridge).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import running_lab
+from labtools import agent_status, run_in, wait_for, wg_peers, workload_ip
+
+from netns_lab import Lab, agents, inventory, spire
+from netns_lab.wire import capture, count_packets, ping
+
+pytestmark = pytest.mark.lab
+
+NODES = ("n1", "n2")
+SVID_TTL = 120
+ENCRYPT_ALL = Path(__file__).parent.parent / "examples" / "encrypt-all.yaml"
+SPIFFE_ID_LINE = re.compile(r"^SPIFFE ID:\s+(\S+)", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with running_lab(nodes=2, workloads_per_node=1, svid_ttl=SVID_TTL,
+                     workload_api="spire") as lab:
+        inventory.publish_workloads(lab)
+        inventory.apply_policy(lab, ENCRYPT_ALL)
+        agents.start_all(lab)
+        yield lab
+
+
+def node_socket(lab: Lab, node: str) -> str:
+    return next(n["spiffe_socket"] for n in lab.status()["nodes"] if n["name"] == node)
+
+
+def fetch_x509(lab: Lab, target: str, socket: str, *, as_identity: bool) -> tuple[int, str]:
+    """The real `spire-agent api fetch x509` run in `target`, as root (gid 0) or with the
+    tfcrypt identities' gid; (exit code, stdout + stderr)."""
+    prefix = lab.identity_prefix() if as_identity else []
+    res = run_in(lab, target, [*prefix, str(spire.binary(spire.AGENT)), "api", "fetch",
+                               "x509", "-socketPath", socket, "-timeout", "5s"], check=False)
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_status_lists_spire_and_every_node_has_its_own_spire_agent(lab: Lab) -> None:
+    s = lab.status()
+    assert s["identity_provider"] == "spire"
+    assert s["spire"]["server"]["running"]
+    assert s["spire"]["server"]["address"] == "10.77.0.9:8081"
+    by_name = {a["name"]: a for a in s["spire"]["agents"]}
+    assert set(by_name) == {"n1", "n2", "ctl"}
+    assert all(a["running"] for a in by_name.values())
+    for n in s["nodes"]:
+        assert by_name[n["name"]]["socket"] == n["spiffe_socket"]
+    pids = {p["pid"] for p in s["processes"] if p["what"] in ("spire-server", "spire-agent")}
+    assert len(pids) == 4
+
+
+def test_each_agent_holds_its_own_node_id_as_spire_agent_reports_it(lab: Lab) -> None:
+    for node in NODES:
+        expected = f"spiffe://lab.tfcrypt/tfcrypt/node/{node}"
+        wait_for(f"{node}'s agent to hold an SVID",
+                 lambda node=node: agent_status(lab, node)["spiffe_id"], timeout=60)
+        assert agent_status(lab, node)["spiffe_id"] == expected
+        code, out = fetch_x509(lab, node, node_socket(lab, node), as_identity=True)
+        assert code == 0, out
+        assert SPIFFE_ID_LINE.findall(out) == [expected], out
+        assert agent_status(lab, node)["workload_api"]["connected"]
+
+
+def test_a_workload_asking_its_nodes_spire_agent_gets_no_node_identity(lab: Lab) -> None:
+    socket = node_socket(lab, "n1")
+    code, out = fetch_x509(lab, "n1-w1", socket, as_identity=False)
+    assert code != 0, f"a root workload process got an SVID from n1's spire-agent:\n{out}"
+    assert "spiffe://" not in out, out
+    # the same socket serves the identity to the tfcrypt identities' gid: it is the
+    # selector, not a dead socket, that refuses the workload
+    code, out = fetch_x509(lab, "n1", socket, as_identity=True)
+    assert code == 0 and "tfcrypt/node/n1" in out, out
+
+
+def test_agents_select_traffic_over_spire_and_it_crosses_only_inside_wireguard(
+        lab: Lab, tmp_path: Path) -> None:
+    def healthy() -> bool:
+        return all(agent_status(lab, n)["selected_pairs"]
+                   and agent_status(lab, n)["health"]["healthy"]
+                   and len(wg_peers(lab, n)) == 1 for n in NODES)
+
+    wait_for("both agents healthy with a selected pair and a peer", healthy, timeout=90)
+    pcap = tmp_path / "underlay.pcap"
+    with capture(lab, pcap):
+        assert ping(lab, "n1-w1", workload_ip(lab, "n2-w1"), count=3) == 3
+        assert ping(lab, "n2-w1", workload_ip(lab, "n1-w1"), count=3) == 3
+    assert count_packets(pcap, "udp port 51820") >= 12
+    assert count_packets(pcap, "icmp and net 10.200.0.0/16") == 0, \
+        "a workload ping crossed the underlay in clear"
+    for node in NODES:
+        assert agent_status(lab, node)["rejected"] == {}
