@@ -46,7 +46,7 @@ for name in "${modules[@]}"; do
     tmp=$(mktemp -d "$cache/.$name-$hash.XXXXXX")
     log=$cache/$name-$hash.log
     # cgo: SPIRE's sqlite datastore needs it; -trimpath keeps build paths out of binaries.
-    if ! (cd "$dir" && CGO_ENABLED=1 go build -trimpath -o "$tmp/" tool) >"$log" 2>&1; then
+    if ! (cd "$dir" && CGO_ENABLED=1 go build -trimpath -buildvcs=false -o "$tmp/" tool) >"$log" 2>&1; then
         rm -rf "$tmp"
         # the Go error on one line: its lines joined, without download progress
         err=$(grep -v -e '^go: downloading' -e '^#' "$log" | sed 's/^[[:space:]]*//' \
