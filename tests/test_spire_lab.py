@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import running_lab
-from labtools import agent_status, run_in, wait_for, wg_peers, workload_ip
+from labtools import Pinger, agent_status, run_in, wait_for, wg_peers, workload_ip
 
 from netns_lab import Lab, agents, inventory, spire
 from netns_lab.wire import capture, count_packets, ping
@@ -105,3 +105,41 @@ def test_agents_select_traffic_over_spire_and_it_crosses_only_inside_wireguard(
         "a workload ping crossed the underlay in clear"
     for node in NODES:
         assert agent_status(lab, node)["rejected"] == {}
+
+
+def test_spire_agent_killed_and_restarted_keeps_the_tunnel_and_the_agent_recovers(
+        lab: Lab) -> None:
+    """spire-agent restarts re-use the SVID kept in its data dir (a join token is used
+    once); meanwhile the node's tfcrypt agent keeps its dataplane and says it lost the
+    Workload API, then reconnects and keeps rotating."""
+    pinger = Pinger(lab, "n1-w1", workload_ip(lab, "n2-w1"), count=100)
+    try:
+        lab.spire_agent_stop("n1", kill=True)
+        wait_for("n1's agent to report the Workload API gone", lambda: not agent_status(
+            lab, "n1")["workload_api"]["connected"], timeout=30)
+        lab.spire_agent_start("n1")
+        wait_for("n1's agent back on its spire-agent", lambda: agent_status(
+            lab, "n1")["workload_api"]["connected"], timeout=60)
+        sent, received = pinger.result()
+    finally:
+        pinger.kill()
+    assert received == sent, "selected traffic suffered while spire-agent was away"
+    expiry = agent_status(lab, "n1")["svid_expires"]
+    wait_for("a rotation after the restart", lambda: agent_status(
+        lab, "n1")["svid_expires"] != expiry, timeout=SVID_TTL)
+    assert agent_status(lab, "n2")["rejected"] == {}
+    code, out = fetch_x509(lab, "n1", node_socket(lab, "n1"), as_identity=True)
+    assert code == 0 and SPIFFE_ID_LINE.findall(out) == ["spiffe://lab.tfcrypt/tfcrypt/node/n1"]
+
+
+def test_an_agent_started_before_its_spire_agent_waits_and_then_joins(lab: Lab) -> None:
+    assert agents.stop_agent(lab, "n2")
+    lab.spire_agent_stop("n2")
+    agents.start_agent(lab, "n2")
+    wait_for("n2's agent to wait for its socket", lambda: agent_status(
+        lab, "n2")["workload_api"]["waiting_for_socket"], timeout=30)
+    lab.spire_agent_start("n2")
+    wait_for("n2 healthy on SPIRE again", lambda: agent_status(lab, "n2")["health"]["healthy"]
+             and agent_status(lab, "n2")["workload_api"]["connected"], timeout=60)
+    assert wait_for("traffic n1 -> n2 inside the tunnel",
+                    lambda: ping(lab, "n1-w1", workload_ip(lab, "n2-w1")) == 3)
