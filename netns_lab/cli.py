@@ -81,6 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                     "audit-mode policy, show its plan, enforce it, and print "
                                     "the table again. Exit 1 on any mismatch.")
     dm.add_argument("--name", default="demo", type=_name, help="lab name (default demo)")
+    dm.add_argument("--workload-api", choices=WORKLOAD_API_MODES, default="spire",
+                    help="who issues SVIDs (default spire; lab = the lab's own server)")
     dm.add_argument("--keep", action="store_true",
                     help="leave the lab up to explore; says how to take it down")
 
@@ -147,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise
         return 0
     if args.command == "demo":
-        return demo.run(args.name, args.keep)
+        return demo.run(args.name, args.keep, workload_api=args.workload_api)
     if args.command == "down":
         if down(args.name):
             print(f"lab {args.name} is down")
