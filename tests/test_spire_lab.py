@@ -9,15 +9,27 @@ workload traffic crosses the underlay only inside WireGuard (tcpdump on the brid
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import running_lab
-from labtools import Pinger, agent_status, run_in, wait_for, wg_peers, workload_ip
+from labtools import (
+    PREFIX,
+    Pinger,
+    agent_status,
+    diagnostics,
+    etcdctl,
+    run_in,
+    wait_for,
+    wg_peers,
+    workload_ip,
+)
 
-from netns_lab import Lab, agents, inventory, spire
+from netns_lab import Lab, agents, down, inventory, spire
 from netns_lab.wire import capture, count_packets, ping
 
 pytestmark = pytest.mark.lab
@@ -51,6 +63,27 @@ def fetch_x509(lab: Lab, target: str, socket: str, *, as_identity: bool) -> tupl
     return res.returncode, res.stdout + res.stderr
 
 
+PY_SPIFFE_FETCH = """
+import json, sys
+from spiffe import WorkloadApiClient
+try:
+    with WorkloadApiClient(socket_path="unix:" + sys.argv[1]) as client:
+        svid = client.fetch_x509_svid(timeout=5)
+    print(json.dumps({"spiffe_id": str(svid.spiffe_id)}))
+except Exception as exc:
+    print(json.dumps({"error": type(exc).__name__ + ": " + str(exc)[:200]}))
+"""
+
+
+def py_spiffe_fetch(lab: Lab, target: str, socket: str, *, as_identity: bool) -> dict[str, str]:
+    """py-spiffe's WorkloadApiClient (what the lab's tests and tools use), in `target`."""
+    prefix = lab.identity_prefix() if as_identity else []
+    res = run_in(lab, target, [*prefix, sys.executable, "-c", PY_SPIFFE_FETCH, socket],
+                 timeout=60)
+    out: dict[str, str] = json.loads(res.stdout)
+    return out
+
+
 def test_status_lists_spire_and_every_node_has_its_own_spire_agent(lab: Lab) -> None:
     s = lab.status()
     assert s["identity_provider"] == "spire"
@@ -74,6 +107,8 @@ def test_each_agent_holds_its_own_node_id_as_spire_agent_reports_it(lab: Lab) ->
         code, out = fetch_x509(lab, node, node_socket(lab, node), as_identity=True)
         assert code == 0, out
         assert SPIFFE_ID_LINE.findall(out) == [expected], out
+        assert py_spiffe_fetch(lab, node, node_socket(lab, node), as_identity=True) \
+            == {"spiffe_id": expected}
         assert agent_status(lab, node)["workload_api"]["connected"]
 
 
@@ -82,6 +117,7 @@ def test_a_workload_asking_its_nodes_spire_agent_gets_no_node_identity(lab: Lab)
     code, out = fetch_x509(lab, "n1-w1", socket, as_identity=False)
     assert code != 0, f"a root workload process got an SVID from n1's spire-agent:\n{out}"
     assert "spiffe://" not in out, out
+    assert "error" in py_spiffe_fetch(lab, "n1-w1", socket, as_identity=False)
     # the same socket serves the identity to the tfcrypt identities' gid: it is the
     # selector, not a dead socket, that refuses the workload
     code, out = fetch_x509(lab, "n1", socket, as_identity=True)
@@ -95,7 +131,10 @@ def test_agents_select_traffic_over_spire_and_it_crosses_only_inside_wireguard(
                    and agent_status(lab, n)["health"]["healthy"]
                    and len(wg_peers(lab, n)) == 1 for n in NODES)
 
-    wait_for("both agents healthy with a selected pair and a peer", healthy, timeout=90)
+    try:
+        wait_for("both agents healthy with a selected pair and a peer", healthy, timeout=90)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnostics(lab, NODES)}") from None
     pcap = tmp_path / "underlay.pcap"
     with capture(lab, pcap):
         assert ping(lab, "n1-w1", workload_ip(lab, "n2-w1"), count=3) == 3
@@ -103,6 +142,35 @@ def test_agents_select_traffic_over_spire_and_it_crosses_only_inside_wireguard(
     assert count_packets(pcap, "udp port 51820") >= 12
     assert count_packets(pcap, "icmp and net 10.200.0.0/16") == 0, \
         "a workload ping crossed the underlay in clear"
+    for node in NODES:
+        assert agent_status(lab, node)["rejected"] == {}
+
+
+def test_svid_rotation_under_traffic_resigns_records_leaks_nothing_and_loses_no_ping(
+        lab: Lab, tmp_path: Path) -> None:
+    """spire-agent rotates the SVID at half its lifetime and pushes it on the stream; the
+    agents re-sign their records while a selected flow runs, captured on the underlay."""
+    expiry = agent_status(lab, "n1")["svid_expires"]
+    record = etcdctl(lab, "get", "--print-value-only", f"{PREFIX}/nodes/n1")
+    pcap = tmp_path / "underlay.pcap"
+    # the SVID rotates within half its lifetime (+ spire-agent's 5 s sync) from now; the
+    # ping outlasts that by 15 s, so it also covers traffic after the re-signed record
+    seconds = SVID_TTL / 2 + 20
+    with capture(lab, pcap):
+        pinger = Pinger(lab, "n1-w1", workload_ip(lab, "n2-w1"), count=int(seconds / 0.1))
+        try:
+            wait_for("n1's SVID to rotate", lambda: agent_status(
+                lab, "n1")["svid_expires"] != expiry, timeout=seconds - 10)
+            wait_for("n1's record re-signed", lambda: etcdctl(
+                lab, "get", "--print-value-only", f"{PREFIX}/nodes/n1") != record)
+            sent, received = pinger.result()
+        finally:
+            pinger.kill()
+    assert received == sent, (f"{sent - received} of {sent} selected pings lost during the "
+                              f"rotation\n{diagnostics(lab, NODES, log_lines=60)}")
+    assert count_packets(pcap, "icmp and net 10.200.0.0/16") == 0, \
+        "a workload ping crossed the underlay in clear during the rotation"
+    assert count_packets(pcap, "udp port 51820") >= sent
     for node in NODES:
         assert agent_status(lab, node)["rejected"] == {}
 
@@ -143,3 +211,15 @@ def test_an_agent_started_before_its_spire_agent_waits_and_then_joins(lab: Lab) 
              and agent_status(lab, "n2")["workload_api"]["connected"], timeout=60)
     assert wait_for("traffic n1 -> n2 inside the tunnel",
                     lambda: ping(lab, "n1-w1", workload_ip(lab, "n2-w1")) == 3)
+
+
+def test_down_stops_every_spire_process() -> None:
+    with running_lab(nodes=1, workloads_per_node=0, svid_ttl=SVID_TTL,
+                     workload_api="spire") as small:
+        s = small.status()["spire"]
+        pids = [s["server"]["pid"], *(a["pid"] for a in s["agents"])]
+        assert len(pids) == 3 and all(pids)
+        name = small.name
+        assert down(name)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert not Path(f"/run/netns_lab/{name}").exists()
