@@ -308,6 +308,9 @@ class Lab:
     # ---------------------------------------------------------------- Workload API
 
     def workload_api_start(self) -> ProcessRecord:
+        if self.workload_api == "spire":
+            raise LabError(f"lab {self.name} runs SPIRE on the Workload API sockets: the lab "
+                           f"server would take them over; use `spire ... start|stop`")
         running = [p for p in self.find_processes(WORKLOAD_API) if procs.is_running(p)]
         if running:
             return running[0]

@@ -150,7 +150,6 @@ plugins {{
 def write_agent_config(layout: Layout, spec: AgentSpec, join_token: str) -> Path:
     d = agent_dir(layout, spec.who)
     (d / "data").mkdir(parents=True, exist_ok=True, mode=0o700)
-    spec.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     q = _hcl_string
     text = f"""agent {{
     data_dir = {q(str(d / "data"))}
