@@ -44,6 +44,10 @@ READY_TIMEOUT = 60.0
 # spire-agent syncs entries every 5 s and rotates at half-life; shorter lifetimes race it
 MIN_SVID_TTL = 30
 CA_TTL = "24h"
+# the spire-agents' own SVIDs: SPIRE defaults them to default_x509_svid_ttl, i.e. the
+# lab's short --svid-ttl; a spire-agent whose own SVID expires while the server is away
+# exits and cannot re-attest (its join token is spent), so they live for an hour
+AGENT_SVID_TTL = "1h"
 
 
 def binary(program: str) -> Path:
@@ -123,6 +127,7 @@ def write_server_config(layout: Layout, svid_ttl: int) -> Path:
     log_level = "INFO"
     ca_ttl = "{CA_TTL}"
     default_x509_svid_ttl = "{svid_ttl}s"
+    agent_ttl = "{AGENT_SVID_TTL}"
 }}
 
 plugins {{
