@@ -84,7 +84,8 @@ def start_agent(lab: Lab, node: str) -> ProcessRecord:
         return rec
     spec = _node(lab, node)
     state_dir(lab, node).mkdir(parents=True, exist_ok=True, mode=0o700)
-    return lab.start_process(AGENT, agent_argv(lab, spec), node=node)
+    return lab.start_process(AGENT, agent_argv(lab, spec), node=node,
+                             extra_prefix=lab.identity_prefix())
 
 
 def stop_agent(lab: Lab, node: str, *, kill: bool = False) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from . import agents, demo, guest, procs
 from .errors import LabError
-from .lab import Lab, down
+from .lab import DEFAULT_WORKLOAD_API, WORKLOAD_API_MODES, Lab, down
 from .layout import MAX_NODES, MAX_WORKLOADS, Layout, check_name
 from .workload_api import DEFAULT_SVID_TTL
 
@@ -41,7 +41,9 @@ def _name(value: str) -> str:
 def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=f"python -m {PROG}",
                 description="A tfcrypt lab: nodes, workloads, an underlay and etcd as "
-                            "network namespaces, plus the lab SPIFFE Workload API server.")
+                            "network namespaces, plus an identity provider: real SPIRE "
+                            "(--workload-api spire) or the lab SPIFFE Workload API "
+                            "server (--workload-api lab, the default of up).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
@@ -63,6 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--underlay", choices=("v4", "v6"), default="v4",
                     help="underlay family: v6 is IPv6-only (etcd and WireGuard endpoints "
                          "over IPv6; implies --ipv6); default v4")
+    up.add_argument("--workload-api", choices=WORKLOAD_API_MODES, default=DEFAULT_WORKLOAD_API,
+                    help="who issues SVIDs: spire (a real spire-server and a spire-agent per "
+                         "node, built by scripts/build-go.sh) or lab (the lab's own server, "
+                         f"a fault injector); default {DEFAULT_WORKLOAD_API}")
 
     up.add_argument("--agents", action="store_true",
                     help="start a tfcrypt agent in every node once the lab is up")
@@ -82,6 +88,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                     "audit-mode policy, show its plan, enforce it, and print "
                                     "the table again. Exit 1 on any mismatch.")
     dm.add_argument("--name", default="demo", type=_name, help="lab name (default demo)")
+    dm.add_argument("--workload-api", choices=WORKLOAD_API_MODES, default="spire",
+                    help="who issues SVIDs (default spire; lab = the lab's own server)")
     dm.add_argument("--keep", action="store_true",
                     help="leave the lab up to explore; says how to take it down")
 
@@ -122,17 +130,27 @@ def _build_parser() -> argparse.ArgumentParser:
 
     wa = cmd("workload-api", "start or stop the lab's SPIFFE Workload API server")
     wa.add_argument("action", choices=("start", "stop"))
+
+    sp = cmd("spire", "start, stop (SIGTERM) or kill (SIGKILL) the spire-server or one "
+                      "spire-agent of a lab brought up with --workload-api spire")
+    sp.add_argument("which", help="server, a node (n1, ...) or ctl (the controller's agent)")
+    sp.add_argument("action", choices=("start", "stop", "kill"))
     return p
 
 
 def _summary(s: dict[str, Any]) -> str:
     members = ", ".join(f"{m['name']} {'running' if m['running'] else 'stopped'}"
                         for m in s["etcd"]["members"])
-    api = "running" if s["workload_api"]["running"] else "stopped"
+    if s["spire"] is not None:
+        up_ = [a["name"] for a in s["spire"]["agents"] if a["running"]]
+        api = (f"SPIRE server {'running' if s['spire']['server']['running'] else 'stopped'}"
+               f", agents running: {' '.join(up_) or '-'}")
+    else:
+        api = "lab server " + ("running" if s["workload_api"]["running"] else "stopped")
     lines = [
         f"lab {s['name']} ({s['phase']}): {len(s['nodes'])} node(s), "
         f"{len(s['workloads'])} workload(s), run dir {s['run_dir']}",
-        f"etcd {','.join(s['etcd']['endpoints'])} [{members}]; workload API {api}",
+        f"etcd {','.join(s['etcd']['endpoints'])} [{members}]; identities: {api}",
     ]
     lines += [f"  {n['name']} {n['underlay_ip']} {n['workload_subnet']} "
               f"{(n['workload_subnet6'] + ' ') if n.get('workload_subnet6') else ''}"
@@ -146,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         lab = Lab(Layout(args.name, args.nodes, args.workloads_per_node, args.etcd_members,
                          ipv6=args.ipv6, underlay=args.underlay),
-                  svid_ttl=args.svid_ttl)
+                  svid_ttl=args.svid_ttl, workload_api=args.workload_api)
         lab.up()
         print(f"lab {args.name} is up: run dir {lab.run_dir}")
         if args.agents:
@@ -158,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise
         return 0
     if args.command == "demo":
-        return demo.run(args.name, args.keep)
+        return demo.run(args.name, args.keep, workload_api=args.workload_api)
     if args.command == "guest":
         argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not argv:
@@ -201,6 +219,20 @@ def _run(args: argparse.Namespace) -> int:
         else:
             lab.workload_api_stop()
             print("workload API stopped")
+    elif args.command == "spire":
+        if lab.workload_api != "spire":
+            raise LabError(f"lab {lab.name} runs the lab Workload API server, not SPIRE: "
+                           f"bring it up with --workload-api spire")
+        if args.action == "start":
+            rec = (lab.spire_server_start() if args.which == "server"
+                   else lab.spire_agent_start(args.which))
+            print(f"{rec.what} {args.which} running, pid {rec.pid}, log {rec.log}")
+        else:
+            if args.which == "server":
+                lab.spire_server_stop(kill=args.action == "kill")
+            else:
+                lab.spire_agent_stop(args.which, kill=args.action == "kill")
+            print(f"spire {args.which}: {args.action} done")
     return 0
 
 

@@ -32,7 +32,7 @@ from tfcrypt.core.explain import GlobalView, explain
 from tfcrypt.model.policy import EncryptionPolicy, read_policy_file
 from tfcrypt.model.workload import Workload
 
-from . import agents, inventory
+from . import agents, inventory, spire
 from .errors import LabError
 from .lab import Lab, down
 from .layout import Layout
@@ -202,16 +202,28 @@ def wait_for_enforcement(lab: Lab, tags: Mapping[str, list[str]],
                    f"{json.dumps({n: _agent_status(lab, n) for n in nodes})[:2000]}")
 
 
+def identities_line(lab: Lab) -> str:
+    """Who issued the agents' SVIDs and which SPIFFE ID each agent holds."""
+    who = ("SPIRE (spire-server " + spire.server_address(lab.layout) + ", a spire-agent "
+           "per node)" if lab.workload_api == "spire" else "the lab Workload API server")
+    ids = ", ".join(f"{n.name} {_agent_status(lab, n.name).get('spiffe_id')}"
+                    for n in lab.layout.all_nodes())
+    return f"identities from {who}: {ids}"
+
+
 def run(name: str, keep: bool = False, *,
-        before_measure: Callable[[Lab], None] | None = None) -> int:
-    """The whole demo; `before_measure` is a test hook that may break the lab on purpose."""
+        before_measure: Callable[[Lab], None] | None = None,
+        workload_api: str = "spire") -> int:
+    """The whole demo, on real SPIRE unless `workload_api="lab"`; `before_measure` is a
+    test hook that may break the lab on purpose."""
     progress = Progress(7)
     tags = load_tags()
-    lab = Lab(Layout(name, 3, 3))
+    lab = Lab(Layout(name, 3, 3), workload_api=workload_api)
     failed = False
     try:
-        progress.step(f"bringing up lab {name}: 3 nodes x 3 workloads, etcd, the SPIFFE "
-                      "Workload API")
+        provider = ("SPIRE (spire-server, a spire-agent per node)" if workload_api == "spire"
+                    else "the lab SPIFFE Workload API server")
+        progress.step(f"bringing up lab {name}: 3 nodes x 3 workloads, etcd, {provider}")
         lab.up()
         progress.step("starting a tfcrypt agent in every node; publishing the inventory "
                       f"({INVENTORY.name}) and policies {', '.join(ACT1)}")
@@ -221,6 +233,7 @@ def run(name: str, keep: bool = False, *,
             inventory.apply_policy(lab, EXAMPLES / f)
         policies = load_policies(ACT1)
         wait_for_enforcement(lab, tags, policies)
+        print(identities_line(lab), flush=True)
         if before_measure is not None:
             before_measure(lab)
         progress.step("act 1: pinging every cross-node pair while capturing the underlay")

@@ -20,7 +20,8 @@ from .lab import Lab
 def controller_argv(lab: Lab, *args: str) -> list[str]:
     """`tfcrypt ARGS` in the controller namespace with the lab's etcd and controller SVID."""
     st = lab.status()
-    return [*lab.exec_prefix("controller"), sys.executable, "-m", "tfcrypt", *args,
+    return [*lab.exec_prefix("controller"), *lab.identity_prefix(), sys.executable, "-m",
+            "tfcrypt", *args,
             "--etcd", ",".join(st["etcd"]["endpoints"]),
             "--spiffe-socket", st["controller"]["spiffe_socket"]]
 

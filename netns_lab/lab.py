@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import etcd, mountns, net, preflight, procs, workload_api
+from . import etcd, mountns, net, preflight, procs, spire, workload_api
 from .errors import LabError
 from .layout import (
     BRIDGE,
@@ -46,6 +47,10 @@ from .procs import ProcessRecord
 
 STATE_FILE = "state.json"
 WORKLOAD_API = "workload-api"
+# who hands out SVIDs: real SPIRE, or the lab's own server (a fault injector: tests that
+# need a server that misbehaves use it); docs/lab.md, "Identity providers"
+WORKLOAD_API_MODES = ("lab", "spire")
+DEFAULT_WORKLOAD_API = "lab"
 RT_SCOPE_LINK = 253
 RTNH_F_ONLINK = 4
 
@@ -57,11 +62,19 @@ def run_dir_of(name: str) -> Path:
 class Lab:
     """A named lab; construct with a Layout to create it, or `Lab.load(name)` to use one."""
 
-    def __init__(self, layout: Layout, svid_ttl: int = workload_api.DEFAULT_SVID_TTL) -> None:
+    def __init__(self, layout: Layout, svid_ttl: int = workload_api.DEFAULT_SVID_TTL,
+                 workload_api: str = DEFAULT_WORKLOAD_API) -> None:
         if svid_ttl < 2:
             raise LabError(f"--svid-ttl must be at least 2 seconds, got {svid_ttl}")
+        if workload_api not in WORKLOAD_API_MODES:
+            raise LabError(f"--workload-api must be one of {', '.join(WORKLOAD_API_MODES)}, "
+                           f"got {workload_api!r}")
+        if workload_api == "spire" and svid_ttl < spire.MIN_SVID_TTL:
+            raise LabError(f"--svid-ttl must be at least {spire.MIN_SVID_TTL} seconds with "
+                           f"SPIRE, got {svid_ttl}")
         self.layout = layout
         self.svid_ttl = svid_ttl
+        self.workload_api = workload_api
         self.ledger = Ledger(layout.run_dir)
 
     @property
@@ -83,13 +96,15 @@ class Lab:
             raise LabError(f"lab {name} is not up") from None
         layout = Layout(name, state["nodes"], state["workloads_per_node"], state["etcd_members"],
                         ipv6=state.get("ipv6", False), underlay=state.get("underlay", "v4"))
-        return cls(layout, svid_ttl=state["svid_ttl"])
+        return cls(layout, svid_ttl=state["svid_ttl"],
+                   workload_api=state.get("workload_api", "lab"))
 
     def _initial_state(self) -> dict[str, Any]:
         return {"name": self.name, "nodes": self.layout.nodes,
                 "workloads_per_node": self.layout.workloads_per_node,
                 "etcd_members": self.layout.etcd_members, "svid_ttl": self.svid_ttl,
                 "ipv6": self.layout.ipv6, "underlay": self.layout.underlay,
+                "workload_api": self.workload_api,
                 "phase": "creating", "processes": []}
 
     @contextlib.contextmanager
@@ -115,6 +130,8 @@ class Lab:
 
     def up(self) -> None:
         preflight.check_tools()
+        if self.workload_api == "spire":
+            spire.binary(spire.SERVER), spire.binary(spire.AGENT)  # built? (clear error)
         if self.run_dir.exists():
             raise LabError(f"lab {self.name} is already up ({self.run_dir} exists): run "
                            f"`python -m netns_lab down --name {self.name}` first")
@@ -156,7 +173,10 @@ class Lab:
             mountns.create_node_mount_ns(node.netns, node.mount_ns, node.wireguard_dir,
                                          node.default_path_binds())
         self.etcd_start([m.name for m in lay.all_members()])
-        self.workload_api_start()
+        if self.workload_api == "spire":
+            self.spire_start()
+        else:
+            self.workload_api_start()
 
     def _link(self, ns: str, ifname: str) -> None:
         self.ledger.record("link", netns=ns, ifname=ifname)
@@ -259,10 +279,13 @@ class Lab:
 
     def start_process(self, what: str, argv: list[str], *, node: str | None = None,
                       target: str | None = None, log_name: str | None = None,
-                      env: dict[str, str] | None = None) -> ProcessRecord:
-        """Start `argv` inside `target` (default: `node`; None = root namespace)."""
+                      env: dict[str, str] | None = None,
+                      extra_prefix: list[str] | None = None) -> ProcessRecord:
+        """Start `argv` inside `target` (default: `node`; None = root namespace);
+        `extra_prefix` (e.g. identity_prefix()) runs between the namespace entry and argv."""
         where = target if target is not None else node
-        prefix = self.exec_prefix(where) if where is not None else []
+        prefix = [*(self.exec_prefix(where) if where is not None else []),
+                  *(extra_prefix or [])]
         log = self.layout.logs_dir / (log_name or f"{what}{'-' + node if node else ''}.log")
         with self._state() as state:
             rec = procs.start(argv, what=what, node=node, log=log, prefix=prefix, env=env)
@@ -326,6 +349,9 @@ class Lab:
     def workload_api_start(self, serve_as: Mapping[str, str] | None = None) -> ProcessRecord:
         """Start the Workload API server (if it is not running). `serve_as` {node: other
         node}: that node's socket serves the other's SVID (netns_lab/workload_api.py)."""
+        if self.workload_api == "spire":
+            raise LabError(f"lab {self.name} runs SPIRE on the Workload API sockets: the lab "
+                           f"server would take them over; use `spire ... start|stop`")
         running = [p for p in self.find_processes(WORKLOAD_API) if procs.is_running(p)]
         if running:
             return running[0]
@@ -340,6 +366,107 @@ class Lab:
     def workload_api_stop(self) -> None:
         for rec in self.find_processes(WORKLOAD_API):
             self.stop_process(rec)
+
+    # ---------------------------------------------------------------- SPIRE
+
+    def identity_prefix(self) -> list[str]:
+        """argv prefix (after the namespace's) that runs a command as a tfcrypt identity:
+        with SPIRE, the dedicated gid its entries select on; nothing with the lab server,
+        whose sockets are the identity."""
+        return spire.as_agent_prefix() if self.workload_api == "spire" else []
+
+    def _spire_agent_spec(self, who: str) -> spire.AgentSpec:
+        for spec in spire.agent_specs(self.layout):
+            if spec.who == who:
+                return spec
+        names = ", ".join(s.who for s in spire.agent_specs(self.layout))
+        raise LabError(f"unknown spire-agent {who!r} in lab {self.name}: use one of {names}")
+
+    def _running(self, what: str, node: str | None) -> ProcessRecord | None:
+        return next((p for p in reversed(self.find_processes(what, node))
+                     if procs.is_running(p)), None)
+
+    def spire_start(self) -> None:
+        """The server, then (first time) a join token and an entry per spire-agent, then
+        every spire-agent; waits until each hands its tfcrypt identity out."""
+        self.spire_server_start()
+        started = [self.spire_agent_start(spec.who, wait=False)
+                   for spec in spire.agent_specs(self.layout)]
+        for spec, rec in zip(spire.agent_specs(self.layout), started, strict=True):
+            spire.wait_agent(self.exec_prefix(spec.target), spec,
+                             functools.partial(procs.is_running, rec), rec.log)
+
+    def spire_server_start(self) -> ProcessRecord:
+        lay = self.layout
+        ctl = self.exec_prefix("controller")
+        if (rec := self._running(spire.SERVER, None)) is not None:
+            return rec
+        for stale in self.find_processes(spire.SERVER):
+            self.stop_process(stale)
+        if not spire.server_config(lay).exists():
+            spire.write_server_config(lay, self.svid_ttl)
+        rec = self.start_process(spire.SERVER, spire.server_argv(lay), target="controller",
+                                 log_name="spire-server.log")
+        spire.wait_server(lay, ctl, lambda: procs.is_running(rec), rec.log)
+        if not spire.bundle_path(lay).exists():
+            spire.write_bundle(lay, ctl)
+        return rec
+
+    def spire_server_stop(self, *, kill: bool = False) -> None:
+        for rec in self.find_processes(spire.SERVER):
+            self.stop_process(rec, sig=signal.SIGKILL if kill else signal.SIGTERM)
+
+    def spire_agent_start(self, who: str, *, wait: bool = True) -> ProcessRecord:
+        """Start one spire-agent; the first start registers it (token + entry), a
+        restart re-uses the SVID kept in its data dir."""
+        lay = self.layout
+        spec = self._spire_agent_spec(who)
+        if (rec := self._running(spire.AGENT, who)) is not None:
+            return rec
+        for stale in self.find_processes(spire.AGENT, who):
+            self.stop_process(stale)
+        if not spire.agent_config(lay, who).exists():
+            ctl = self.exec_prefix("controller")
+            token = spire.generate_token(lay, ctl, spec)
+            spire.create_entry(lay, ctl, spec, self.svid_ttl)
+            spire.write_agent_config(lay, spec, token)
+        rec = self.start_process(spire.AGENT, spire.agent_argv(lay, who), node=who,
+                                 target=spec.target, log_name=f"spire-agent-{who}.log")
+        if wait:
+            spire.wait_agent(self.exec_prefix(spec.target), spec,
+                             lambda: procs.is_running(rec), rec.log)
+        return rec
+
+    def spire_agent_stop(self, who: str, *, kill: bool = False) -> None:
+        self._spire_agent_spec(who)
+        for rec in self.find_processes(spire.AGENT, who):
+            self.stop_process(rec, sig=signal.SIGKILL if kill else signal.SIGTERM)
+
+    def _spire_status(self, running: Any) -> dict[str, Any] | None:
+        if self.workload_api != "spire":
+            return None
+        lay = self.layout
+        server = running(spire.SERVER, None)
+        return {
+            "server": {"pid": server.pid if server else None, "running": server is not None,
+                       "address": spire.server_address(lay),
+                       "admin_socket": str(spire.server_socket(lay)),
+                       "config": str(spire.server_config(lay)),
+                       "log": str(lay.logs_dir / "spire-server.log"),
+                       "exec": self.exec_prefix("controller")},
+            "agents": [{
+                "name": spec.who, "target": spec.target,
+                "pid": a.pid if (a := running(spire.AGENT, spec.who)) else None,
+                "running": a is not None, "socket": str(spec.socket),
+                "alias_id": spire.alias_id(spec.who), "spiffe_id": spec.spiffe_id,
+                "config": str(spire.agent_config(lay, spec.who)),
+                "log": str(lay.logs_dir / f"spire-agent-{spec.who}.log"),
+            } for spec in spire.agent_specs(lay)],
+            "bundle": str(spire.bundle_path(lay)),
+            "identity_gid": spire.AGENT_GID,
+            "identity_exec": self.identity_prefix(),
+            "svid_ttl_seconds": self.svid_ttl,
+        }
 
     # ---------------------------------------------------------------- status
 
@@ -402,7 +529,10 @@ class Lab:
                     "data_dir": str(m.data_dir), "running": r is not None,
                 } for m in lay.all_members()],
             },
+            "identity_provider": self.workload_api,
+            "spire": self._spire_status(running),
             "workload_api": {
+                "mode": self.workload_api,
                 "pid": api.pid if api else None, "running": api is not None,
                 "config": str(workload_api.config_path(lay)),
                 "ready_file": str(workload_api.ready_file(lay)),

@@ -26,10 +26,12 @@ def new_lab_name() -> str:
 
 @contextlib.contextmanager
 def running_lab(nodes: int = 2, workloads_per_node: int = 1, etcd_members: int = 1,
-                svid_ttl: int = 600, ipv6: bool = False, underlay: str = "v4") -> Iterator[Lab]:
-    """A lab that exists for the `with` block only (`ipv6`, `underlay`: netns_lab.layout)."""
+                svid_ttl: int = 600, ipv6: bool = False, underlay: str = "v4",
+                workload_api: str = "lab") -> Iterator[Lab]:
+    """A lab that exists for the `with` block only (`ipv6`, `underlay`: netns_lab.layout;
+    `workload_api`: "lab" or "spire")."""
     lab = Lab(Layout(new_lab_name(), nodes, workloads_per_node, etcd_members, ipv6=ipv6,
-                     underlay=underlay), svid_ttl)
+                     underlay=underlay), svid_ttl, workload_api)
     try:
         lab.up()
         yield lab
@@ -39,7 +41,8 @@ def running_lab(nodes: int = 2, workloads_per_node: int = 1, etcd_members: int =
 
 @pytest.fixture
 def lab_factory() -> Iterator[Callable[..., Lab]]:
-    """`lab_factory(nodes=2, workloads_per_node=1, etcd_members=1, svid_ttl=600)` -> Lab."""
+    """`lab_factory(nodes=2, workloads_per_node=1, etcd_members=1, svid_ttl=600,
+    workload_api="lab")` -> Lab."""
     with contextlib.ExitStack() as stack:
         yield lambda **kw: stack.enter_context(running_lab(**kw))
 

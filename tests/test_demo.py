@@ -28,6 +28,8 @@ def test_the_demo_passes_and_cleans_up() -> None:
     assert any(r[:2] == ["*", "n1-w1"] and "n3-w3" in r and r[-1] == "ok" for r in rows)
     assert any("(node)" in r and r[-1] == "ok" for r in rows)
     assert "audit mode; shown as if enforced" in out.stdout
+    assert "identities from SPIRE (spire-server 10.77.0.9:8081" in out.stdout
+    assert "n3 spiffe://lab.tfcrypt/tfcrypt/node/n3" in out.stdout
     assert not Path(f"/run/netns_lab/{name}").exists()
 
 

@@ -1,0 +1,50 @@
+"""netns_lab.gobin finds what scripts/build-go.sh built: the same cache path (a hash of
+go.mod + go.sum), and a clear error naming the command to run when it is not built."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from netns_lab import gobin
+from netns_lab.errors import LabError
+
+
+def _module(tools: Path, text: str) -> None:
+    (tools / "m").mkdir(parents=True)
+    (tools / "m" / "go.mod").write_text(text)
+    (tools / "m" / "go.sum").write_text("example.org/x v1.0.0 h1:abc=\n")
+
+
+def test_the_cache_path_is_the_scripts_hash_and_follows_a_version_bump(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TFCRYPT_GO_BIN", str(tmp_path / "cache"))
+    tools = tmp_path / "tools"
+    _module(tools, "module m\n\ngo 1.26\n")
+    script_hash = subprocess.run(
+        ["bash", "-c", "cat go.mod go.sum | sha256sum | cut -c1-16"], cwd=tools / "m",
+        capture_output=True, text=True, check=True).stdout.strip()
+    first = gobin.build_dir("m", tools)
+    assert first == tmp_path / "cache" / f"m-{script_hash}"
+    (tools / "m" / "go.mod").write_text("module m\n\ngo 1.26\n\nrequire example.org/x v1.0.1\n")
+    assert gobin.build_dir("m", tools) != first
+
+
+def test_a_missing_build_names_the_command_that_makes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TFCRYPT_GO_BIN", str(tmp_path / "cache"))
+    tools = tmp_path / "tools"
+    _module(tools, "module m\n")
+    with pytest.raises(LabError, match=r"bash scripts/build-go.sh m"):
+        gobin.go_binary("m", "prog", tools)
+    d = gobin.build_dir("m", tools)
+    d.mkdir(parents=True)
+    (d / "prog").write_text("")
+    with pytest.raises(LabError, match="not built"):  # no .complete: an interrupted build
+        gobin.go_binary("m", "prog", tools)
+    (d / ".complete").touch()
+    assert gobin.go_binary("m", "prog", tools) == d / "prog"
+    with pytest.raises(LabError, match="no Go module tools/other"):
+        gobin.go_binary("other", "prog", tools)
