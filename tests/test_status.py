@@ -130,7 +130,7 @@ def test_a_refused_spiffe_id_is_escaped_and_cut_short_before_status_sees_it() ->
 
 
 def test_status_json_is_written_0600_atomically_whatever_was_there(tmp_path: Path) -> None:
-    from tfcrypt.agent.status_report import write_private
+    from tfcrypt.privatefile import write_private
     path = tmp_path / "status.json"
     path.write_text("{}")
     path.chmod(0o644)  # what main left behind

@@ -30,13 +30,13 @@ from pathlib import Path
 from tfcrypt import metrics
 from tfcrypt.agent.logs import AGENT_LOG as log
 from tfcrypt.identity.epochs import EpochBook
+from tfcrypt.privatefile import write_private
 from tfcrypt.text import excerpt
 
 EPOCHS_FILE = "epochs.json"
 VERSION = 1
 MAX_BYTES = 32 * 1024 * 1024  # ~200,000 floors of long keys
 MAX_KEY = 1024  # characters of one key (etcd keys under the prefix are far shorter)
-FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -102,27 +102,7 @@ def save(state_dir: Path, floors: Mapping[str, int]) -> None:
     path = state_dir / EPOCHS_FILE
     data = json.dumps({"version": VERSION, "epochs": dict(floors)},
                       separators=(",", ":")).encode()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        try:
-            os.fchmod(fd, FILE_MODE)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private(path, data)
 
 
 class PersistedFloors:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +35,7 @@ from tfcrypt.config import AgentConfig
 from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.workload import Workload
+from tfcrypt.privatefile import write_private
 from tfcrypt.registry import Registry
 from tfcrypt.wireguard.errors import WireGuardError
 from tfcrypt.wireguard.model import DeviceState
@@ -181,7 +181,7 @@ class StatusReport:
         path = state_dir / STATUS_FILE
         text = json.dumps(await self.collect(), indent=1, sort_keys=True)
         try:
-            write_private(path, text.encode())
+            write_private(path, text.encode(), durable=False)
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc)
 
@@ -240,26 +240,5 @@ def local_workloads(workloads: Iterable[Workload], node: str) -> list[dict[str, 
 
 
 STATUS_FILE = "status.json"
-STATUS_FILE_MODE = 0o600
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically: a 0600 temporary beside it, then rename.
-    An existing wider file is replaced, not chmodded, so no reader ever sees a wide one
-    with the new content."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 STATUS_FILE_MODE)
-    try:
-        try:
-            os.fchmod(fd, STATUS_FILE_MODE)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
