@@ -573,6 +573,20 @@ def link(a: str, a_if: str, a_ip: str, b: str, b_if: str, b_ip: str) -> None:
         sh("ip", "-n", ns, "link", "set", ifname, "up")
 
 
+def w_a_b(netns: Callable[[str], str]) -> tuple[str, str, str]:
+    """W (a workload, 10.77.1.2) routed by A (the node, forwarding) to B (two remote
+    addresses, 10.77.2.2 and 10.77.2.3): the namespaces of the guard and infra tests."""
+    w, a, b = netns("w"), netns("a"), netns("b")
+    prefix = w[:-1]
+    link(w, prefix + "wa", "10.77.1.2/24", a, prefix + "aw", "10.77.1.1/24")
+    link(a, prefix + "ab", "10.77.2.1/24", b, prefix + "ba", "10.77.2.2/24")
+    sh("ip", "-n", b, "addr", "add", "10.77.2.3/24", "dev", prefix + "ba")
+    sh("ip", "-n", w, "route", "add", "default", "via", "10.77.1.1")
+    sh("ip", "-n", b, "route", "add", "10.77.1.0/24", "via", "10.77.2.1")
+    sh("ip", "netns", "exec", a, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    return w, a, b
+
+
 def ping(ns: str, dst: str, src: str | None = None) -> bool:
     extra = ["-I", src] if src else []
     return sh("ip", "netns", "exec", ns, "ping", "-n", "-c1", "-W1", *extra, dst,
@@ -584,14 +598,7 @@ def test_guard_drops_marked_packets_without_tunnel_and_ingress_drops_plaintext(
     netns: Callable[[str], str],
 ) -> None:
     """W (local workload) - A (node, tfcrypt table, no tfcrypt0) - B (remote workloads)."""
-    w, a, b = netns("w"), netns("a"), netns("b")
-    prefix = w[:-1]
-    link(w, prefix + "wa", "10.77.1.2/24", a, prefix + "aw", "10.77.1.1/24")
-    link(a, prefix + "ab", "10.77.2.1/24", b, prefix + "ba", "10.77.2.2/24")
-    sh("ip", "-n", b, "addr", "add", "10.77.2.3/24", "dev", prefix + "ba")
-    sh("ip", "-n", w, "route", "add", "default", "via", "10.77.1.1")
-    sh("ip", "-n", b, "route", "add", "10.77.1.0/24", "via", "10.77.2.1")
-    sh("ip", "netns", "exec", a, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    w, a, b = w_a_b(netns)
     sh("ip", "netns", "exec", b, "nft", "-f", "-", stdin=PROBE)
     assert ping(w, "10.77.2.2") and ping(b, "10.77.1.2", src="10.77.2.2")
 
@@ -799,14 +806,7 @@ def test_an_infrastructure_address_in_every_set_is_neither_marked_nor_dropped(
     B's addresses is infrastructure: it crosses in plaintext both ways (no tunnel
     exists, so a marked packet would be dropped by the guard and a plaintext reply by
     strict ingress), the other stays dropped."""
-    w, a, b = netns("w"), netns("a"), netns("b")
-    prefix = w[:-1]
-    link(w, prefix + "wa", "10.77.1.2/24", a, prefix + "aw", "10.77.1.1/24")
-    link(a, prefix + "ab", "10.77.2.1/24", b, prefix + "ba", "10.77.2.2/24")
-    sh("ip", "-n", b, "addr", "add", "10.77.2.3/24", "dev", prefix + "ba")
-    sh("ip", "-n", w, "route", "add", "default", "via", "10.77.1.1")
-    sh("ip", "-n", b, "route", "add", "10.77.1.0/24", "via", "10.77.2.1")
-    sh("ip", "netns", "exec", a, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    w, a, b = w_a_b(netns)
     manager = NftManager(SubprocessNft(a))
     manager.set_desired(desired(local={"10.77.1.2": "cw"},
                                 peers={"cw": {"10.77.2.2", "10.77.2.3"}},
