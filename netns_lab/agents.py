@@ -55,6 +55,7 @@ def agent_argv(lab: Lab, node: Node) -> list[str]:
         "--resync-interval", "5",
         "--status-socket", str(status_socket(lab, node.name)),
         "--metrics-address", METRICS_ADDRESS,
+        *(["--etcd-tls"] if lab.layout.etcd_tls else []),
     ]
 
 

@@ -56,6 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     help=f"workloads on each node, 0..{MAX_WORKLOADS}")
     up.add_argument("--etcd-members", type=int, choices=(1, 3), default=1,
                     help="etcd cluster size (default 1)")
+    up.add_argument("--etcd-tls", action="store_true",
+                    help="etcd serves mutual TLS to clients and peers; agents connect with "
+                         "their SVIDs (docs/lab.md)")
     up.add_argument("--svid-ttl", type=int, default=DEFAULT_SVID_TTL, metavar="SECONDS",
                     help=f"lifetime of issued X509-SVIDs (default {DEFAULT_SVID_TTL})")
 
@@ -120,7 +123,8 @@ def _summary(s: dict[str, Any]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
-        lab = Lab(Layout(args.name, args.nodes, args.workloads_per_node, args.etcd_members),
+        lab = Lab(Layout(args.name, args.nodes, args.workloads_per_node, args.etcd_members,
+                         etcd_tls=args.etcd_tls),
                   svid_ttl=args.svid_ttl)
         lab.up()
         print(f"lab {args.name} is up: run dir {lab.run_dir}")

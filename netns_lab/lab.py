@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import etcd, mountns, net, preflight, procs, workload_api
+from . import etcd, etcd_tls, mountns, net, preflight, procs, workload_api
 from .errors import LabError
 from .layout import (
     BRIDGE,
@@ -79,13 +79,15 @@ class Lab:
             state = json.loads(path.read_text())
         except FileNotFoundError:
             raise LabError(f"lab {name} is not up") from None
-        layout = Layout(name, state["nodes"], state["workloads_per_node"], state["etcd_members"])
+        layout = Layout(name, state["nodes"], state["workloads_per_node"], state["etcd_members"],
+                        etcd_tls=state.get("etcd_tls", False))
         return cls(layout, svid_ttl=state["svid_ttl"])
 
     def _initial_state(self) -> dict[str, Any]:
         return {"name": self.name, "nodes": self.layout.nodes,
                 "workloads_per_node": self.layout.workloads_per_node,
                 "etcd_members": self.layout.etcd_members, "svid_ttl": self.svid_ttl,
+                "etcd_tls": self.layout.etcd_tls,
                 "phase": "creating", "processes": []}
 
     @contextlib.contextmanager
@@ -146,6 +148,8 @@ class Lab:
             self.ledger.record("mount", path=str(node.mount_ns))
             mountns.create_node_mount_ns(node.netns, node.mount_ns, node.wireguard_dir,
                                          node.default_path_binds())
+        if lay.etcd_tls:
+            etcd_tls.write_certs(lay)  # the CA the Workload API server then loads
         self.etcd_start([m.name for m in lay.all_members()])
         self.workload_api_start()
 
@@ -350,6 +354,8 @@ class Lab:
             },
             "etcd": {
                 "endpoints": lay.etcd_endpoints(),
+                "tls": lay.etcd_tls,
+                "etcdctl_flags": etcd_tls.etcdctl_flags(lay),
                 "members": [{
                     "name": m.name, "netns": m.netns, "underlay_ip": m.underlay_ip,
                     "pid": (r.pid if (r := running("etcd", m.name)) else None),

@@ -45,20 +45,21 @@ def check_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Member:
-    """An etcd member: its own namespace on the underlay."""
+    """An etcd member: its own namespace on the underlay (https URLs with etcd_tls)."""
 
     name: str
     netns: str
     underlay_ip: str
     data_dir: Path
+    tls: bool = False
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.underlay_ip}:{ETCD_CLIENT_PORT}"
+        return f"{'https' if self.tls else 'http'}://{self.underlay_ip}:{ETCD_CLIENT_PORT}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.underlay_ip}:{ETCD_PEER_PORT}"
+        return f"{'https' if self.tls else 'http'}://{self.underlay_ip}:{ETCD_PEER_PORT}"
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class Layout:
     nodes: int
     workloads_per_node: int
     etcd_members: int = 1
+    etcd_tls: bool = False  # members serve mutual TLS (netns_lab/etcd_tls.py)
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -186,6 +188,7 @@ class Layout:
             netns=f"{self.name}-e{k}",
             underlay_ip=f"10.77.0.{1 + k}",
             data_dir=self.run_dir / "etcd" / f"e{k}",
+            tls=self.etcd_tls,
         )
 
     def all_members(self) -> list[Member]:

@@ -26,9 +26,10 @@ def new_lab_name() -> str:
 
 @contextlib.contextmanager
 def running_lab(nodes: int = 2, workloads_per_node: int = 1, etcd_members: int = 1,
-                svid_ttl: int = 600) -> Iterator[Lab]:
+                svid_ttl: int = 600, etcd_tls: bool = False) -> Iterator[Lab]:
     """A lab that exists for the `with` block only."""
-    lab = Lab(Layout(new_lab_name(), nodes, workloads_per_node, etcd_members), svid_ttl)
+    lab = Lab(Layout(new_lab_name(), nodes, workloads_per_node, etcd_members,
+                     etcd_tls=etcd_tls), svid_ttl)
     try:
         lab.up()
         yield lab
