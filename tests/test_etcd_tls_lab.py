@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import running_lab
@@ -130,6 +131,29 @@ def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
         assert plain.returncode != 0, plain.stdout
         with_tls = tfcrypt_cli(lab, "policy", "list", "--etcd", f"{ip}:2379", "--etcd-tls")
         assert with_tls.returncode == 0 and "tls-pair" in with_tls.stdout, with_tls.stderr
+
+        # ... and so is an agent with TLS off: it never connects, status says why
+        agents.stop_agent(lab, "n1")
+        started = dt.datetime.now(dt.UTC)
+        node = next(n for n in lab.layout.all_nodes() if n.name == "n1")
+        argv = [a for a in agents.agent_argv(lab, node) if a != "--etcd-tls"]
+        argv[argv.index("--etcd") + 1] = ",".join(f"{m['underlay_ip']}:2379" for m in members)
+        rec = lab.start_process("agent", argv, node="n1", log_name="agent-n1-notls.log")
+        try:
+            def unreachable() -> dict[str, Any] | None:
+                st = agent_status(lab, "n1")
+                fresh = dt.datetime.fromisoformat(st["generated_at"]) > started
+                return st if fresh and not st["etcd"]["connected"] \
+                    and st["etcd"]["last_error"] else None
+
+            st = wait_for("n1's TLS-off agent to report etcd unreachable", unreachable, 60)
+            assert st["etcd"]["tls"] is False and st["workloads"] == 0, st["etcd"]
+        finally:
+            lab.stop_process(rec)
+        agents.start_agent(lab, "n1")
+        wait_for("n1's TLS agent to be back in sync", lambda: (
+            (st := agent_status(lab, "n1"))["etcd"]["connected"] and st["etcd"]["tls"]
+            and st["in_sync"]), 60)
 
         # SVID rotation keeps the watch: changes after rotations arrive, no relist
         before = agent_status(lab, "n1")["etcd"]
