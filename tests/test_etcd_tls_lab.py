@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 from conftest import running_lab
+from cryptography.hazmat.primitives import serialization
 from labtools import agent_status, etcdctl, run_in, wait_for, wg_peers, workload_ip
+from spiffe import WorkloadApiClient
 
 from netns_lab import Lab, agents, etcd_tls, inventory
 from netns_lab.wire import capture, ping
@@ -106,6 +108,28 @@ def tfcrypt_cli(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
                   check=False, timeout=90)
 
 
+def node_svid_files(lab: Lab, node: str, tmp_path: Path) -> tuple[str, str]:
+    """The node's current SVID (from its Workload API socket) as PEM chain and key files."""
+    socket = next(str(n.spiffe_socket) for n in lab.layout.all_nodes() if n.name == node)
+    with WorkloadApiClient(socket_path=f"unix:{socket}") as client:
+        svid = client.fetch_x509_svid(timeout=10)
+    chain, key = tmp_path / f"{node}.pem", tmp_path / f"{node}.key"
+    chain.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
+                               for c in svid.cert_chain))
+    key.write_bytes(svid.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    key.chmod(0o600)
+    return str(chain), str(key)
+
+
+def curl(lab: Lab, url: str, cert: str, key: str) -> subprocess.CompletedProcess[str]:
+    """GET `url` from etcd member e2's namespace with a client certificate."""
+    return run_in(lab, "e2", ["curl", "-sS", "--http1.1", "--max-time", "5", "--noproxy", "*",
+                                      "--cacert", str(etcd_tls.bundle_path(lab.layout)),
+                                      "--cert", cert, "--key", key, url], check=False)
+
+
 def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
     with running_lab(nodes=2, workloads_per_node=1, etcd_members=3, svid_ttl=16,
                      etcd_tls=True) as lab:
@@ -131,6 +155,16 @@ def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
         assert plain.returncode != 0, plain.stdout
         with_tls = tfcrypt_cli(lab, "policy", "list", "--etcd", f"{ip}:2379", "--etcd-tls")
         assert with_tls.returncode == 0 and "tls-pair" in with_tls.stdout, with_tls.stderr
+
+        # a node's SVID is a client etcd accepts, but not a raft peer: only certificates
+        # with the shared peer name are (--peer-cert-allowed-hostname). Asked from e2's
+        # namespace: etcd also requires a peer's certificate to name its address.
+        peer_url = f"https://{ip}:2380/members"
+        as_node = curl(lab, peer_url, *node_svid_files(lab, "n1", tmp_path))
+        assert as_node.returncode != 0, as_node.stdout
+        as_member = curl(lab, peer_url, str(etcd_tls.cert_path(lab.layout, "e2")),
+                         str(etcd_tls.key_path(lab.layout, "e2")))
+        assert as_member.returncode == 0 and "peerURLs" in as_member.stdout, as_member.stderr
 
         # ... and so is an agent with TLS off: it never connects, status says why
         agents.stop_agent(lab, "n1")

@@ -1,7 +1,8 @@
 """`tfcrypt` command line.
 
-Commands that talk to etcd take --etcd and --spiffe-socket (or TFCRYPT_ETCD,
-TFCRYPT_SPIFFE_SOCKET).
+Commands that talk to etcd take --etcd, --spiffe-socket and --etcd-tls (or TFCRYPT_ETCD,
+TFCRYPT_SPIFFE_SOCKET, TFCRYPT_ETCD_TLS): with TLS the command's SVID is etcd's client
+certificate.
 `agent`, `status` and `uninstall` also read `--config FILE` (YAML); precedence is flags >
 TFCRYPT_* environment > file > defaults (tfcrypt/config.py, docs/operations.md).
 Errors in what the user typed exit with status 2 and one line naming the option.
