@@ -238,7 +238,8 @@ class _FakeClient:
 
 def test_new_credentials_in_the_middle_of_a_revision_resume_without_loss_or_repeat() -> None:
     """Revision 5 holds a, b, c (one transaction); new credentials arrive after a was
-    delivered: the next watch starts at 5 and skips a only."""
+    delivered, and again before the next watch delivered anything: the last watch starts
+    at 5 and skips a only."""
     history = [_event("a", 5), _event("b", 5), _event("c", 5), _event("d", 6)]
 
     async def scenario() -> list[str]:
@@ -259,6 +260,15 @@ def test_new_credentials_in_the_middle_of_a_revision_resume_without_loss_or_repe
         async for event in first:
             assert event is not None
             seen.append(event.rel_key)
+        assert stream._resume == (5, 1)
+        # rotated again before the next watch delivered anything: still (5, 1)
+        held = stream._watch(_FakeClient(history, asyncio.Event(), 0),  # type: ignore[arg-type]
+                             *stream._resume)
+        assert await anext(held) is None
+        conn.client()
+        conn.set_credentials(TlsCredentials(b"r", b"k", b"c", 3))
+        async for event in held:
+            raise AssertionError(f"held watch delivered {event}")
         assert stream._resume == (5, 1)
         second = stream._watch(_FakeClient(history), *stream._resume)  # type: ignore[arg-type]
         assert await anext(second) is None

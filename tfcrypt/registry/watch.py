@@ -200,9 +200,10 @@ class WatchStream:
         pump = asyncio.create_task(_pump(watch, queue), name="registry-watch-pump")
         self._tasks.add(pump)
         delivered = start_revision - 1
-        at_delivered = 0  # events of revision `delivered` delivered so far
+        at_delivered = 0  # events of revision `delivered` the consumer has (all watches)
         if skip:
-            delivered, at_delivered = start_revision, 0
+            delivered, at_delivered = start_revision, skip
+        replayed = 0  # events of `start_revision` this watch dropped as already delivered
         probed: int | None = None  # the store's revision at the last silent probe
         try:
             while True:
@@ -221,10 +222,11 @@ class WatchStream:
                     raise item
                 assert isinstance(item, aetcd.Event)
                 revision = item.kv.mod_revision
+                if revision == start_revision and replayed < skip:
+                    replayed += 1
+                    continue  # delivered by the previous watch
                 if revision == delivered:
                     at_delivered += 1
-                    if at_delivered <= skip:
-                        continue  # delivered by the previous watch
                 elif revision > delivered:
                     delivered, at_delivered = revision, 1
                 probed = None
