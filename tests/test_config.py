@@ -320,3 +320,21 @@ def test_infrastructure_cidrs_come_from_every_layer_and_repeated_flags(tmp_path:
     assert static_infrastructure(cfg) == {
         "10.96.0.0/12": "configured", "192.0.2.7": "configured", "10.77.0.11": "node address",
         "10.77.0.2": "etcd endpoint", "fd00:77::2": "etcd endpoint"}
+
+
+@pytest.mark.parametrize(("argv", "env", "want"), [
+    (["--etcd", "https://10.0.0.1:2379"], {}, "is https://: set etcd_tls (--etcd-tls)"),
+    (["--etcd", "http://10.0.0.1:2379", "--etcd-tls"], {}, "is http:// but etcd_tls is set"),
+    (["--etcd", "http://10.0.0.1:2379"], {"TFCRYPT_ETCD_TLS": "true"},
+     "is http:// but etcd_tls is set"),
+    ([], {"TFCRYPT_ETCD_TLS": "maybe"}, "TFCRYPT_ETCD_TLS: 'maybe' is not true or false"),
+    (["--etcd-server-name", "etcd.example"], {}, "only meaningful with etcd_tls"),
+])
+def test_controller_commands_check_etcd_tls_before_connecting(
+        argv: list[str], env: dict[str, str], want: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["policy", "list", *argv]) == 2
+    err = capsys.readouterr().err
+    assert want in err and err.count("\n") == 1, err

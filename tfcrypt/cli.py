@@ -51,8 +51,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    default=env_default("SPIFFE_SOCKET", DEFAULT_SPIFFE_SOCKET),
                    help="SPIFFE Workload API socket (env TFCRYPT_SPIFFE_SOCKET; "
                         "default %(default)s)")
-    p.add_argument("--etcd-tls", action="store_true",
-                   default=_env_bool("ETCD_TLS"),
+    p.add_argument("--etcd-tls", action="store_true", default=None,
                    help="connect to etcd over mutual TLS with this SVID as the client "
                         "certificate (env TFCRYPT_ETCD_TLS; docs/registry.md)")
     p.add_argument("--etcd-server-name", metavar="NAME",
@@ -65,15 +64,17 @@ def _common(p: argparse.ArgumentParser) -> None:
                    choices=["debug", "info", "warning", "error"])
 
 
-def _env_bool(name: str) -> bool:
-    raw = env_default(name)
+def _etcd_tls(args: argparse.Namespace) -> bool:
+    """--etcd-tls, else TFCRYPT_ETCD_TLS (true/false), else off."""
+    if args.etcd_tls:
+        return True
+    raw = env_default("ETCD_TLS")
     if raw is None:
         return False
-    if raw.strip().lower() in ("true", "yes", "1"):
-        return True
-    if raw.strip().lower() in ("false", "no", "0", ""):
+    try:
+        return resolve({}, {"TFCRYPT_ETCD_TLS": raw}, None, ["etcd_tls"])["etcd_tls"]
+    except KeyError:
         return False
-    raise ConfigError(f"TFCRYPT_{name}: {one_line(raw)[:40]!r} is not true or false")
 
 
 def _etcd(args: argparse.Namespace) -> tuple[str, ...]:
@@ -341,11 +342,11 @@ async def _controller_command(args: argparse.Namespace) -> int:
     workload = commands.build_workload(args.name, args.node, args.ip, args.tag) \
         if args.command == "workload" and args.workload_command == "set" else None
     infra = _cli_infrastructure(args)
-    endpoints = _etcd(args)
-    if (problem := etcd_tls_problem(endpoints, args.etcd_tls, args.etcd_server_name)):
+    endpoints, tls = _etcd(args), _etcd_tls(args)
+    if (problem := etcd_tls_problem(endpoints, tls, args.etcd_server_name)):
         raise ConfigError(problem)
     async with session(endpoints, args.prefix, args.spiffe_socket, controller_ids,
-                       tls=args.etcd_tls, server_name=args.etcd_server_name) as s:
+                       tls=tls, server_name=args.etcd_server_name) as s:
         if args.command == "explain":
             explanation = await commands.explain_flow(s, args.src_ip, args.dst_ip, infra)
             print(json.dumps(explanation.to_json(), indent=2) if args.json
