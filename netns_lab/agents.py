@@ -69,6 +69,7 @@ def agent_argv(lab: Lab, node: Node) -> list[str]:
         "--status-socket", str(status_socket(lab, node.name)),
         "--metrics-address", METRICS_ADDRESS,
         "--backend", backend(),
+        *(["--etcd-tls"] if lab.layout.etcd_tls else []),
     ]
 
 

@@ -58,6 +58,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     help=f"workloads on each node, 0..{MAX_WORKLOADS}")
     up.add_argument("--etcd-members", type=int, choices=(1, 3), default=1,
                     help="etcd cluster size (default 1)")
+    up.add_argument("--etcd-tls", action="store_true",
+                    help="etcd serves mutual TLS to clients and peers; agents connect with "
+                         "their SVIDs (docs/lab.md)")
     up.add_argument("--svid-ttl", type=int, default=DEFAULT_SVID_TTL, metavar="SECONDS",
                     help=f"lifetime of issued X509-SVIDs (default {DEFAULT_SVID_TTL})")
     up.add_argument("--ipv6", action="store_true",
@@ -163,7 +166,7 @@ def _summary(s: dict[str, Any]) -> str:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         lab = Lab(Layout(args.name, args.nodes, args.workloads_per_node, args.etcd_members,
-                         ipv6=args.ipv6, underlay=args.underlay),
+                         ipv6=args.ipv6, underlay=args.underlay, etcd_tls=args.etcd_tls),
                   svid_ttl=args.svid_ttl, workload_api=args.workload_api)
         lab.up()
         print(f"lab {args.name} is up: run dir {lab.run_dir}")

@@ -2,7 +2,8 @@
 
 Rules: a member listens only on its underlay IP (client 2379, peer 2380); its data dir
 lives in the run dir, so a stop/start keeps its data and cluster membership (on restart
-etcd ignores the --initial-* flags). Health is asked from the controller namespace, never
+etcd ignores the --initial-* flags). With the lab's `etcd_tls`, members serve mutual TLS
+to clients and peers (netns_lab/etcd_tls.py). Health is asked from the controller namespace, never
 from the root namespace, which must not talk to lab addresses.
 """
 
@@ -13,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
+from . import etcd_tls
 from .errors import LabError
 from .layout import Layout, Member
 
@@ -34,12 +36,14 @@ def member_argv(layout: Layout, member: Member) -> list[str]:
         "--initial-cluster-token", f"netns-lab-{layout.name}",
         "--logger", "zap",
         "--log-outputs", "stderr",
+        *(etcd_tls.member_flags(layout, member) if layout.etcd_tls else []),
     ]
 
 
 def healthy(layout: Layout, members: Sequence[Member]) -> bool:
     argv = ["ip", "netns", "exec", layout.controller_netns, "etcdctl",
             "--endpoints", ",".join(m.client_url for m in members),
+            *etcd_tls.etcdctl_flags(layout),
             "--dial-timeout", "1s", "--command-timeout", "2s", "endpoint", "health"]
     res = subprocess.run(argv, capture_output=True, text=True, check=False,
                          env={**os.environ, "ETCDCTL_API": "3"})

@@ -23,7 +23,8 @@ def controller_argv(lab: Lab, *args: str) -> list[str]:
     return [*lab.exec_prefix("controller"), *lab.identity_prefix(), sys.executable, "-m",
             "tfcrypt", *args,
             "--etcd", ",".join(st["etcd"]["endpoints"]),
-            "--spiffe-socket", st["controller"]["spiffe_socket"]]
+            "--spiffe-socket", st["controller"]["spiffe_socket"],
+            *(["--etcd-tls"] if st["etcd"].get("tls") else [])]
 
 
 def tfcrypt(lab: Lab, *args: str, timeout: float = 60) -> str:

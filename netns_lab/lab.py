@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import etcd, mountns, net, preflight, procs, spire, workload_api
+from . import etcd, etcd_tls, mountns, net, preflight, procs, spire, workload_api
 from .errors import LabError
 from .layout import (
     BRIDGE,
@@ -72,6 +72,12 @@ class Lab:
         if workload_api == "spire" and svid_ttl < spire.MIN_SVID_TTL:
             raise LabError(f"--svid-ttl must be at least {spire.MIN_SVID_TTL} seconds with "
                            f"SPIRE, got {svid_ttl}")
+        if workload_api == "spire" and layout.etcd_tls:
+            # etcd trusts the lab CA (netns_lab/etcd_tls.py) while SPIRE signs SVIDs under
+            # its own: every client would be refused. SPIRE issues no IP SANs either, which
+            # etcd's peers need without DNS (docs/lab.md).
+            raise LabError("--etcd-tls needs --workload-api lab: the lab's etcd trusts the "
+                           "lab CA, not SPIRE's")
         self.layout = layout
         self.svid_ttl = svid_ttl
         self.workload_api = workload_api
@@ -95,7 +101,8 @@ class Lab:
         except FileNotFoundError:
             raise LabError(f"lab {name} is not up") from None
         layout = Layout(name, state["nodes"], state["workloads_per_node"], state["etcd_members"],
-                        ipv6=state.get("ipv6", False), underlay=state.get("underlay", "v4"))
+                        ipv6=state.get("ipv6", False), underlay=state.get("underlay", "v4"),
+                        etcd_tls=state.get("etcd_tls", False))
         return cls(layout, svid_ttl=state["svid_ttl"],
                    workload_api=state.get("workload_api", "lab"))
 
@@ -105,6 +112,7 @@ class Lab:
                 "etcd_members": self.layout.etcd_members, "svid_ttl": self.svid_ttl,
                 "ipv6": self.layout.ipv6, "underlay": self.layout.underlay,
                 "workload_api": self.workload_api,
+                "etcd_tls": self.layout.etcd_tls,
                 "phase": "creating", "processes": []}
 
     @contextlib.contextmanager
@@ -172,6 +180,8 @@ class Lab:
             self.ledger.record("mount", path=str(node.mount_ns))
             mountns.create_node_mount_ns(node.netns, node.mount_ns, node.wireguard_dir,
                                          node.default_path_binds())
+        if lay.etcd_tls:
+            etcd_tls.write_certs(lay)  # the CA the Workload API server then loads
         self.etcd_start([m.name for m in lay.all_members()])
         if self.workload_api == "spire":
             self.spire_start()
@@ -522,6 +532,8 @@ class Lab:
             },
             "etcd": {
                 "endpoints": lay.etcd_endpoints(),
+                "tls": lay.etcd_tls,
+                "etcdctl_flags": etcd_tls.etcdctl_flags(lay),
                 "members": [{
                     "name": m.name, "netns": m.netns, "underlay_ip": m.underlay_ip,
                     "underlay_ip6": m.underlay_ip6,

@@ -59,21 +59,24 @@ def check_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Member:
-    """An etcd member: its own namespace on the underlay."""
+    """An etcd member: its own namespace on the underlay (https URLs with etcd_tls)."""
 
     name: str
     netns: str
     underlay_ip: str  # IPv6 on an IPv6-only underlay
     data_dir: Path
     underlay_ip6: str | None = None
+    tls: bool = False
 
     @property
     def client_url(self) -> str:
-        return f"http://{_url_host(self.underlay_ip)}:{ETCD_CLIENT_PORT}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{_url_host(self.underlay_ip)}:{ETCD_CLIENT_PORT}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{_url_host(self.underlay_ip)}:{ETCD_PEER_PORT}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{_url_host(self.underlay_ip)}:{ETCD_PEER_PORT}"
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class Layout:
     etcd_members: int = 1
     ipv6: bool = False
     underlay: str = "v4"
+    etcd_tls: bool = False  # members serve mutual TLS (netns_lab/etcd_tls.py)
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -242,6 +246,7 @@ class Layout:
             underlay_ip=self._underlay(1 + k)[0],
             underlay_ip6=self._underlay(1 + k)[1],
             data_dir=self.run_dir / "etcd" / f"e{k}",
+            tls=self.etcd_tls,
         )
 
     def all_members(self) -> list[Member]:

@@ -27,11 +27,11 @@ def new_lab_name() -> str:
 @contextlib.contextmanager
 def running_lab(nodes: int = 2, workloads_per_node: int = 1, etcd_members: int = 1,
                 svid_ttl: int = 600, ipv6: bool = False, underlay: str = "v4",
-                workload_api: str = "lab") -> Iterator[Lab]:
-    """A lab that exists for the `with` block only (`ipv6`, `underlay`: netns_lab.layout;
-    `workload_api`: "lab" or "spire")."""
+                workload_api: str = "lab", etcd_tls: bool = False) -> Iterator[Lab]:
+    """A lab that exists for the `with` block only (`ipv6`, `underlay`, `etcd_tls`:
+    netns_lab.layout; `workload_api`: "lab" or "spire")."""
     lab = Lab(Layout(new_lab_name(), nodes, workloads_per_node, etcd_members, ipv6=ipv6,
-                     underlay=underlay), svid_ttl, workload_api)
+                     underlay=underlay, etcd_tls=etcd_tls), svid_ttl, workload_api)
     try:
         lab.up()
         yield lab

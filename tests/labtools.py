@@ -106,9 +106,10 @@ class Pinger:
 
 
 def etcdctl(lab: Lab, *args: str, input: bytes | None = None) -> str:
-    endpoints = ",".join(lab.status()["etcd"]["endpoints"])
-    out = run_in(lab, "controller", ["etcdctl", f"--endpoints={endpoints}", *args],
-                 input=input)
+    etcd = lab.status()["etcd"]
+    endpoints = ",".join(etcd["endpoints"])
+    out = run_in(lab, "controller", ["etcdctl", f"--endpoints={endpoints}",
+                                     *etcd.get("etcdctl_flags", []), *args], input=input)
     return out.stdout.decode() if isinstance(out.stdout, bytes) else out.stdout
 
 

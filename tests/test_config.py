@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ BAD = {
     "node_name": ("Node_1", "is not a valid node name"),
     "advertise_address": ("10.0.0.300", "is not an IP address"),
     "etcd": ("not a url", "is not host:port"),
+    "etcd_tls": ("sometimes", "'sometimes' is not true or false"),
+    "etcd_server_name": ("etcd server", "is not a DNS name"),
     "spiffe_socket": ("relative/agent.sock", "is not an absolute path"),
     "interface": ("a-name-longer-than-15", "is not a valid interface name"),
     "listen_port": ("70000", "70000 is not in 1..65535"),
@@ -54,6 +57,23 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_every_key_has_an_invalid_example() -> None:
     assert set(BAD) == {k.name for k in KEYS}
+
+
+@pytest.mark.parametrize(("values", "want"), [
+    ({"etcd": "https://10.0.0.1:2379"}, "set etcd_tls (--etcd-tls)"),
+    ({"etcd": "http://10.0.0.1:2379", "etcd_tls": "true"}, "is http:// but etcd_tls is set"),
+    ({"etcd_server_name": "etcd.example"}, "only meaningful with etcd_tls"),
+])
+def test_etcd_tls_and_the_endpoint_schemes_must_agree(values: dict[str, str],
+                                                      want: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(want)):
+        agent_config({**NEEDED, **values}, {}, None)
+
+
+def test_etcd_tls_accepts_https_and_bare_endpoints() -> None:
+    cfg = agent_config({**NEEDED, "etcd": "https://10.0.0.1:2379,10.0.0.2:2379",
+                        "etcd_tls": "yes", "etcd_server_name": "etcd.lab.tfcrypt"}, {}, None)
+    assert cfg.etcd_tls and cfg.etcd_server_name == "etcd.lab.tfcrypt"
 
 
 @pytest.mark.parametrize(("flag", "env", "file", "want"), [
@@ -300,3 +320,21 @@ def test_infrastructure_cidrs_come_from_every_layer_and_repeated_flags(tmp_path:
     assert static_infrastructure(cfg) == {
         "10.96.0.0/12": "configured", "192.0.2.7": "configured", "10.77.0.11": "node address",
         "10.77.0.2": "etcd endpoint", "fd00:77::2": "etcd endpoint"}
+
+
+@pytest.mark.parametrize(("argv", "env", "want"), [
+    (["--etcd", "https://10.0.0.1:2379"], {}, "is https://: set etcd_tls (--etcd-tls)"),
+    (["--etcd", "http://10.0.0.1:2379", "--etcd-tls"], {}, "is http:// but etcd_tls is set"),
+    (["--etcd", "http://10.0.0.1:2379"], {"TFCRYPT_ETCD_TLS": "true"},
+     "is http:// but etcd_tls is set"),
+    ([], {"TFCRYPT_ETCD_TLS": "maybe"}, "TFCRYPT_ETCD_TLS: 'maybe' is not true or false"),
+    (["--etcd-server-name", "etcd.example"], {}, "only meaningful with etcd_tls"),
+])
+def test_controller_commands_check_etcd_tls_before_connecting(
+        argv: list[str], env: dict[str, str], want: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["policy", "list", *argv]) == 2
+    err = capsys.readouterr().err
+    assert want in err and err.count("\n") == 1, err

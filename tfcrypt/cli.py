@@ -1,7 +1,8 @@
 """`tfcrypt` command line.
 
-Commands that talk to etcd take --etcd and --spiffe-socket (or TFCRYPT_ETCD,
-TFCRYPT_SPIFFE_SOCKET).
+Commands that talk to etcd take --etcd, --spiffe-socket and --etcd-tls (or TFCRYPT_ETCD,
+TFCRYPT_SPIFFE_SOCKET, TFCRYPT_ETCD_TLS): with TLS the command's SVID is etcd's client
+certificate.
 `agent`, `status` and `uninstall` also read `--config FILE` (YAML); precedence is flags >
 TFCRYPT_* environment > file > defaults (tfcrypt/config.py, docs/operations.md).
 Errors in what the user typed exit with status 2 and one line naming the option.
@@ -30,6 +31,7 @@ from tfcrypt.config import (
     AgentConfig,
     agent_config,
     env_default,
+    etcd_tls_problem,
     resolve,
     split_endpoints,
     state_dir_problem,
@@ -49,10 +51,30 @@ def _common(p: argparse.ArgumentParser) -> None:
                    default=env_default("SPIFFE_SOCKET", DEFAULT_SPIFFE_SOCKET),
                    help="SPIFFE Workload API socket (env TFCRYPT_SPIFFE_SOCKET; "
                         "default %(default)s)")
+    p.add_argument("--etcd-tls", action="store_true", default=None,
+                   help="connect to etcd over mutual TLS with this SVID as the client "
+                        "certificate (env TFCRYPT_ETCD_TLS; docs/registry.md)")
+    p.add_argument("--etcd-server-name", metavar="NAME",
+                   default=env_default("ETCD_SERVER_NAME"),
+                   help="name etcd's certificate must carry, if not the endpoint's host "
+                        "(env TFCRYPT_ETCD_SERVER_NAME)")
     p.add_argument("--prefix", default=env_default("PREFIX", "/tfcrypt/v1"),
                    help="etcd key prefix (default %(default)s)")
     p.add_argument("--log-level", default=env_default("LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
+
+
+def _etcd_tls(args: argparse.Namespace) -> bool:
+    """--etcd-tls, else TFCRYPT_ETCD_TLS (true/false), else off."""
+    if args.etcd_tls:
+        return True
+    raw = env_default("ETCD_TLS")
+    if raw is None:
+        return False
+    try:
+        return resolve({}, {"TFCRYPT_ETCD_TLS": raw}, None, ["etcd_tls"])["etcd_tls"]
+    except KeyError:
+        return False
 
 
 def _etcd(args: argparse.Namespace) -> tuple[str, ...]:
@@ -247,7 +269,8 @@ async def _run_agent(cfg: AgentConfig) -> None:
         from tfcrypt.wireguard.kernel import KernelBackend
         backend = KernelBackend(cfg.interface)  # type: ignore[assignment]
     netlink = PyRoute2Netlink()
-    registry = Registry(cfg.etcd_endpoints, prefix=cfg.prefix)
+    registry = Registry(cfg.etcd_endpoints, prefix=cfg.prefix, tls=cfg.etcd_tls,
+                        server_name=cfg.etcd_server_name)
     dataplane = Dataplane(WireGuardManager(backend), NftManager(SubprocessNft()), netlink,
                           RoutingConfig(ifname=cfg.interface, tunnel_table=cfg.route_table,
                                         failclosed_table=cfg.route_table + 1,
@@ -319,7 +342,11 @@ async def _controller_command(args: argparse.Namespace) -> int:
     workload = commands.build_workload(args.name, args.node, args.ip, args.tag) \
         if args.command == "workload" and args.workload_command == "set" else None
     infra = _cli_infrastructure(args)
-    async with session(_etcd(args), args.prefix, args.spiffe_socket, controller_ids) as s:
+    endpoints, tls = _etcd(args), _etcd_tls(args)
+    if (problem := etcd_tls_problem(endpoints, tls, args.etcd_server_name)):
+        raise ConfigError(problem)
+    async with session(endpoints, args.prefix, args.spiffe_socket, controller_ids,
+                       tls=tls, server_name=args.etcd_server_name) as s:
         if args.command == "explain":
             explanation = await commands.explain_flow(s, args.src_ip, args.dst_ip, infra)
             print(json.dumps(explanation.to_json(), indent=2) if args.json

@@ -47,6 +47,8 @@ class AgentConfig:
     node_name: str
     advertise_address: str
     etcd_endpoints: tuple[str, ...] = DEFAULT_ETCD
+    etcd_tls: bool = False
+    etcd_server_name: str | None = None
     spiffe_socket: str = DEFAULT_SPIFFE_SOCKET
     interface: str = "tfcrypt0"
     listen_port: int = 51820
@@ -80,6 +82,9 @@ class AgentConfig:
                 raise ConfigError(f"{key.name}: {problem}")
         if (problem := _cross_problem(self.mark, self.mark_mask)) is not None:
             raise ConfigError(f"mark_mask: {problem}")
+        if (problem := etcd_tls_problem(self.etcd_endpoints, self.etcd_tls,
+                                        self.etcd_server_name)) is not None:
+            raise ConfigError(problem)
 
     @property
     def endpoint(self) -> str:
@@ -191,6 +196,27 @@ def _endpoints(v: tuple[str, ...]) -> str | None:
         return "at least one endpoint is needed"
     bad = [e for e in v if not re.match(r"^(https?://)?[^\s/]+:\d+$", e)]
     return f"{_x(bad[0])} is not host:port or http(s)://host:port" if bad else None
+
+
+def etcd_tls_problem(endpoints: Sequence[str], tls: bool,
+                     server_name: str | None = None) -> str | None:
+    """Why the etcd endpoints' schemes contradict `etcd_tls`, or None (docs/registry.md):
+    an https:// endpoint without TLS is never silently downgraded, an http:// one with
+    TLS never silently upgraded."""
+    for e in endpoints:
+        if e.startswith("https://") and not tls:
+            return (f"etcd: {_x(e)} is https://: set etcd_tls (--etcd-tls) to connect "
+                    "with TLS and the SVID as client certificate")
+        if e.startswith("http://") and tls:
+            return f"etcd: {_x(e)} is http:// but etcd_tls is set: write https:// or host:port"
+    if server_name and not tls:
+        return "etcd_server_name: only meaningful with etcd_tls (--etcd-tls)"
+    return None
+
+
+def _dns_name(v: str) -> str | None:
+    ok = re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$", v) is not None
+    return None if ok else f"{_x(v)} is not a DNS name"
 
 
 def _cidrs(v: tuple[str, ...]) -> str | None:
@@ -310,6 +336,13 @@ KEYS: tuple[Key, ...] = (
     Key("advertise_address", "advertise_address", _str, _ip,
         "underlay address peers reach this node at"),
     Key("etcd", "etcd_endpoints", _list, _endpoints, "etcd endpoints, comma separated"),
+    Key("etcd_tls", "etcd_tls", _bool, None,
+        "connect to etcd over mutual TLS: the SVID is the client certificate, its trust "
+        "bundle verifies etcd's certificate; endpoints may then be https:// "
+        "(docs/registry.md)"),
+    Key("etcd_server_name", "etcd_server_name", _optional(_str), _dns_name,
+        "name etcd's certificate must carry instead of the endpoint's host (a DNS SAN "
+        "of etcd's SPIRE entry when endpoints are IPs); with etcd_tls only"),
     Key("spiffe_socket", "spiffe_socket", _str, _socket_path, "SPIFFE Workload API socket"),
     Key("interface", "interface", _str, _ifname, "WireGuard interface name"),
     Key("listen_port", "listen_port", _int, _in_range(1, 65535), "WireGuard UDP port"),

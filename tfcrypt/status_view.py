@@ -171,6 +171,8 @@ def _etcd(etcd: Mapping[str, Any], now: dt.datetime) -> str:
                                   if since else "")
         if etcd.get("last_error"):
             state += f" ({etcd['last_error']})"
+    if etcd.get("tls"):
+        state += f", mutual TLS ({etcd.get('credential_rotations', 0)} certificate rotations)"
     return f"{state}; {etcd.get('reconnects', 0)} reconnects, {etcd.get('relists', 0)} relists"
 
 

@@ -53,7 +53,7 @@ from tfcrypt.agent.status_api import StatusServer
 from tfcrypt.agent.status_report import StatusReport
 from tfcrypt.config import AgentConfig
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
-from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
+from tfcrypt.identity.svid_source import SvidSource, SvidUpdate, etcd_credentials
 from tfcrypt.identity.view import Prepared, VerifiedView
 from tfcrypt.model.families import families
 from tfcrypt.model.node import NodeRecord
@@ -182,6 +182,14 @@ class Agent:
                 metrics.WORKLOAD_API_ERRORS.labels("unexpected_spiffe_id").inc()
                 self.svids.refuse(update, expected)  # logged, and shown by status
                 continue
+            if self.registry.tls:
+                # before self.svid: the record signed with it is published over this
+                try:
+                    self.registry.set_credentials(etcd_credentials(update))
+                except ValueError as exc:
+                    metrics.WORKLOAD_API_ERRORS.labels("invalid_svid").inc()
+                    self.svids.refuse_for_etcd(update, str(exc))
+                    continue
             self.svid = update
             log.info("SVID %s serial %x valid until %s", update.spiffe_id, update.serial,
                      update.not_after.isoformat())

@@ -194,6 +194,7 @@ class StatusReport:
         down = self._etcd_down_since
         return {"connected": reg.connected, "last_revision": reg.last_revision,
                 "relists": reg.relists, "reconnects": reg.reconnects,
+                "tls": reg.tls, "credential_rotations": reg.status().credential_rotations,
                 "last_error": reg.last_error,
                 "disconnected_since": down.isoformat() if down else None}
 

@@ -29,7 +29,7 @@ from spiffe import WorkloadApiClient
 
 from tfcrypt.errors import ConfigError, TfcryptError
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
-from tfcrypt.identity.svid_source import SvidUpdate, update_from_context
+from tfcrypt.identity.svid_source import SvidUpdate, etcd_credentials, update_from_context
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.families import families
 from tfcrypt.registry import Registry
@@ -109,9 +109,18 @@ class ControllerSession:
 
 @asynccontextmanager
 async def session(endpoints: tuple[str, ...], prefix: str, spiffe_socket: str,
-                  controller_ids: tuple[str, ...]) -> AsyncIterator[ControllerSession]:
+                  controller_ids: tuple[str, ...], *, tls: bool = False,
+                  server_name: str | None = None) -> AsyncIterator[ControllerSession]:
+    """A session signing with the controller's SVID; with `tls`, the same SVID is the
+    client certificate etcd checks (docs/registry.md)."""
     svid = await asyncio.to_thread(fetch_svid, spiffe_socket)
-    registry = Registry(endpoints, prefix=prefix, request_timeout=5.0)
+    registry = Registry(endpoints, prefix=prefix, request_timeout=5.0, tls=tls,
+                        server_name=server_name)
+    if tls:
+        try:
+            registry.set_credentials(etcd_credentials(svid))
+        except ValueError as exc:
+            raise ConfigError(f"--etcd-tls: {spiffe_socket}: {exc}") from None
     try:
         yield ControllerSession(registry, svid, controller_ids)
     except RegistryError as exc:

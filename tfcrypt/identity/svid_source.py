@@ -29,6 +29,7 @@ from cryptography import x509
 from spiffe import WorkloadApiClient
 from spiffe.workloadapi.workload_api_client import RetryPolicy
 
+from tfcrypt.registry.tls import TlsCredentials, credentials_from_svid
 from tfcrypt.text import excerpt
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,13 @@ class SvidUpdate:
     @property
     def trust_domain(self) -> str:
         return self.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+
+
+def etcd_credentials(svid: SvidUpdate) -> TlsCredentials:
+    """The SVID as etcd's client certificate, its own trust domain's bundle as the roots
+    etcd's certificate must chain to (registry/tls.py). ValueError names what is missing."""
+    return credentials_from_svid(svid.private_key, svid.chain,
+                                 svid.bundles.get(svid.trust_domain, ()))
 
 
 def update_from_context(ctx: object) -> SvidUpdate:
@@ -142,6 +150,12 @@ class SvidSource:
         as the last refusal, and not used (the caller keeps its last good SVID)."""
         self._fail("unexpected_spiffe_id",
                    f"served {excerpt(update.spiffe_id)}, but this node is {expected}")
+
+    def refuse_for_etcd(self, update: SvidUpdate, problem: str) -> None:
+        """`update` cannot be etcd's client certificate (no bundle for its own trust
+        domain): counted, kept as the last refusal, and not used."""
+        self._fail("invalid_svid", f"{excerpt(update.spiffe_id)} as etcd client "
+                                   f"certificate: {problem}")
 
     async def _follow_one_stream(self) -> AsyncIterator[SvidUpdate]:
         """Yield updates of one py-spiffe watcher until it reports an error."""

@@ -18,6 +18,7 @@ from tfcrypt.registry.errors import (
 )
 from tfcrypt.registry.events import Deleted, Item, Listed, Put, RegistryEvent
 from tfcrypt.registry.registry import DEFAULT_PREFIX, Registry
+from tfcrypt.registry.tls import TlsCredentials, credentials_from_svid
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -35,5 +36,7 @@ __all__ = [
     "RegistryRequestRejected",
     "RegistryStatus",
     "RegistryUnavailable",
+    "TlsCredentials",
+    "credentials_from_svid",
     "parse_endpoint",
 ]

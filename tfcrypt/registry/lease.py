@@ -109,6 +109,9 @@ class LeaseKeeper:
                 _answer(waiters, None)
                 await self._sleep(None)
                 continue
+            await self._conn.wait_credentials()
+            if self._conn.closed:
+                return
             client = self._conn.client()
             try:
                 await self._converge(client, desired)

@@ -12,6 +12,8 @@ Rules:
 - `recheck_published(revision)` is told of every write the watch sees at our record's key:
   the keeper tells its own echo from someone else's write by revision and puts ours back
   over anything else (lease.py).
+- With `tls=True` nothing connects before `set_credentials()` (the SVID as the client
+  certificate, registry/tls.py); a call before it waits (`events()`, the keeper) or fails.
 - `put()`/`delete()`/`get_all()` are for the controller CLI: no lease, one attempt per
   endpoint, then `RegistryUnavailable`.
 - Every task the registry starts lives in `self._tasks` and is cancelled by `aclose()`.
@@ -28,11 +30,12 @@ from typing import TypeVar
 import aetcd
 
 from tfcrypt.registry.connection import Connection, RegistryStatus
-from tfcrypt.registry.endpoints import Backoff, parse_endpoints
+from tfcrypt.registry.endpoints import Backoff, check_scheme, parse_endpoints
 from tfcrypt.registry.errors import RegistryError, RegistryUnavailable, etcd_errors
 from tfcrypt.registry.events import Listed, RegistryEvent
 from tfcrypt.registry.keys import Keyspace
 from tfcrypt.registry.lease import LeaseKeeper, Record
+from tfcrypt.registry.tls import TlsCredentials
 from tfcrypt.registry.watch import STOP_WAIT, WatchStream, list_prefix, stop_within
 
 T = TypeVar("T")
@@ -56,10 +59,14 @@ class Registry:
         *,
         request_timeout: float = 5.0,
         probe_interval: float = 5.0,
+        tls: bool = False,
+        server_name: str | None = None,
     ) -> None:
         self._keys = Keyspace(prefix)
         self._backoff = backoff if isinstance(backoff, Backoff) else Backoff(*backoff)
-        self._conn = Connection(parse_endpoints(endpoints), request_timeout)
+        parsed = parse_endpoints(endpoints)
+        check_scheme(parsed, tls)
+        self._conn = Connection(parsed, request_timeout, tls=tls, server_name=server_name)
         self._probe_interval = probe_interval
         self._tasks: set[asyncio.Task[None]] = set()
         self._keeper = LeaseKeeper(self._conn, self._backoff)
@@ -97,6 +104,16 @@ class Registry:
 
     def status(self) -> RegistryStatus:
         return self._conn.status()
+
+    @property
+    def tls(self) -> bool:
+        return self._conn.tls
+
+    def set_credentials(self, credentials: TlsCredentials) -> None:
+        """The client certificate for etcd (TLS only): the first call lets the registry
+        connect; a later one with a rotated SVID moves every user to a new connection,
+        and the watch resumes where it was (no relist)."""
+        self._conn.set_credentials(credentials)
 
     def events(self) -> AsyncIterator[RegistryEvent]:
         """`Listed`, then `Put`/`Deleted`; a new `Listed` after any interruption."""

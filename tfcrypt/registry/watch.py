@@ -24,6 +24,10 @@ Rules:
   lists but cannot watch is not hammered.
 - The pump task that drains aetcd's watch iterator belongs to this stream and is
   cancelled when the stream ends, whichever way it ends.
+- New TLS credentials (a rotated SVID, connection.py) are not trouble: the watch ends
+  and a new one starts on the new client where the old one stopped, without a `Listed`.
+  It starts at the last delivered revision, skipping the events of that revision already
+  delivered (one revision can hold several events), so nothing is missed or repeated.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from tfcrypt.registry.keys import Keyspace
 log = logging.getLogger(__name__)
 
 _END = object()
+_ROTATED = object()
 STOP_WAIT = 1.0  # seconds a stopping task or a watch cancellation is given
 
 
@@ -129,11 +134,15 @@ class WatchStream:
         self._backoff = backoff
         self._probe_interval = probe_interval
         self._tasks = tasks
+        self._resume = (0, 0)  # (revision the next watch starts at, its events to skip)
 
     async def events(self) -> AsyncIterator[RegistryEvent]:
         delays = self._backoff.delays()
         listed_before = False
         while not self._conn.closed:
+            await self._conn.wait_credentials()
+            if self._conn.closed:
+                break
             client = self._conn.client()
             try:
                 listed = await list_prefix(client, self._keys, self._keys.root)
@@ -146,13 +155,21 @@ class WatchStream:
             listed_before = True
             self._conn.last_revision = listed.revision
             yield listed
+            self._resume = (listed.revision + 1, 0)
             try:
-                async for event in self._watch(client, listed.revision + 1):
-                    if event is None:
-                        delays = self._backoff.delays()
-                        continue
-                    self._conn.last_revision = event.mod_revision
-                    yield event
+                while True:
+                    if not self._conn.is_current(client):  # new credentials meanwhile
+                        client = self._conn.client()
+                        log.info("registry watch resumes at revision %d on a new client",
+                                 self._resume[0])
+                    async for event in self._watch(client, *self._resume):
+                        if event is None:
+                            delays = self._backoff.delays()
+                            continue
+                        self._conn.last_revision = event.mod_revision
+                        yield event
+                    if self._conn.closed:  # _watch returns only for new credentials
+                        return
             except RegistryError as exc:
                 log.info("registry watch ended: %s; relisting", exc)
                 await self._retry_later(client, exc, next(delays))
@@ -163,17 +180,30 @@ class WatchStream:
             await asyncio.sleep(delay)
 
     async def _watch(
-        self, client: aetcd.Client, start_revision: int
+        self, client: aetcd.Client, start_revision: int, skip: int = 0
     ) -> AsyncIterator[Put | Deleted | None]:
-        """Changes from `start_revision`; yields None once, when the watch is established."""
-        with etcd_errors("watch"):
-            watch = await client.watch_prefix(self._keys.root, start_revision=start_revision)
+        """Changes from `start_revision` (the first `skip` events of that revision were
+        delivered already); yields None once, when the watch is established. Returns
+        (without an error) when the connection's credentials are replaced, with
+        `self._resume` saying where the next watch starts."""
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        stop_listening = self._conn.on_rotation(lambda: queue.put_nowait(_ROTATED))
+        try:
+            with etcd_errors("watch"):
+                watch = await client.watch_prefix(self._keys.root,
+                                                  start_revision=start_revision)
+        except BaseException:
+            stop_listening()
+            raise
         self._conn.succeeded()
         yield None
-        queue: asyncio.Queue[object] = asyncio.Queue()
         pump = asyncio.create_task(_pump(watch, queue), name="registry-watch-pump")
         self._tasks.add(pump)
         delivered = start_revision - 1
+        at_delivered = 0  # events of revision `delivered` the consumer has (all watches)
+        if skip:
+            delivered, at_delivered = start_revision, skip
+        replayed = 0  # events of `start_revision` this watch dropped as already delivered
         probed: int | None = None  # the store's revision at the last silent probe
         try:
             while True:
@@ -182,15 +212,27 @@ class WatchStream:
                 except TimeoutError:
                     probed = await self._probe(client, delivered, probed)
                     continue
+                if item is _ROTATED:
+                    self._resume = ((delivered, at_delivered) if at_delivered
+                                    else (delivered + 1, 0))
+                    return
                 if item is _END:
                     raise RegistryUnavailable("watch: stream ended")
                 if isinstance(item, RegistryError):
                     raise item
                 assert isinstance(item, aetcd.Event)
-                delivered = max(delivered, item.kv.mod_revision)
+                revision = item.kv.mod_revision
+                if revision == start_revision and replayed < skip:
+                    replayed += 1
+                    continue  # delivered by the previous watch
+                if revision == delivered:
+                    at_delivered += 1
+                elif revision > delivered:
+                    delivered, at_delivered = revision, 1
                 probed = None
                 yield self._convert(item)
         finally:
+            stop_listening()
             if await stop_within(pump, STOP_WAIT):
                 self._tasks.discard(pump)  # else Registry.aclose tries again
             await stop_within(asyncio.ensure_future(watch.cancel()), STOP_WAIT,
