@@ -95,6 +95,32 @@ def test_agents_form_a_verified_mesh_and_traffic_crosses_inside_it(
         assert allowed == others
 
 
+@pytest.mark.kernel
+def test_a_key_rotated_under_the_running_agent_reaches_every_peer_and_leaks_nothing(
+        lab: Lab, tmp_path: Path) -> None:
+    """`tfcrypt keys rotate` in n3 while its agent runs: both peers configure n3's new key
+    and drop the old one, and traffic to n3 carries on inside WireGuard only (in the
+    kernel tier: the kernel device's peer replaced by netlink)."""
+    old = agent_status(lab, "n3")["public_key"]
+    out = subprocess.run([*lab.exec_prefix("n3"), sys.executable, "-m", "tfcrypt", "keys",
+                          "rotate", "--state-dir", str(agents.state_dir(lab, "n3"))],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    new = out.split('"public_key": "')[1].split('"')[0]
+    assert new != old
+    pcap = tmp_path / "rotation.pcap"
+    with capture(lab, pcap):
+        wait_for("n1 and n2 to configure n3's new key in place of the old", lambda: all(
+            new in (peers := wg_peers(lab, n)) and old not in peers for n in ("n1", "n2")),
+            timeout=30)
+        for src in ("n1-w1", "n2-w1"):
+            wait_for(f"{src} to reach n3-w1 over the new key",
+                     lambda s=src: ping(lab, s, workload_ip(lab, "n3-w1")) == 3, timeout=30)
+    assert agent_status(lab, "n3")["public_key"] == new
+    assert count_packets(pcap, "udp port 51820") > 0
+    assert count_packets(pcap, "icmp and net 10.200.0.0/16") == 0, \
+        "a workload ping crossed the underlay in clear during the rotation"
+
+
 def test_forged_records_are_ignored_and_counted_and_the_real_peer_stays(lab: Lab) -> None:
     keys = public_keys(lab)
     before = agent_status(lab, "n1")["rejected"]
