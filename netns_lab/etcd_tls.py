@@ -9,10 +9,12 @@ Rules:
   and the shared peer name `etcd.<td>`. Peers must present the shared name
   (--peer-cert-allowed-hostname): a node's SVID, which etcd's client CA accepts, is not
   a raft peer.
-- The issuer is the only provider-specific part (`issuer()`): today the lab Workload API
-  server's CA (spire/lab_workload_api, kept in the run dir's spire/ so the server loads
-  the same one). With SPIRE, the member certificate is an SVID of a registration entry
-  with these DNS SANs (docs/operations.md); etcd's flags and the clients stay the same.
+- The issuer is the lab CA (spire/lab_workload_api, kept in the run dir's spire/): the lab
+  Workload API server signs SVIDs with it directly; with SPIRE (`--workload-api spire`)
+  it is the upstream root of SPIRE's X509 CA (netns_lab/spire.py, `disk`
+  UpstreamAuthority), so SPIRE's bundle is this same root and etcd's flags and the
+  clients stay the same. The members keep certificates from the lab CA, not SPIRE SVIDs:
+  SPIRE issues no IP SANs, which etcd's peers check without DNS.
 - `etcdctl` of the lab (health checks, tests) presents a lab-admin SVID of its own.
 """
 
@@ -67,6 +69,15 @@ def issuer(layout: Layout) -> Issuer:
 
     ca = LabCA.load_or_create(layout.spire_dir, TRUST_DOMAIN)
     return Issuer(ca.key, ca.cert)
+
+
+def upstream_ca_paths(layout: Layout) -> tuple[Path, Path]:
+    """(certificate, key) of the lab CA on disk: SPIRE's `disk` UpstreamAuthority signs
+    its X509 CA with them, so SPIRE's SVIDs chain to the root etcd trusts."""
+    from lab_workload_api.ca import LabCA
+
+    issuer(layout)  # make sure it exists
+    return LabCA.paths(layout.spire_dir, TRUST_DOMAIN)
 
 
 def issue(ca: Issuer, spiffe_id: str, *, ips: tuple[str, ...] = (),

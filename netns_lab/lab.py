@@ -72,12 +72,6 @@ class Lab:
         if workload_api == "spire" and svid_ttl < spire.MIN_SVID_TTL:
             raise LabError(f"--svid-ttl must be at least {spire.MIN_SVID_TTL} seconds with "
                            f"SPIRE, got {svid_ttl}")
-        if workload_api == "spire" and layout.etcd_tls:
-            # etcd trusts the lab CA (netns_lab/etcd_tls.py) while SPIRE signs SVIDs under
-            # its own: every client would be refused. SPIRE issues no IP SANs either, which
-            # etcd's peers need without DNS (docs/lab.md).
-            raise LabError("--etcd-tls needs --workload-api lab: the lab's etcd trusts the "
-                           "lab CA, not SPIRE's")
         self.layout = layout
         self.svid_ttl = svid_ttl
         self.workload_api = workload_api
@@ -181,7 +175,7 @@ class Lab:
             mountns.create_node_mount_ns(node.netns, node.mount_ns, node.wireguard_dir,
                                          node.default_path_binds())
         if lay.etcd_tls:
-            etcd_tls.write_certs(lay)  # the CA the Workload API server then loads
+            etcd_tls.write_certs(lay)  # the CA the Workload API server (or SPIRE, upstream) uses
         self.etcd_start([m.name for m in lay.all_members()])
         if self.workload_api == "spire":
             self.spire_start()

@@ -18,6 +18,9 @@ Rules:
   the same socket matches no entry and gets no SVID. Why a gid and not a uid: the agent
   needs root's capabilities and root-owned state (nftables, wireguard-go, ip rules); a
   non-root agent uid with ambient capabilities is a separate hardening step.
+- With etcd over TLS (layout.etcd_tls) the server's X509 CA is signed by the lab CA
+  (`disk` UpstreamAuthority): SPIRE's bundle is then the lab root, the one etcd trusts,
+  and every X509-SVID chain is leaf + SPIRE's intermediate (netns_lab/etcd_tls.py).
 - SVID lifetime: the lab's --svid-ttl, on every entry and as the server's default.
 - Every process goes through Lab.start_process (ledger + state), so `down` stops them.
 """
@@ -114,10 +117,30 @@ def _hcl_string(value: str) -> str:
     return f'"{value}"'
 
 
+def _upstream_authority(layout: Layout) -> str:
+    """With etcd over TLS, SPIRE's X509 CA is an intermediate under the lab CA (the `disk`
+    UpstreamAuthority, self-signed upstream: no bundle_file_path), so the bundle SPIRE
+    serves is the lab root that etcd trusts and signed the members' certificates."""
+    if not layout.etcd_tls:
+        return ""
+    from .etcd_tls import upstream_ca_paths
+
+    cert, key = upstream_ca_paths(layout)
+    q = _hcl_string
+    return f"""    UpstreamAuthority "disk" {{
+        plugin_data {{
+            cert_file_path = {q(str(cert))}
+            key_file_path = {q(str(key))}
+        }}
+    }}
+"""
+
+
 def write_server_config(layout: Layout, svid_ttl: int) -> Path:
     d = server_dir(layout)
     (d / "data").mkdir(parents=True, exist_ok=True, mode=0o700)
     q = _hcl_string
+    upstream = _upstream_authority(layout)
     text = f"""server {{
     bind_address = {q(layout.controller_ip)}
     bind_port = "{SERVER_PORT}"
@@ -145,7 +168,7 @@ plugins {{
     NodeAttestor "join_token" {{
         plugin_data {{}}
     }}
-}}
+{upstream}}}
 """
     path = server_config(layout)
     path.write_text(text)

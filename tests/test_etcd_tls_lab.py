@@ -1,6 +1,6 @@
 """etcd over mutual TLS in the lab (issue #14, "etcd over mutual TLS"), proven on the wire.
 
-Two labs of 2 nodes and a 3-member etcd, one after the other: a plaintext one (the
+Three labs, one after the other. Two of 2 nodes and a 3-member etcd: a plaintext one (the
 control: the same scenario's capture shows record content, so the TLS claim is not
 vacuous) and one with `etcd_tls` whose SVIDs live 16 s (rotated every ~8-10 s). In each,
 the scenario publishes workloads and a policy through the controller CLI, lets the agents
@@ -8,7 +8,9 @@ converge, and captures ports 2379 and 2380 on every underlay port while a worklo
 changes, an agent restarts (a full relist: every record crosses 2379) and a marker key is
 written (replicated over 2380). The TLS lab also shows that a client without a
 certificate is refused, and that SVID rotations keep the agents' watches (a change after
-rotations is applied; no relist).
+rotations is applied; no relist). The third runs real SPIRE (issue #15): SPIRE's X509 CA is
+an intermediate under the lab root etcd trusts, and the agents and the controller CLI
+authenticate to etcd with the SVIDs SPIRE issues (leaf + intermediate).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from typing import Any
 
 import pytest
 from conftest import running_lab
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from labtools import agent_status, etcdctl, run_in, wait_for, wg_peers, workload_ip
 from spiffe import WorkloadApiClient
 
-from netns_lab import Lab, agents, etcd_tls, inventory
+from netns_lab import Lab, agents, etcd_tls, inventory, spire
 from netns_lab.wire import capture, ping
 
 pytestmark = pytest.mark.lab
@@ -102,8 +105,10 @@ def test_without_tls_the_capture_of_etcd_traffic_shows_record_content(tmp_path: 
 
 
 def tfcrypt_cli(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    """The controller's tfcrypt CLI, with the controller identity's gid on a SPIRE lab."""
     st = lab.status()
-    return run_in(lab, "controller", [sys.executable, "-m", "tfcrypt", *args,
+    return run_in(lab, "controller", [*lab.identity_prefix(), sys.executable, "-m", "tfcrypt",
+                                      *args,
                                       "--spiffe-socket", st["controller"]["spiffe_socket"]],
                   check=False, timeout=90)
 
@@ -203,3 +208,60 @@ def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
         assert after["relists"] == before["relists"], (before, after)
         assert after["connected"]
         assert ping(lab, "n1-w1", workload_ip(lab, "n2-w1"), count=3) > 0
+
+
+def bare_etcdctl(lab: Lab) -> subprocess.CompletedProcess[str]:
+    """etcdctl that trusts etcd's certificate but presents none of its own."""
+    ip = lab.status()["etcd"]["members"][0]["underlay_ip"]
+    return run_in(lab, "controller", ["etcdctl", f"--endpoints=https://{ip}:2379",
+                                      f"--cacert={etcd_tls.bundle_path(lab.layout)}",
+                                      "--dial-timeout=2s", "--command-timeout=3s",
+                                      "get", "--prefix", "/"], check=False)
+
+
+def pem_certs(path: Path) -> list[bytes]:
+    return [c.public_bytes(serialization.Encoding.DER)
+            for c in x509.load_pem_x509_certificates(path.read_bytes())]
+
+
+CHAIN_LENGTH = """
+import sys
+from spiffe import WorkloadApiClient
+with WorkloadApiClient(socket_path="unix:" + sys.argv[1]) as client:
+    print(len(client.fetch_x509_svid(timeout=10).cert_chain))
+"""
+
+
+def svid_chain_length(lab: Lab, node: str) -> int:
+    """How many certificates the node's SPIRE SVID chain has (asked as the tfcrypt gid)."""
+    socket = next(str(n.spiffe_socket) for n in lab.layout.all_nodes() if n.name == node)
+    res = run_in(lab, node, [*lab.identity_prefix(), sys.executable, "-c", CHAIN_LENGTH,
+                             socket])
+    return int(res.stdout)
+
+
+def test_etcd_over_mutual_tls_with_svids_issued_by_spire(tmp_path: Path) -> None:
+    with running_lab(nodes=2, workloads_per_node=1, svid_ttl=120, workload_api="spire",
+                     etcd_tls=True) as lab:
+        # the bundle SPIRE serves is the root etcd trusts (SPIRE's CA is its intermediate)
+        assert pem_certs(spire.bundle_path(lab.layout)) == \
+            pem_certs(etcd_tls.bundle_path(lab.layout))
+        assert svid_chain_length(lab, "n1") == 2  # leaf + SPIRE's intermediate
+
+        # agents holding SPIRE SVIDs (leaf + intermediate) read the registry over TLS,
+        # select the pair and carry the ping
+        converge(lab, tmp_path)
+        for node in ("n1", "n2"):
+            wait_for(f"{node} healthy over TLS etcd", lambda node=node: (
+                (st := agent_status(lab, node))["health"]["healthy"] and st["selected_pairs"]
+                and st["etcd"]["tls"] and st["etcd"]["connected"]), timeout=60)
+
+        # a client without a certificate is refused by etcd itself
+        assert bare_etcdctl(lab).returncode != 0
+        log = Path(lab.layout.logs_dir / "etcd-e1.log").read_text()
+        assert "client didn't provide a certificate" in log
+
+        # the controller's SPIRE SVID is a client certificate etcd accepts
+        ip = lab.status()["etcd"]["members"][0]["underlay_ip"]
+        with_tls = tfcrypt_cli(lab, "policy", "list", "--etcd", f"{ip}:2379", "--etcd-tls")
+        assert with_tls.returncode == 0 and "tls-pair" in with_tls.stdout, with_tls.stderr

@@ -46,3 +46,19 @@ def test_configs_listen_only_on_the_lab_and_select_the_dedicated_gid(
         "ctl": "spiffe://lab.tfcrypt/tfcrypt/controller"}
     with pytest.raises(LabError, match="quote"):
         spire.write_agent_config(lay, n2, 'tok"}')
+
+
+def test_with_etcd_tls_spire_signs_under_the_lab_ca_etcd_trusts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography import x509
+
+    from netns_lab import etcd_tls
+
+    monkeypatch.setattr(Layout, "spire_dir", property(lambda self: tmp_path / "spire"))
+    plain = _settings(spire.write_server_config(Layout("x", 1, 0), 120).read_text())
+    assert "cert_file_path" not in plain  # SPIRE's own self-signed CA
+    lay = Layout("x", 1, 0, etcd_tls=True)
+    server = _settings(spire.write_server_config(lay, 120).read_text())
+    upstream = x509.load_pem_x509_certificate(Path(server["cert_file_path"]).read_bytes())
+    assert upstream == etcd_tls.issuer(lay).cert  # the root of etcd's trusted-ca-file
+    assert Path(server["key_file_path"]).stat().st_mode & 0o077 == 0

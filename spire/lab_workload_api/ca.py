@@ -99,11 +99,16 @@ class LabCA:
         )
         return cls(trust_domain, key, cert)
 
+    @staticmethod
+    def paths(directory: Path, trust_domain: str) -> tuple[Path, Path]:
+        """(certificate, key) files of the CA kept in `directory` (PEM; key PKCS8)."""
+        return (directory / f"ca-{trust_domain}.crt.pem",
+                directory / f"ca-{trust_domain}.key.pem")
+
     @classmethod
     def load_or_create(cls, directory: Path, trust_domain: str) -> LabCA:
         """Keep the CA across server restarts, so a restart does not change the bundle."""
-        key_path = directory / f"ca-{trust_domain}.key.pem"
-        cert_path = directory / f"ca-{trust_domain}.crt.pem"
+        cert_path, key_path = cls.paths(directory, trust_domain)
         if key_path.exists() and cert_path.exists():
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
             if not isinstance(key, ec.EllipticCurvePrivateKey):
