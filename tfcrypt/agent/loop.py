@@ -190,11 +190,6 @@ class Agent:
                     metrics.WORKLOAD_API_ERRORS.labels("invalid_svid").inc()
                     self.svids.refuse_for_etcd(update, str(exc))
                     continue
-            self.svid = update
-            log.info("SVID %s serial %x valid until %s", update.spiffe_id, update.serial,
-                     update.not_after.isoformat())
-            metrics.DATAPLANE.set_svid_expiry(update.not_after.timestamp())
-            self._causes.append(f"SVID serial {update.serial:x}")
             authorizer = Authorizer(
                 trust_domain=update.trust_domain,
                 node_id_template=self.cfg.node_id_template,
@@ -206,6 +201,16 @@ class Agent:
                                                       authorizer)
             if self.view.set_trust(bundles, authorizer, now, prepared):
                 self.inputs.all_changed()  # everything was verified again
+            # Only now: `svid` makes the agent in sync, and a reconcile that ran while the
+            # records were still being verified under the new bundle (seconds at scale, or
+            # on a slow machine) would apply a view that believes nothing: at a restart
+            # after etcd's listing, that deleted the class chains of the adopted table
+            # (their traffic unmarked for a moment) and re-created them (issue #16's note).
+            self.svid = update
+            log.info("SVID %s serial %x valid until %s", update.spiffe_id, update.serial,
+                     update.not_after.isoformat())
+            metrics.DATAPLANE.set_svid_expiry(update.not_after.timestamp())
+            self._causes.append(f"SVID serial {update.serial:x}")
             self._publish_needed.set()
             self._dirty.set()
 
