@@ -218,10 +218,7 @@ def test_sigkill_under_traffic_loses_no_packet_and_leaks_none(lab: Lab,
     assert_same_dataplane(lab, "n1", before)
 
 
-# Not in the kernel tier yet: there (Linux 6.1, kernel backend), run after the SIGKILL
-# test, the new agent deleted and re-created the local workload's class chains: the
-# listing was the same but for their order (new handles), so its first reconcile lacked
-# that class. Alone, in the guest, it passes. Open in issue #16's closing note.
+@pytest.mark.kernel
 def test_sigterm_leaves_the_dataplane_and_a_new_agent_adopts_it_without_changes(
         lab: Lab, tmp_path: Path) -> None:
     before = dataplane(lab, "n1")
