@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from spiffe import WorkloadApiClient
 
-from netns_lab import Lab
+from netns_lab import Lab, agents
 from netns_lab.wire import parse_ping, ping_argv
 from tfcrypt.identity import sign_envelope
 from tfcrypt.model.node import NodeRecord
@@ -139,3 +139,13 @@ def diagnostics(lab: Lab, nodes: tuple[str, ...], log_lines: int = 40) -> str:
                 parts.append(f"--- {node}: agent log (last {log_lines} lines)\n"
                              + "\n".join(tail))
     return "\n".join(parts)
+
+
+def remove_node(lab: Lab, node: str, seen_by: str) -> None:
+    """Stop `node`'s agent and delete its record, as an operator retiring it would; return
+    once `seen_by` has dropped its peer (its selected traffic must now be dropped)."""
+    key = agent_status(lab, node)["public_key"]
+    assert agents.stop_agent(lab, node)
+    etcdctl(lab, "del", f"{PREFIX}/nodes/{node}")
+    wait_for(f"{seen_by} to drop {node}", lambda: key not in wg_peers(lab, seen_by),
+             timeout=10)

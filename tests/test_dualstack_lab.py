@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from conftest import running_lab
 from faults import wireguard_go_pid
-from labtools import PREFIX, agent_status, etcdctl, wait_for, wg_peers
+from labtools import agent_status, remove_node, wait_for
 
 from netns_lab import Lab, agents, inventory
 from netns_lab.wire import capture, count_packets, ping
@@ -193,10 +193,7 @@ def test_a_removed_peer_record_drops_selected_ipv6_instead_of_leaking(
         lab: Lab, tmp_path: Path) -> None:
     """Last: it stops n2's agent and deletes its record."""
     addr = ips(lab)
-    key = agent_status(lab, "n2")["public_key"]
-    assert agents.stop_agent(lab, "n2")
-    etcdctl(lab, "del", f"{PREFIX}/nodes/n2")
-    wait_for("n1 to drop n2", lambda: key not in wg_peers(lab, "n1"), timeout=10)
+    remove_node(lab, "n2", seen_by="n1")
     (sa, sb), (ua, ub) = SELECTED[0], UNSELECTED[0]
     pcap = tmp_path / "removed6.pcap"
     with capture(lab, pcap, bpf="ip6"):
