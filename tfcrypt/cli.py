@@ -31,15 +31,19 @@ from tfcrypt.config import (
     AgentConfig,
     agent_config,
     env_default,
-    etcd_tls_problem,
     resolve,
-    split_endpoints,
-    state_dir_problem,
     unknown_env,
+)
+from tfcrypt.config_values import (
+    etcd_tls_problem,
+    split_endpoints,
+    split_host_port,
+    state_dir_problem,
 )
 from tfcrypt.errors import ConfigError, TfcryptError
 from tfcrypt.marks import foreign_clashes
 from tfcrypt.safeyaml import one_line
+from tfcrypt.table import print_rows
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -281,7 +285,6 @@ async def _run_agent(cfg: AgentConfig) -> None:
     metrics_server = None
     if cfg.metrics_address:
         from tfcrypt import metrics
-        from tfcrypt.config import split_host_port
         host, port = split_host_port(cfg.metrics_address)
         try:
             metrics_server = metrics.serve(host, port)
@@ -307,27 +310,6 @@ async def _run_agent(cfg: AgentConfig) -> None:
             await netlink.aclose()
         with contextlib.suppress(Exception):
             await backend.close()
-
-
-MAX_CELL = 200  # a refusal reason may quote the value; a listing shows a bounded excerpt
-
-
-def _cell(value: object) -> str:
-    text = "-" if value is None else (
-        ",".join(map(str, value)) if isinstance(value, list) else str(value))
-    return text if len(text) <= MAX_CELL else text[:MAX_CELL - 3] + "..."
-
-
-def _print_rows(rows: list[dict[str, object]], as_json: bool, columns: list[str]) -> None:
-    """One row per value under the prefix; a refused one in state `refused: <reason>`."""
-    if as_json:
-        print(json.dumps(rows, indent=2, sort_keys=True))
-        return
-    columns = [*columns, "state"]
-    table = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(columns)]
-    for row in [[c.upper() for c in columns], *table]:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 async def _controller_command(args: argparse.Namespace) -> int:
@@ -364,10 +346,10 @@ async def _controller_command(args: argparse.Namespace) -> int:
         elif args.command == "policy" and args.policy_command == "delete":
             print(await commands.policy_delete(s, args.name))
         elif args.command == "workload":
-            _print_rows(await commands.workload_rows(s), args.json,
+            print_rows(await commands.workload_rows(s), args.json,
                         ["name", "node", "ips", "tags", "epoch"])
         else:
-            _print_rows(await commands.policy_rows(s), args.json,
+            print_rows(await commands.policy_rows(s), args.json,
                         ["name", "mode", "rules", "epoch"])
     return 0
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
-import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -28,11 +27,37 @@ from pathlib import Path
 from typing import Any
 
 from tfcrypt import safeyaml
+from tfcrypt.config_values import (
+    absolute_problem,
+    as_bool,
+    as_float,
+    as_int,
+    as_list,
+    as_str,
+    cidrs_problem,
+    cross_problem,
+    dns_name_problem,
+    endpoints_problem,
+    etcd_tls_problem,
+    host_port_problem,
+    ifname_problem,
+    in_range,
+    ip_problem,
+    mask_problem,
+    node_name_problem,
+    one_of,
+    optional,
+    prefix_problem,
+    single_bit_problem,
+    socket_path_problem,
+    spiffe_ids_problem,
+    state_dir_problem,
+    table_problem,
+    template_problem,
+)
 from tfcrypt.errors import ConfigError
 from tfcrypt.marks import DEFAULT_MARK, clash_problem, foreign_clashes
 
-NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
-IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 ENV_PREFIX = "TFCRYPT_"
 
 DEFAULT_ETCD = ("http://127.0.0.1:2379",)
@@ -80,7 +105,7 @@ class AgentConfig:
             key = KEYS_BY_FIELD[f.name]
             if (problem := key.problem(getattr(self, f.name))) is not None:
                 raise ConfigError(f"{key.name}: {problem}")
-        if (problem := _cross_problem(self.mark, self.mark_mask)) is not None:
+        if (problem := cross_problem(self.mark, self.mark_mask)) is not None:
             raise ConfigError(f"mark_mask: {problem}")
         if (problem := etcd_tls_problem(self.etcd_endpoints, self.etcd_tls,
                                         self.etcd_server_name)) is not None:
@@ -98,211 +123,6 @@ class AgentConfig:
 
     def controller_spiffe_ids(self, trust_domain: str) -> tuple[str, ...]:
         return tuple(c.format(trust_domain=trust_domain) for c in self.controller_ids)
-
-
-def _x(value: object) -> str:
-    """A value quoted in a message, cut short (tfcrypt.safeyaml.excerpt)."""
-    return safeyaml.excerpt(value)
-
-
-# -- value parsers: str (flag, env) or a YAML value in, typed value out, ValueError(why) --
-
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"{_x(value)} is not an integer")
-    if isinstance(value, int):
-        return value
-    try:
-        return int(value.strip(), 0)
-    except ValueError:
-        raise ValueError(f"{_x(value)} is not an integer") from None
-
-
-def _float(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{_x(value)} is not a number")
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{_x(value)} is not a number") from None
-
-
-def _bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = value.strip().lower() if isinstance(value, str) else None
-    if text in ("true", "yes", "1"):
-        return True
-    if text in ("false", "no", "0"):
-        return False
-    raise ValueError(f"{_x(value)} is not true or false")
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{_x(value)} is not a string")
-    return value
-
-
-def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
-    def inner(value: object) -> Any:
-        return None if value is None or value == "" else parse(value)
-    return inner
-
-
-def split_endpoints(value: str | Sequence[str]) -> tuple[str, ...]:
-    """`--etcd a,b` and repeated `--etcd a --etcd b` both mean [a, b]."""
-    items = [value] if isinstance(value, str) else list(value)
-    return tuple(p.strip() for item in items for p in item.split(",") if p.strip())
-
-
-def _list(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return split_endpoints(value)
-    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        return split_endpoints(value)
-    raise ValueError(f"{_x(value)} is not a list of strings")
-
-
-# -- checks: a valid value gives None, an invalid one the reason, without the key --------
-
-def _in_range(lo: float, hi: float) -> Callable[[Any], str | None]:
-    return lambda v: None if lo <= v <= hi else f"{v} is not in {lo}..{hi}"
-
-
-def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else f"{_x(v)} is not one of {', '.join(choices)}"
-
-
-def _node_name(v: str) -> str | None:
-    return None if NODE_NAME.match(v) else (
-        f"{_x(v)} is not a valid node name (lowercase letters, digits, '-' and '.', at most 63)")
-
-
-def _ip(v: str) -> str | None:
-    try:
-        ipaddress.ip_address(v)
-    except ValueError:
-        return f"{_x(v)} is not an IP address"
-    return None
-
-
-def _ifname(v: str) -> str | None:
-    return None if IFNAME.match(v) else f"{_x(v)} is not a valid interface name (1-15 characters)"
-
-
-def _endpoints(v: tuple[str, ...]) -> str | None:
-    if not v:
-        return "at least one endpoint is needed"
-    bad = [e for e in v if not re.match(r"^(https?://)?[^\s/]+:\d+$", e)]
-    return f"{_x(bad[0])} is not host:port or http(s)://host:port" if bad else None
-
-
-def etcd_tls_problem(endpoints: Sequence[str], tls: bool,
-                     server_name: str | None = None) -> str | None:
-    """Why the etcd endpoints' schemes contradict `etcd_tls`, or None (docs/registry.md):
-    an https:// endpoint without TLS is never silently downgraded, an http:// one with
-    TLS never silently upgraded."""
-    for e in endpoints:
-        if e.startswith("https://") and not tls:
-            return (f"etcd: {_x(e)} is https://: set etcd_tls (--etcd-tls) to connect "
-                    "with TLS and the SVID as client certificate")
-        if e.startswith("http://") and tls:
-            return f"etcd: {_x(e)} is http:// but etcd_tls is set: write https:// or host:port"
-    if server_name and not tls:
-        return "etcd_server_name: only meaningful with etcd_tls (--etcd-tls)"
-    return None
-
-
-def _dns_name(v: str) -> str | None:
-    ok = re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$", v) is not None
-    return None if ok else f"{_x(v)} is not a DNS name"
-
-
-def _cidrs(v: tuple[str, ...]) -> str | None:
-    for item in v:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            return f"{_x(item)} is not an address or CIDR"
-    return None
-
-
-def _single_bit(v: int) -> str | None:
-    ok = 0 < v <= 0xFFFFFFFF and not v & (v - 1)
-    return None if ok else f"{v:#x} must be a single bit of a 32-bit mark"
-
-
-def _mask(v: int) -> str | None:
-    return None if 0 < v <= 0xFFFFFFFF else f"{v:#x} is not a 32-bit mask"
-
-
-def _table(v: int) -> str | None:
-    ok = 1 <= v < 0xFFFFFFFF and v not in (252, 253, 254, 255) and v + 1 not in (252, 253, 254)
-    return None if ok else f"{v} (and the next id, used for fail-closed routes) must be free " \
-                           "table ids (not 0, 252-255)"
-
-
-def _prefix(v: str) -> str | None:
-    return None if v.startswith("/") and not v.endswith("/") else \
-        f"{_x(v)} must start and not end with '/'"
-
-
-def _template(v: str) -> str | None:
-    return None if "{node}" in v and v.startswith("spiffe://") else \
-        f"{_x(v)} must be a spiffe:// ID containing {{node}}"
-
-
-def _spiffe_ids(v: tuple[str, ...]) -> str | None:
-    bad = [i for i in v if not i.startswith("spiffe://")]
-    if not v:
-        return "at least one controller ID is needed"
-    return f"{_x(bad[0])} is not a spiffe:// ID" if bad else None
-
-
-def _absolute(v: str) -> str | None:
-    return None if v.startswith("/") else f"{_x(v)} is not an absolute path"
-
-
-def state_dir_problem(v: str) -> str | None:
-    """Why `v` cannot be the state directory: relative, or an existing non-directory."""
-    if (problem := _absolute(v)) is not None:
-        return problem
-    if os.path.lexists(v) and not os.path.isdir(v):
-        return f"{_x(v)} exists and is not a directory"
-    return None
-
-
-def _socket_path(v: str) -> str | None:
-    if len(v.encode()) > 107:
-        return f"{_x(v)} is longer than a Unix socket path may be (107 bytes)"
-    return _absolute(v)
-
-
-def split_host_port(value: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[IPv6]:PORT`; ValueError says what is wrong."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"{_x(value)} is not HOST:PORT")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    ipaddress.ip_address(host)
-    if not 1 <= int(port) <= 65535:
-        raise ValueError(f"{_x(value)}: port is not in 1..65535")
-    return host, int(port)
-
-
-def _host_port(v: str | None) -> str | None:
-    if v is None:
-        return None
-    try:
-        split_host_port(v)
-    except ValueError as exc:
-        return f"{_x(v)} is not IP:PORT ({exc})"
-    return None
-
-
-def _cross_problem(mark: int, mask: int) -> str | None:
-    return None if mask & mark == mark else f"{mask:#x} must contain the mark {mark:#x}"
 
 
 @dataclass(frozen=True)
@@ -331,64 +151,65 @@ class Key:
 
 
 KEYS: tuple[Key, ...] = (
-    Key("node_name", "node_name", _str, _node_name, "this node's name",
+    Key("node_name", "node_name", as_str, node_name_problem, "this node's name",
         "--node"),
-    Key("advertise_address", "advertise_address", _str, _ip,
+    Key("advertise_address", "advertise_address", as_str, ip_problem,
         "underlay address peers reach this node at"),
-    Key("etcd", "etcd_endpoints", _list, _endpoints, "etcd endpoints, comma separated"),
-    Key("etcd_tls", "etcd_tls", _bool, None,
+    Key("etcd", "etcd_endpoints", as_list, endpoints_problem, "etcd endpoints, comma separated"),
+    Key("etcd_tls", "etcd_tls", as_bool, None,
         "connect to etcd over mutual TLS: the SVID is the client certificate, its trust "
         "bundle verifies etcd's certificate; endpoints may then be https:// "
         "(docs/registry.md)"),
-    Key("etcd_server_name", "etcd_server_name", _optional(_str), _dns_name,
+    Key("etcd_server_name", "etcd_server_name", optional(as_str), dns_name_problem,
         "name etcd's certificate must carry instead of the endpoint's host (a DNS SAN "
         "of etcd's SPIRE entry when endpoints are IPs); with etcd_tls only"),
-    Key("spiffe_socket", "spiffe_socket", _str, _socket_path, "SPIFFE Workload API socket"),
-    Key("interface", "interface", _str, _ifname, "WireGuard interface name"),
-    Key("listen_port", "listen_port", _int, _in_range(1, 65535), "WireGuard UDP port"),
-    Key("backend", "backend", _str, _one_of("userspace", "kernel"),
+    Key("spiffe_socket", "spiffe_socket", as_str, socket_path_problem,
+        "SPIFFE Workload API socket"),
+    Key("interface", "interface", as_str, ifname_problem, "WireGuard interface name"),
+    Key("listen_port", "listen_port", as_int, in_range(1, 65535), "WireGuard UDP port"),
+    Key("backend", "backend", as_str, one_of("userspace", "kernel"),
         "userspace (wireguard-go) or kernel"),
-    Key("state_dir", "state_dir", _str, state_dir_problem,
+    Key("state_dir", "state_dir", as_str, state_dir_problem,
         "where the private key (0600), its epoch and status.json live"),
-    Key("prefix", "prefix", _str, _prefix, "etcd key prefix"),
-    Key("mark", "mark", _int, _single_bit,
+    Key("prefix", "prefix", as_str, prefix_problem, "etcd key prefix"),
+    Key("mark", "mark", as_int, single_bit_problem,
         "fwmark bit for selected packets; bits kube-proxy, Calico or Cilium document as "
         "theirs are refused (docs/operations.md)"),
-    Key("mark_mask", "mark_mask", _int, _mask,
+    Key("mark_mask", "mark_mask", as_int, mask_problem,
         "mask of the mark bits tfcrypt owns (default: the mark); same refusal"),
-    Key("allow_foreign_mark_bits", "allow_foreign_mark_bits", _bool, None,
+    Key("allow_foreign_mark_bits", "allow_foreign_mark_bits", as_bool, None,
         "accept mark bits kube-proxy, Calico or Cilium use (when that tool is not on "
         "the node)"),
-    Key("route_table", "route_table", _int, _table,
+    Key("route_table", "route_table", as_int, table_problem,
         "tunnel route table; the next id holds the fail-closed prohibit routes"),
-    Key("rule_priority", "rule_priority", _int, _in_range(1, 32764),
+    Key("rule_priority", "rule_priority", as_int, in_range(1, 32764),
         "ip rule priority of the tunnel rule; the fail-closed rule takes the next one"),
-    Key("lease_ttl", "lease_ttl", _int, _in_range(5, 3600),
+    Key("lease_ttl", "lease_ttl", as_int, in_range(5, 3600),
         "seconds the node record outlives a dead agent"),
-    Key("resync_interval", "resync_interval", _float, _in_range(0.5, 3600),
+    Key("resync_interval", "resync_interval", as_float, in_range(0.5, 3600),
         "seconds between full reconciles"),
-    Key("mtu", "mtu", _optional(_int), _in_range(1280, 65535),
+    Key("mtu", "mtu", optional(as_int), in_range(1280, 65535),
         "WireGuard MTU (default 1420: 1500 minus 80 bytes of overhead)"),
-    Key("persistent_keepalive", "persistent_keepalive", _int, _in_range(0, 65535),
+    Key("persistent_keepalive", "persistent_keepalive", as_int, in_range(0, 65535),
         "seconds between keepalives to each peer (0: off); a new peer is greeted at once"),
-    Key("workload_grace", "workload_grace", _float, _in_range(0, 3600),
+    Key("workload_grace", "workload_grace", as_float, in_range(0, 3600),
         "seconds a deleted workload's addresses stay selected (a terminating pod may still "
         "send), unless reused; 0: off"),
-    Key("node_id_template", "node_id_template", _str, _template,
+    Key("node_id_template", "node_id_template", as_str, template_problem,
         "SPIFFE ID of a node; {trust_domain} and {node} are filled in"),
-    Key("controller_ids", "controller_ids", _list, _spiffe_ids,
+    Key("controller_ids", "controller_ids", as_list, spiffe_ids_problem,
         "SPIFFE IDs allowed to write workloads and policies", "--controller-id"),
-    Key("status_socket", "status_socket", _str, _socket_path,
+    Key("status_socket", "status_socket", as_str, socket_path_problem,
         "Unix socket of the local status API"),
-    Key("metrics_address", "metrics_address", _optional(_str), _host_port,
+    Key("metrics_address", "metrics_address", optional(as_str), host_port_problem,
         "IP:PORT to serve Prometheus metrics on (default: off)"),
-    Key("etcd_grace", "etcd_grace", _float, _in_range(0, 86400),
+    Key("etcd_grace", "etcd_grace", as_float, in_range(0, 86400),
         "seconds etcd may be unreachable before the agent reports itself unhealthy"),
-    Key("log_format", "log_format", _str, _one_of(*LOG_FORMATS), "text or json"),
-    Key("log_level", "log_level", _str, _one_of(*LOG_LEVELS), "debug, info, warning, error"),
-    Key("wireguard_log", "wireguard_log", _optional(_str), _absolute,
+    Key("log_format", "log_format", as_str, one_of(*LOG_FORMATS), "text or json"),
+    Key("log_level", "log_level", as_str, one_of(*LOG_LEVELS), "debug, info, warning, error"),
+    Key("wireguard_log", "wireguard_log", optional(as_str), absolute_problem,
         "file for wireguard-go's output (default: in the state dir)"),
-    Key("infrastructure_cidrs", "infrastructure_cidrs", _list, _cidrs,
+    Key("infrastructure_cidrs", "infrastructure_cidrs", as_list, cidrs_problem,
         "addresses or CIDRs no workload may claim for selection and that are never "
         "classified (API server, SPIRE, the underlay subnet); every node's address, this "
         "node's and the etcd endpoints' are added automatically (docs/policy.md)",
@@ -467,7 +288,7 @@ def agent_config(flags: Mapping[str, object], env: Mapping[str, str] | None = No
         values["mark_mask"] = values["mark"]
     mark = values.get("mark", AgentConfig.mark)
     mask = values.get("mark_mask", AgentConfig.mark_mask)
-    if (problem := _cross_problem(mark, mask)) is not None:
+    if (problem := cross_problem(mark, mask)) is not None:
         raise ConfigError(f"{origin.get('mark_mask', 'mark_mask')}: {problem}")
     if not values.get("allow_foreign_mark_bits") and (
             problem := clash_problem(mark, mask)) is not None:
