@@ -89,6 +89,15 @@ def start_agent(lab: Lab, node: str) -> ProcessRecord:
                              extra_prefix=lab.identity_prefix())
 
 
+def start_agent_argv(lab: Lab, node: str, argv: list[str], *,
+                     log_name: str | None = None) -> ProcessRecord:
+    """An agent started with a test's own argv (agent_argv edited), as the node's tfcrypt
+    identity like start_agent: with SPIRE an agent run as root gets no SVID at all."""
+    _node(lab, node)
+    return lab.start_process(AGENT, argv, node=node, log_name=log_name,
+                             extra_prefix=lab.identity_prefix())
+
+
 def stop_agent(lab: Lab, node: str, *, kill: bool = False) -> bool:
     """SIGTERM (and wait) or SIGKILL the node's agent; True if one was running."""
     _node(lab, node)

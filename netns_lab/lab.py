@@ -50,7 +50,7 @@ WORKLOAD_API = "workload-api"
 # who hands out SVIDs: real SPIRE, or the lab's own server (a fault injector: tests that
 # need a server that misbehaves use it); docs/lab.md, "Identity providers"
 WORKLOAD_API_MODES = ("lab", "spire")
-DEFAULT_WORKLOAD_API = "lab"
+DEFAULT_WORKLOAD_API = "spire"
 RT_SCOPE_LINK = 253
 RTNH_F_ONLINK = 4
 

@@ -27,9 +27,10 @@ def new_lab_name() -> str:
 @contextlib.contextmanager
 def running_lab(nodes: int = 2, workloads_per_node: int = 1, etcd_members: int = 1,
                 svid_ttl: int = 600, ipv6: bool = False, underlay: str = "v4",
-                workload_api: str = "lab", etcd_tls: bool = False) -> Iterator[Lab]:
+                workload_api: str = "spire", etcd_tls: bool = False) -> Iterator[Lab]:
     """A lab that exists for the `with` block only (`ipv6`, `underlay`, `etcd_tls`:
-    netns_lab.layout; `workload_api`: "lab" or "spire")."""
+    netns_lab.layout; `workload_api`: "spire", real SPIRE, or "lab", the lab's own server,
+    only for a test that needs it to misbehave, and that says why)."""
     lab = Lab(Layout(new_lab_name(), nodes, workloads_per_node, etcd_members, ipv6=ipv6,
                      underlay=underlay, etcd_tls=etcd_tls), svid_ttl, workload_api)
     try:
@@ -42,7 +43,7 @@ def running_lab(nodes: int = 2, workloads_per_node: int = 1, etcd_members: int =
 @pytest.fixture
 def lab_factory() -> Iterator[Callable[..., Lab]]:
     """`lab_factory(nodes=2, workloads_per_node=1, etcd_members=1, svid_ttl=600,
-    workload_api="lab")` -> Lab."""
+    workload_api="spire")` -> Lab."""
     with contextlib.ExitStack() as stack:
         yield lambda **kw: stack.enter_context(running_lab(**kw))
 

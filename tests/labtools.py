@@ -12,13 +12,15 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from spiffe import WorkloadApiClient
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from netns_lab import Lab, agents
 from netns_lab.wire import parse_ping, ping_argv
@@ -113,12 +115,39 @@ def etcdctl(lab: Lab, *args: str, input: bytes | None = None) -> str:
     return out.stdout.decode() if isinstance(out.stdout, bytes) else out.stdout
 
 
+# Run inside the signer's node as its identity: with SPIRE the unix attestor decides by
+# the caller's gid and pid namespace, so the test process (root, gid 0) would get nothing.
+FETCH_SVID_PEM = """
+import json, sys
+from cryptography.hazmat.primitives import serialization as s
+from spiffe import WorkloadApiClient
+with WorkloadApiClient(socket_path="unix:" + sys.argv[1]) as client:
+    svid = client.fetch_x509_svid(timeout=10)
+print(json.dumps({
+    "key": svid.private_key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8,
+                                          s.NoEncryption()).decode(),
+    "chain": [c.public_bytes(s.Encoding.PEM).decode() for c in svid.cert_chain]}))
+"""
+
+
+def fetch_svid(lab: Lab, who: str) -> tuple[Any, list[x509.Certificate]]:
+    """Node (or "controller") `who`'s real SVID, (private key, chain leaf first), fetched
+    as that identity from its own socket: an attacker who stole the node's key."""
+    if who == "controller":
+        socket = lab.status()["controller"]["spiffe_socket"]
+    else:
+        socket = next(n["spiffe_socket"] for n in lab.status()["nodes"] if n["name"] == who)
+    out = run_in(lab, who, [*lab.identity_prefix(), sys.executable, "-c", FETCH_SVID_PEM,
+                            socket])
+    doc = json.loads(out.stdout)
+    key = serialization.load_pem_private_key(doc["key"].encode(), password=None)
+    return key, [x509.load_pem_x509_certificate(c.encode()) for c in doc["chain"]]
+
+
 def sign_as(lab: Lab, signer: str, record: NodeRecord) -> bytes:
-    """`record` signed with node `signer`'s real SVID, fetched from its lab socket."""
-    socket = next(n["spiffe_socket"] for n in lab.status()["nodes"] if n["name"] == signer)
-    with WorkloadApiClient(socket_path=f"unix:{socket}") as client:
-        svid = client.fetch_x509_svid(timeout=10)
-    return sign_envelope(record.to_payload(), svid.private_key, svid.cert_chain)
+    """`record` signed with node `signer`'s real SVID (lab server or SPIRE)."""
+    key, chain = fetch_svid(lab, signer)
+    return sign_envelope(record.to_payload(), key, chain)
 
 
 def diagnostics(lab: Lab, nodes: tuple[str, ...], log_lines: int = 40) -> str:

@@ -225,8 +225,11 @@ def test_a_stopped_node_whose_record_is_deleted_leaves_every_mesh(lab: Lab) -> N
 
 
 def test_svid_rotation_resigns_records_without_losing_a_ping() -> None:
+    # The lab server: a 10 s lifetime (below SPIRE's 30 s floor in the lab: its agent syncs
+    # every 5 s) makes two rotations fit in this test; SPIRE's own rotation under traffic
+    # is tests/test_spire_lab.py's.
     ttl = 10
-    with running_lab(nodes=2, workloads_per_node=1, svid_ttl=ttl) as lab:
+    with running_lab(nodes=2, workloads_per_node=1, svid_ttl=ttl, workload_api="lab") as lab:
         start_encrypting(lab, ("n1", "n2"))
         wait_for("the mesh", lambda: mesh_formed(lab, ("n1", "n2")))
 

@@ -78,7 +78,9 @@ def scenario(lab: Lab, tmp_path: Path, name: str, bound: float, **kw: object) ->
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with running_lab(nodes=2, workloads_per_node=3, etcd_members=3) as lab:
+    # The lab server: test 4 restarts the Workload API with a 20 s lifetime and keeps it
+    # down until SVIDs expire, in seconds; SPIRE's outages are tests/test_spire_lab.py's.
+    with running_lab(nodes=2, workloads_per_node=3, etcd_members=3, workload_api="lab") as lab:
         publish(lab, TAGS, POLICIES)
         agents.start_all(lab)
         want = len(selected_pairs(lab_workloads(lab, TAGS), load_policies(POLICIES)))

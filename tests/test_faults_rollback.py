@@ -172,7 +172,8 @@ def test_a_writer_publishes_above_a_higher_epoch_another_instance_left_in_etcd(
         second_key = rotate(lab, "n3", second_dir)
         assert second_key["epoch"] > own["epoch"]
         assert agents.stop_agent(lab, "n3")
-        second = lab.start_process("agent-second", argv, node="n3")
+        second = lab.start_process("agent-second", argv, node="n3",
+                                   extra_prefix=lab.identity_prefix())
         wait_for("the second instance's record in etcd, and n1 peering with its key",
                  lambda: etcd_holds_key(lab, "n3", second_key["public_key"])
                  and second_key["public_key"] in wg_peers(lab, "n1"), timeout=BOUND_S)

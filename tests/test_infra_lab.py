@@ -57,8 +57,8 @@ def workloads_seen(lab: Lab, node: str) -> int:
 def start_agents(lab: Lab) -> None:
     for node in lab.layout.all_nodes():
         agents.state_dir(lab, node.name).mkdir(parents=True, exist_ok=True, mode=0o700)
-        lab.start_process(agents.AGENT, [*agents.agent_argv(lab, node),
-                                         "--workload-grace", "1"], node=node.name)
+        agents.start_agent_argv(lab, node.name, [*agents.agent_argv(lab, node),
+                                                 "--workload-grace", "1"])
 
 
 @pytest.fixture(scope="module")

@@ -231,9 +231,8 @@ def test_sigterm_leaves_the_dataplane_and_a_new_agent_adopts_it_without_changes(
     config = agents.state_dir(lab, "n1") / "tfcrypt.yaml"
     config.write_text("etcd_grace: 3\nlog_format: json\n")
     spec = next(n for n in lab.layout.all_nodes() if n.name == "n1")
-    rec = lab.start_process(agents.AGENT, [*agents.agent_argv(lab, spec), "--config",
-                                           str(config)], node="n1",
-                            log_name="agent-n1-restarted.log")
+    rec = agents.start_agent_argv(lab, "n1", [*agents.agent_argv(lab, spec), "--config",
+                                              str(config)], log_name="agent-n1-restarted.log")
     wait_for("the new agent to be healthy", lambda: healthy(lab, "n1"))
     wait_for("a reconcile of the new agent",
              lambda: json.loads(status(lab, "n1", "--json").stdout)["last_reconcile"])
