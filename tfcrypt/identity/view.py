@@ -178,11 +178,16 @@ class VerifiedView:
         believed, self._believed_raw = self._believed_raw, {}
         for key, value in list(self.raw.items()):
             self._verify(key, value, now, prepared)
-        for key in [k for k in self.records if k not in self._believed_raw]:
-            self._untrusted(key, believed.get(key), now)
+        dropped = [k for k in list(self.records) if k not in self._believed_raw
+                   and not self._still_trusted(k, believed.get(k), now)]
+        if dropped:
+            log.warning("%d record(s) no longer believed: they do not verify under the new "
+                        "trust bundle (a revoked CA?): %s%s", len(dropped),
+                        ", ".join(excerpt(k) for k in dropped[:5]),
+                        " ..." if len(dropped) > 5 else "")
         return before != self.records
 
-    def _untrusted(self, key: str, value: bytes | None, now: dt.datetime) -> None:
+    def _still_trusted(self, key: str, value: bytes | None, now: dt.datetime) -> bool:
         """`key`'s latest value was refused under the new trust. Keep the record believed
         before only if that value still verifies (a refused overwrite was sitting in
         etcd); otherwise it goes: what its signer's CA vouched for, the bundle no longer
@@ -193,12 +198,11 @@ class VerifiedView:
             checked = _checked(key, value, family, self._bundles, self._authorizer, now)
             if checked.verified is not None:
                 self._believe(key, value, family, checked)
-                return
-        log.warning("%s is no longer believed: it does not verify under the new trust "
-                    "bundle", excerpt(key))
+                return True
         self.records.pop(key, None)
         self.not_after.pop(key, None)
         self.authority.pop(key, None)
+        return False
 
     def pending(self, items: Mapping[str, bytes]) -> dict[str, bytes]:
         """The values of `items` that `replace_all` would verify (new or changed)."""
