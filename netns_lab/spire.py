@@ -22,16 +22,22 @@ Rules:
   (`disk` UpstreamAuthority): SPIRE's bundle is then the lab root, the one etcd trusts,
   and every X509-SVID chain is leaf + SPIRE's intermediate (netns_lab/etcd_tls.py).
 - SVID lifetime: the lab's --svid-ttl, on every entry and as the server's default.
+- SPIRE's CA rotation (`spire-server localauthority x509 prepare / activate / taint /
+  revoke`, SPIRE >= 1.11) is driven through `server_cli` by the `*_x509_authority`
+  helpers below; they apply to the self-signed CA only (with an UpstreamAuthority the
+  commands are `upstreamauthority taint / revoke`, docs/operations.md).
 - Every process goes through Lab.start_process (ledger + state), so `down` stops them.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import gobin
 from .errors import LabError
@@ -287,3 +293,62 @@ def wait_agent(prefix: list[str], spec: AgentSpec, alive: Callable[[], bool], lo
         return res.returncode == 0 and spec.spiffe_id in res.stdout
 
     _wait(f"spire-agent {spec.who}", serves, alive, log)
+
+
+# ---------------------------------------------------------------- CA rotation
+
+def _json(out: str, what: str) -> Any:
+    try:
+        return json.loads(out)
+    except ValueError:
+        raise LabError(f"spire-server {what} printed no JSON: {out.strip()[:200]!r}") from None
+
+
+def x509_authorities(layout: Layout, prefix: list[str]) -> dict[str, Any]:
+    """`localauthority x509 show`: {"active": {...}, "prepared": {...}, "old": {...}},
+    each with its `authority_id` (the CA's subject key ID, hex) and `expires_at`;
+    absent slots are missing or empty."""
+    out = server_cli(layout, prefix, "localauthority", "x509", "show", "-output", "json")
+    doc: dict[str, Any] = _json(out, "localauthority x509 show")
+    return {k: v for k, v in doc.items() if v}
+
+
+def _authority_command(layout: Layout, prefix: list[str], verb: str,
+                       authority_id: str | None) -> dict[str, Any]:
+    args = ["localauthority", "x509", verb, "-output", "json"]
+    if authority_id is not None:
+        args += ["-authorityID", authority_id]
+    doc: dict[str, Any] = _json(server_cli(layout, prefix, *args),
+                                f"localauthority x509 {verb}")
+    return doc
+
+
+def prepare_x509_authority(layout: Layout, prefix: list[str]) -> str:
+    """A new X509 CA, published in the bundle but not signing yet; its authority ID."""
+    doc = _authority_command(layout, prefix, "prepare", None)
+    authority = (doc.get("prepared_authority") or {}).get("authority_id")
+    if not authority:
+        raise LabError(f"localauthority x509 prepare named no authority: {doc!r}")
+    return str(authority)
+
+
+def activate_x509_authority(layout: Layout, prefix: list[str], authority_id: str) -> None:
+    """The prepared CA signs from now on; the previous active one becomes `old`."""
+    _authority_command(layout, prefix, "activate", authority_id)
+
+
+def taint_x509_authority(layout: Layout, prefix: list[str], authority_id: str) -> None:
+    """Mark the old CA tainted: spire-agents rotate SVIDs it signed at once."""
+    _authority_command(layout, prefix, "taint", authority_id)
+
+
+def revoke_x509_authority(layout: Layout, prefix: list[str], authority_id: str) -> None:
+    """Remove the (tainted) old CA from the bundle."""
+    _authority_command(layout, prefix, "revoke", authority_id)
+
+
+def bundle_authorities(layout: Layout, prefix: list[str]) -> list[dict[str, Any]]:
+    """`bundle show -output json`'s x509_authorities (each with asn1 and tainted)."""
+    doc = _json(server_cli(layout, prefix, "bundle", "show", "-output", "json"), "bundle show")
+    return list(doc.get("x509_authorities") or [])
+

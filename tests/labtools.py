@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -100,6 +101,12 @@ class Pinger:
         sent, received = parse_ping(out)
         assert sent, out
         return sent, received
+
+    def stop(self) -> tuple[int, int]:
+        """End the ping now (SIGINT: it still prints its summary); (sent, received)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.result()
 
     def kill(self) -> None:
         if self.proc.poll() is None:

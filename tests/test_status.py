@@ -404,3 +404,14 @@ def test_refused_infrastructure_addresses_are_counted_shown_and_gauged() -> None
     assert sample("tfcrypt_refused_addresses", {"reason": "configured"}) == 0
     note_refused(desired({}, {}, {}))
     assert sample("tfcrypt_refused_addresses", {"reason": "etcd endpoint"}) == 0
+
+
+def test_the_table_names_the_trust_authorities_and_who_signed_the_records() -> None:
+    """What an operator checks before revoking an old CA (docs/operations.md): both roots
+    in the bundle, ours marked, and the records still signed under the old one."""
+    trust = {"bundle_authorities": ["aa11", "bb22"], "svid_authority": "bb22",
+             "records_by_authority": {"aa11": {"nodes": 1},
+                                      "bb22": {"nodes": 1, "policies": 1}}}
+    lines = render(healthy_status() | {"trust": trust}, NOW).splitlines()
+    assert "Trust authorities:   aa11, bb22 (our SVID)" in lines
+    assert "Records signed by:   aa11: 1 nodes; bb22: 1 nodes, 1 policies" in lines

@@ -157,3 +157,51 @@ def test_prepared_results_are_not_trusted_beyond_what_they_were_checked_for() ->
     prepared = view3.check(items, NOW)
     view3.replace_all(items, NOW + 2 * HOUR, prepared)
     assert view3.records == {} and view3.rejections["expired"] == 2
+
+
+def _ski(ca: LabCA) -> str:
+    from cryptography import x509
+    return ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+
+
+def test_a_ca_rotation_believes_both_roots_then_refuses_what_the_revoked_one_signed() -> None:
+    """SPIRE's prepare / activate / revoke seen from one reader: while the bundle holds the
+    old and the new root, records signed under either are believed and the view names
+    which authority signed each; once the old root leaves the bundle, a record still
+    signed under it stops being believed at once (its node's peer goes, fail-closed)
+    and the refusal is counted, while the re-signed one stays."""
+    s = Signers()
+    new = LabCA.generate(TD, now=NOW)
+    view = s.trusting()
+    assert view.put("nodes/n1", s.record("n1"), NOW)
+    assert view.put("nodes/n2", s.record("n2", key_byte=2), NOW)
+    both = TrustBundles({TD: [s.ca.cert, new.cert]})
+    assert not view.set_trust(both, Authorizer(TD), NOW)  # prepare: nothing changes
+    view.put("nodes/n1", s.record("n1", key_byte=1, ca=new), NOW)  # n1 re-signed, same key
+    assert view.rejections == {}
+    assert view.authority == {"nodes/n1": _ski(new), "nodes/n2": _ski(s.ca)}
+    assert view.set_trust(TrustBundles({TD: [new.cert]}), Authorizer(TD), NOW)  # revoke
+    assert set(view.records) == {"nodes/n1"} and set(view.authority) == {"nodes/n1"}
+    assert view.rejections == {"untrusted_chain": 1}
+    assert "nodes/n2" in view.rejected and "nodes/n2" not in view.not_after
+    # relisting the same write does not count it again; n2 re-signing brings it back
+    view.replace_all(dict(view.raw), NOW)
+    assert view.rejections == {"untrusted_chain": 1}
+    assert view.put("nodes/n2", s.record("n2", key_byte=2, ca=new), NOW)
+    assert set(view.records) == {"nodes/n1", "nodes/n2"}
+
+
+def test_a_trust_change_keeps_the_real_record_under_a_refused_overwrite() -> None:
+    """A forged value sitting in etcd at a key (refused, the real record kept) must not
+    unseat the real record when the bundle changes for an unrelated reason."""
+    s = Signers()
+    view = s.trusting()
+    assert view.put("nodes/n2", s.record("n2", key_byte=2), NOW)
+    real = view.records["nodes/n2"]
+    assert not view.put("nodes/n2", s.record("n2", key_byte=9, ca=s.rogue), NOW)
+    other = LabCA.generate(TD, now=NOW)
+    view.set_trust(TrustBundles({TD: [s.ca.cert, other.cert]}), Authorizer(TD), NOW)
+    assert view.records["nodes/n2"] == real and view.authority["nodes/n2"] == _ski(s.ca)
+    # but once the real record's root goes too, nothing at that key is believed
+    view.set_trust(TrustBundles({TD: [other.cert]}), Authorizer(TD), NOW)
+    assert "nodes/n2" not in view.records

@@ -154,8 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="CIDR", help="an address or CIDR the agents are configured "
                         "to treat as infrastructure (repeatable); node records' addresses "
                         "and the --etcd endpoints given as IPs always are")
+    resign = sub.add_parser(
+        "resign", help="re-sign every workload and policy not signed under the controller "
+                       "SVID's current CA (before revoking an old SPIRE CA: "
+                       "docs/operations.md)")
     controller_parsers = [wl_set, wl_del, wl_list, pol_apply, pol_del, pol_list, pol_plan,
-                          expl]
+                          expl, resign]
 
     status = sub.add_parser(
         "status", help="ask the local agent how it is: a table, or --json; exit 0 healthy, "
@@ -329,7 +333,9 @@ async def _controller_command(args: argparse.Namespace) -> int:
         raise ConfigError(problem)
     async with session(endpoints, args.prefix, args.spiffe_socket, controller_ids,
                        tls=tls, server_name=args.etcd_server_name) as s:
-        if args.command == "explain":
+        if args.command == "resign":
+            print(await commands.resign(s))
+        elif args.command == "explain":
             explanation = await commands.explain_flow(s, args.src_ip, args.dst_ip, infra)
             print(json.dumps(explanation.to_json(), indent=2) if args.json
                   else explanation.render())
@@ -440,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _uninstall_command(args)
         if args.command == "keys":
             return _keys_command(args)
-        if args.command in ("workload", "policy", "explain"):
+        if args.command in ("workload", "policy", "explain", "resign"):
             return asyncio.run(_controller_command(args))
     except ConfigError as exc:
         print(f"tfcrypt: {one_line(str(exc))}", file=sys.stderr)

@@ -191,6 +191,19 @@ def _workload_api(api: Mapping[str, Any], now: dt.datetime) -> str:
     return state
 
 
+def _trust(trust: Mapping[str, Any]) -> str:
+    """Bundle authorities, our SVID's, and records counted by the authority that signed
+    them: what an operator checks before revoking an old CA (docs/operations.md)."""
+    if not trust:
+        return "-"
+    mine = trust.get("svid_authority") or "-"
+    bundle = ", ".join(a + (" (our SVID)" if a == mine else "")
+                       for a in trust.get("bundle_authorities") or ()) or "-"
+    signed = "; ".join(f"{a}: " + ", ".join(f"{n} {fam}" for fam, n in counts.items())
+                       for a, counts in (trust.get("records_by_authority") or {}).items())
+    return f"{bundle}\n{'Records signed by:':21}{signed or '-'}"
+
+
 def _reconcile(last: Mapping[str, Any], now: dt.datetime) -> str:
     if not last:
         return "none yet"
@@ -236,6 +249,7 @@ def render(status: Mapping[str, Any], now: dt.datetime) -> str:
         f"{'WireGuard:':21}{status.get('interface', '-')} port {status.get('listen_port', '-')}"
         f", key {fp}, epoch {status.get('epoch', '-')}",
         f"{'etcd:':21}{_etcd(status.get('etcd') or {}, now)}",
+        f"{'Trust authorities:':21}{_trust(status.get('trust') or {})}",
         f"{'Policies enforced:':21}{_names(policies.get('enforce', []))}",
         f"{'Policies audited:':21}{_names(policies.get('audit', []))}",
         f"{'Selected pairs:':21}{status.get('selected_pairs', 0)} "

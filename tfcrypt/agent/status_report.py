@@ -14,6 +14,10 @@ Rules:
 - `local_workloads` lists this node's own workloads with every address each has (`ips`,
   IPv4 before IPv6): bounded by the pods a node runs, unlike the cluster's workloads,
   which are only counted (`workloads`).
+- `trust` names X509 authorities as SPIRE does (subject key IDs in hex): those in our
+  trust domain's bundle, the one that issued our SVID, and how many believed records of
+  each family each signed. Before an operator revokes an old authority, no node may
+  count records under it (docs/operations.md, "Rotating SPIRE's CA").
 - etcd's `disconnected_since` is when the report first saw the connection down (from the
   start until the first connection, too), cleared when it is back.
 """
@@ -32,7 +36,8 @@ from tfcrypt.agent.logs import AGENT_LOG as log
 from tfcrypt.agent.nodekey import NodeKey
 from tfcrypt.agent.reconcile import Reconciler
 from tfcrypt.config import AgentConfig
-from tfcrypt.identity.svid_source import SvidSource, SvidUpdate
+from tfcrypt.identity.svid_source import SvidSource, SvidUpdate, svid_authority
+from tfcrypt.identity.verify import authority_id
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.workload import Workload
 from tfcrypt.privatefile import write_private
@@ -142,6 +147,7 @@ class StatusReport:
                              "last_refusal": (svids.last_refusal.to_json()
                                               if svids.last_refusal else None)},
             "peers": peers,
+            "trust": trust_status(a.view, svid),
             "policies": {"enforce": sorted(p.name for p in policies if p.enforced),
                          "audit": sorted(p.name for p in policies if not p.enforced)},
             "workloads": len(wls),
@@ -214,7 +220,8 @@ class StatusReport:
 
     def _peer_rows(self, device: DeviceState | None, now: float) -> list[dict[str, Any]]:
         d = self.agent.reconciler.desired
-        ids = {r.node: r.spiffe_id for r in self.agent.view.of("nodes/").values()}
+        view = self.agent.view
+        ids = {r.node: r.spiffe_id for r in view.of("nodes/").values()}
         rows = []
         for p in sorted(d.peers.values() if d else (), key=lambda p: p.node):
             actual = device.peers.get(p.public_key) if device else None
@@ -222,6 +229,7 @@ class StatusReport:
             age = None if shake is None else max(0.0, now - shake)
             rows.append({
                 "node": p.node, "spiffe_id": ids.get(p.node), "public_key": p.public_key,
+                "authority": view.authority.get(f"nodes/{p.node}"),
                 "endpoint": (actual.endpoint if actual and actual.endpoint else p.endpoint),
                 "allowed_ips": sorted(p.allowed_ips), "allowed_ip_count": len(p.allowed_ips),
                 "configured": device is not None and actual is not None,
@@ -232,6 +240,19 @@ class StatusReport:
                 "rx_bytes": actual.rx_bytes if actual else 0,
                 "tx_bytes": actual.tx_bytes if actual else 0})
         return rows
+
+
+def trust_status(view: VerifiedView, svid: SvidUpdate | None) -> dict[str, Any]:
+    """The X509 authorities in play (module rules): bundle, our SVID's, the records'."""
+    by: dict[str, dict[str, int]] = {}
+    for key, authority in view.authority.items():
+        family = key.split("/", 1)[0]
+        counts = by.setdefault(authority or "unknown", {})
+        counts[family] = counts.get(family, 0) + 1
+    cas = svid.bundles.get(svid.trust_domain, ()) if svid else ()
+    return {"bundle_authorities": sorted(authority_id(ca) for ca in cas),
+            "svid_authority": svid_authority(svid) if svid else None,
+            "records_by_authority": {k: dict(sorted(v.items())) for k, v in sorted(by.items())}}
 
 
 def local_workloads(workloads: Iterable[Workload], node: str) -> list[dict[str, Any]]:

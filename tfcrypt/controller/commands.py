@@ -191,3 +191,27 @@ def render_plan(plan: dict[str, Any]) -> str:
 def plan_to_json(plan: dict[str, Any]) -> dict[str, Any]:
     return {**plan, "diff": plan["diff"].to_json(),
             "ready": all(n["verified_key"] for n in plan["nodes"])}
+
+
+async def resign(s: ControllerSession) -> str:
+    """Re-sign every workload and policy the agents believe that the controller's current
+    SVID's authority did not sign (same content, next epoch): the step before revoking
+    an old CA (`spire-server localauthority x509 revoke`). Values written once are
+    checked against the bundle at every trust change, so those still signed under the
+    revoked root would be refused by every agent, their policies enforced nowhere and
+    their traffic no longer selected (docs/operations.md, "Rotating SPIRE's CA")."""
+    s.require_controller()
+    view = await s.read_view()
+    ours = s.svid_authority()
+    done = 0
+    for key, record in sorted({**view.of("workloads/"), **view.of("policies/")}.items()):
+        if view.authority.get(key) == ours:
+            continue
+        payload = record.to_payload(epoch=s.next_epoch(view, key), issued_at=int(time.time()))
+        await s.put_signed(key, payload, record)
+        done += 1
+    refused = len(_refused_keys(view, "workloads/")) + len(_refused_keys(view, "policies/"))
+    note = (f"; {refused} stored value(s) already refused, left alone (see `workload list`,"
+            " `policy list`)") if refused else ""
+    return f"re-signed {done} value(s) under authority {ours or 'unknown'}{note}"
+

@@ -29,7 +29,12 @@ from spiffe import WorkloadApiClient
 
 from tfcrypt.errors import ConfigError, TfcryptError
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
-from tfcrypt.identity.svid_source import SvidUpdate, etcd_credentials, update_from_context
+from tfcrypt.identity.svid_source import (
+    SvidUpdate,
+    etcd_credentials,
+    svid_authority,
+    update_from_context,
+)
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.families import families
 from tfcrypt.registry import Registry
@@ -62,6 +67,10 @@ class ControllerSession:
         if not self.authorizer.is_controller(self.svid.spiffe_id):
             raise ConfigError(f"--spiffe-socket: serves {self.svid.spiffe_id}, which is not "
                               "a controller identity: refusing to write")
+
+    def svid_authority(self) -> str:
+        """The X509 authority (subject key ID, hex) that issued our SVID."""
+        return svid_authority(self.svid)
 
     def _empty_view(self) -> tuple[VerifiedView, dt.datetime]:
         view = VerifiedView(families())

@@ -57,6 +57,17 @@ class SvidUpdate:
         return self.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
 
 
+def svid_authority(svid: SvidUpdate) -> str:
+    """The X509 authority that issued the SVID, as SPIRE names it (its subject key ID in
+    hex): the leaf's authority key ID. "" when the leaf carries none."""
+    try:
+        aki = svid.chain[0].extensions.get_extension_for_class(
+            x509.AuthorityKeyIdentifier).value.key_identifier
+    except (x509.ExtensionNotFound, ValueError):
+        return ""
+    return aki.hex() if aki else ""
+
+
 def etcd_credentials(svid: SvidUpdate) -> TlsCredentials:
     """The SVID as etcd's client certificate, its own trust domain's bundle as the roots
     etcd's certificate must chain to (registry/tls.py). ValueError names what is missing."""

@@ -68,6 +68,10 @@ class Verified:
     payload: Mapping[str, Any] = field(repr=False)
     signer: str
     not_after: dt.datetime
+    # the X509 authority that issued the leaf: its subject key ID in hex, as SPIRE names
+    # authorities (`spire-server localauthority x509 show`); what an operator compares
+    # before revoking an old one (docs/operations.md, "Rotating SPIRE's CA")
+    authority: str = ""
 
 
 class ChainTime(enum.Enum):
@@ -134,7 +138,21 @@ def verify_envelope(raw: bytes, key: str, *, bundles: TrustBundles, authorizer: 
         payload=MappingProxyType(payload),
         signer=spiffe_id,
         not_after=min(c.not_valid_after_utc for c in verified_chain),
+        authority=authority_id(verified_chain[1]) if len(verified_chain) > 1 else "",
     )
+
+
+def authority_id(ca: x509.Certificate) -> str:
+    """A CA's subject key ID in lower-case hex (SPIRE's X509 authority ID); computed from
+    its public key when the certificate carries none."""
+    try:
+        ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except (x509.ExtensionNotFound, *_CERT_PARSE_ERRORS):
+        try:
+            ski = x509.SubjectKeyIdentifier.from_public_key(ca.public_key()).digest
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            return ""
+    return ski.hex()
 
 
 def _parse_payload(text: str) -> dict[str, Any]:

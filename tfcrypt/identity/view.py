@@ -15,7 +15,11 @@ Rules:
   so an etcd full of junk costs bounded memory and a bounded log.
 - Keys arrive printable (tfcrypt.text); a key or message is shown as an excerpt.
 - Values that arrive before the trust bundle are kept raw and verified when it arrives;
-  a bundle change re-verifies everything.
+  a bundle change re-verifies everything. A refused put keeps the last good record (a
+  forged overwrite must not unseat the real one), but trust is different: a record that
+  no longer verifies under the new bundle (its root was revoked: SPIRE's
+  `localauthority x509 revoke`) stops being believed at once, and is counted, so its
+  node's peer goes fail-closed instead of living on until its SVID expires.
 - Each key family (`nodes/`, `workloads/`, `policies/`) says how its values are parsed and
   when the signer's chain must have been valid (tfcrypt.identity.verify.ChainTime); keys
   of no known family are ignored.
@@ -122,6 +126,7 @@ class VerifiedView:
         self.revisions: dict[str, int] = {}  # mod_revision of raw values, when known
         self.records: dict[str, Any] = {}
         self.not_after: dict[str, dt.datetime] = {}
+        self.authority: dict[str, str] = {}  # believed key -> X509 authority of its signer
         self.rejections: Counter[str] = Counter()
         self.rejected: dict[str, Rejection] = {}
         self.unremembered = 0  # rejections counted without being remembered (memory full)
@@ -170,10 +175,34 @@ class VerifiedView:
             return False
         self._bundles, self._authorizer = bundles, authorizer
         before = dict(self.records)
-        self._believed_raw.clear()
+        believed, self._believed_raw = self._believed_raw, {}
         for key, value in list(self.raw.items()):
             self._verify(key, value, now, prepared)
+        dropped = [k for k in list(self.records) if k not in self._believed_raw
+                   and not self._still_trusted(k, believed.get(k), now)]
+        if dropped:
+            log.warning("%d record(s) no longer believed: they do not verify under the new "
+                        "trust bundle (a revoked CA?): %s%s", len(dropped),
+                        ", ".join(excerpt(k) for k in dropped[:5]),
+                        " ..." if len(dropped) > 5 else "")
         return before != self.records
+
+    def _still_trusted(self, key: str, value: bytes | None, now: dt.datetime) -> bool:
+        """`key`'s latest value was refused under the new trust. Keep the record believed
+        before only if that value still verifies (a refused overwrite was sitting in
+        etcd); otherwise it goes: what its signer's CA vouched for, the bundle no longer
+        does. Its refusal was counted when the latest value was verified."""
+        family = self._family(key)
+        if value is not None and family is not None and value != self.raw.get(key):
+            assert self._bundles is not None and self._authorizer is not None
+            checked = _checked(key, value, family, self._bundles, self._authorizer, now)
+            if checked.verified is not None:
+                self._believe(key, value, family, checked)
+                return True
+        self.records.pop(key, None)
+        self.not_after.pop(key, None)
+        self.authority.pop(key, None)
+        return False
 
     def pending(self, items: Mapping[str, bytes]) -> dict[str, bytes]:
         """The values of `items` that `replace_all` would verify (new or changed)."""
@@ -242,6 +271,7 @@ class VerifiedView:
             log.warning("%s is stale: its signer's SVID expired", key)
             self.records.pop(key, None)
             self.not_after.pop(key, None)
+            self.authority.pop(key, None)
             self._believed_raw.pop(key, None)
         return bool(stale)
 
@@ -252,6 +282,7 @@ class VerifiedView:
         self._believed_raw.pop(key, None)
         self.records.pop(key, None)
         self.not_after.pop(key, None)
+        self.authority.pop(key, None)
 
     def _prepared(self, key: str, value: bytes, family: Family, now: dt.datetime,
                   prepared: Prepared | None) -> Checked | None:
@@ -276,7 +307,7 @@ class VerifiedView:
             return
         checked = self._prepared(key, value, family, now, prepared) or _checked(
             key, value, family, self._bundles, self._authorizer, now)
-        verified, record = checked.verified, checked.record
+        verified = checked.verified
         try:
             if checked.rejected is not None:
                 raise checked.rejected
@@ -287,9 +318,15 @@ class VerifiedView:
             return
         self._epochs.accept(verified)
         self.rejected.pop(key, None)
-        self.records[key] = record
+        self._believe(key, value, family, checked)
+
+    def _believe(self, key: str, value: bytes, family: Family, checked: Checked) -> None:
+        verified = checked.verified
+        assert verified is not None
+        self.records[key] = checked.record
         if family.chain_time is ChainTime.NOW:
             self.not_after[key] = verified.not_after
+        self.authority[key] = verified.authority
         self._believed_raw[key] = value
 
     def _reject(self, key: str, value: bytes, rej: Rejected) -> None:
