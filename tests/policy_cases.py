@@ -27,6 +27,9 @@ class Case:
     id: str
     doc: dict[str, Any]
     refusal: str | None  # None: accepted; else a substring of kubectl's error
+    # a bound only the API server has (the CEL cost budget caps tags per endpoint at 12,
+    # crd-encryptionpolicies.yaml): the parser accepts the document
+    server_only: bool = False
 
 
 def ep(**selector: Any) -> dict[str, Any]:
@@ -61,9 +64,9 @@ def examples() -> list[Case]:
 
 
 E1 = "spec.rules[0].endpoint1"
-ONE_OF = "must validate one and only one schema (oneOf)"
+ONE_OF = f'"{E1}" must validate one and only one schema (oneOf).'
 SINGLE_VALUED = "a tag type other than label holds one value per workload"
-TAG_PATTERN = "should match '^[A-Za-z][A-Za-z0-9_-]{0,62}="
+TAG_PATTERN = "in body should match '^[A-Za-z][A-Za-z0-9_-]{0,62}="
 CASES: list[Case] = [
     *examples(),
     Case("ipv6-subnet", policy(rule(ep(subnet="fd00:10::/64"), ANY)), None),
@@ -75,48 +78,57 @@ CASES: list[Case] = [
                                          match_tags=["Site"])), None),
     Case("value-with-equals", policy(rule(ep(tags=["application=a=b"]), ANY)), None),
     Case("same-tag-twice", policy(rule(ep(tags=["tier=db", "TIER=db"]), ANY)), None),
+    Case("twelve-tags", policy(rule(ep(tags=[f"label=l{i}" for i in range(12)]), ANY)), None),
+    Case("thirteen-tags", policy(rule(ep(tags=[f"label=l{i}" for i in range(13)]), ANY)),
+         f"{E1}.tags: Too many: 13: must have at most 12 items", server_only=True),
     Case("two-rules-and-status", policy(rule(PAYMENTS, ANY), rule(ANY, ANY),
                                         top={"status": {"observedGeneration": 1}}), None),
     Case("two-selectors-in-an-endpoint",
-         policy(rule(ep(tags=["application=payments"], any=True), ANY)), f"{E1}: Invalid value"),
+         policy(rule(ep(tags=["application=payments"], any=True), ANY)),
+         f"{ONE_OF} Found 2 valid alternatives"),
     Case("subnet-and-tags", policy(rule(ep(tags=["a=b"], subnet="10.0.0.0/8"), ANY)),
-         f"{E1}: Invalid value"),
-    Case("no-selector", policy(rule(ep(), ANY)), f"{E1}: Invalid value"),
+         f"{ONE_OF} Found 2 valid alternatives"),
+    Case("no-selector", policy(rule(ep(), ANY)), f"{ONE_OF} Found none valid"),
     Case("bad-mode", policy(rule(PAYMENTS, ANY), mode="permissive"),
          'spec.mode: Unsupported value: "permissive"'),
     Case("mode-is-case-sensitive", policy(rule(PAYMENTS, ANY), mode="Enforce"),
          'spec.mode: Unsupported value: "Enforce"'),
-    Case("empty-rules", policy(), "spec.rules: Invalid value: 0"),
+    Case("empty-rules", policy(), "spec.rules in body should have at least 1 items"),
     Case("missing-rules", {**policy(), "spec": {"mode": "enforce"}},
          "spec.rules: Required value"),
     Case("missing-endpoint2", policy({"endpoint1": ANY}),
          "spec.rules[0].endpoint2: Required value"),
     Case("label-in-match_tags", policy(rule(PAYMENTS, ANY, match_tags=["label"])),
-         "spec.rules[0].match_tags[0]"),
+         '"spec.rules[0].match_tags[0]" must not validate the schema (not)'),
     Case("LABEL-in-match_tags", policy(rule(PAYMENTS, ANY, match_tags=["site", "LABEL"])),
-         "spec.rules[0].match_tags[1]"),
+         '"spec.rules[0].match_tags[1]" must not validate the schema (not)'),
     Case("match_tags-bad-type", policy(rule(PAYMENTS, ANY, match_tags=["1site"])),
-         "spec.rules[0].match_tags[0]"),
+         'spec.rules[0].match_tags[0]: Invalid value: "1site"'),
     Case("match_tags-not-a-list", policy(rule(PAYMENTS, ANY, match_tags="site")),
-         "spec.rules[0].match_tags"),
+         "spec.rules[0].match_tags in body must be of type array"),
     Case("tag-without-value", policy(rule(ep(tags=["application"]), ANY)),
-         f"{E1}.tags[0]"),
+         f"{E1}.tags[0] {TAG_PATTERN}"),
     Case("tag-with-space", policy(rule(ep(tags=["application=my app"]), ANY)),
-         f"{E1}.tags[0]"),
-    Case("tag-empty-value", policy(rule(ep(tags=["application="]), ANY)), f"{E1}.tags[0]"),
-    Case("tag-bad-type", policy(rule(ep(tags=["9app=x"]), ANY)), f"{E1}.tags[0]"),
-    Case("tags-empty", policy(rule(ep(tags=[]), ANY)), f"{E1}.tags: Invalid value"),
+         f"{E1}.tags[0] {TAG_PATTERN}"),
+    Case("tag-empty-value", policy(rule(ep(tags=["application="]), ANY)),
+         f"{E1}.tags[0] {TAG_PATTERN}"),
+    Case("tag-bad-type", policy(rule(ep(tags=["9app=x"]), ANY)),
+         f"{E1}.tags[0] {TAG_PATTERN}"),
+    Case("tags-empty", policy(rule(ep(tags=[]), ANY)),
+         f"{E1}.tags in body should have at least 1 items"),
     Case("tags-a-string", policy(rule(ep(tags="application=payments"), ANY)),
-         f"{E1}.tags"),
+         f"{E1}.tags in body must be of type array"),
     Case("two-values-of-one-type",
-         policy(rule(ep(tags=["application=a", "Application=b"]), ANY)), SINGLE_VALUED),
+         policy(rule(ep(tags=["application=a", "Application=b"]), ANY)),
+         f"{E1}.tags: Invalid value: {SINGLE_VALUED}"),
     Case("subnet-prefix-too-long", policy(rule(ep(subnet="10.0.0.0/33"), ANY)),
-         f"{E1}.subnet"),
-    Case("subnet-garbage", policy(rule(ep(subnet="ten.0.0.0/8"), ANY)), f"{E1}.subnet"),
+         f"{E1}.subnet in body must be of type cidr"),
+    Case("subnet-garbage", policy(rule(ep(subnet="ten.0.0.0/8"), ANY)),
+         f"{E1}.subnet in body must be of type cidr"),
     Case("subnet-host-bits", policy(rule(ep(subnet="10.0.0.1/8"), ANY)),
-         "a network CIDR without host bits"),
+         f'{E1}.subnet: Invalid value: "10.0.0.1/8": a network CIDR without host bits'),
     Case("subnet-v6-host-bits", policy(rule(ep(subnet="fd00::1/64"), ANY)),
-         "a network CIDR without host bits"),
+         f'{E1}.subnet: Invalid value: "fd00::1/64": a network CIDR without host bits'),
     Case("any-false", policy(rule(ep(any=False), ANY)), f"{E1}.any: Unsupported value"),
     Case("unknown-rule-field", policy(rule(PAYMENTS, ANY, match_tag=["site"])),
          'unknown field "spec.rules[0].match_tag"'),
@@ -128,7 +140,8 @@ CASES: list[Case] = [
          'no matches for kind "NetworkPolicy"'),
     Case("bad-name", policy(rule(ANY, ANY), name="Payments_1"),
          'metadata.name: Invalid value: "Payments_1"'),
-    Case("subnet-bare-address", policy(rule(ep(subnet="10.0.0.0"), ANY)), f"{E1}.subnet"),
+    Case("subnet-bare-address", policy(rule(ep(subnet="10.0.0.0"), ANY)),
+         f"{E1}.subnet in body must be of type cidr"),
     Case("subnet-netmask", policy(rule(ep(subnet="10.0.0.0/255.0.0.0"), ANY)),
-         f"{E1}.subnet"),
+         f"{E1}.subnet in body must be of type cidr"),
 ]
