@@ -4,7 +4,8 @@ Why: the lab's workloads are network namespaces, not containers, and no kubelet 
 yet the tfcrypt controller reads Pods (spec.nodeName, status.podIPs, labels) the way a
 real cluster presents them. So the lab writes what a kubelet would:
 - Node `<node>` (n1, ...): addresses (InternalIP = its underlay address(es), Hostname),
-  podCIDRs = its workload subnet(s), condition Ready, through the status subresource.
+  podCIDRs = its workload subnet(s), condition Ready, through the status subresource
+  (a merge patch: server-side apply keys addresses by type, so cannot hold two).
 - Pod `<workload>` (n1-w1, ...) in POD_NAMESPACE: spec.nodeName = its node (bound at
   creation, as if scheduled), one container that never runs anything, no ServiceAccount
   token; then, through the status subresource, phase Running, Ready, hostIP(s) = the
@@ -15,13 +16,14 @@ real cluster presents them. So the lab writes what a kubelet would:
 - Deletion: a bound pod deleted with a grace period stays Terminating until its kubelet
   confirms; `delete_pod(..., force=False)` leaves it so (what a controller sees while a
   pod shuts down), `finish_pod` / `force=True` is the kubelet's final delete.
-Everything is written with server-side apply under the field manager `netns-lab`, so a
+Pods are written with server-side apply under the field manager `netns-lab`, so a
 test's own `kubectl label` (another manager) is kept by a later put_pods.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +139,10 @@ def register(lab: Lab) -> None:
     """`up --kubernetes`: every Node, the pod namespace, every Pod (no labels yet)."""
     nodes, node_status = node_objects(lab)
     _apply(lab, nodes)
-    _apply(lab, node_status, status=True)
+    for st in node_status:  # a merge patch: apply cannot hold two InternalIPs (dual stack),
+        # server-side apply keys status.addresses by type
+        kube.kubectl(lab, "patch", "node", st["metadata"]["name"], "--subresource=status",
+                     "--type=merge", "-p", json.dumps({"status": st["status"]}))
     ensure_namespace(lab, POD_NAMESPACE)
     put_pods(lab)
 

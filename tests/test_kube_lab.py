@@ -206,6 +206,33 @@ def test_the_controller_may_do_exactly_what_its_rbac_grants(klab: Lab) -> None:
     assert can_i(klab, "create", "secrets", "", None) is False
 
 
+def test_the_api_server_restarts_with_its_objects_kept(klab: Lab) -> None:
+    """`kube-apiserver stop|start` (what a controller's outage test needs): while it is
+    down kubectl cannot reach it; started again it serves the same pods (its etcd kept
+    running)."""
+    kube.apiserver_stop(klab)
+    assert klab.status()["kubernetes"]["apiserver"]["running"] is False
+    down_ = kube.kubectl(klab, "get", "pods", "-n", kubelet.POD_NAMESPACE,
+                         "--request-timeout=5s", check=False)
+    assert down_.returncode != 0 and "refused" in down_.stderr
+    kube.apiserver_start(klab)
+    names = kube.kubectl(klab, "get", "pods", "-n", kubelet.POD_NAMESPACE, "-o",
+                         "name").stdout.split()
+    assert sorted(names) == sorted(f"pod/{w['name']}" for w in klab.status()["workloads"])
+
+
+def test_a_dual_stack_lab_gives_pods_and_nodes_both_families() -> None:
+    with running_lab(nodes=1, workloads_per_node=1, ipv6=True, kubernetes=True) as lab:
+        w = lab.status()["workloads"][0]
+        pod = kubectl_json(lab, "get", "pod", w["name"], "-n", kubelet.POD_NAMESPACE)
+        assert [i["ip"] for i in pod["status"]["podIPs"]] == w["ips"] and len(w["ips"]) == 2
+        node = kubectl_json(lab, "get", "node", w["node"])
+        internal = [a["address"] for a in node["status"]["addresses"]
+                    if a["type"] == "InternalIP"]
+        n = next(n for n in lab.status()["nodes"] if n["name"] == w["node"])
+        assert internal == [n["underlay_ip"], n["underlay_ip6"]]
+
+
 # -- down ------------------------------------------------------------------------------------
 
 def test_down_stops_the_api_server_and_its_etcd(klab: Lab) -> None:
