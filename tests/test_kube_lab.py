@@ -181,8 +181,10 @@ def granted_to_controller() -> set[tuple[str, str, str, str | None]]:
 
 
 def can_i(lab: Lab, verb: str, resource: str, group: str, ns: str | None) -> bool:
+    resource, _, sub = resource.partition("/")  # RBAC names a subresource "pods/status"
     target = f"{resource}.{group}" if group else resource
     res = kube.kubectl(lab, "auth", "can-i", verb, target,
+                       *([f"--subresource={sub}"] if sub else []),
                        *(["-n", ns] if ns else ["--all-namespaces"]), who="controller",
                        check=False)
     assert res.stdout.strip() in ("yes", "no"), res.stderr
