@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import agents, demo, guest, procs
+from . import agents, demo, guest, kube, procs
 from .errors import LabError
 from .lab import DEFAULT_WORKLOAD_API, WORKLOAD_API_MODES, Lab, down
 from .layout import MAX_NODES, MAX_WORKLOADS, Layout, check_name
@@ -73,6 +73,10 @@ def _build_parser() -> argparse.ArgumentParser:
                          "node, built by scripts/build-go.sh) or lab (the lab's own server, "
                          f"a fault injector); default {DEFAULT_WORKLOAD_API}")
 
+    up.add_argument("--kubernetes", action="store_true",
+                    help="also a real kube-apiserver (and its own etcd) in the controller "
+                         "namespace, with deploy/kubernetes's CRD and RBAC applied and a "
+                         "Node and Pod object per lab node and workload (docs/lab.md)")
     up.add_argument("--agents", action="store_true",
                     help="start a tfcrypt agent in every node once the lab is up")
 
@@ -138,6 +142,17 @@ def _build_parser() -> argparse.ArgumentParser:
                       "spire-agent of a lab brought up with --workload-api spire")
     sp.add_argument("which", help="server, a node (n1, ...) or ctl (the controller's agent)")
     sp.add_argument("action", choices=("start", "stop", "kill"))
+    kc = cmd("kubectl", "run the lab's kubectl (inside the controller namespace) against a "
+                        "lab brought up with --kubernetes; exits with kubectl's status")
+    kc.add_argument("--as", dest="who", choices=("admin", "controller"), default="admin",
+                    help="credential: admin (system:masters, default) or controller (the "
+                         "tfcrypt controller's ServiceAccount user, RBAC applies)")
+    kc.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- ARGS...",
+                    help="kubectl arguments, after --")
+
+    ka = cmd("kube-apiserver", "start, stop (SIGTERM) or kill (SIGKILL) the lab's "
+                               "kube-apiserver (its etcd keeps running)")
+    ka.add_argument("action", choices=("start", "stop", "kill"))
     return p
 
 
@@ -155,6 +170,11 @@ def _summary(s: dict[str, Any]) -> str:
         f"{len(s['workloads'])} workload(s), run dir {s['run_dir']}",
         f"etcd {','.join(s['etcd']['endpoints'])} [{members}]; identities: {api}",
     ]
+    if (k := s.get("kubernetes")) is not None:
+        state = "running" if k["apiserver"]["running"] else "stopped"
+        lines.append(f"kube-apiserver {k['version']} {k['apiserver']['url']} {state}; "
+                     f"kubeconfig {k['kubeconfigs']['admin']} (admin), "
+                     f"{k['kubeconfigs']['controller']} (controller)")
     lines += [f"  {n['name']} {n['underlay_ip']} {n['workload_subnet']} "
               f"{(n['workload_subnet6'] + ' ') if n.get('workload_subnet6') else ''}"
               f"workloads: {' '.join(n['workloads']) or '-'}"
@@ -166,7 +186,8 @@ def _summary(s: dict[str, Any]) -> str:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         lab = Lab(Layout(args.name, args.nodes, args.workloads_per_node, args.etcd_members,
-                         ipv6=args.ipv6, underlay=args.underlay, etcd_tls=args.etcd_tls),
+                         ipv6=args.ipv6, underlay=args.underlay, etcd_tls=args.etcd_tls,
+                         kubernetes=args.kubernetes),
                   svid_ttl=args.svid_ttl, workload_api=args.workload_api)
         lab.up()
         print(f"lab {args.name} is up: run dir {lab.run_dir}")
@@ -212,6 +233,20 @@ def _run(args: argparse.Namespace) -> int:
         else:
             lab.etcd_stop(names, kill=args.action == "kill")
             print(f"etcd {args.member}: {args.action} done")
+    elif args.command in ("kubectl", "kube-apiserver"):
+        if not lab.layout.kubernetes:
+            raise LabError(f"lab {lab.name} has no Kubernetes: bring it up with --kubernetes")
+        if args.command == "kubectl":
+            full = kube.kubectl_argv(lab, args.who) + (
+                args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
+            sys.stdout.flush()
+            os.execvp(full[0], full)
+        if args.action == "start":
+            rec = kube.apiserver_start(lab)
+            print(f"kube-apiserver running, pid {rec.pid}, log {rec.log}")
+        else:
+            kube.apiserver_stop(lab, kill=args.action == "kill")
+            print(f"kube-apiserver: {args.action} done")
     elif args.command == "agent":
         print(agents.control(lab, args.node, args.action))
     elif args.command == "workload-api":

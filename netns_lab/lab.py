@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import etcd, etcd_tls, mountns, net, preflight, procs, spire, workload_api
+from . import etcd, etcd_tls, kube, mountns, net, preflight, procs, spire, workload_api
 from .errors import LabError
 from .layout import (
     BRIDGE,
@@ -96,7 +96,8 @@ class Lab:
             raise LabError(f"lab {name} is not up") from None
         layout = Layout(name, state["nodes"], state["workloads_per_node"], state["etcd_members"],
                         ipv6=state.get("ipv6", False), underlay=state.get("underlay", "v4"),
-                        etcd_tls=state.get("etcd_tls", False))
+                        etcd_tls=state.get("etcd_tls", False),
+                        kubernetes=state.get("kubernetes", False))
         return cls(layout, svid_ttl=state["svid_ttl"],
                    workload_api=state.get("workload_api", "lab"))
 
@@ -107,6 +108,7 @@ class Lab:
                 "ipv6": self.layout.ipv6, "underlay": self.layout.underlay,
                 "workload_api": self.workload_api,
                 "etcd_tls": self.layout.etcd_tls,
+                "kubernetes": self.layout.kubernetes,
                 "phase": "creating", "processes": []}
 
     @contextlib.contextmanager
@@ -134,6 +136,8 @@ class Lab:
         preflight.check_tools()
         if self.workload_api == "spire":
             spire.binary(spire.SERVER), spire.binary(spire.AGENT)  # built? (clear error)
+        if self.layout.kubernetes:
+            kube.check_built()
         if self.run_dir.exists():
             raise LabError(f"lab {self.name} is already up ({self.run_dir} exists): run "
                            f"`python -m netns_lab down --name {self.name}` first")
@@ -181,6 +185,8 @@ class Lab:
             self.spire_start()
         else:
             self.workload_api_start()
+        if lay.kubernetes:
+            kube.start(self)
 
     def _link(self, ns: str, ifname: str) -> None:
         self.ledger.record("link", netns=ns, ifname=ifname)
@@ -535,6 +541,7 @@ class Lab:
                     "data_dir": str(m.data_dir), "running": r is not None,
                 } for m in lay.all_members()],
             },
+            "kubernetes": kube.status(self),
             "identity_provider": self.workload_api,
             "spire": self._spire_status(running),
             "workload_api": {

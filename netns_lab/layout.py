@@ -138,6 +138,7 @@ class Layout:
     ipv6: bool = False
     underlay: str = "v4"
     etcd_tls: bool = False  # members serve mutual TLS (netns_lab/etcd_tls.py)
+    kubernetes: bool = False  # its own etcd + kube-apiserver (netns_lab/kube.py)
 
     def __post_init__(self) -> None:
         check_name(self.name)

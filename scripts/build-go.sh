@@ -6,6 +6,8 @@
 #   ${TFCRYPT_GO_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/tfcrypt/go-bin}/<name>-<hash>/<program>
 # netns_lab/gobin.py computes the same path. A failed build is one line naming the module
 # and the Go error (the whole log is kept beside it), and the script exits non-zero.
+# A module may hold tools/<name>/ldflags: one line passed as `go build -ldflags` (e.g.
+# kube-apiserver needs its version stamped with -X); it is part of the cache key.
 # Usage: scripts/build-go.sh [name ...]   (default: every tools/*/go.mod)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +37,13 @@ for name in "${modules[@]}"; do
         echo "build-go: tools/$name: no go.mod/go.sum" >&2
         exit 1
     fi
-    hash=$(cat "$dir/go.mod" "$dir/go.sum" | sha256sum | cut -c1-16)
+    keyfiles=("$dir/go.mod" "$dir/go.sum")
+    ldflags=()
+    if [ -f "$dir/ldflags" ]; then
+        keyfiles+=("$dir/ldflags")
+        ldflags=(-ldflags "$(grep -v '^#' "$dir/ldflags" | paste -sd' ')")
+    fi
+    hash=$(cat "${keyfiles[@]}" | sha256sum | cut -c1-16)
     out=$cache/$name-$hash
     if [ -f "$out/.complete" ]; then
         echo "build-go: tools/$name up to date ($out)"
@@ -46,7 +54,7 @@ for name in "${modules[@]}"; do
     tmp=$(mktemp -d "$cache/.$name-$hash.XXXXXX")
     log=$cache/$name-$hash.log
     # cgo: SPIRE's sqlite datastore needs it; -trimpath keeps build paths out of binaries.
-    if ! (cd "$dir" && CGO_ENABLED=1 go build -trimpath -buildvcs=false -o "$tmp/" tool) >"$log" 2>&1; then
+    if ! (cd "$dir" && CGO_ENABLED=1 go build -trimpath -buildvcs=false "${ldflags[@]}" -o "$tmp/" tool) >"$log" 2>&1; then
         rm -rf "$tmp"
         # the Go error on one line: its lines joined, without download progress
         err=$(grep -v -e '^go: downloading' -e '^#' "$log" | sed 's/^[[:space:]]*//' \

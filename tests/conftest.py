@@ -27,12 +27,14 @@ def new_lab_name() -> str:
 @contextlib.contextmanager
 def running_lab(nodes: int = 2, workloads_per_node: int = 1, etcd_members: int = 1,
                 svid_ttl: int = 600, ipv6: bool = False, underlay: str = "v4",
-                workload_api: str = "spire", etcd_tls: bool = False) -> Iterator[Lab]:
-    """A lab that exists for the `with` block only (`ipv6`, `underlay`, `etcd_tls`:
-    netns_lab.layout; `workload_api`: "spire", real SPIRE, or "lab", the lab's own server,
-    only for a test that needs it to misbehave, and that says why)."""
+                workload_api: str = "spire", etcd_tls: bool = False,
+                kubernetes: bool = False) -> Iterator[Lab]:
+    """A lab that exists for the `with` block only (`ipv6`, `underlay`, `etcd_tls`,
+    `kubernetes`: netns_lab.layout; `workload_api`: "spire", real SPIRE, or "lab", the
+    lab's own server, only for a test that needs it to misbehave, and that says why)."""
     lab = Lab(Layout(new_lab_name(), nodes, workloads_per_node, etcd_members, ipv6=ipv6,
-                     underlay=underlay, etcd_tls=etcd_tls), svid_ttl, workload_api)
+                     underlay=underlay, etcd_tls=etcd_tls, kubernetes=kubernetes),
+              svid_ttl, workload_api)
     try:
         lab.up()
         yield lab

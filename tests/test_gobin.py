@@ -48,3 +48,18 @@ def test_a_missing_build_names_the_command_that_makes_it(
     assert gobin.go_binary("m", "prog", tools) == d / "prog"
     with pytest.raises(LabError, match="no Go module tools/other"):
         gobin.go_binary("other", "prog", tools)
+
+
+def test_an_ldflags_file_is_part_of_the_cache_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tools/<m>/ldflags (e.g. kube-apiserver's version stamp) changes the binary, so it
+    keys the cache as build-go.sh hashes it: go.mod, go.sum, then ldflags."""
+    monkeypatch.setenv("TFCRYPT_GO_BIN", str(tmp_path / "cache"))
+    tools = tmp_path / "tools"
+    _module(tools, "module m\n")
+    without = gobin.build_dir("m", tools)
+    (tools / "m" / "ldflags").write_text("-X example.org/x.version=v1\n")
+    script_hash = subprocess.run(
+        ["bash", "-c", "cat go.mod go.sum ldflags | sha256sum | cut -c1-16"],
+        cwd=tools / "m", capture_output=True, text=True, check=True).stdout.strip()
+    assert gobin.build_dir("m", tools) == tmp_path / "cache" / f"m-{script_hash}" != without
