@@ -47,7 +47,7 @@ from faults import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lab_workload_api.ca import LabCA
-from labtools import PREFIX, etcdctl, run_in, sign_as, wait_for, wg_peers
+from labtools import PREFIX, etcdctl, fetch_svid, run_in, sign_as, wait_for, wg_peers
 
 from netns_lab import Lab, agents
 from tfcrypt.errors import ConfigError
@@ -271,9 +271,9 @@ def write_plan(lab: Lab, tmp: Path, plan: list[dict[str, Any]]) -> dict[str, Any
     plan_file.write_text(json.dumps([{**item, "key": f"{PREFIX}/{item['key']}"}
                                      for item in plan]))
     st_ = lab.status()
-    out = run_in(lab, "controller", [sys.executable, str(script), st_["etcd"]["endpoints"][0],
-                                     str(plan_file), st_["controller"]["spiffe_socket"]],
-                 timeout=120)
+    out = run_in(lab, "controller", [*lab.identity_prefix(), sys.executable, str(script),
+                                     st_["etcd"]["endpoints"][0], str(plan_file),
+                                     st_["controller"]["spiffe_socket"]], timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -501,12 +501,9 @@ def test_8_forged_replayed_cross_domain_and_unauthorised_records_are_rejected(
 
 
 def sign_as_payload(lab: Lab, signer: str, payload: dict[str, Any]) -> bytes:
-    """Any payload signed with node `signer`'s real SVID (fetched from its lab socket)."""
-    from spiffe import WorkloadApiClient
-    socket = next(n["spiffe_socket"] for n in lab.status()["nodes"] if n["name"] == signer)
-    with WorkloadApiClient(socket_path=f"unix:{socket}") as client:
-        svid = client.fetch_x509_svid(timeout=10)
-    return sign_envelope(payload, svid.private_key, svid.cert_chain)
+    """Any payload signed with node `signer`'s real SVID (fetched as that node)."""
+    key, chain = fetch_svid(lab, signer)
+    return sign_envelope(payload, key, chain)
 
 
 # ---------------------------------------------------------------- 9. hand changes
