@@ -42,8 +42,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=f"python -m {PROG}",
                 description="A tfcrypt lab: nodes, workloads, an underlay and etcd as "
                             "network namespaces, plus an identity provider: real SPIRE "
-                            "(--workload-api spire) or the lab SPIFFE Workload API "
-                            "server (--workload-api lab, the default of up).")
+                            "(--workload-api spire, the default) or the lab SPIFFE "
+                            "Workload API server (--workload-api lab, a fault injector).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
