@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="CIDR", help="an address or CIDR the agents are configured "
                         "to treat as infrastructure (repeatable); node records' addresses "
                         "and the --etcd endpoints given as IPs always are")
+    from tfcrypt.controller.cli_run import add_parser as add_controller
+    add_controller(sub, _common)
     controller_parsers = [wl_set, wl_del, wl_list, pol_apply, pol_del, pol_list, pol_plan,
                           expl]
 
@@ -458,6 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _uninstall_command(args)
         if args.command == "keys":
             return _keys_command(args)
+        if args.command == "controller":
+            from tfcrypt.controller.cli_run import main as controller_main
+            return controller_main(args)
         if args.command in ("workload", "policy", "explain"):
             return asyncio.run(_controller_command(args))
     except ConfigError as exc:
