@@ -51,6 +51,12 @@ def test_namespace_labels_are_inherited_and_the_pods_own_value_wins() -> None:
                                 "label=pci", "label=gdpr"}
 
 
+def test_label_tfcrypt_io_keys_are_values_of_the_multi_valued_label_type() -> None:
+    m = map_pod(pod(labels={"label.tfcrypt.io/pci": "", "label.tfcrypt.io/gdpr": ""}),
+                {"label.tfcrypt.io/eu": ""})
+    assert tags(m.workload) == {"namespace=shop", "label=pci", "label=gdpr", "label=eu"}
+
+
 def test_tfcrypt_prefixed_keys_name_the_type_and_win_other_prefixes_are_ignored() -> None:
     ignored: Counter[str] = Counter()
     single, _ = mapping.tags_of({"tfcrypt.io/application": "pay", "application": "x",

@@ -15,8 +15,8 @@ from typing import Any
 import etcd_fixture
 import pytest
 from etcd_fixture import EtcdServer
-from test_controller_mapping import POLICY, pod
 from test_cli_writer import CONTROLLER, PREFIX, tfcrypt
+from test_controller_mapping import POLICY, pod
 from wlapi_server import TD, Server
 
 from tfcrypt.controller.run import Controller

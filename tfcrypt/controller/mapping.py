@@ -7,8 +7,10 @@ Rules (docs/controller.md, "Mapping"):
   `key=value` (the key is the tag type: application, tier, deployment, site, label or a
   custom type), and every pod carries `namespace=<its namespace>` as kube-manager adds.
   A key `tfcrypt.io/<type>` names the type explicitly (it wins over a plain key of the
-  same type). Other prefixed keys (`app.kubernetes.io/name`, `kubernetes.io/...`) are
-  Kubernetes' own vocabulary, not tags: ignored, counted.
+  same type). `label.tfcrypt.io/<value>` (any value, usually "") adds `label=<value>`:
+  a Kubernetes label key holds one value, TF's `label` type many. Other prefixed keys
+  (`app.kubernetes.io/name`, `kubernetes.io/...`) are Kubernetes' own vocabulary, not
+  tags: ignored, counted.
 - Namespace labels are inherited the way TF inherits project tags: a pod's own label of
   a single-valued type wins; `label` holds many values, so the two are united.
 - A label that cannot be a tag (a key that is no tag type, e.g. with dots; an empty
@@ -39,6 +41,7 @@ from tfcrypt.model.tags import LABEL, WELL_KNOWN_TYPES, Tag
 from tfcrypt.model.workload import Workload, workload_key
 
 TFCRYPT_PREFIX = "tfcrypt.io/"
+LABEL_PREFIX = "label.tfcrypt.io/"  # one key per value of the multi-valued `label` type
 NAMESPACE_TYPE = "namespace"
 MAX_TAGS = 64
 
@@ -79,6 +82,8 @@ def label_tag(key: str, value: object) -> Tag | str:
     """The tag a label means, or the reason it means none."""
     if "/" in key:
         prefix, _, name = key.partition("/")
+        if f"{prefix}/" == LABEL_PREFIX:  # `label.tfcrypt.io/pci: ""` -> label=pci
+            return _tag(LABEL, name)
         if f"{prefix}/" != TFCRYPT_PREFIX:
             return PREFIXED
         key = name
@@ -89,6 +94,10 @@ def label_tag(key: str, value: object) -> Tag | str:
         Tag(kind, "x")
     except ValueError:
         return NOT_A_TYPE
+    return _tag(kind, value)
+
+
+def _tag(kind: str, value: object) -> Tag | str:
     if not isinstance(value, str):
         return BAD_VALUE
     try:
