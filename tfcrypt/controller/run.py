@@ -164,6 +164,12 @@ class Controller:
                 log.info("deleted %s", key)
             view = await self.s.read_view()
         await self._statuses(desired, view, plan.conflicts)
+        if self.passes == 0 or not plan.empty:
+            log.info("pass %d: %d records meant, %d written, %d deleted, %d pods skipped, "
+                     "%d policies refused, %d conflicts", self.passes + 1,
+                     len(desired.records), len(plan.puts), len(plan.deletes),
+                     sum(desired.skipped.values()), len(desired.refused),
+                     len(plan.conflicts))
         self.passes += 1
 
     async def _statuses(self, desired: Desired, view: VerifiedView,
