@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,3 +186,29 @@ def test_a_restarted_controller_rewrites_nothing(klab: Lab) -> None:
              lambda: "pass 1:" in controller_log(klab, "ctl-b"), timeout=60)
     assert "0 written, 0 deleted" in controller_log(klab, "ctl-b")
     assert revisions(klab) == before
+
+
+def lease_holder(lab: Lab) -> str:
+    return kube.kubectl(lab, "get", "lease", "tfcrypt-controller", "-n", "tfcrypt-system",
+                        "-o", "jsonpath={.spec.holderIdentity}").stdout.strip()
+
+
+def test_a_second_replica_takes_over_when_the_leader_dies(klab: Lab) -> None:
+    wait_for("ctl-b to hold the Lease", lambda: lease_holder(klab) == "ctl-b", timeout=30)
+    start_controller(klab, "ctl-c")
+    wait_for("ctl-c to list the cluster", lambda: "listed" in controller_log(klab, "ctl-c"),
+             timeout=60)
+    (leader,) = [p for p in klab.find_processes("tfcrypt-controller")
+                 if "ctl-b" in " ".join(p.argv)]
+    klab.stop_process(leader, sig=signal.SIGKILL)
+    kube.kubectl(klab, "label", "pod", "n2-w1", "-n", NS, "site=b", "--overwrite")
+    key = f"workloads/n2/{NS}.n2-w1"
+
+    def moved() -> bool:
+        rows = json.loads(inventory.tfcrypt(klab, "workload", "list", "--json"))
+        return any(r["key"] == key and "site=b" in r["tags"] for r in rows)
+    wait_for("ctl-c to take over and publish the new label", moved, timeout=15)
+    assert lease_holder(klab) == "ctl-c"
+    log = controller_log(klab, "ctl-c")
+    before = log[:log.index("ctl-c leads")]
+    assert " updated " not in before and " created " not in before, "a follower wrote"
