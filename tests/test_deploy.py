@@ -303,17 +303,26 @@ def test_agent_has_no_kubernetes_api_access() -> None:
             assert all(s["name"] != "tfcrypt-agent" for s in doc["subjects"])
 
 
-def test_controller_may_only_read_encryption_policies() -> None:
-    role = the("ClusterRole", "tfcrypt-policy-reader")
-    assert role["rules"] == [{"apiGroups": [CRD["spec"]["group"]],
-                              "resources": [CRD["spec"]["names"]["plural"]],
-                              "verbs": ["get", "list", "watch"]}]
-    binding = the("ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tfcrypt-controller",
-                                    "namespace": "tfcrypt-system"}]
-    kinds = {d["kind"] for _, d in all_objects() if d["kind"] in ("Role", "RoleBinding")}
-    assert kinds == set()
+def test_controller_reads_pods_namespaces_policies_and_writes_only_status_and_lease() -> None:
+    group, plural = CRD["spec"]["group"], CRD["spec"]["names"]["plural"]
+    role = the("ClusterRole", "tfcrypt-controller")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods", "namespaces"],
+         "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [group], "resources": [plural], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [group], "resources": [f"{plural}/status"],
+         "verbs": ["get", "update", "patch"]}]
+    lease = the("Role", "tfcrypt-controller-lease")
+    assert lease["metadata"]["namespace"] == "tfcrypt-system"
+    assert lease["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                               "verbs": ["get", "create", "update"]}]
+    subject = [{"kind": "ServiceAccount", "name": "tfcrypt-controller",
+                "namespace": "tfcrypt-system"}]
+    for kind, name in (("ClusterRoleBinding", "tfcrypt-controller"),
+                       ("RoleBinding", "tfcrypt-controller-lease")):
+        binding = the(kind, name)
+        assert binding["subjects"] == subject
+        assert binding["roleRef"]["name"] == name
 
 
 # -- kustomization, Containerfile ----------------------------------------------------------

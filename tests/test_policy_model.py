@@ -107,7 +107,8 @@ def test_workload_ips_are_normalised() -> None:
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("name", "N1", "name"), ("name", "a.b", "name"), ("name", "a" * 64, "name"),
+    ("name", "N1", "name"), ("name", "a..b", "name"), ("name", "a" * 64, "name"),
+    ("name", "a.", "name"), ("name", "ns.-pod", "name"), ("name", "a." + "b" * 300, "name"),
     ("node", "-n1", "node"),
     ("ips", ["10.0.0.1/32"], r"ips\[0\]"), ("ips", ["10.0.0.1", "banana"], r"ips\[1\]"),
     ("ips", ["0.0.0.0"], r"ips\[0\]"), ("ips", ["224.0.0.1"], r"ips\[0\]"),

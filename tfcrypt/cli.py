@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "resign", help="re-sign every workload and policy not signed under the controller "
                        "SVID's current CA (before revoking an old SPIRE CA: "
                        "docs/operations.md)")
+    from tfcrypt.controller.cli_run import add_parser as add_controller
+    add_controller(sub, _common)
     controller_parsers = [wl_set, wl_del, wl_list, pol_apply, pol_del, pol_list, pol_plan,
                           expl, resign]
 
@@ -446,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _uninstall_command(args)
         if args.command == "keys":
             return _keys_command(args)
+        if args.command == "controller":
+            from tfcrypt.controller.cli_run import main as controller_main
+            return controller_main(args)
         if args.command in ("workload", "policy", "explain", "resign"):
             return asyncio.run(_controller_command(args))
     except ConfigError as exc:

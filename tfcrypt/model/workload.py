@@ -2,6 +2,8 @@
 
 Rules:
 - Stored at `workloads/<node>/<name>`, signed by a controller (tfcrypt.identity.authz).
+  The name is a DNS-1123 label, or `<namespace>.<pod>` for a Kubernetes pod (the
+  controller's form: docs/controller.md); an agent older than that form refuses those.
   The record's `node` is where the workload runs: the controller-signed inventory is
   trusted for placement, a node cannot claim a workload for itself.
 - Constructing a Workload validates and normalises every field (ValueError naming the
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
 
 KIND = "Workload"
 DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+# `<namespace>.<pod>`: a DNS-1123 label, a dot, a DNS-1123 subdomain (tfcrypt controller)
+K8S_NAME_RE = re.compile(rf"^{_LABEL}\.{_LABEL}(\.{_LABEL})*$")
+MAX_K8S_NAME = 63 + 1 + 253
 _STRING_FIELDS = ("name", "node")
 _LIST_FIELDS = ("ips", "tags")
 
@@ -62,6 +68,13 @@ def workload_key(node: str, name: str) -> str:
 
 def is_dns_label(name: str) -> bool:
     return DNS_LABEL_RE.fullmatch(name) is not None
+
+
+def is_workload_name(name: str) -> bool:
+    """A DNS-1123 label (`tfcrypt workload set`), or `<namespace>.<pod>` as the
+    Kubernetes controller names pods (docs/controller.md)."""
+    return is_dns_label(name) or (len(name) <= MAX_K8S_NAME
+                                  and K8S_NAME_RE.fullmatch(name) is not None)
 
 
 def ip_sort_key(ip: str) -> tuple[int, bytes]:
@@ -113,8 +126,9 @@ class Workload:
     _labels: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not is_dns_label(self.name):
-            raise ValueError(f"name: {self.name!r} is not a DNS-1123 label")
+        if not isinstance(self.name, str) or not is_workload_name(self.name):
+            raise ValueError(f"name: {self.name!r} is not a DNS-1123 label nor "
+                             "<namespace>.<pod>")
         if not isinstance(self.node, str) or not is_node_name(self.node):
             raise ValueError(f"node: {self.node!r} is not a valid node name")
         addresses = parse_ips(self.ips)

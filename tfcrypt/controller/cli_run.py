@@ -1,0 +1,122 @@
+"""`tfcrypt controller run`: its options and start-up (kept out of tfcrypt/cli.py, which
+holds the other commands).
+
+Rules:
+- The cluster credential is --kubeconfig FILE (outside a cluster), else the pod's
+  service account (in-cluster); nothing else is guessed.
+- etcd and SPIFFE options are the other controller commands' (--etcd, --spiffe-socket,
+  --etcd-tls, --prefix, --controller-id), so a record this command writes is one the CLI
+  lists and the agents believe.
+- With --no-leader-election exactly one replica may run; the Deployment runs two with
+  the Lease.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from tfcrypt.errors import ConfigError
+
+log = logging.getLogger("tfcrypt.controller")
+
+
+def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    ctl = sub.add_parser("controller", help="the Kubernetes controller: Pods, Namespaces and "
+                                            "EncryptionPolicy objects -> signed records")
+    ctl_sub = ctl.add_subparsers(dest="controller_command", required=True)
+    run = ctl_sub.add_parser(
+        "run", help="watch the cluster and keep etcd's workloads/ and policies/ equal to "
+                    "it (docs/controller.md)",
+        description="Publishes every scheduled, non-host-network Pod with IPs as "
+                    "workloads/<node>/<namespace>.<pod> and every EncryptionPolicy the "
+                    "parser accepts as policies/<name>, signed with the controller SVID; "
+                    "deletes only records it wrote; writes each EncryptionPolicy's status.")
+    run.add_argument("--kubeconfig", metavar="FILE", default=os.environ.get("KUBECONFIG"),
+                     help="kubeconfig to reach the API server (env KUBECONFIG); default: "
+                          "the pod's service account (in-cluster)")
+    run.add_argument("--context", help="kubeconfig context (default: its current one)")
+    run.add_argument("--no-leader-election", action="store_true",
+                     help="do not take a Lease: only for a single replica")
+    run.add_argument("--lease-namespace", default="tfcrypt-system",
+                     help="namespace of the Lease (default %(default)s)")
+    run.add_argument("--lease-name", default="tfcrypt-controller",
+                     help="name of the Lease (default %(default)s)")
+    run.add_argument("--identity", help="this replica's name in the Lease "
+                                        "(default <hostname>-<pid>)")
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Prometheus metrics on this port (default: off)")
+    run.add_argument("--metrics-address", default="127.0.0.1",
+                     help="address for --metrics-port (default %(default)s)")
+    common(run)
+    run.add_argument("--controller-id", action="append", default=None,
+                     help="SPIFFE IDs allowed to write workloads and policies "
+                          "(default spiffe://<trust-domain>/tfcrypt/controller)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """The etcd options as the other controller commands read them, then `run`."""
+    from tfcrypt.agent.logs import setup_logging
+    from tfcrypt.cli import _cli_infrastructure, _etcd, _etcd_tls
+    from tfcrypt.config import etcd_tls_problem
+
+    setup_logging(args.log_level, "text")
+    endpoints, tls = _etcd(args), _etcd_tls(args)
+    if (problem := etcd_tls_problem(endpoints, tls, args.etcd_server_name)):
+        raise ConfigError(problem)
+    return asyncio.run(run(args, endpoints, tls, _cli_infrastructure(args)))
+
+
+async def _load_kube(args: argparse.Namespace) -> Any:
+    from kubernetes_asyncio import client, config
+
+    try:
+        if args.kubeconfig:
+            await config.load_kube_config(config_file=args.kubeconfig, context=args.context)
+        else:
+            config.load_incluster_config()
+    except Exception as exc:
+        where = f"--kubeconfig {args.kubeconfig}" if args.kubeconfig else "in-cluster config"
+        raise ConfigError(f"{where}: {exc}") from None
+    return client.ApiClient()
+
+
+async def run(args: argparse.Namespace, endpoints: tuple[str, ...], tls: bool,
+              infrastructure: dict[str, str]) -> int:
+    from tfcrypt.controller.kube import Cluster
+    from tfcrypt.controller.run import Controller
+    from tfcrypt.controller.session import session
+
+    controller_ids = tuple(args.controller_id or
+                           ("spiffe://{trust_domain}/tfcrypt/controller",))
+    if args.metrics_port is not None:
+        from tfcrypt.metrics import serve
+        serve(args.metrics_address, args.metrics_port)
+    api = await _load_kube(args)
+    async with session(endpoints, args.prefix, args.spiffe_socket, controller_ids,
+                       tls=tls, server_name=args.etcd_server_name) as s, api:
+        s.require_controller()
+        tasks: list[asyncio.Task[None]] = []
+        controller = Controller(s, None, args.spiffe_socket,  # type: ignore[arg-type]
+                                tls=tls, infrastructure=infrastructure)
+        controller.cluster = Cluster(api, controller.changed)
+        if not args.no_leader_election:
+            from tfcrypt.controller.election import Elector
+            elector = Elector(api, args.lease_namespace, args.lease_name, args.identity,
+                              on_lead=controller.changed)
+            controller.leader_check = elector.check
+            tasks.append(asyncio.create_task(elector.run()))
+            log.info("%s: leader election on Lease %s/%s", elector.me,
+                     args.lease_namespace, args.lease_name)
+        tasks += [asyncio.create_task(controller.cluster.run()),
+                  asyncio.create_task(controller.run())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+    return 0
