@@ -18,7 +18,9 @@ def test_the_identity_provider_and_its_svid_lifetime_are_checked_before_anything
         Lab(Layout("x", 1, 0), workload_api="spiffe")
     with pytest.raises(LabError, match="at least 30 seconds with SPIRE"):
         Lab(Layout("x", 1, 0), svid_ttl=10, workload_api="spire")
-    assert Lab(Layout("x", 1, 0), svid_ttl=10).identity_prefix() == []
+    assert Lab(Layout("x", 1, 0), svid_ttl=10, workload_api="lab").identity_prefix() == []
+    with pytest.raises(LabError, match="at least 30 seconds with SPIRE"):
+        Lab(Layout("x", 1, 0), svid_ttl=10)  # SPIRE is the default
     assert Lab(Layout("x", 1, 0), svid_ttl=120, workload_api="spire").identity_prefix() \
         == ["setpriv", f"--regid={spire.AGENT_GID}", "--clear-groups", "--"]
 
