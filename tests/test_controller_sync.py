@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the wlapi fixture is test_cli_writer's, imported; tests name it)
 """The controller's reconcile pass against a real etcd and the lab Workload API server
 (real signing and the agents' verification). The cluster side here is a stand-in: plain
 dicts of object JSON in place of the watch caches, so that ownership, the restart
@@ -8,36 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import etcd_fixture
-import pytest
 from etcd_fixture import EtcdServer
-from test_cli_writer import CONTROLLER, PREFIX, tfcrypt
+from test_cli_writer import CONTROLLER, PREFIX, tfcrypt, wlapi  # noqa: F401 (fixture)
 from test_controller_mapping import POLICY, pod
-from wlapi_server import TD, Server
+from wlapi_server import Server
 
 from tfcrypt.controller.run import Controller
 from tfcrypt.controller.session import session
 from tfcrypt.registry import Registry
 
 etcd = etcd_fixture.etcd
-
-
-@pytest.fixture
-def wlapi(workdir: Path) -> Iterator[Server]:
-    config = workdir / "config.json"
-    config.write_text(json.dumps({
-        "trust_domain": TD, "state_dir": str(workdir / "state"), "svid_ttl_seconds": 600,
-        "identities": [{"socket": str(workdir / "ctl.sock"), "spiffe_id": CONTROLLER}]}))
-    server = Server(workdir, config)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 class Kind:
