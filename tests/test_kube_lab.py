@@ -13,6 +13,8 @@ What a user would notice:
 - Every object of `kubectl apply -k deploy/kubernetes` (controller Deployment included)
   is accepted by the server's dry run, except the ClusterSPIFFEIDs, whose CRD (SPIRE's)
   the lab does not have.
+- Two controller replicas with the probe port answer /healthz and /readyz (the follower
+  too) against the real API server.
 - `down` stops the API server and its etcd.
 One lab for the module: the API server's start is the slow part.
 """
@@ -20,6 +22,8 @@ One lab for the module: the API server's start is the slow part.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +32,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import running_lab
+from labtools import wait_for
 from policy_cases import CASES, Case
 
 from netns_lab import Lab, down, kube, kube_pki, kubelet, procs
@@ -274,6 +279,57 @@ def test_the_api_server_accepts_every_object_of_the_kustomization(klab: Lab) -> 
                            input=yaml.safe_dump_all(skipped, sort_keys=False), check=False)
     assert refused.returncode != 0
     assert 'no matches for kind "ClusterSPIFFEID"' in refused.stderr, refused.stderr
+
+
+# -- the controller's probes, against the real API server --------------------------------------
+
+def probe(lab: Lab, port: int, path: str) -> tuple[int, str]:
+    """GET http://127.0.0.1:<port><path> inside the controller namespace (where the
+    controllers listen): (status, body), 0 if nothing answers."""
+    code = ("import sys, urllib.request, urllib.error\n"
+            "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=5); c, b = r.status, r.read()\n"
+            "except urllib.error.HTTPError as e:\n c, b = e.code, e.read()\n"
+            "except OSError as e:\n c, b = 0, str(e).encode()\n"
+            "print(c); sys.stdout.write(b.decode())\n")
+    res = subprocess.run([*lab.exec_prefix("controller"), sys.executable, "-c", code,
+                          f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
+                         timeout=30, check=True)
+    status, _, body = res.stdout.partition("\n")
+    return int(status), body
+
+
+def test_both_controller_replicas_are_live_and_ready_the_follower_too(klab: Lab) -> None:
+    """Two `tfcrypt controller run --metrics-port` processes, as the Deployment runs them
+    (leader election on, the probe port on), against the real API server: each answers
+    /healthz and, once it has listed the cluster, /readyz with 200, the follower as well
+    as the leader (a rollout needs the standby ready), and serves /metrics."""
+    st = klab.status()
+    recs = {}
+    try:
+        for name, port in (("probe-a", 9464), ("probe-b", 9465)):
+            argv = [sys.executable, "-m", "tfcrypt", "controller", "run",
+                    "--kubeconfig", str(kube.kubeconfig(klab.layout, "controller")),
+                    "--etcd", ",".join(st["etcd"]["endpoints"]),
+                    "--spiffe-socket", st["controller"]["spiffe_socket"],
+                    *(["--etcd-tls"] if st["etcd"].get("tls") else []),
+                    "--identity", name, "--metrics-port", str(port)]
+            recs[name] = klab.start_process("tfcrypt-controller", argv, target="controller",
+                                            extra_prefix=klab.identity_prefix(),
+                                            log_name=f"tfcrypt-controller-{name}.log")
+        for port in (9464, 9465):
+            wait_for(f"/readyz on {port}", lambda p=port: probe(klab, p, "/readyz")[0] == 200,
+                     timeout=90)
+            code, body = probe(klab, port, "/healthz")
+            assert code == 200 and body.startswith("ok"), body
+            code, body = probe(klab, port, "/metrics")
+            assert code == 200 and "tfcrypt_controller_resyncs_total" in body
+        holder = kube.kubectl(klab, "get", "lease", "tfcrypt-controller", "-n",
+                              "tfcrypt-system", "-o", "jsonpath={.spec.holderIdentity}"
+                              ).stdout.strip()
+        assert holder in recs  # one leads, the other is the ready standby
+    finally:
+        for rec in recs.values():
+            klab.stop_process(rec)
 
 
 # -- down ------------------------------------------------------------------------------------
