@@ -10,7 +10,9 @@ Rules:
   parser agrees (the CRD's CEL rules had a Python twin here before). ClusterSPIFFEID: a
   schema of spire-controller-manager's fields written here, plus the rendered SPIFFE ID
   must be the one the agent demands.
-- The DaemonSet, RBAC, ConfigMap, kustomization, Containerfile and systemd unit are
+- The DaemonSet, the controller Deployment (its args through the real argparse parser,
+  its probes against the real HTTP server), RBAC, ConfigMap, kustomization,
+  Containerfile and systemd unit are
   checked for the properties docs/deploy.md promises.
 """
 
