@@ -10,7 +10,9 @@ Rules:
   parser agrees (the CRD's CEL rules had a Python twin here before). ClusterSPIFFEID: a
   schema of spire-controller-manager's fields written here, plus the rendered SPIFFE ID
   must be the one the agent demands.
-- The DaemonSet, RBAC, ConfigMap, kustomization, Containerfile and systemd unit are
+- The DaemonSet, the controller Deployment (its args through the real argparse parser,
+  its probes against the real HTTP server), RBAC, ConfigMap, kustomization,
+  Containerfile and systemd unit are
   checked for the properties docs/deploy.md promises.
 """
 
@@ -22,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +328,131 @@ def test_controller_reads_pods_namespaces_policies_and_writes_only_status_and_le
         assert binding["roleRef"]["name"] == name
 
 
+# -- the controller Deployment ---------------------------------------------------------------
+
+DEPLOYMENT = the("Deployment", "tfcrypt-controller")
+CTL_POD = DEPLOYMENT["spec"]["template"]["spec"]
+CTL = CTL_POD["containers"][0]
+
+
+def controller_args() -> Any:
+    """The container's command line through the real `tfcrypt` parser, with the
+    kubelet's $(VAR) expansion of the env values it can know here."""
+    from tfcrypt.cli import build_parser
+    assert CTL["command"] == ["tfcrypt"]
+    env = {"POD_NAME": "tfcrypt-controller-abc12"}
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in CTL["args"]]
+    parser = build_parser()
+    # argparse also takes unambiguous abbreviations: the manifest must spell each in full
+    run = parser._subparsers._group_actions[0].choices["controller"]  # type: ignore[union-attr]
+    run = run._subparsers._group_actions[0].choices["run"]
+    known = {o for a in run._actions for o in a.option_strings}
+    assert {a for a in argv if a.startswith("--")} <= known
+    return parser.parse_args(argv)
+
+
+def test_controller_args_are_flags_tfcrypt_controller_run_accepts() -> None:
+    args = controller_args()
+    assert (args.command, args.controller_command) == ("controller", "run")
+    assert args.no_leader_election is False and DEPLOYMENT["spec"]["replicas"] == 2
+    lease_role = the("Role", "tfcrypt-controller-lease")
+    assert args.lease_namespace == lease_role["metadata"]["namespace"]
+    assert args.identity == "tfcrypt-controller-abc12"
+    assert args.kubeconfig is None  # in-cluster: the ServiceAccount token
+    assert CTL_POD["serviceAccountName"] == "tfcrypt-controller"
+    assert CTL_POD.get("automountServiceAccountToken", True) is True
+    ports = {p["name"]: p["containerPort"] for p in CTL["ports"]}
+    assert args.metrics_port == ports["http"]
+    assert args.metrics_address == "0.0.0.0"  # the kubelet probes the pod's IP
+
+
+def test_controller_probes_ask_paths_its_http_server_serves() -> None:
+    from tfcrypt.controller.health import Health, serve
+    ports = {p["name"]: p["containerPort"] for p in CTL["ports"]}
+    probes = {n: CTL[n]["httpGet"] for n in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probes["livenessProbe"]["path"] == "/healthz"
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    health = Health()
+    health.ready = lambda: True
+    server = serve("127.0.0.1", 0, health)  # the same server, on a free port here
+    try:
+        for name, get in probes.items():
+            assert ports[get["port"]] == controller_args().metrics_port, name
+            url = f"http://127.0.0.1:{server.server_address[1]}{get['path']}"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                assert resp.status == 200, name
+    finally:
+        server.shutdown()
+        server.server_close()
+    live = CTL["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 30
+
+
+def test_controller_runs_without_any_privilege() -> None:
+    pod_sc, sc = CTL_POD["securityContext"], CTL["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
+    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["runAsNonRoot"] is True and sc["privileged"] is False
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not CTL_POD.get(host), host
+    assert not [v for v in CTL_POD["volumes"] if "hostPath" in v]
+    assert CTL["resources"]["requests"] and CTL["resources"]["limits"]["memory"]
+
+
+def test_controller_replicas_spread_over_nodes_and_keep_one_in_a_drain() -> None:
+    labels = DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
+    spread = CTL_POD["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in spread] == ["kubernetes.io/hostname"]
+    assert spread[0]["whenUnsatisfiable"] == "DoNotSchedule" and spread[0]["maxSkew"] == 1
+    assert spread[0]["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert DEPLOYMENT["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pdb = the("PodDisruptionBudget", "tfcrypt-controller")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_controller_reads_the_agents_etcd_from_their_configmap(tmp_path: Path) -> None:
+    from tfcrypt.config import agent_config
+    from tfcrypt.controller.cli_run import etcd_settings
+    args = controller_args()
+    ctl_mounts = mounts_of(CTL)
+    assert Path(args.config).parent == Path(ctl_mounts["config"])
+    volumes = {v["name"]: v for v in CTL_POD["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == VOLUMES["config"]["configMap"]["name"]
+    file = tmp_path / Path(args.config).name
+    file.write_text(the("ConfigMap", "tfcrypt-agent-config")["data"][file.name])
+    args.config = str(file)
+    endpoints, tls, _ = etcd_settings(args, {})
+    agent = agent_config({}, {"TFCRYPT_NODE_NAME": "node-a",
+                              "TFCRYPT_ADVERTISE_ADDRESS": "192.0.2.7"}, file)
+    assert (endpoints, tls, args.prefix, args.etcd_server_name) == (
+        agent.etcd_endpoints, agent.etcd_tls, agent.prefix, agent.etcd_server_name)
+
+
+def test_controller_gets_its_svid_the_way_the_agent_gets_its_own() -> None:
+    socket = env_of(CTL)["TFCRYPT_SPIFFE_SOCKET"]
+    assert socket == env_of(AGENT)["TFCRYPT_SPIFFE_SOCKET"]
+    assert Path(socket).parent == Path(mounts_of(CTL)["spiffe-workload-api"])
+    volumes = {v["name"]: v for v in CTL_POD["volumes"]}
+    assert volumes["spiffe-workload-api"] == VOLUMES["spiffe-workload-api"]
+    ident = the("ClusterSPIFFEID", "tfcrypt-controller")["spec"]
+    labels = DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
+    assert ident["podSelector"]["matchLabels"].items() <= labels.items()
+    assert ident["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": DEPLOYMENT["metadata"]["namespace"]}
+    assert set(ident["workloadSelectorTemplates"]) == {
+        f"k8s:ns:{DEPLOYMENT['metadata']['namespace']}",
+        f"k8s:sa:{CTL_POD['serviceAccountName']}",
+        f"k8s:container-name:{CTL['name']}"}
+    node = the("ClusterSPIFFEID", "tfcrypt-node")["spec"]
+    agent_labels = DS["spec"]["template"]["metadata"]["labels"]
+    assert not node["podSelector"]["matchLabels"].items() <= labels.items()
+    assert not ident["podSelector"]["matchLabels"].items() <= agent_labels.items()
+
+
 # -- kustomization, Containerfile ----------------------------------------------------------
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -340,10 +468,11 @@ def test_kustomize_renders_every_object_with_the_image_set() -> None:
     expected = [d for p in manifest_files() for d in load_docs(p)]
     assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == \
         sorted((d["kind"], d["metadata"]["name"]) for d in expected)
-    ds = next(d for d in rendered if d["kind"] == "DaemonSet")
     image = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"][0]
-    assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == \
-        f"{image['newName']}:{image['newTag']}"
+    for kind in ("DaemonSet", "Deployment"):
+        workload = next(d for d in rendered if d["kind"] == kind)
+        assert workload["spec"]["template"]["spec"]["containers"][0]["image"] == \
+            f"{image['newName']}:{image['newTag']}", kind
 
 
 def test_containerfile_builds_on_debian_12_slim_with_the_dataplane_tools() -> None:

@@ -7,8 +7,14 @@ Rules:
 - etcd and SPIFFE options are the other controller commands' (--etcd, --spiffe-socket,
   --etcd-tls, --prefix, --controller-id), so a record this command writes is one the CLI
   lists and the agents believe.
+- --config FILE is the agents' configuration file (the tfcrypt-agent-config ConfigMap in
+  a cluster): the controller takes etcd, etcd_tls, etcd_server_name, prefix and
+  infrastructure_cidrs from it, so it writes where the agents read and counts pairs as
+  they screen them; flags win over TFCRYPT_* variables, which win over the file. Its
+  other keys are the agent's, validated the same way but unused here.
 - With --no-leader-election exactly one replica may run; the Deployment runs two with
   the Lease.
+- --metrics-port serves /metrics, /healthz and /readyz (health.py: the probes).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import argparse
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tfcrypt.errors import ConfigError
@@ -48,27 +54,60 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
                      help="name of the Lease (default %(default)s)")
     run.add_argument("--identity", help="this replica's name in the Lease "
                                         "(default <hostname>-<pid>)")
+    run.add_argument("--config", metavar="FILE", default=os.environ.get("TFCRYPT_CONFIG"),
+                     help="the agents' YAML config file: etcd, etcd_tls, etcd_server_name, "
+                          "prefix and infrastructure_cidrs are read from it (env "
+                          "TFCRYPT_CONFIG; flags and TFCRYPT_* variables win)")
     run.add_argument("--metrics-port", type=int, default=None,
-                     help="serve Prometheus metrics on this port (default: off)")
+                     help="serve /metrics (Prometheus), /healthz and /readyz (probes) on "
+                          "this port (default: off)")
     run.add_argument("--metrics-address", default="127.0.0.1",
                      help="address for --metrics-port (default %(default)s)")
     common(run)
+    # None = not given, so --config can supply them (the help keeps the default's text)
+    run.set_defaults(prefix=None, etcd_server_name=None)
+    for action in run._actions:
+        if action.dest == "prefix":
+            action.help = "etcd key prefix (env TFCRYPT_PREFIX; default /tfcrypt/v1)"
     run.add_argument("--controller-id", action="append", default=None,
                      help="SPIFFE IDs allowed to write workloads and policies "
                           "(default spiffe://<trust-domain>/tfcrypt/controller)")
 
 
+FILE_KEYS = ("etcd", "etcd_tls", "etcd_server_name", "prefix", "infrastructure_cidrs")
+
+
+def etcd_settings(args: argparse.Namespace, env: Mapping[str, str]
+                  ) -> tuple[tuple[str, ...], bool, dict[str, str]]:
+    """Endpoints, TLS and infrastructure from flags > env > --config > defaults; sets
+    args.prefix and args.etcd_server_name. A bad value is a ConfigError naming where it
+    came from (`tfcrypt.yaml: etcd: ...`)."""
+    from tfcrypt.config import DEFAULT_ETCD, resolve
+    from tfcrypt.core.infrastructure import Reason, canonical_prefix, literal_etcd_hosts, merge
+
+    flags = {"etcd": args.etcd,
+             "etcd_tls": args.etcd_tls, "etcd_server_name": args.etcd_server_name,
+             "prefix": args.prefix}
+    got = resolve(flags, env, args.config, FILE_KEYS)
+    endpoints = tuple(got.get("etcd_endpoints") or DEFAULT_ETCD)
+    args.prefix = got.get("prefix", "/tfcrypt/v1")
+    args.etcd_server_name = got.get("etcd_server_name")
+    infra = {canonical_prefix(c): Reason.CONFIGURED.value
+             for c in got.get("infrastructure_cidrs") or ()}
+    return endpoints, bool(got.get("etcd_tls", False)), merge(infra,
+                                                              literal_etcd_hosts(endpoints))
+
+
 def main(args: argparse.Namespace) -> int:
-    """The etcd options as the other controller commands read them, then `run`."""
+    """The etcd options (flags, environment, --config), then `run`."""
     from tfcrypt.agent.logs import setup_logging
-    from tfcrypt.cli import _cli_infrastructure, _etcd, _etcd_tls
-    from tfcrypt.config import etcd_tls_problem
+    from tfcrypt.config_values import etcd_tls_problem
 
     setup_logging(args.log_level, "text")
-    endpoints, tls = _etcd(args), _etcd_tls(args)
+    endpoints, tls, infrastructure = etcd_settings(args, os.environ)
     if (problem := etcd_tls_problem(endpoints, tls, args.etcd_server_name)):
         raise ConfigError(problem)
-    return asyncio.run(run(args, endpoints, tls, _cli_infrastructure(args)))
+    return asyncio.run(run(args, endpoints, tls, infrastructure))
 
 
 async def _load_kube(args: argparse.Namespace) -> Any:
@@ -93,17 +132,20 @@ async def run(args: argparse.Namespace, endpoints: tuple[str, ...], tls: bool,
 
     controller_ids = tuple(args.controller_id or
                            ("spiffe://{trust_domain}/tfcrypt/controller",))
+    from tfcrypt.controller.health import Health, serve
+
+    health = Health()
     if args.metrics_port is not None:
-        from tfcrypt.metrics import serve
-        serve(args.metrics_address, args.metrics_port)
+        serve(args.metrics_address, args.metrics_port, health)
     api = await _load_kube(args)
     async with session(endpoints, args.prefix, args.spiffe_socket, controller_ids,
                        tls=tls, server_name=args.etcd_server_name) as s, api:
         s.require_controller()
         tasks: list[asyncio.Task[None]] = []
         controller = Controller(s, None, args.spiffe_socket,  # type: ignore[arg-type]
-                                tls=tls, infrastructure=infrastructure)
+                                tls=tls, infrastructure=infrastructure, health=health)
         controller.cluster = Cluster(api, controller.changed)
+        health.ready = lambda: controller.cluster.synced
         if not args.no_leader_election:
             from tfcrypt.controller.election import Elector
             elector = Elector(api, args.lease_namespace, args.lease_name, args.identity,

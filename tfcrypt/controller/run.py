@@ -36,6 +36,7 @@ from tfcrypt.controller.desired import (
     desired_state,
     plan_sync,
 )
+from tfcrypt.controller.health import Health
 from tfcrypt.controller.kube import Cluster
 from tfcrypt.controller.policy_status import accepted_status, refused_status, same_status
 from tfcrypt.controller.session import ControllerSession, fetch_svid
@@ -62,13 +63,15 @@ def _now_iso() -> str:
 class Controller:
     def __init__(self, session: ControllerSession, cluster: Cluster, spiffe_socket: str,
                  *, tls: bool = False, leader_check: Any = None,
-                 infrastructure: Mapping[str, str] | None = None) -> None:
+                 infrastructure: Mapping[str, str] | None = None,
+                 health: Health | None = None) -> None:
         self.s = session
         self.cluster = cluster
         self.spiffe_socket = spiffe_socket
         self.tls = tls
         self.leader_check = leader_check  # async () -> None, raises NotLeader
         self.infrastructure = dict(infrastructure or {})
+        self.health = health or Health()
         self.wake = asyncio.Event()
         self.passes = 0
         self._svid_fetched = time.time()
@@ -81,6 +84,7 @@ class Controller:
 
     async def run(self) -> None:
         while True:
+            self.health.beat()  # /healthz: the loop turns (a pass stuck here stops it)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), RESYNC)
             await asyncio.sleep(DEBOUNCE)
