@@ -73,6 +73,7 @@ class Controller:
         self.passes = 0
         self._svid_fetched = time.time()
         self._skips_logged: dict[str, str] = {}
+        self._ip_conflicts_logged: dict[str, str] = {}
         self._view: VerifiedView | None = None
         self._signers: dict[bytes, tuple[str, bool]] = {}  # value -> (signer, managed)
 
@@ -229,6 +230,10 @@ class Controller:
                 if self._skips_logged.get(key) != why:
                     log.info("pod %s skipped: %s", key, why)
             self._skips_logged = dict(desired.skip_details)
+        for ip, why in desired.ip_conflicts.items():
+            if self._ip_conflicts_logged.get(ip) != why:
+                log.warning("address %s", why)
+        self._ip_conflicts_logged = dict(desired.ip_conflicts)
         for name, err in desired.refused.items():
             log.debug("EncryptionPolicy %s refused: %s", name, err)
 
@@ -238,4 +243,5 @@ def status_snapshot(c: Controller) -> dict[str, Any]:
     d = c._snapshot()
     return {"passes": c.passes, "records": len(d.records), "skipped": dict(d.skipped),
             "ignored_labels": dict(d.ignored_labels), "refused": dict(d.refused),
+            "ip_conflicts": dict(d.ip_conflicts),
             **dataclasses.asdict(metrics.LAST)}
