@@ -9,7 +9,9 @@ Rules (docs/controller.md):
   anyway: node keys appear in etcd without a cluster event, and Ready depends on them.
 - Nothing is written before every kind has been listed, and nothing while another
   replica holds the Lease: before each batch the Lease is read back and must name this
-  replica, unexpired (a deposed leader stops at its next batch).
+  replica, unexpired (a deposed leader stops at its next batch), and before each write
+  of the batch `leader_fence` checks that this reading still holds (a leader frozen
+  mid-batch stops at its next write).
 - etcd unreachable: the pass fails, is counted and logged, and is retried; the cluster
   caches stay current, so the next pass catches up. The API server unreachable: etcd
   keeps what it holds (the caches keep the last listing).
@@ -68,6 +70,7 @@ class Controller:
         self.spiffe_socket = spiffe_socket
         self.tls = tls
         self.leader_check = leader_check  # async () -> None, raises NotLeader
+        self.leader_fence: Any = None     # () -> None before each write, raises NotLeader
         self.infrastructure = dict(infrastructure or {})
         self.wake = asyncio.Event()
         self.passes = 0
@@ -175,14 +178,14 @@ class Controller:
                                                issued_at=int(time.time())),
                            MANAGED_BY: MANAGER}
                 try:
-                    await self.s.put_signed(key, payload, record)
+                    await self.s.put_signed(key, payload, record, self.leader_fence)
                     metrics.WRITES.labels("put").inc()
                     log.info("%s %s", "updated" if key in owned else "created", key)
                 except ConfigError as exc:  # the readers would refuse it: not written
                     metrics.ERRORS.labels("refused-by-readers").inc()
                     log.warning("%s", exc)
             for key in plan.deletes:
-                await self.s.delete(key)
+                await self.s.delete(key, self.leader_fence)
                 metrics.WRITES.labels("delete").inc()
                 log.info("deleted %s", key)
             view = await self.read_view()
@@ -219,6 +222,8 @@ class Controller:
             if self.leader_check is not None and not checked_leader:
                 await self.leader_check()
                 checked_leader = True
+            if self.leader_fence is not None:
+                self.leader_fence()
             await self.cluster.patch_status(name, obj.get("status"), status)
             metrics.WRITES.labels("status").inc()
             # the watch brings the new object; until then, do not write it again
