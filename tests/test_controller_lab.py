@@ -9,6 +9,13 @@ user notices (docs/controller.md).
 - A policy the API server accepts but tfcrypt's parser refuses gets Accepted=False with
   the field, and nothing in etcd.
 - A restarted controller rewrites nothing (etcd mod revisions unchanged).
+- Odd pods (not backed by lab namespaces: only their records are checked) are handled as
+  docs/controller.md says and counted on the controller's metrics endpoint, the lab's
+  pods untouched: 200 labels, labels that are no tag, host network, an IP moving to
+  another pod (after the first finished; while the first still lists it).
+- The leader frozen and then killed while labels change: the other replica takes over
+  within 15 s, etcd ends equal to the cluster, one key per pod, nothing written by the
+  deposed leader after it stopped.
 One lab for the module: the API server's start is the slow part.
 """
 
@@ -17,8 +24,12 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import signal
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +38,7 @@ import pytest
 import yaml
 from conftest import running_lab
 from labtools import PREFIX, agent_status, etcdctl, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from netns_lab import Lab, agents, inventory, kube, kubelet
 from netns_lab.procs import ProcessRecord
@@ -43,6 +55,7 @@ POLICY = {"apiVersion": "tfcrypt.io/v1alpha1", "kind": "EncryptionPolicy",
           "spec": {"rules": [{"endpoint1": {"tags": ["application=payments"]},
                               "endpoint2": {"tags": ["application=db"]}}]}}
 NS = kubelet.POD_NAMESPACE
+METRICS_PORTS = {"ctl-a": 9471, "ctl-b": 9472, "ctl-c": 9473}
 
 
 def start_controller(lab: Lab, name: str) -> ProcessRecord:
@@ -52,7 +65,8 @@ def start_controller(lab: Lab, name: str) -> ProcessRecord:
             "--etcd", ",".join(st["etcd"]["endpoints"]),
             "--spiffe-socket", st["controller"]["spiffe_socket"],
             *(["--etcd-tls"] if st["etcd"].get("tls") else []),
-            "--identity", name, "--log-level", "info"]
+            "--identity", name, "--log-level", "info",
+            "--metrics-port", str(METRICS_PORTS[name])]
     return lab.start_process("tfcrypt-controller", argv, target="controller",
                              extra_prefix=lab.identity_prefix(),
                              log_name=f"tfcrypt-controller-{name}.log")
@@ -193,21 +207,207 @@ def lease_holder(lab: Lab) -> str:
                         "-o", "jsonpath={.spec.holderIdentity}").stdout.strip()
 
 
-def test_a_second_replica_takes_over_when_the_leader_dies(klab: Lab) -> None:
+def controller_metrics(lab: Lab, name: str) -> dict[str, dict[str, float]]:
+    """`name`'s Prometheus samples, read inside the controller's namespace:
+    {sample: {reason (or ""): value}}."""
+    url = f"http://127.0.0.1:{METRICS_PORTS[name]}/metrics"
+    body = subprocess.run(
+        [*lab.exec_prefix("controller"), sys.executable, "-c",
+         "import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("
+         f"{url!r}, timeout=5).read().decode())"],
+        capture_output=True, text=True, check=True, timeout=30).stdout
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[sample.labels.get("reason", "")] = sample.value
+    return out
+
+
+def fake_pod(lab: Lab, name: str, node: str, pod_ips: list[str], labels: dict[str, str],
+             *, start: str, host_network: bool = False, phase: str = "Running") -> None:
+    """A Running pod no lab namespace backs (its record is what is checked), shaped as
+    kubelet.pod_objects makes the lab's, with its own name, IPs and status.startTime."""
+    template = next(w["name"] for w in lab.status()["workloads"] if w["node"] == node)
+    (obj,), (status,) = kubelet.pod_objects(lab, {template: labels}, only=[template])
+    obj["metadata"]["name"] = status["metadata"]["name"] = name
+    if host_network:
+        obj["spec"]["hostNetwork"] = True
+    status["status"].update(phase=phase, startTime=start, podIP=pod_ips[0],
+                            podIPs=[{"ip": ip} for ip in pod_ips])
+    for doc, sub in ((obj, []), (status, ["--subresource=status"])):
+        kube.kubectl(lab, "apply", "--server-side", "--field-manager=test", *sub,
+                     "--force-conflicts", "-f", "-", input=yaml.safe_dump(doc))
+
+
+def records(lab: Lab) -> dict[str, dict[str, Any]]:
+    """`tfcrypt workload list --json` by key."""
+    return {r["key"]: r for r in json.loads(
+        inventory.tfcrypt(lab, "workload", "list", "--json"))}
+
+
+def record_size(lab: Lab, key: str) -> int:
+    doc = json.loads(etcdctl(lab, "get", f"{PREFIX}/{key}", "-w", "json"))
+    return len(base64.b64decode(doc["kvs"][0]["value"]))
+
+
+def test_odd_pods_are_handled_as_documented_and_counted_the_lab_untouched(
+        klab: Lab) -> None:
+    lab_keys = {k: r for k, r in revisions(klab, "workloads/").items() if f"/{NS}.n" in k}
+    many = {f"custom{i:03d}": "v" for i in range(200)} | {"application": "big"}
+    fake_pod(klab, "odd-many", "n1", ["10.200.1.201"], many, start="2026-12-03T10:00:00Z")
+    fake_pod(klab, "odd-labels", "n1", ["10.200.1.202"],
+             {"site": "", "app.version": "1", "9lives": "x", "tier": "web"},
+             start="2026-12-03T10:00:00Z")
+    node_ip = klab.layout.all_nodes()[1].underlay_ip
+    fake_pod(klab, "odd-hostnet", "n2", [node_ip], {"application": "payments"},
+             start="2026-12-03T10:00:00Z", host_network=True)
+    big, odd = f"workloads/n1/{NS}.odd-many", f"workloads/n1/{NS}.odd-labels"
+    rows = wait_for("both odd records", lambda: (r if {big, odd} <= set(r := records(klab))
+                                                 else None), timeout=30)
+    want = ["application=big", *(f"custom{i:03d}=v" for i in range(62)), f"namespace={NS}"]
+    assert rows[big]["state"] == "ok" and rows[big]["tags"] == sorted(want)
+    assert record_size(klab, big) < 64 * 1024
+    assert rows[odd]["state"] == "ok" and rows[odd]["tags"] == [f"namespace={NS}", "tier=web"]
+    assert not any("odd-hostnet" in k for k in rows), "a host-network pod got a record"
+    m = wait_for("the skips counted", lambda: (
+        m if (m := controller_metrics(klab, "ctl-b"))["tfcrypt_controller_pods_skipped"]
+        .get("host-network") == 1 else None), timeout=30)
+    ignored = m["tfcrypt_controller_labels_ignored"]
+    assert ignored["over-max-tags"] == 200 + 2 - 64
+    assert ignored["value-not-a-tag-value"] >= 1 and ignored["key-not-a-tag-type"] >= 2
+    # the 200-label record is deterministic: a pass over the same labels rewrites nothing
+    rev = revisions(klab, "workloads/")[big]
+    fake_pod(klab, "odd-many", "n1", ["10.200.1.201"], dict(reversed(many.items())),
+             start="2026-12-03T10:00:00Z")
+    kube.kubectl(klab, "label", "pod", "odd-labels", "-n", NS, "tier=db", "--overwrite")
+    wait_for("the next pass", lambda: "tier=db" in records(klab)[odd]["tags"], timeout=30)
+    assert revisions(klab, "workloads/")[big] == rev
+    now = revisions(klab, "workloads/")
+    assert {k: now.get(k) for k in lab_keys} == lab_keys, "a lab pod's record changed"
+    for name in ("odd-many", "odd-labels", "odd-hostnet"):
+        kubelet.delete_pod(klab, name, force=True)
+
+
+def test_an_ip_that_moves_to_another_pod_is_published_for_the_newest_only(
+        klab: Lab) -> None:
+    ip, ip2 = "10.200.1.211", "10.200.1.212"
+    a, b = f"workloads/n1/{NS}.mv-a", f"workloads/n2/{NS}.mv-b"
+    c, d = f"workloads/n1/{NS}.mv-c", f"workloads/n2/{NS}.mv-d"
+    # A finishes, then B gets its IP
+    fake_pod(klab, "mv-a", "n1", [ip], {"tier": "a"}, start="2026-12-03T10:00:00Z")
+    wait_for("A's record", lambda: a in records(klab), timeout=30)
+    fake_pod(klab, "mv-a", "n1", [ip], {"tier": "a"}, start="2026-12-03T10:00:00Z",
+             phase="Succeeded")
+    fake_pod(klab, "mv-b", "n2", [ip], {"tier": "b"}, start="2026-12-03T10:01:00Z")
+    rows = wait_for("B to own the IP, A gone", lambda: (
+        r if b in (r := records(klab)) and a not in r else None), timeout=30)
+    assert rows[b]["ips"] == [ip] and rows[b]["tags"] == [f"namespace={NS}", "tier=b"]
+    # D reports C's IP while C (older, Running) still lists it
+    fake_pod(klab, "mv-c", "n1", [ip2], {"tier": "c"}, start="2026-12-03T10:02:00Z")
+    wait_for("C's record", lambda: c in records(klab), timeout=30)
+    fake_pod(klab, "mv-d", "n2", [ip2], {"tier": "d"}, start="2026-12-03T10:03:00Z")
+    rows = wait_for("D to own the IP, C's record gone", lambda: (
+        r if d in (r := records(klab)) and c not in r else None), timeout=30)
+    assert rows[d]["ips"] == [ip2]
+    claimants = [k for k, r in rows.items() if ip2 in r["ips"] or ip in r["ips"]]
+    assert sorted(claimants) == [b, d], "an IP is claimed by a stale pod's record"
+    m = controller_metrics(klab, "ctl-b")
+    assert m["tfcrypt_controller_ip_conflicts"][""] == 1
+    assert m["tfcrypt_controller_pods_skipped"]["ip-conflict"] == 1
+    assert "mv-c" in controller_log(klab, "ctl-b").split("address 10.200.1.212")[-1]
+    # C goes: D keeps the IP, nothing contested any more
+    kubelet.delete_pod(klab, "mv-c", force=True)
+    wait_for("no conflict left", lambda: controller_metrics(klab, "ctl-b")[
+        "tfcrypt_controller_ip_conflicts"][""] == 0, timeout=30)
+    assert records(klab)[d]["ips"] == [ip2]
+    for name in ("mv-a", "mv-b", "mv-d"):
+        kubelet.delete_pod(klab, name, force=True)
+    wait_for("the movers' records gone", lambda: not any(
+        ".mv-" in k for k in revisions(klab, "workloads/")), timeout=30)
+
+
+class LabelStream:
+    """Label changes, one after another, on the lab's pods until stopped: `gen=<i>` on
+    each pod in turn; `last` holds what each pod was labelled last."""
+
+    def __init__(self, lab: Lab, pods: list[str]) -> None:
+        self.lab, self.pods = lab, pods
+        self.last: dict[str, str] = {}
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        for i in itertools.count():
+            if self._stop.is_set():
+                return
+            pod = self.pods[i % len(self.pods)]
+            kube.kubectl(self.lab, "label", "pod", pod, "-n", NS, f"gen=g{i}", "--overwrite")
+            self.last[pod] = f"g{i}"
+            self.count = i + 1
+            time.sleep(0.2)
+
+    def __enter__(self) -> LabelStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def test_the_leader_dies_while_pods_change_the_other_replica_converges_etcd(
+        klab: Lab) -> None:
+    """The leader (ctl-b) is frozen (SIGSTOP: it neither renews nor writes, as if dead or
+    cut off) in the middle of a stream of label changes; ctl-c must take over within
+    15 s (the issue's bound) and etcd end equal to the cluster, one key per pod. Then the
+    frozen leader wakes with its stale cache and pending work: it must write nothing
+    (the Lease check and the per-write fence), before it is killed for good."""
     wait_for("ctl-b to hold the Lease", lambda: lease_holder(klab) == "ctl-b", timeout=30)
     start_controller(klab, "ctl-c")
     wait_for("ctl-c to list the cluster", lambda: "listed" in controller_log(klab, "ctl-c"),
              timeout=60)
     (leader,) = [p for p in klab.find_processes("tfcrypt-controller")
                  if "ctl-b" in " ".join(p.argv)]
-    klab.stop_process(leader, sig=signal.SIGKILL)
-    kube.kubectl(klab, "label", "pod", "n2-w1", "-n", NS, "site=b", "--overwrite")
-    key = f"workloads/n2/{NS}.n2-w1"
+    pods = sorted(o["metadata"]["name"] for o in json.loads(kube.kubectl(
+        klab, "get", "pods", "-n", NS, "-o", "json").stdout)["items"])
+    frozen = False
+    try:
+        with LabelStream(klab, pods) as stream:
+            wait_for("a few label changes", lambda: stream.count >= 3, timeout=30)
+            os.kill(leader.pid, signal.SIGSTOP)
+            frozen, frozen_at = True, stream.count
+            wait_for("ctl-c to take the Lease", lambda: lease_holder(klab) == "ctl-c",
+                     timeout=15)
+            wait_for("more changes under the new leader",
+                     lambda: stream.count >= frozen_at + 2 * len(pods), timeout=30)
+    finally:
+        if frozen and sys.exc_info()[0] is not None:
+            os.kill(leader.pid, signal.SIGCONT)  # let the teardown stop it
+    final = dict(stream.last)
 
-    def moved() -> bool:
-        rows = json.loads(inventory.tfcrypt(klab, "workload", "list", "--json"))
-        return any(r["key"] == key and "site=b" in r["tags"] for r in rows)
-    wait_for("ctl-c to take over and publish the new label", moved, timeout=15)
+    def converged() -> dict[str, dict[str, Any]] | None:
+        rows = records(klab)
+        ok = all(f"gen={final[p]}" in (rows.get(f"workloads/{node_of(p)}/{NS}.{p}") or {})
+                 .get("tags", []) for p in final)
+        return rows if ok else None
+    rows = wait_for("etcd to hold every pod's last labels", converged, timeout=30)
+    keys = [k for k in rows if k.startswith("workloads/") and f"/{NS}." in k]
+    assert sorted(k.rsplit(".", 1)[-1] for k in keys) == pods, "a pod lost or duplicated"
+    assert all(rows[k]["state"] == "ok" for k in keys)
+
+    def records_revisions() -> dict[str, int]:
+        return {**revisions(klab, "workloads/"), **revisions(klab, "policies/")}
+    settled = records_revisions()
+    log_before = len(controller_log(klab, "ctl-b"))
+    os.kill(leader.pid, signal.SIGCONT)
+    wait_for("ctl-b to notice it lost the Lease",
+             lambda: "lost the Lease" in controller_log(klab, "ctl-b")[log_before:],
+             timeout=30)
+    klab.stop_process(leader, sig=signal.SIGKILL)
+    woke = controller_log(klab, "ctl-b")[log_before:]
+    assert not any(w in woke for w in (" created ", " updated ", " deleted ")), woke
+    assert records_revisions() == settled, "a record changed after ctl-c had converged"
     assert lease_holder(klab) == "ctl-c"
     log = controller_log(klab, "ctl-c")
     before = log[:log.index("ctl-c leads")]

@@ -177,3 +177,51 @@ def test_sync_plan_writes_only_what_differs_and_deletes_only_owned_records() -> 
     assert set(plan.puts) == {b.key}
     assert plan.deletes == ("workloads/n3/shop.gone",)
     assert set(plan.conflicts) == {c.key}
+
+
+def _started(obj: dict[str, Any], start: str, created: str = "2026-12-03T10:00:00Z"
+             ) -> dict[str, Any]:
+    obj["status"]["startTime"] = start
+    obj["metadata"]["creationTimestamp"] = created
+    return obj
+
+
+def test_an_ip_listed_by_two_pods_is_published_for_the_newer_one_only() -> None:
+    old = _started(pod("a", node="n1", ips=("10.200.1.11",), labels={"tier": "old"}),
+                   "2026-12-03T10:00:00Z")
+    new = _started(pod("b", node="n2", ips=("10.200.1.11",), labels={"tier": "new"}),
+                   "2026-12-03T10:05:00Z")
+    for order in (("a", "b"), ("b", "a")):  # whatever order the cache lists them
+        objs = {"a": old, "b": new}
+        d = desired_state({k: objs[k] for k in order}, {}, {})
+        assert set(d.records) == {"workloads/n2/shop.b"}
+        assert d.skipped == {mapping.IP_CONFLICT: 1}
+        assert "10.200.1.11" in d.skip_details["workloads/n1/shop.a"]
+        assert "published for the newest, n2/shop.b" in d.ip_conflicts["10.200.1.11"]
+
+
+def test_the_older_pod_keeps_its_other_addresses() -> None:
+    old = _started(pod("a", ips=("10.200.1.11", "fd00:200:1::11")), "2026-12-03T10:00:00Z")
+    new = _started(pod("b", ips=("10.200.1.11",)), "2026-12-03T10:00:00Z",
+                   created="2026-12-03T10:00:01Z")  # same start second: creation decides
+    d = desired_state({"a": old, "b": new}, {}, {})
+    a, b = d.records["workloads/n1/shop.a"], d.records["workloads/n1/shop.b"]
+    assert isinstance(a, Workload) and isinstance(b, Workload)
+    assert (a.ips, b.ips) == (("fd00:200:1::11",), ("10.200.1.11",))
+    assert d.skipped == {} and set(d.ip_conflicts) == {"10.200.1.11"}
+
+
+def test_two_pods_of_the_same_age_listing_one_ip_get_it_in_neither_record() -> None:
+    a = _started(pod("a", ips=("10.200.1.11",)), "2026-12-03T10:00:00Z")
+    b = _started(pod("b", node="n2", ips=("10.200.1.11",)), "2026-12-03T10:00:00Z")
+    d = desired_state({"a": a, "b": b}, {}, {})
+    assert d.records == {} and d.skipped == {mapping.IP_CONFLICT: 2}
+    assert "published for neither" in d.ip_conflicts["10.200.1.11"]
+
+
+def test_a_finished_pod_does_not_contest_the_ip_its_successor_got() -> None:
+    gone = _started(pod("a", ips=("10.200.1.11",), status__phase="Succeeded"),
+                    "2026-12-03T11:00:00Z")
+    new = _started(pod("b", ips=("10.200.1.11",)), "2026-12-03T10:00:00Z")
+    d = desired_state({"a": gone, "b": new}, {}, {})
+    assert set(d.records) == {"workloads/n1/shop.b"} and d.ip_conflicts == {}

@@ -151,6 +151,7 @@ async def run(args: argparse.Namespace, endpoints: tuple[str, ...], tls: bool,
             elector = Elector(api, args.lease_namespace, args.lease_name, args.identity,
                               on_lead=controller.changed)
             controller.leader_check = elector.check
+            controller.leader_fence = elector.fence
             tasks.append(asyncio.create_task(elector.run()))
             log.info("%s: leader election on Lease %s/%s", elector.me,
                      args.lease_namespace, args.lease_name)

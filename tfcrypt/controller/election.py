@@ -7,8 +7,14 @@ Rules:
 - `check()` runs before every write batch: it reads the Lease back from the API server
   and raises NotLeader unless it names this replica and its renewal is younger than the
   lease duration. A leader cut off from the API server cannot read it, so it stops
-  writing too; the remaining window is one batch, and the Lease update itself is
-  fenced by resourceVersion (a conflicting update fails).
+  writing too. The Lease update itself is fenced by resourceVersion (a conflicting
+  update fails).
+- `fence()` runs just before every single etcd write of a batch: the renewal `check()`
+  read is good until renewTime + LEASE_DURATION - FENCE_MARGIN on this replica's clock
+  (renewTime is written by the holder, so by that same clock; another replica takes
+  over only LEASE_DURATION after it last saw the Lease change). A leader frozen
+  mid-batch (SIGSTOP, a long GC or swap pause, a partition) that wakes after that
+  instant writes nothing more: the remaining window is one etcd request in flight.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 
 from kubernetes_asyncio import client
@@ -29,6 +36,7 @@ from tfcrypt.controller.run import NotLeader
 log = logging.getLogger("tfcrypt.controller")
 
 LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD = 10, 7, 2
+FENCE_MARGIN = 1.0  # seconds kept between our last write and another replica's first
 
 
 def identity() -> str:
@@ -44,6 +52,7 @@ class Elector:
         self.coordination = client.CoordinationV1Api(api)
         self.lock = LeaseLock(name, namespace, self.me, api)
         self.leading = asyncio.Event()
+        self.valid_until = 0.0  # time.time() until which the last check() holds
 
     async def _lead(self) -> None:
         log.info("%s leads (Lease %s/%s)", self.me, self.namespace, self.name)
@@ -72,6 +81,7 @@ class Elector:
 
     async def check(self) -> None:
         """NotLeader unless the Lease, read now, names this replica and is fresh."""
+        self.valid_until = 0.0
         if not self.leading.is_set():
             raise NotLeader("this replica does not hold the Lease")
         try:
@@ -83,9 +93,17 @@ class Elector:
         if holder != self.me:
             raise NotLeader(f"the Lease names {holder}")
         renewed = spec.renew_time
-        if renewed is not None:
-            if renewed.tzinfo is None:
-                renewed = renewed.replace(tzinfo=dt.UTC)
-            age = (dt.datetime.now(dt.UTC) - renewed).total_seconds()
-            if age > LEASE_DURATION:
-                raise NotLeader(f"the Lease was last renewed {age:.0f}s ago")
+        if renewed is None:
+            raise NotLeader("the Lease has no renewTime")
+        if renewed.tzinfo is None:
+            renewed = renewed.replace(tzinfo=dt.UTC)
+        age = (dt.datetime.now(dt.UTC) - renewed).total_seconds()
+        if age > LEASE_DURATION - FENCE_MARGIN:
+            raise NotLeader(f"the Lease was last renewed {age:.0f}s ago")
+        self.valid_until = renewed.timestamp() + LEASE_DURATION - FENCE_MARGIN
+
+    def fence(self) -> None:
+        """NotLeader once the last check() no longer vouches for this replica (called
+        before each write of a batch: a leader frozen mid-batch stops there)."""
+        if time.time() >= self.valid_until:
+            raise NotLeader("the last Lease check is too old: another replica may lead")

@@ -51,6 +51,7 @@ NOT_SCHEDULED = "not-scheduled"
 NO_IPS = "no-ips"
 FINISHED = "finished"
 INVALID = "invalid"
+IP_CONFLICT = "ip-conflict"  # decided across pods: desired.py
 
 # ignored-label reasons
 PREFIXED = "prefixed-key"

@@ -23,6 +23,9 @@ POLICIES_REFUSED = Gauge("tfcrypt_controller_policies_refused",
                          "EncryptionPolicy objects the parser refuses (not published)")
 CONFLICTS = Gauge("tfcrypt_controller_conflicts",
                   "Desired keys held by a record the controller does not own")
+IP_CONFLICTS = Gauge("tfcrypt_controller_ip_conflicts",
+                     "Addresses listed by more than one pod (published for the newest "
+                     "only, or for none on a tie)")
 RECORDS = Gauge("tfcrypt_controller_records", "Records the cluster means (workloads and "
                 "policies)")
 WRITES = Counter("tfcrypt_controller_writes_total", "Writes made, by kind", ["op"])
@@ -56,6 +59,7 @@ def observe(desired: Desired, plan: Plan) -> None:
     _set(LABELS_IGNORED, LAST.ignored_labels, ignored)
     POLICIES_REFUSED.set(len(desired.refused))
     CONFLICTS.set(len(plan.conflicts))
+    IP_CONFLICTS.set(len(desired.ip_conflicts))
     RECORDS.set(len(desired.records))
     LAST.skipped, LAST.ignored_labels = skipped, ignored
     LAST.refused, LAST.conflicts = len(desired.refused), len(plan.conflicts)

@@ -9,7 +9,9 @@ Rules (docs/controller.md):
   anyway: node keys appear in etcd without a cluster event, and Ready depends on them.
 - Nothing is written before every kind has been listed, and nothing while another
   replica holds the Lease: before each batch the Lease is read back and must name this
-  replica, unexpired (a deposed leader stops at its next batch).
+  replica, unexpired (a deposed leader stops at its next batch), and before each write
+  of the batch `leader_fence` checks that this reading still holds (a leader frozen
+  mid-batch stops at its next write).
 - etcd unreachable: the pass fails, is counted and logged, and is retried; the cluster
   caches stay current, so the next pass catches up. The API server unreachable: etcd
   keeps what it holds (the caches keep the last listing).
@@ -70,12 +72,14 @@ class Controller:
         self.spiffe_socket = spiffe_socket
         self.tls = tls
         self.leader_check = leader_check  # async () -> None, raises NotLeader
+        self.leader_fence: Any = None     # () -> None before each write, raises NotLeader
         self.infrastructure = dict(infrastructure or {})
         self.health = health or Health()
         self.wake = asyncio.Event()
         self.passes = 0
         self._svid_fetched = time.time()
         self._skips_logged: dict[str, str] = {}
+        self._ip_conflicts_logged: dict[str, str] = {}
         self._view: VerifiedView | None = None
         self._signers: dict[bytes, tuple[str, bool]] = {}  # value -> (signer, managed)
 
@@ -178,14 +182,14 @@ class Controller:
                                                issued_at=int(time.time())),
                            MANAGED_BY: MANAGER}
                 try:
-                    await self.s.put_signed(key, payload, record)
+                    await self.s.put_signed(key, payload, record, self.leader_fence)
                     metrics.WRITES.labels("put").inc()
                     log.info("%s %s", "updated" if key in owned else "created", key)
                 except ConfigError as exc:  # the readers would refuse it: not written
                     metrics.ERRORS.labels("refused-by-readers").inc()
                     log.warning("%s", exc)
             for key in plan.deletes:
-                await self.s.delete(key)
+                await self.s.delete(key, self.leader_fence)
                 metrics.WRITES.labels("delete").inc()
                 log.info("deleted %s", key)
             view = await self.read_view()
@@ -222,6 +226,8 @@ class Controller:
             if self.leader_check is not None and not checked_leader:
                 await self.leader_check()
                 checked_leader = True
+            if self.leader_fence is not None:
+                self.leader_fence()
             await self.cluster.patch_status(name, obj.get("status"), status)
             metrics.WRITES.labels("status").inc()
             # the watch brings the new object; until then, do not write it again
@@ -233,6 +239,10 @@ class Controller:
                 if self._skips_logged.get(key) != why:
                     log.info("pod %s skipped: %s", key, why)
             self._skips_logged = dict(desired.skip_details)
+        for ip, why in desired.ip_conflicts.items():
+            if self._ip_conflicts_logged.get(ip) != why:
+                log.warning("address %s", why)
+        self._ip_conflicts_logged = dict(desired.ip_conflicts)
         for name, err in desired.refused.items():
             log.debug("EncryptionPolicy %s refused: %s", name, err)
 
@@ -242,4 +252,5 @@ def status_snapshot(c: Controller) -> dict[str, Any]:
     d = c._snapshot()
     return {"passes": c.passes, "records": len(d.records), "skipped": dict(d.skipped),
             "ignored_labels": dict(d.ignored_labels), "refused": dict(d.refused),
+            "ip_conflicts": dict(d.ip_conflicts),
             **dataclasses.asdict(metrics.LAST)}

@@ -100,19 +100,25 @@ class ControllerSession:
     def next_epoch(self, view: VerifiedView, key: str) -> int:
         return max((view.epoch(key) or 0) + 1, int(self._now() * 1000))
 
-    async def put_signed(self, key: str, payload: dict[str, Any], expected: object) -> int:
+    async def put_signed(self, key: str, payload: dict[str, Any], expected: object,
+                         fence: Callable[[], None] | None = None) -> int:
         """Sign `payload` (which names `key`) with the controller SVID and store it, if
-        the agents would believe it and read it as `expected`; else ConfigError."""
+        the agents would believe it and read it as `expected`; else ConfigError.
+        `fence` runs last before the write (it raises to stop a deposed leader)."""
         self.require_controller()
         if payload.get("key") != key:
             raise ValueError(f"payload for {key} names {payload.get('key')!r}")
         value = sign_envelope(payload, self.svid.private_key, self.svid.chain)
         if (refusal := self.readers_refusal(key, value, expected)) is not None:
             raise ConfigError(f"{key}: not written, every agent would refuse it: {refusal}")
+        if fence is not None:
+            fence()
         return await self.registry.put(key, value)
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, fence: Callable[[], None] | None = None) -> bool:
         self.require_controller()
+        if fence is not None:
+            fence()
         return await self.registry.delete(key)
 
 
