@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import agents, demo, guest, kube, procs
+from . import agents, demo, guest, kdemo, kube, procs
 from .errors import LabError
 from .lab import DEFAULT_WORKLOAD_API, WORKLOAD_API_MODES, Lab, down
 from .layout import MAX_NODES, MAX_WORKLOADS, Layout, check_name
@@ -99,6 +99,11 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="who issues SVIDs (default spire; lab = the lab's own server)")
     dm.add_argument("--keep", action="store_true",
                     help="leave the lab up to explore; says how to take it down")
+    dm.add_argument("--kubernetes", action="store_true",
+                    help="the Kubernetes act instead: Pods labelled from the inventory, "
+                         "tfcrypt controller run, the policies applied with kubectl apply, "
+                         "the wire table, kubectl get encryptionpolicies, then a kubectl "
+                         "label pod that moves a pair in, shown on the wire")
 
     st = cmd("status", "describe the lab (human summary, or --json)")
     st.add_argument("--json", action="store_true", help="print the documented JSON document")
@@ -200,7 +205,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise
         return 0
     if args.command == "demo":
-        return demo.run(args.name, args.keep, workload_api=args.workload_api)
+        run = kdemo.run if args.kubernetes else demo.run
+        return run(args.name, args.keep, workload_api=args.workload_api)
     if args.command == "guest":
         argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not argv:
