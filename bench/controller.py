@@ -19,8 +19,11 @@ Rules:
   C1 does), after which the nft out map's element count is checked.
 - K1 then: controller and agents stopped, the remaining pods created, tfcrypt's
   workload records removed from etcd, a controller started cold; time zero is just
-  before its fork, the end is the first poll (`etcdctl get --count-only`, every 0.2 s)
-  that counts every pod's record. RSS is the controller's VmHWM (peak) at that moment.
+  before its fork, the end is the first poll (every 0.2 s, `etcdctl get --limit 1 -w
+  json`: its count is every match) that counts every pod's record. RSS is the
+  controller's VmHWM (peak) at that moment.
+- A K2 that fails (no nft change seen) is recorded in the results' extra with the
+  agents' last log lines, and K1 still runs.
 - Benchmarks report, never assert; a goal missed is reported, not a failure.
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -113,12 +117,16 @@ def etcdctl(lab: Lab, *args: str) -> str:
             f"--endpoints={','.join(st['etcd']['endpoints'])}", *args]
     if tls:
         raise RuntimeError("bench.controller expects a lab without etcd TLS")
-    return subprocess.run(argv, capture_output=True, text=True, check=True,
-                          timeout=60).stdout
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60,
+                          env={**os.environ, "ETCDCTL_API": "3"})
+    if done.returncode != 0:
+        raise RuntimeError(f"etcdctl {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
 
 
 def record_count(lab: Lab) -> int:
-    out = etcdctl(lab, "get", "--prefix", f"{PREFIX}/workloads/", "--count-only", "-w", "json")
+    out = etcdctl(lab, "get", "--prefix", f"{PREFIX}/workloads/", "--keys-only",
+                 "--limit", "1", "-w", "json")  # count: every match, whatever the limit
     return int(json.loads(out).get("count", 0))
 
 
@@ -159,7 +167,7 @@ def out_elems(lab: Lab, node: str) -> int:
 # ---------------------------------------------------------------- K2
 
 def toggle_once(lab: Lab, monitors: list[Stamped], *, on: bool,
-                timeout: float = 30) -> dict[str, Any]:
+                timeout: float = 20) -> dict[str, Any]:
     t0 = time.time()
     kube.kubectl(lab, "label", "pod", "n2-w1", "-n", NS,
                  f"application={'db' if on else 'shop'}", "--overwrite")
@@ -208,6 +216,11 @@ def k2(lab: Lab, toggles: int, pods: int) -> tuple[list[Figure], list[dict[str, 
                    "`kubectl label` from start to return")], done
 
 
+def agent_tail(lab: Lab, node: str, lines: int = 15) -> list[str]:
+    logs = sorted(lab.layout.logs_dir.glob(f"*agent*{node}*"))
+    return [ln for p in logs for ln in p.read_text().splitlines()[-lines:]]
+
+
 # ---------------------------------------------------------------- K1
 
 def k1(lab: Lab, total: int) -> tuple[list[Figure], dict[str, Any]]:
@@ -245,13 +258,18 @@ def run(args: argparse.Namespace) -> int:
         lab.up()
         extra["lab_up_s"] = round(time.monotonic() - started, 1)
         extra["create_k2_pods_s"] = round(create_pods(lab, 0, args.k2_pods), 1)
-        f, extra["k2_runs"] = k2(lab, args.toggles, args.k2_pods)
-        figures += f
+        try:
+            f, extra["k2_runs"] = k2(lab, args.toggles, args.k2_pods)
+            figures += f
+        except (TimeoutError, RuntimeError) as e:
+            extra["k2_error"] = str(e)
+            extra["k2_agent_logs"] = {n: agent_tail(lab, n) for n in NODES}
+            print(f"K2 failed: {e}", file=sys.stderr)
         extra["create_k1_pods_s"] = round(
             create_pods(lab, args.k2_pods, args.pods - args.k2_pods), 1)
         f, extra["k1"] = k1(lab, args.pods)
         figures += f
-        extra["loadavg_at_end"] = __import__("os").getloadavg()[0]
+        extra["loadavg_at_end"] = os.getloadavg()[0]
     finally:
         down(name)
     extra["runtime_s"] = round(time.monotonic() - started, 1)
