@@ -1,4 +1,5 @@
-"""`python -m bench all|<bench>|report [--quick]`: every figure of issue #7 from one command.
+"""`python -m bench all|<bench>|report [--quick]`: every figure of issues #7 and #17
+from one command.
 
 Rules:
 - Each bench runs as its own `python -m bench.<module>` process, one after the other
@@ -42,6 +43,7 @@ BENCHES = (
     Bench("convergence", "bench.convergence", "C1 C2 C5"),
     Bench("startup", "bench.startup", "C4"),
     Bench("scale", "bench.reconcile", "C3"),
+    Bench("controller", "bench.controller", "K1 K2"),
 )
 SCALE_NODES = (10, 100, 1000)
 SCALE_NODES_QUICK = (10, 50)

@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.common import RESULTS
 
-FIGURE_IDS = ("D1", "D2", "D3", "D4", "C1", "C2", "C3", "C4", "C5")
+FIGURE_IDS = ("D1", "D2", "D3", "D4", "C1", "C2", "C3", "C4", "C5", "K1", "K2")
 TITLES = {
     "D1": "selected flow: tfcrypt tunnel vs hand-made WireGuard",
     "D2": "unselected flow, 100,000 set elements vs no tfcrypt",
@@ -33,6 +33,8 @@ TITLES = {
     "C3": "one agent at 1,000 nodes x 100 workloads (no lab)",
     "C4": "record verification and start-up with 100,000 records",
     "C5": "key rotation under a selected flow",
+    "K1": "controller initial sync of 10,000 pods (issue #17)",
+    "K2": "kubectl label to every node's dataplane (issue #17)",
 }
 _SCALE_RESULT = re.compile(r"reconcile_n(\d+)\.json$")
 
