@@ -43,7 +43,7 @@ import yaml
 from bench.common import Figure, Goal, conditions, markdown_table, run_prefix, write_results
 from bench.convergence import Percentile, Stamped, stamped, tfcrypt_event
 from netns_lab import Lab, Layout, agents, down, kube, kubelet
-from netns_lab.procs import ProcessRecord
+from netns_lab.controllers import start_controller, stop_controllers
 
 T = TypeVar("T")
 PREFIX = "/tfcrypt/v1"
@@ -129,23 +129,6 @@ def record_count(lab: Lab) -> int:
     out = etcdctl(lab, "get", "--prefix", f"{PREFIX}/workloads/", "--keys-only",
                  "--limit", "1", "-w", "json")  # count: every match, whatever the limit
     return int(json.loads(out).get("count", 0))
-
-
-def start_controller(lab: Lab, name: str) -> ProcessRecord:
-    st = lab.status()
-    argv = [sys.executable, "-m", "tfcrypt", "controller", "run",
-            "--kubeconfig", str(kube.kubeconfig(lab.layout, "controller")),
-            "--etcd", ",".join(st["etcd"]["endpoints"]),
-            "--spiffe-socket", st["controller"]["spiffe_socket"],
-            "--identity", name, "--log-level", "info"]
-    return lab.start_process("tfcrypt-controller", argv, target="controller",
-                             extra_prefix=lab.identity_prefix(),
-                             log_name=f"tfcrypt-controller-{name}.log")
-
-
-def stop_controllers(lab: Lab) -> None:
-    for rec in lab.find_processes("tfcrypt-controller"):
-        lab.stop_process(rec)
 
 
 def hwm_mib(pid: int) -> float:

@@ -14,7 +14,6 @@ the wire disagrees with tfcrypt's own explain().
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import agents, demo, kube, kubelet
+from .controllers import start_controller
 from .demo import (
     ACT1,
     EXAMPLES,
@@ -38,26 +38,10 @@ from .demo import (
 from .errors import LabError
 from .lab import Lab, down
 from .layout import Layout
-from .procs import ProcessRecord
 
 # the label move: n3-w1 (shop db, site west) becomes site=east, so the shop-db rule
 # (api <-> db of the same site) now selects n1-w2 <-> n3-w1 and no longer n2-w3 <-> n3-w1
 MOVE_POD, MOVE_LABEL = "n3-w1", "site=east"
-
-
-def start_controller(lab: Lab, identity: str = "demo-ctl") -> ProcessRecord:
-    """`tfcrypt controller run` in the controller namespace, as the tfcrypt identity,
-    leader election on (the default; one replica takes the Lease)."""
-    st = lab.status()
-    argv = [sys.executable, "-m", "tfcrypt", "controller", "run",
-            "--kubeconfig", str(kube.kubeconfig(lab.layout, "controller")),
-            "--etcd", ",".join(st["etcd"]["endpoints"]),
-            "--spiffe-socket", st["controller"]["spiffe_socket"],
-            *(["--etcd-tls"] if st["etcd"].get("tls") else []),
-            "--identity", identity, "--log-level", "info"]
-    return lab.start_process("tfcrypt-controller", argv, target="controller",
-                             extra_prefix=lab.identity_prefix(),
-                             log_name=f"tfcrypt-controller-{identity}.log")
 
 
 def _policy_statuses(lab: Lab) -> dict[str, dict[str, Any]]:
@@ -96,7 +80,7 @@ def run(name: str, keep: bool = False, *,
                       "`tfcrypt controller run` (leader election on)")
         kubelet.put_pods(lab, {w: kubelet.labels_for_tags(t) for w, t in tags.items()})
         agents.start_all(lab)
-        start_controller(lab)
+        start_controller(lab, "demo-ctl")
         progress.step("kubectl apply -f " + " -f ".join(f"examples/{f}" for f in ACT1))
         apply = ["apply"]
         for f in ACT1:

@@ -40,7 +40,8 @@ from conftest import running_lab
 from labtools import PREFIX, agent_status, etcdctl, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from netns_lab import Lab, agents, inventory, kube, kubelet
+from netns_lab import Lab, agents, controllers, inventory, kube, kubelet
+from netns_lab.controllers import controller_log
 from netns_lab.procs import ProcessRecord
 from netns_lab.wire import capture, count_packets, ping
 
@@ -55,26 +56,12 @@ POLICY = {"apiVersion": "tfcrypt.io/v1alpha1", "kind": "EncryptionPolicy",
           "spec": {"rules": [{"endpoint1": {"tags": ["application=payments"]},
                               "endpoint2": {"tags": ["application=db"]}}]}}
 NS = kubelet.POD_NAMESPACE
-METRICS_PORTS = {"ctl-a": 9471, "ctl-b": 9472, "ctl-c": 9473}
+METRICS_PORTS = {"ctl-a": 9471, "ctl-b": 9472, "ctl-c": 9473, "ctl-f": 9474}
 
 
 def start_controller(lab: Lab, name: str) -> ProcessRecord:
-    st = lab.status()
-    argv = [sys.executable, "-m", "tfcrypt", "controller", "run",
-            "--kubeconfig", str(kube.kubeconfig(lab.layout, "controller")),
-            "--etcd", ",".join(st["etcd"]["endpoints"]),
-            "--spiffe-socket", st["controller"]["spiffe_socket"],
-            *(["--etcd-tls"] if st["etcd"].get("tls") else []),
-            "--identity", name, "--log-level", "info",
-            "--metrics-port", str(METRICS_PORTS[name])]
-    return lab.start_process("tfcrypt-controller", argv, target="controller",
-                             extra_prefix=lab.identity_prefix(),
-                             log_name=f"tfcrypt-controller-{name}.log")
-
-
-def controller_log(lab: Lab, name: str) -> str:
-    path = lab.layout.logs_dir / f"tfcrypt-controller-{name}.log"
-    return path.read_text() if path.exists() else ""
+    """A replica with its own metrics port (replicas share the controller namespace)."""
+    return controllers.start_controller(lab, name, metrics_port=METRICS_PORTS[name])
 
 
 def revisions(lab: Lab, prefix: str = "") -> dict[str, int]:
