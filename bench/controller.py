@@ -16,7 +16,7 @@ Rules:
   Each toggle labels n2-w1 `application=db` / `application=shop` in turn (the selected
   pair moves in / out); time zero is just before the kubectl call, the end is the last
   `inet tfcrypt` line of the node's `nft monitor` on every node (as bench/convergence.py
-  C1 does), after which the nft out map's element count is checked.
+  C1 does), after which the pair is checked in both nodes' selector sets.
 - K1 then: controller and agents stopped, the remaining pods created, tfcrypt's
   workload records removed from etcd, a controller started cold; time zero is just
   before its fork, the end is the first poll (every 0.2 s, `etcdctl get --limit 1 -w
@@ -44,6 +44,7 @@ from bench.common import Figure, Goal, conditions, markdown_table, run_prefix, w
 from bench.convergence import Percentile, Stamped, stamped, tfcrypt_event
 from netns_lab import Lab, Layout, agents, down, kube, kubelet
 from netns_lab.controllers import start_controller, stop_controllers
+from tfcrypt.dataplane.nft_table import INFRA
 
 T = TypeVar("T")
 PREFIX = "/tfcrypt/v1"
@@ -140,12 +141,22 @@ def hwm_mib(pid: int) -> float:
     return float("nan")
 
 
-def out_elems(lab: Lab, node: str) -> int:
-    out = subprocess.run([*lab.exec_prefix(node), "nft", "-j", "list", "map", "inet",
-                          "tfcrypt", "out_v4"], capture_output=True, text=True,
-                         check=True).stdout
-    return sum(len(o["map"].get("elem", [])) for o in json.loads(out)["nftables"]
-               if "map" in o)
+def selects(lab: Lab, node: str, remote_ip: str) -> bool:
+    """Whether `node`'s table holds `remote_ip` in a selector set: the pair is selected
+    there. (The out/in maps list the node's own classified workloads, selected or not:
+    n1-w1 is in n1's out map before any db exists, so they cannot tell.)"""
+    out = subprocess.run([*lab.exec_prefix(node), "nft", "-j", "list", "sets", "inet"],
+                         capture_output=True, text=True, check=True).stdout
+    return any(o["set"].get("table") == "tfcrypt"
+               and not o["set"]["name"].startswith(f"{INFRA}_")
+               and remote_ip in o["set"].get("elem", [])
+               for o in json.loads(out)["nftables"] if "set" in o)
+
+
+def pair_selected(lab: Lab) -> dict[str, bool]:
+    """For the K2 pair n1-w1 <-> n2-w1: is it selected on each node?"""
+    addr = {w["name"]: w["ip"] for w in lab.status()["workloads"]}
+    return {"n1": selects(lab, "n1", addr["n2-w1"]), "n2": selects(lab, "n2", addr["n1-w1"])}
 
 
 # ---------------------------------------------------------------- K2
@@ -161,9 +172,8 @@ def toggle_once(lab: Lab, monitors: list[Stamped], *, on: bool,
     wait_for("the nft events to settle", lambda: all(
         not m.since(time.time() - SETTLE, tfcrypt_event) for m in monitors), timeout,
         interval=0.05)
-    want = 1 if on else 0
-    wait_for("the out map of the change", lambda: all(
-        out_elems(lab, n) == want for n in NODES), timeout)
+    wait_for("the pair's selector sets to show the change", lambda: all(
+        v == on for v in pair_selected(lab).values()), timeout)
     ends = {n: max(m.since(t0, tfcrypt_event)) for n, m in zip(NODES, monitors, strict=True)}
     return {"op": "in" if on else "out", "latency_ms": (max(ends.values()) - t0) * 1000,
             "kubectl_ms": (t_ret - t0) * 1000,
@@ -182,7 +192,7 @@ def k2(lab: Lab, toggles: int, pods: int) -> tuple[list[Figure], list[dict[str, 
     done = []
     with stamped(*argvs) as monitors:
         time.sleep(1.0)
-        on = out_elems(lab, "n1") == 0
+        on = not pair_selected(lab)["n1"]
         for i in range(toggles):
             done.append(toggle_once(lab, monitors, on=on))
             on = not on

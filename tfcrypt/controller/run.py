@@ -11,7 +11,8 @@ Rules (docs/controller.md):
   replica holds the Lease: before each batch the Lease is read back and must name this
   replica, unexpired (a deposed leader stops at its next batch), and before each write
   of the batch `leader_fence` checks that this reading still holds (a leader frozen
-  mid-batch stops at its next write).
+  mid-batch stops at its next write). Writes go WRITE_WINDOW at a time (_in_windows):
+  what a frozen leader had in flight still lands, at most one window.
 - etcd unreachable: the pass fails, is counted and logged, and is retried; the cluster
   caches stay current, so the next pass catches up. The API server unreachable: etcd
   keeps what it holds (the caches keep the last listing).
@@ -24,9 +25,10 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from tfcrypt.controller import metrics
@@ -52,10 +54,24 @@ log = logging.getLogger("tfcrypt.controller")
 DEBOUNCE = 0.2
 RESYNC = 10.0
 RETRY = 2.0
+WRITE_WINDOW = 32  # etcd writes in flight at once in a pass (see _in_windows)
 
 
 class NotLeader(Exception):
     """The Lease does not name this replica: write nothing."""
+
+
+async def _in_windows(writes: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run the writes WRITE_WINDOW at a time, each window to its end, then raise the
+    window's first failure (NotLeader, etcd's error) as itself; later windows never
+    start. One etcd fsync commits every write in flight, so a cold sync of 10,000
+    records is not 10,000 fsyncs in a row (bench K1). Each write still passes the leader
+    fence just before it is sent: a leader frozen mid-pass lands at most one window."""
+    for lo in range(0, len(writes), WRITE_WINDOW):
+        done = await asyncio.gather(*(w() for w in writes[lo:lo + WRITE_WINDOW]),
+                                    return_exceptions=True)
+        if (failed := next((r for r in done if isinstance(r, BaseException)), None)):
+            raise failed
 
 
 def _now_iso() -> str:
@@ -177,21 +193,9 @@ class Controller:
         if not plan.empty:
             if self.leader_check is not None:
                 await self.leader_check()
-            for key, record in plan.puts.items():
-                payload = {**record.to_payload(epoch=self.s.next_epoch(view, key),
-                                               issued_at=int(time.time())),
-                           MANAGED_BY: MANAGER}
-                try:
-                    await self.s.put_signed(key, payload, record, self.leader_fence)
-                    metrics.WRITES.labels("put").inc()
-                    log.info("%s %s", "updated" if key in owned else "created", key)
-                except ConfigError as exc:  # the readers would refuse it: not written
-                    metrics.ERRORS.labels("refused-by-readers").inc()
-                    log.warning("%s", exc)
-            for key in plan.deletes:
-                await self.s.delete(key, self.leader_fence)
-                metrics.WRITES.labels("delete").inc()
-                log.info("deleted %s", key)
+            await _in_windows([functools.partial(self._put, key, record, view, key in owned)
+                               for key, record in plan.puts.items()])
+            await _in_windows([functools.partial(self._delete, key) for key in plan.deletes])
             view = await self.read_view()
         await self._statuses(desired, view, plan.conflicts)
         if self.passes == 0 or not plan.empty:
@@ -201,6 +205,25 @@ class Controller:
                      sum(desired.skipped.values()), len(desired.refused),
                      len(plan.conflicts))
         self.passes += 1
+
+    async def _put(self, key: str, record: Record, view: VerifiedView, update: bool) -> None:
+        payload = {**record.to_payload(epoch=self.s.next_epoch(view, key),
+                                       issued_at=int(time.time())),
+                   MANAGED_BY: MANAGER}
+        try:
+            value = await self.s.put_signed(key, payload, record, self.leader_fence)
+            # verified by put_signed as the agents will: owned() need not check it again
+            self._signers[value] = (self.s.svid.spiffe_id, True)
+            metrics.WRITES.labels("put").inc()
+            log.info("%s %s", "updated" if update else "created", key)
+        except ConfigError as exc:  # the readers would refuse it: not written
+            metrics.ERRORS.labels("refused-by-readers").inc()
+            log.warning("%s", exc)
+
+    async def _delete(self, key: str) -> None:
+        await self.s.delete(key, self.leader_fence)
+        metrics.WRITES.labels("delete").inc()
+        log.info("deleted %s", key)
 
     async def _statuses(self, desired: Desired, view: VerifiedView,
                         conflicts: Mapping[str, str]) -> None:

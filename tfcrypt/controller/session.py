@@ -101,10 +101,11 @@ class ControllerSession:
         return max((view.epoch(key) or 0) + 1, int(self._now() * 1000))
 
     async def put_signed(self, key: str, payload: dict[str, Any], expected: object,
-                         fence: Callable[[], None] | None = None) -> int:
+                         fence: Callable[[], None] | None = None) -> bytes:
         """Sign `payload` (which names `key`) with the controller SVID and store it, if
         the agents would believe it and read it as `expected`; else ConfigError.
-        `fence` runs last before the write (it raises to stop a deposed leader)."""
+        `fence` runs last before the write (it raises to stop a deposed leader).
+        Returns the value written: verified here already, a caller need not again."""
         self.require_controller()
         if payload.get("key") != key:
             raise ValueError(f"payload for {key} names {payload.get('key')!r}")
@@ -113,7 +114,8 @@ class ControllerSession:
             raise ConfigError(f"{key}: not written, every agent would refuse it: {refusal}")
         if fence is not None:
             fence()
-        return await self.registry.put(key, value)
+        await self.registry.put(key, value)
+        return value
 
     async def delete(self, key: str, fence: Callable[[], None] | None = None) -> bool:
         self.require_controller()
