@@ -85,11 +85,31 @@ def _first_line(argv: Sequence[str]) -> str:
     return out[0] if out else "unavailable"
 
 
+# Debian's wireguard-go (the 2022 build, on PATH): what the benches compare the current
+# build against (docs/wireguard.md "Which wireguard-go").
+DEBIAN_WIREGUARD_GO = "wireguard-go"
+
+
+def wireguard_go() -> str:
+    """The wireguard-go every bench runs: tools/wireguard-go's build, as the lab's agents."""
+    from netns_lab.agents import wireguard_go as lab_wireguard_go
+    return lab_wireguard_go()
+
+
+def _wireguard_go_version() -> str:
+    from netns_lab.errors import LabError
+    try:
+        return _first_line([wireguard_go(), "--version"])
+    except LabError as exc:  # not built: said in the results; the bench fails on start
+        return f"unavailable ({exc})"
+
+
 def conditions(**extra: object) -> dict[str, object]:
     return {
         "nproc": os.cpu_count(), "kernel": platform.release(),
         "python": platform.python_version(), "nft": _first_line(["nft", "--version"]),
-        "wireguard-go": _first_line(["wireguard-go", "--version"]),
+        "wireguard-go": _wireguard_go_version(),
+        "wireguard-go_debian": _first_line([DEBIAN_WIREGUARD_GO, "--version"]),
         "iperf3": _first_line(["iperf3", "--version"]),
         "loadavg_at_start": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,

@@ -14,7 +14,13 @@ Rules:
   nodes. The labs: `t1` tfcrypt with the flow selected, `r1` wireguard-go configured by
   hand with `wg` (no nft table, no ip rules), `t2` tfcrypt with the flow unselected and
   `elements` other selected remote addresses, `p2` plain veth routing, `t3` like `t1` with
-  `elements` more selected addresses of node b in the flow's set and b's allowed IPs.
+  `elements` more selected addresses of node b in the flow's set and b's allowed IPs,
+  `t4` like `t1` for D4 alone (its capture interfaces are changed, see below).
+- Two wireguard-go builds (docs/wireguard.md "Which wireguard-go"): every lab runs the
+  current one from tools/wireguard-go, as the lab's agents do; `t0` and `r0` are `t1` and
+  `r1` on Debian's 2022 build (`wireguard-go` on PATH), measured in the same rounds, so
+  D1.debian_* puts both builds' absolute Gbit/s side by side (informative, no goal;
+  `--no-debian` leaves them out).
 - tfcrypt's side is the agent's real dataplane: `Dataplane(WireGuardManager(
   UserspaceBackend), NftManager(SubprocessNft), PyRoute2Netlink, RoutingConfig)` per node,
   given `compute()` of a two-node Snapshot (real X25519 keys, endpoints = the other node's
@@ -30,10 +36,19 @@ Rules:
 - After the runs, per node: wireguard-go's UDP receive-buffer drops, bytes through each
   WireGuard device (the unselected flow must leave `t2`'s tunnel idle) and tfcrypt's drop
   counters go to the JSON (`counters`).
-- D4 runs first, on a fresh `t1`: its workload has learnt no path MTU yet, so the capture
+- D4 runs first, on a fresh `t4`: its workload has learnt no path MTU yet, so the capture
   shows how a 1500-byte workload learns the tunnel MTU (ICMP frag-needed from its node:
   tfcrypt does not clamp the MSS). tcpdump on node A's underlay veth, its WireGuard device
   and its workload veth during full-size pings (`ping -M do`) and a TCP run.
+- D4 counts packets as the wire carries them: the current wireguard-go sends with UDP GSO
+  and reads TSO superpackets from its TUN, and a veth or TUN passes a GSO skb on whole,
+  so tcpdump there would see one ~65 KB "packet" per batch. `t4`'s underlay veth (both
+  ends) and node A's WireGuard device get `gso_max_segs 1`: the kernel segments in
+  software before those devices, where tcpdump taps, into the very packets a NIC would
+  put on the wire (gso_size is the MSS/message size, unchanged); wireguard-go still
+  sends with UDP_SEGMENT. It changes where segmentation runs, not any size D4 reports,
+  and only in `t4`, whose throughput is no figure. Estimating segments from bytes / MSS
+  instead would assume the very size D4 measures.
 - Every namespace, process and temp dir is removed by exact name or PID in a `finally`.
   Traffic stays between the labs' own namespaces; the synthetic selected addresses
   (10.64.0.0 + i) are set elements and allowed IPs only, never addressed.
@@ -58,6 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import (
+    DEBIAN_WIREGUARD_GO,
     Figure,
     Goal,
     conditions,
@@ -66,6 +82,7 @@ from bench.common import (
     run_prefix,
     sh,
     stop_pid,
+    wireguard_go,
     write_results,
 )
 from tfcrypt.agent.dataplane import Dataplane, RoutingConfig
@@ -228,9 +245,9 @@ def snapshots(keys: tuple[str, str], selected: bool, elements: int) -> tuple[Sna
 class TfcryptNode:
     """The agent's Dataplane in one node namespace (as bench/reconcile.py builds it)."""
 
-    def __init__(self, netns: str, ifname: str, private_key: bytes) -> None:
+    def __init__(self, netns: str, ifname: str, private_key: bytes, binary: str) -> None:
         self.netns, self.ifname = netns, ifname
-        self.backend = UserspaceBackend(ifname, netns=netns)
+        self.backend = UserspaceBackend(ifname, netns=netns, binary=binary)
         self.netlink = PyRoute2Netlink(netns=netns)
         self.dataplane = Dataplane(WireGuardManager(self.backend),
                                    NftManager(SubprocessNft(netns=netns)), self.netlink,
@@ -256,8 +273,10 @@ class TfcryptNode:
 
 
 async def start_tfcrypt(pair: Pair, selected: bool, elements: int,
-                        nodes: list[TfcryptNode]) -> dict[str, object]:
-    """compute() and apply on both nodes of `pair`; appends to `nodes` as they start."""
+                        nodes: list[TfcryptNode], binary: str | None = None
+                        ) -> dict[str, object]:
+    """compute() and apply on both nodes of `pair`, whose wireguard-go is `binary`
+    (default the current build); appends to `nodes` as they start."""
     private = (generate_private_key(), generate_private_key())
     t0 = time.perf_counter()
     snaps = snapshots((public_key_of(private[0]), public_key_of(private[1])), selected,
@@ -267,7 +286,8 @@ async def start_tfcrypt(pair: Pair, selected: bool, elements: int,
     t2 = time.perf_counter()
     changed = []
     for i in (0, 1):
-        nodes.append(TfcryptNode(pair.nodes[i], pair.wg[i], private[i]))
+        nodes.append(TfcryptNode(pair.nodes[i], pair.wg[i], private[i],
+                                 binary or wireguard_go()))
         changed.append(await nodes[-1].apply(desired[i]))
     t3 = time.perf_counter()
     a = desired[0]
@@ -283,18 +303,20 @@ async def start_tfcrypt(pair: Pair, selected: bool, elements: int,
 
 @dataclass
 class HandWireGuard:
-    """wireguard-go + `wg set` on both nodes of a pair, the other workload subnet routed
-    via the device; no nft table, no ip rules."""
+    """wireguard-go (`binary`: default the current build) + `wg set` on both nodes of a
+    pair, the other workload subnet routed via the device; no nft table, no ip rules."""
 
     pair: Pair
     tmp: Path
+    binary: str = ""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start(self) -> None:
         private = (generate_private_key(), generate_private_key())
         for i, node in enumerate(self.pair.nodes):
             ifname = self.pair.wg[i]
-            proc = subprocess.Popen(["ip", "netns", "exec", node, "wireguard-go", "-f", ifname],
+            proc = subprocess.Popen(["ip", "netns", "exec", node,
+                                     self.binary or wireguard_go(), "-f", ifname],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
             self.procs.append(proc)
@@ -454,6 +476,8 @@ def measure_mtu(pair: Pair, tmp: Path, seconds: float) -> tuple[list[Figure], di
     """D4 on the tfcrypt lab with the flow selected, before any other traffic."""
     na, wa = pair.nodes[0], pair.workloads[0]
     wg_mtu = link_mtu(na, pair.wg[0])
+    for node, dev in ((na, "ul"), (pair.nodes[1], "ul"), (na, pair.wg[0])):
+        sh("ip", "-n", node, "link", "set", "dev", dev, "gso_max_segs", "1")
     files = {"underlay": tmp / "ul.pcap", "tunnel": tmp / "wg.pcap", "workload": tmp / "wl.pcap"}
     with capture(na, "ul", files["underlay"], "ip"), \
             capture(na, pair.wg[0], files["tunnel"], "ip"), \
@@ -486,7 +510,8 @@ def measure_mtu(pair: Pair, tmp: Path, seconds: float) -> tuple[list[Figure], di
              "icmp_frag_needed_mtu": sorted(set(wl.frag_needed_mtu)),
              f"ping_{wg_mtu + 1}_bytes_replies": over, "ping_oversize_said": over_said,
              "tcp_during_capture": {k: round(v, 3) for k, v in tcp.items()},
-             "underlay_packets": ul.packets, "tunnel_packets": wg.packets}
+             "underlay_packets": ul.packets, "tunnel_packets": wg.packets,
+             "gso_max_segs_1_on": ["na:ul", "nb:ul", f"na:{pair.wg[0]}"]}
     return figures, extra
 
 
@@ -503,7 +528,7 @@ class Comparison:
     names: tuple[str, str]
     what: str
     control: bool = False
-    goal: float = 0.95
+    goal: float | None = 0.95  # None: informative, no goal
     label: str = ""  # between the figure and the measure: D3.selected_tcp1
 
     def figure_id(self, measure: str) -> str:
@@ -539,12 +564,18 @@ def run_rounds(comparisons: tuple[Comparison, ...], args: argparse.Namespace,
 
 def run(args: argparse.Namespace) -> int:
     prefix = run_prefix("tfd")
-    t1, r1, t2, p2, t3, c2 = (Pair(tag, prefix)
-                              for tag in ("t1", "r1", "t2", "p2", "t3", "c2"))
-    pairs = (t1, r1, t2, p2, t3, *((c2,) if args.control else ()))
+    t1, r1, t2, p2, t3, t4, c2, t0, r0 = (
+        Pair(tag, prefix) for tag in ("t1", "r1", "t2", "p2", "t3", "t4", "c2", "t0", "r0"))
+    debian = args.debian and shutil.which(DEBIAN_WIREGUARD_GO) is not None
+    pairs = (t1, r1, t2, p2, t3, t4, *((c2,) if args.control else ()),
+             *((t0, r0) if debian else ()))
     comparisons = (
         Comparison("D1", t1, r1, ("tfcrypt", "raw"),
                    "selected flow, tfcrypt's tunnel vs wireguard-go by hand"),
+        *((Comparison("D1", t0, r0, ("tfcrypt", "raw"),
+                      "selected flow on Debian's 2022 wireguard-go, tfcrypt's tunnel vs "
+                      "the same wireguard-go by hand", goal=None, label="debian_"),)
+          if debian else ()),
         Comparison("D2", t2, p2, ("tfcrypt", "plain"),
                    f"unselected flow, tfcrypt with {args.elements} set elements vs no tfcrypt"),
         Comparison("D3", t3, t1, (f"nft{args.elements}", "nft1"),
@@ -558,10 +589,15 @@ def run(args: argparse.Namespace) -> int:
     setup: dict[str, object] = {}
     tfcrypt_nodes: list[TfcryptNode] = []
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
-    hand = HandWireGuard(r1, tmp)
+    hands = [HandWireGuard(r1, tmp), *((HandWireGuard(r0, tmp, DEBIAN_WIREGUARD_GO),)
+                                       if debian else ())]
     conds = conditions(elements=args.elements, rounds=args.rounds, seconds=args.seconds,
                        udp_seconds=args.udp_seconds, udp_len=UDP_LEN,
-                       underlay_mtu=UNDERLAY_MTU, wg_mtu=DEFAULT_MTU, control=args.control)
+                       underlay_mtu=UNDERLAY_MTU, wg_mtu=DEFAULT_MTU, control=args.control,
+                       debian_build=debian if args.debian else "left out (--no-debian)")
+    if args.debian and not debian:
+        conds["debian_build"] = f"left out: no {DEBIAN_WIREGUARD_GO} on PATH"
+        print(f"D1.debian_*: no {DEBIAN_WIREGUARD_GO} on PATH, left out", file=sys.stderr)
     loop = asyncio.new_event_loop()
     started = time.monotonic()
     try:
@@ -577,17 +613,26 @@ def run(args: argparse.Namespace) -> int:
                     start_tfcrypt(t2, False, args.elements, tfcrypt_nodes))
                 setup["t3"] = loop.run_until_complete(
                     start_tfcrypt(t3, True, args.elements, tfcrypt_nodes))
-                hand.start()
+                setup["t4"] = loop.run_until_complete(
+                    start_tfcrypt(t4, True, 0, tfcrypt_nodes))
+                if debian:
+                    setup["t0"] = loop.run_until_complete(
+                        start_tfcrypt(t0, True, 0, tfcrypt_nodes, DEBIAN_WIREGUARD_GO))
+                for hand in hands:
+                    hand.start()
                 setup["total_s"] = round(time.perf_counter() - t, 2)
                 print(f"setup: {setup}", file=sys.stderr)
-                d4, d4_extra = measure_mtu(t1, tmp, args.d4_seconds)
+                d4, d4_extra = measure_mtu(t4, tmp, args.d4_seconds)
                 for p in pairs:
-                    p.iperf3("tcp1", 1)
+                    if p is not t4:
+                        p.iperf3("tcp1", 1)
                 run_rounds(comparisons, args, values, detail)
-                counters = {p.tag: lab_counters(p, p in (t1, r1, t2, t3), p in (t1, t2, t3))
+                counters = {p.tag: lab_counters(p, p in (t0, t1, r0, r1, t2, t3, t4),
+                                                p in (t0, t1, t2, t3, t4))
                             for p in pairs}
             finally:
-                hand.stop()
+                for hand in hands:
+                    hand.stop()
                 for p in pairs:
                     p.stop_server()
                 for node in reversed(tfcrypt_nodes):
@@ -621,7 +666,8 @@ def figures_of(values: dict[tuple[str, str, str], list[float]],
     for c in comparisons:
         for m in MEASURES:
             figures.append(Figure(c.figure_id(m), tuple(values[(c.figure_id(m), m, "ratio")]),
-                                  "x", None if c.control else Goal(c.goal, below=False),
+                                  "x", None if c.control or c.goal is None
+                                  else Goal(c.goal, below=False),
                                   f"{c.what}; {MEANING[m]}; {c.names[0]}/{c.names[1]}, "
                                   "same round"))
     for c in comparisons:
@@ -649,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="selected remote addresses in the D2 tfcrypt lab")
     parser.add_argument("--control", action="store_true",
                         help="add an A/A control (two identical plain labs): D2.control_*")
+    parser.add_argument("--no-debian", dest="debian", action="store_false",
+                        help="leave out D1.debian_* (D1 on Debian's 2022 wireguard-go, "
+                             "side by side with the current build)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.rounds = args.rounds or (1 if quick else 5)

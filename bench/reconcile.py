@@ -52,6 +52,7 @@ from bench.common import (
     run_prefix,
     sh,
     stop_pid,
+    wireguard_go,
     write_results,
 )
 from bench.compute import APPS, make_snapshot, retag
@@ -176,7 +177,7 @@ class Bench:
         self.core: IncrementalCore | None = None
         self.inventory: Inventory | None = None  # the agent's (tfcrypt/core/inventory.py)
         self.inventory_s = 0.0
-        self.backend = UserspaceBackend(ifname, netns=netns)
+        self.backend = UserspaceBackend(ifname, netns=netns, binary=wireguard_go())
         self.netlink = PyRoute2Netlink(netns=netns)
         self.nft_cli = SubprocessNft(netns=netns)
         self.nft = NftManager(self.nft_cli)

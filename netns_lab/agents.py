@@ -9,6 +9,9 @@ Rules:
 - The WireGuard backend is the agent's default (userspace: wireguard-go) unless
   NETNS_LAB_BACKEND says `kernel`: the kernel tier runs the same lab tests inside a
   guest kernel that has the module (netns_lab/guest.py, scripts/test.sh --kernel).
+- The userspace backend runs the current wireguard-go built from tools/wireguard-go
+  (`wireguard_go()`), not Debian's 2022 build (docs/wireguard.md "Which wireguard-go");
+  NETNS_LAB_WIREGUARD_GO names another (`wireguard-go`: Debian's, on PATH).
 - The agent leaves wireguard-go running when it exits, as it must in production; the
   lab's `down` stops whatever still runs inside lab namespaces.
 """
@@ -20,6 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
+from . import gobin
 from .errors import LabError
 from .lab import Lab
 from .layout import Node
@@ -37,6 +41,14 @@ def backend() -> str:
     if value not in BACKENDS:
         raise LabError(f"NETNS_LAB_BACKEND={value!r}: use one of {', '.join(BACKENDS)}")
     return value
+
+
+def wireguard_go() -> str:
+    """The wireguard-go program lab agents, hand-made lab devices and the benches start:
+    NETNS_LAB_WIREGUARD_GO, default the build of tools/wireguard-go (a clear error naming
+    the build command when it is missing)."""
+    return os.environ.get("NETNS_LAB_WIREGUARD_GO") or str(
+        gobin.go_binary("wireguard-go", "wireguard-go"))
 
 
 def _node(lab: Lab, name: str) -> Node:
@@ -69,6 +81,7 @@ def agent_argv(lab: Lab, node: Node) -> list[str]:
         "--status-socket", str(status_socket(lab, node.name)),
         "--metrics-address", METRICS_ADDRESS,
         "--backend", backend(),
+        *(["--wireguard-go", wireguard_go()] if backend() == "userspace" else []),
         *(["--etcd-tls"] if lab.layout.etcd_tls else []),
     ]
 

@@ -1,9 +1,9 @@
 """Where scripts/build-go.sh put a Go program built from tools/<module>/.
 
 Why here: the lab (and tests) start SPIRE from the binaries that script built; the cache
-path is keyed by a hash of the module's go.mod + go.sum (+ its optional `ldflags` file),
-computed the same way as the script does, so a version bump in tools/ is never served an
-old binary.
+path is keyed by a hash of the module's go.mod + go.sum (+ its optional `ldflags` and
+`rename` files, in that order), computed the same way as the script does, so a version bump
+in tools/ is never served an old binary.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ def module_dir(module: str, tools_dir: Path = TOOLS_DIR) -> Path:
 
 
 def build_dir(module: str, tools_dir: Path = TOOLS_DIR) -> Path:
-    """The cache directory of the current go.mod/go.sum(/ldflags) of tools/<module>."""
+    """The cache directory of the current go.mod/go.sum(/ldflags/rename) of tools/<module>."""
     src = module_dir(module, tools_dir)
     try:
         data = (src / "go.mod").read_bytes() + (src / "go.sum").read_bytes()
     except FileNotFoundError:
         raise LabError(f"no Go module tools/{module} (go.mod and go.sum) in {tools_dir}") from None
-    if (src / "ldflags").is_file():
-        data += (src / "ldflags").read_bytes()
+    for extra in ("ldflags", "rename"):  # the script's order
+        if (src / extra).is_file():
+            data += (src / extra).read_bytes()
     digest = hashlib.sha256(data)
     return cache_root() / f"{module}-{digest.hexdigest()[:16]}"
 

@@ -8,6 +8,10 @@
 # and the Go error (the whole log is kept beside it), and the script exits non-zero.
 # A module may hold tools/<name>/ldflags: one line passed as `go build -ldflags` (e.g.
 # kube-apiserver needs its version stamped with -X); it is part of the cache key.
+# A module may hold tools/<name>/rename: lines "<built> <cached>" (# comments allowed)
+# renaming a built binary in the cache, for programs whose package directory is not the
+# name they are run by (golang.zx2c4.com/wireguard builds "wireguard", run as
+# "wireguard-go"); it is part of the cache key too.
 # Usage: scripts/build-go.sh [name ...]   (default: every tools/*/go.mod)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +47,18 @@ for name in "${modules[@]}"; do
         keyfiles+=("$dir/ldflags")
         ldflags=(-ldflags "$(grep -v '^#' "$dir/ldflags" | paste -sd' ')")
     fi
+    renames=()
+    if [ -f "$dir/rename" ]; then
+        keyfiles+=("$dir/rename")
+        while read -r from to rest; do
+            case $from in ''|'#'*) continue ;; esac
+            if [ -z "$to" ] || [ -n "$rest" ] || [[ $from == */* ]] || [[ $to == */* ]]; then
+                echo "build-go: tools/$name/rename: '$from $to $rest' is not '<built> <cached>'" >&2
+                exit 1
+            fi
+            renames+=("$from" "$to")
+        done <"$dir/rename"
+    fi
     hash=$(cat "${keyfiles[@]}" | sha256sum | cut -c1-16)
     out=$cache/$name-$hash
     if [ -f "$out/.complete" ]; then
@@ -62,6 +78,14 @@ for name in "${modules[@]}"; do
         echo "build-go: FAILED tools/$name: ${err:-go build failed} (full log: $log)" >&2
         exit 1
     fi
+    for ((i = 0; i < ${#renames[@]}; i += 2)); do
+        if [ ! -f "$tmp/${renames[i]}" ]; then
+            rm -rf "$tmp"
+            echo "build-go: FAILED tools/$name: rename: go build made no ${renames[i]} (tools/$name/rename)" >&2
+            exit 1
+        fi
+        mv "$tmp/${renames[i]}" "$tmp/${renames[i+1]}"
+    done
     touch "$tmp/.complete"
     rm -rf "$out"
     mv "$tmp" "$out"

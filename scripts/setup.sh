@@ -30,7 +30,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 
-# Go programs tfcrypt depends on (SPIRE; kube-apiserver and kubectl for the lab), from the
+# Go programs tfcrypt depends on (SPIRE; a current wireguard-go for the userspace backend;
+# kube-apiserver and kubectl for the lab), from the
 # pinned modules in tools/: a no-op when the cache already holds this version
 # (scripts/build-go.sh, docs/lab.md "Go-built tools").
 bash scripts/build-go.sh

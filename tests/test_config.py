@@ -45,6 +45,8 @@ BAD = {
     "log_format": ("xml", "'xml' is not one of text, json"),
     "log_level": ("verbose", "'verbose' is not one of debug, info, warning, error"),
     "wireguard_log": ("wg.log", "is not an absolute path"),
+    "wireguard_go": ("bin/wireguard-go", "is neither a program name (looked up on PATH) nor "
+                                         "an absolute path"),
     "infrastructure_cidrs": ("10.96.0.0/33", "'10.96.0.0/33' is not an address or CIDR"),
 }
 
@@ -338,3 +340,49 @@ def test_controller_commands_check_etcd_tls_before_connecting(
     assert main(["policy", "list", *argv]) == 2
     err = capsys.readouterr().err
     assert want in err and err.count("\n") == 1, err
+
+
+# -- which wireguard-go the userspace backend starts (issue #18 item 1) -------------------
+
+def test_wireguard_go_comes_from_every_layer_and_defaults_to_the_one_on_path(
+        tmp_path: Path) -> None:
+    build = tmp_path / "wireguard-go"
+    build.write_text("#!/bin/sh\n")
+    build.chmod(0o755)
+    assert agent_config(NEEDED, {}).wireguard_go == "wireguard-go"  # Debian's, on PATH
+    assert agent_config({**NEEDED, "wireguard_go": str(build)}, {}).wireguard_go == str(build)
+    assert agent_config(NEEDED, {"TFCRYPT_WIREGUARD_GO": str(build)}).wireguard_go == str(build)
+    path = write(tmp_path, f"wireguard_go: {build}\n")
+    assert agent_config(NEEDED, {}, path).wireguard_go == str(build)
+    args = build_parser().parse_args(["agent", "--wireguard-go", str(build)])
+    assert args.wireguard_go == str(build)
+
+
+def test_a_wireguard_go_that_cannot_run_is_refused_naming_it_and_where_it_was_set(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before the agent touches anything, not as a failed start loop later; a
+    kernel-backend node does not run wireguard-go, so it is not checked there."""
+    plain = tmp_path / "not-executable"
+    plain.write_text("")
+    missing = tmp_path / "missing"
+    for value, why in ((str(missing), f"'{missing}' does not exist"),
+                       (str(plain), f"'{plain}' is not executable"),
+                       (str(tmp_path), f"'{tmp_path}' is not a file"),
+                       ("wireguard-go-nowhere", "'wireguard-go-nowhere' is not on PATH")):
+        with pytest.raises(ConfigError) as err:
+            agent_config({**NEEDED, "wireguard_go": value}, {})
+        assert str(err.value) == (f"--wireguard-go: {why} (the userspace backend runs it; "
+                                  "set wireguard_go, docs/wireguard.md)")
+        with pytest.raises(ConfigError, match=f"^TFCRYPT_WIREGUARD_GO: {re.escape(why)}"):
+            agent_config(NEEDED, {"TFCRYPT_WIREGUARD_GO": value})
+        cfg = agent_config({**NEEDED, "wireguard_go": value, "backend": "kernel"}, {})
+        assert cfg.wireguard_go == value
+    monkeypatch.setenv("PATH", str(tmp_path))  # no wireguard-go on PATH: the default fails
+    with pytest.raises(ConfigError, match=r"^wireguard_go: 'wireguard-go' is not on PATH"):
+        agent_config(NEEDED, {})
+    monkeypatch.delenv("TFCRYPT_WIREGUARD_GO", raising=False)
+    assert main(["agent", "--advertise-address", "10.0.0.1", "--wireguard-go",
+                 str(missing)]) == 2
+    assert capsys.readouterr().err.startswith(f"tfcrypt: --wireguard-go: '{missing}' does not "
+                                              "exist")

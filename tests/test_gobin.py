@@ -63,3 +63,33 @@ def test_an_ldflags_file_is_part_of_the_cache_key(
         ["bash", "-c", "cat go.mod go.sum ldflags | sha256sum | cut -c1-16"],
         cwd=tools / "m", capture_output=True, text=True, check=True).stdout.strip()
     assert gobin.build_dir("m", tools) == tmp_path / "cache" / f"m-{script_hash}" != without
+
+
+def test_a_rename_file_is_part_of_the_cache_key_after_ldflags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tools/<m>/rename (golang.zx2c4.com/wireguard builds "wireguard", run as
+    "wireguard-go") changes what the cache holds, so it keys it as build-go.sh hashes it:
+    go.mod, go.sum, ldflags, then rename."""
+    monkeypatch.setenv("TFCRYPT_GO_BIN", str(tmp_path / "cache"))
+    tools = tmp_path / "tools"
+    _module(tools, "module m\n")
+    without = gobin.build_dir("m", tools)
+    (tools / "m" / "rename").write_text("prog prog-renamed\n")
+    script_hash = subprocess.run(
+        ["bash", "-c", "cat go.mod go.sum rename | sha256sum | cut -c1-16"],
+        cwd=tools / "m", capture_output=True, text=True, check=True).stdout.strip()
+    assert gobin.build_dir("m", tools) == tmp_path / "cache" / f"m-{script_hash}" != without
+    (tools / "m" / "ldflags").write_text("-s -w\n")
+    script_hash = subprocess.run(
+        ["bash", "-c", "cat go.mod go.sum ldflags rename | sha256sum | cut -c1-16"],
+        cwd=tools / "m", capture_output=True, text=True, check=True).stdout.strip()
+    assert gobin.build_dir("m", tools) == tmp_path / "cache" / f"m-{script_hash}"
+
+
+def test_the_pinned_wireguard_go_is_built_under_its_run_name() -> None:
+    """What the lab and the benches start: tools/wireguard-go's build, renamed from
+    "wireguard" by its rename file, reporting upstream's version (not Debian's 2022 one)."""
+    binary = gobin.go_binary("wireguard-go", "wireguard-go")  # scripts/setup.sh built it
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("wireguard-go v0.0.2025"), out

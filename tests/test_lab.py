@@ -21,6 +21,7 @@ import pytest
 from conftest import new_lab_name, running_lab
 
 from netns_lab import Lab
+from netns_lab.agents import wireguard_go
 
 pytestmark = pytest.mark.lab
 
@@ -302,7 +303,7 @@ def test_hand_made_wireguard_tunnel_carries_workload_traffic(lab3: Lab, tmp_path
     dump: subprocess.Popen[str] | None = None
     try:
         for node in (a, b):
-            wg_procs.append(subprocess.Popen([*node["exec"], "wireguard-go", "-f", ifname],
+            wg_procs.append(subprocess.Popen([*node["exec"], wireguard_go(), "-f", ifname],
                                              stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL,
                                              start_new_session=True))

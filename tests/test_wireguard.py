@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from netns_lab.agents import wireguard_go
 from tfcrypt.wireguard import (
     DesiredDevice,
     DeviceOrigin,
@@ -421,7 +422,7 @@ class Lab:
                 uapi_timeout: float = 5.0) -> UserspaceBackend:
         ifname = ifname or "tfw" + secrets.token_hex(3)
         backend = UserspaceBackend(ifname, netns=netns, log_path=self.tmp / f"{ifname}.log",
-                                   uapi_timeout=uapi_timeout)
+                                   uapi_timeout=uapi_timeout, binary=wireguard_go())
         self.backends.append(backend)
         return backend
 
@@ -557,7 +558,8 @@ from tfcrypt.wireguard.userspace import UserspaceBackend
 
 async def main():
     spec = json.loads(sys.argv[1])
-    backend = UserspaceBackend(spec["ifname"], netns=spec["netns"], log_path=spec["log"])
+    backend = UserspaceBackend(spec["ifname"], netns=spec["netns"], log_path=spec["log"],
+                               binary=spec["binary"])
     manager = WireGuardManager(backend)
     peers = {k: PeerConfig(k, None, frozenset(v)) for k, v in spec["peers"].items()}
     manager.set_desired(DesiredDevice(spec["key"], spec["port"], 1420, peers))
@@ -579,6 +581,7 @@ def test_device_survives_the_agent_process_and_is_adopted(lab: Lab) -> None:
     want = desired(a=PeerConfig(PEER_A, None, frozenset({"10.1.0.0/24"})))
     spec = {
         "ifname": backend.ifname, "netns": ns, "log": str(lab.tmp / "agent.log"),
+        "binary": wireguard_go(),
         "key": want.private_key_b64, "port": want.listen_port,
         "peers": {k: sorted(p.allowed_ips) for k, p in want.peers.items()},
     }

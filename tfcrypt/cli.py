@@ -273,7 +273,7 @@ async def _run_agent(cfg: AgentConfig) -> None:
         from tfcrypt.wireguard.userspace import UserspaceBackend
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         backend = UserspaceBackend(
-            cfg.interface,
+            cfg.interface, binary=cfg.wireguard_go,
             log_path=cfg.wireguard_log or Path(cfg.state_dir) / "wireguard-go.log")
     else:
         from tfcrypt.wireguard.kernel import KernelBackend

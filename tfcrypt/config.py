@@ -48,6 +48,8 @@ from tfcrypt.config_values import (
     one_of,
     optional,
     prefix_problem,
+    program_problem,
+    runnable_problem,
     single_bit_problem,
     socket_path_problem,
     spiffe_ids_problem,
@@ -98,6 +100,7 @@ class AgentConfig:
     log_format: str = "text"
     log_level: str = "info"
     wireguard_log: str | None = None
+    wireguard_go: str = "wireguard-go"
     infrastructure_cidrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -209,6 +212,10 @@ KEYS: tuple[Key, ...] = (
     Key("log_level", "log_level", as_str, one_of(*LOG_LEVELS), "debug, info, warning, error"),
     Key("wireguard_log", "wireguard_log", optional(as_str), absolute_problem,
         "file for wireguard-go's output (default: in the state dir)"),
+    Key("wireguard_go", "wireguard_go", as_str, program_problem,
+        "the wireguard-go program the userspace backend starts: a name looked up on PATH "
+        "or an absolute path, e.g. a current build (docs/wireguard.md \"Which "
+        "wireguard-go\"); checked when the backend is userspace"),
     Key("infrastructure_cidrs", "infrastructure_cidrs", as_list, cidrs_problem,
         "addresses or CIDRs no workload may claim for selection and that are never "
         "classified (API server, SPIRE, the underlay subnet); every node's address, this "
@@ -294,6 +301,11 @@ def agent_config(flags: Mapping[str, object], env: Mapping[str, str] | None = No
             problem := clash_problem(mark, mask)) is not None:
         key = "mark" if foreign_clashes(mark) else "mark_mask"
         raise ConfigError(f"{origin.get(key, origin.get('mark', key))}: {problem}")
+    if values.get("backend", AgentConfig.backend) == "userspace" and (
+            problem := runnable_problem(values.get("wireguard_go",
+                                                   AgentConfig.wireguard_go))) is not None:
+        raise ConfigError(f"{origin.get('wireguard_go', 'wireguard_go')}: {problem} (the "
+                          "userspace backend runs it; set wireguard_go, docs/wireguard.md)")
     return AgentConfig(**values)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -193,6 +194,30 @@ def state_dir_problem(v: str) -> str | None:
         return problem
     if os.path.lexists(v) and not os.path.isdir(v):
         return f"{_x(v)} exists and is not a directory"
+    return None
+
+
+def program_problem(v: str) -> str | None:
+    """Why `v` cannot name a program: a relative path would depend on the agent's cwd."""
+    if not v.strip() or "\0" in v:
+        return f"{_x(v)} is not a program name or path"
+    if "/" in v and not v.startswith("/"):
+        return f"{_x(v)} is neither a program name (looked up on PATH) nor an absolute path"
+    return None
+
+
+def runnable_problem(v: str) -> str | None:
+    """Why the program `v` cannot be started here: not on PATH, missing, not a file, not
+    executable. Checked only where it will run (the userspace backend's wireguard-go),
+    so a kernel-backend node needs no wireguard-go at all."""
+    if "/" not in v:
+        return None if shutil.which(v) else f"{_x(v)} is not on PATH"
+    if not os.path.exists(v):
+        return f"{_x(v)} does not exist"
+    if not os.path.isfile(v):
+        return f"{_x(v)} is not a file"
+    if not os.access(v, os.X_OK):
+        return f"{_x(v)} is not executable"
     return None
 
 
