@@ -63,9 +63,10 @@ NS = kubelet.POD_NAMESPACE
 METRICS_PORTS = {"ctl-a": 9471, "ctl-b": 9472, "ctl-c": 9473, "ctl-f": 9474}
 
 
-def start_controller(lab: Lab, name: str) -> ProcessRecord:
+def start_controller(lab: Lab, name: str, watch_timeout: int | None = None) -> ProcessRecord:
     """A replica with its own metrics port (replicas share the controller namespace)."""
-    return controllers.start_controller(lab, name, metrics_port=METRICS_PORTS[name])
+    return controllers.start_controller(lab, name, metrics_port=METRICS_PORTS[name],
+                                        watch_timeout=watch_timeout)
 
 
 def revisions(lab: Lab, prefix: str = "") -> dict[str, int]:
