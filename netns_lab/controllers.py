@@ -21,10 +21,12 @@ def log_name(identity: str) -> str:
     return f"{WHAT}-{identity}.log"
 
 
-def start_controller(lab: Lab, identity: str, *,
-                     metrics_port: int | None = None) -> ProcessRecord:
+def start_controller(lab: Lab, identity: str, *, metrics_port: int | None = None,
+                     watch_timeout: int | None = None) -> ProcessRecord:
     """Start one replica named `identity` (its Lease holder name and its log's name),
-    leader election on (the default: one replica takes the Lease)."""
+    leader election on (the default: one replica takes the Lease). `watch_timeout`:
+    `--watch-timeout` (default the controller's own, 240 s): a fault test shortens it so
+    watches end and resume from their last resourceVersion while it watches."""
     st = lab.status()
     argv = [sys.executable, "-m", "tfcrypt", "controller", "run",
             "--kubeconfig", str(kube.kubeconfig(lab.layout, "controller")),
@@ -32,7 +34,8 @@ def start_controller(lab: Lab, identity: str, *,
             "--spiffe-socket", st["controller"]["spiffe_socket"],
             *(["--etcd-tls"] if st["etcd"].get("tls") else []),
             "--identity", identity, "--log-level", "info",
-            *(["--metrics-port", str(metrics_port)] if metrics_port is not None else [])]
+            *(["--metrics-port", str(metrics_port)] if metrics_port is not None else []),
+            *(["--watch-timeout", str(watch_timeout)] if watch_timeout is not None else [])]
     return lab.start_process(WHAT, argv, target="controller",
                              extra_prefix=lab.identity_prefix(),
                              log_name=log_name(identity))

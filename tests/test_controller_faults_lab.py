@@ -5,12 +5,16 @@ real kube-apiserver, real etcd, real agents, one lab for the module.
   the underlay loses nothing and shows no plaintext), etcd's records keep their mod
   revisions (the controller deletes nothing when its watches break, even through a
   periodic pass on its stale caches), and when the server returns the controller relists
-  every kind and a `kubectl label pod` made after the return reaches etcd.
-  The issue says 30 s; 12 s proves the same: it spans one RESYNC period (10 s) of the
-  controller's periodic pass over etcd and several relist retries (2 s each).
+  every kind and a `kubectl label pod` made after the return reaches etcd. Down for the
+  issue's 30 s: three RESYNC periods (10 s) of the controller's periodic pass over etcd
+  and many relist retries (2 s each).
 - tfcrypt's etcd down: a `kubectl label pod` made meanwhile is retried (failed passes
   logged and counted), the controller does not crash, and the record catches up when
   etcd returns.
+- A real 410 Gone: the controller's watches end every WATCH_TIMEOUT_S and resume from
+  their last resourceVersion; resumed from one the restarted server no longer holds,
+  the pods watch gets a 410 from the real server, the controller relists (reason
+  `watch-gap`) and publishes the change made meanwhile.
 Counters are read from the controller's log: every `listed ... (reason)` line is one
 increment of tfcrypt_controller_resyncs_total{kind,reason} and every `reconcile failed`
 line one of tfcrypt_controller_errors_total (tfcrypt/controller/kube.py, run.py).
@@ -49,7 +53,8 @@ from netns_lab.wire import capture, count_packets
 
 pytestmark = pytest.mark.lab
 
-OUTAGE = 12  # seconds: > the controller's RESYNC (10 s), see the module docstring
+OUTAGE = 30  # seconds: the issue's "kube-apiserver down for 30 s"
+WATCH_TIMEOUT_S = 3  # the controller's --watch-timeout here: watches end and resume
 INTERVAL = 0.2
 
 
@@ -68,7 +73,7 @@ def flab() -> Iterator[Lab]:
     with running_lab(nodes=2, workloads_per_node=2, kubernetes=True) as lab:
         kubelet.put_pods(lab, {w: kubelet.labels_for_tags(t) for w, t in TAGS.items()})
         agents.start_all(lab)
-        start_controller(lab, "ctl-f")
+        start_controller(lab, "ctl-f", watch_timeout=WATCH_TIMEOUT_S)
         kube.kubectl(lab, "apply", "-f", "-", input=yaml.safe_dump(POLICY))
         want = {f"workloads/{node_of(w)}/{NS}.{w}" for w in TAGS} | {"policies/payments-db"}
         wait_for("the controller to publish every pod and the policy",
@@ -106,7 +111,9 @@ def test_api_server_down_keeps_traffic_and_records_then_the_controller_resyncs(
     wait_for("the controller to relist every kind", lambda: {
         m.group(1) for m in relisted.finditer(controller_log(flab, "ctl-f")[mark:])} == {
         "pods", "namespaces", "encryptionpolicies"}, timeout=60)
-    assert revisions(flab) == before, "the resync rewrote records that were right"
+    after = revisions(flab)
+    assert after == before, ("the resync rewrote records that were right: "
+                             f"{after}\n{controller_log(flab, 'ctl-f')[mark:]}")
     key = f"workloads/n2/{NS}.n2-w2"
     kube.kubectl(flab, "label", "pod", "n2-w2", "-n", NS, "tier=web", "--overwrite")
     wait_for("the label made after the return to reach etcd",
@@ -141,21 +148,27 @@ def kube_etcdctl(lab: Lab, *args: str) -> str:
                                            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}).stdout
 
 
-def test_a_gap_over_a_compacted_revision_relists_and_keeps_the_change_made_meanwhile(
+def test_a_real_410_watch_gap_relists_and_keeps_the_change_made_meanwhile(
         flab: Lab) -> None:
-    """The controller is stopped (SIGSTOP) while a pod changes, the API server's etcd is
-    compacted at its current revision and the API server restarted (its watch cache,
-    which could still serve the old revision, is gone). Continued, the controller finds
-    its watch streams broken (the restarted server cut them: ClientPayloadError, not a
-    410), relists every kind, and publishes the change made while it was stopped.
-    Not proven here: the 410 path itself (kube.py's `watch-gap`): a watch resumed from a
-    compacted revision needs a stream that ended cleanly (the server's 240 s watch
-    timeout) before the restart; this sequence does not produce one (docs/controller.md)."""
+    """A real 410 Gone from the real kube-apiserver, and the relist it causes.
+    The controller (its watches end every WATCH_TIMEOUT_S, then resume from the last
+    resourceVersion seen) is frozen (SIGSTOP) long enough for the server to end every
+    watch stream it holds: the end sits unread in its sockets, no stream is open. Then
+    a pod changes, the API server's etcd is compacted at its current revision, and the
+    API server restarts (its watch cache, which could still serve the old revision, is
+    rebuilt from a fresh list). Continued, the controller reads each stream's clean end
+    and resumes the watch from its old resourceVersion: the server answers 410 (too old
+    for the new cache; for etcd, compacted), the controller relists (reason
+    `watch-gap`) and publishes the change made while it was frozen."""
     ctl = the_controller(flab)
     key = f"workloads/n2/{NS}.n2-w1"
     mark = len(controller_log(flab, "ctl-f"))
+    rev_before = revisions(flab)[key]
     os.kill(ctl.pid, signal.SIGSTOP)
     try:
+        # the server ends each stream WATCH_TIMEOUT_S after it began (after the last
+        # resume): nothing outside the frozen process can see that happen, hence a pause
+        time.sleep(WATCH_TIMEOUT_S + 2)
         kube.kubectl(flab, "label", "pod", "n2-w1", "-n", NS, "tier=gap", "--overwrite")
         header = json.loads(kube_etcdctl(flab, "endpoint", "status", "-w", "json"))
         kube_etcdctl(flab, "compact", str(header[0]["Status"]["header"]["revision"]))
@@ -163,13 +176,18 @@ def test_a_gap_over_a_compacted_revision_relists_and_keeps_the_change_made_meanw
         kube.apiserver_start(flab)
     finally:
         os.kill(ctl.pid, signal.SIGCONT)
-    relisted = re.compile(r"listed \d+ (pods|namespaces|encryptionpolicies) \((?!start)")
+    gap = re.compile(r"pods: watch-gap \((.*)\): relisting")
+    relisted = re.compile(r"listed \d+ pods \(watch-gap\)")
     try:
-        wait_for("the controller to relist every kind", lambda: {
-            m.group(1) for m in relisted.finditer(controller_log(flab, "ctl-f")[mark:])} == {
-            "pods", "namespaces", "encryptionpolicies"}, timeout=60)
-        wait_for("the change made while stopped to reach etcd",
+        wait_for("the pods' watch to meet a 410 and relist", lambda: gap.search(
+            log := controller_log(flab, "ctl-f")[mark:]) and relisted.search(log),
+            timeout=60)
+        wait_for("the change made while frozen to reach etcd",
                  lambda: "tier=gap" in (tags_of(flab, key) or []), timeout=30)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{controller_log(flab, 'ctl-f')[mark:]}") from None
+    log = controller_log(flab, "ctl-f")[mark:]
+    print(f"the server's answer: {gap.search(log).group(1)}")  # type: ignore[union-attr]
+    assert "pods: ClientPayloadError" not in log, log  # the stream had ended, not broken
+    assert revisions(flab)[key] > rev_before  # etcdctl: the record was rewritten
     assert is_running(ctl)

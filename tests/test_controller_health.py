@@ -196,3 +196,29 @@ def test_a_bad_config_value_names_the_file_and_key(tmp_path: Path) -> None:
     cfg.write_text("etcd: [ftp://x]\n")
     with pytest.raises(ConfigError, match=r"tfcrypt.yaml: etcd"):
         etcd_settings(run_args("--config", str(cfg)), {})
+
+
+# -- --watch-timeout ------------------------------------------------------------------------
+
+def test_watch_timeout_reaches_every_watch_and_the_help_names_the_default(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--watch-timeout is how the lab meets a real 410 (test_controller_faults_lab.py);
+    its help states the default without importing kube.py, so this keeps them equal."""
+    from kubernetes_asyncio import client
+
+    from tfcrypt.controller import kube
+
+    async def timeouts(value: int | None) -> set[int]:
+        async with client.ApiClient() as api:
+            return {k.watch_timeout for k in
+                    kube.Cluster(api, lambda: None, watch_timeout=value).kinds}
+
+    assert run_args().watch_timeout is None
+    assert asyncio.run(timeouts(None)) == {kube.WATCH_TIMEOUT}
+    assert asyncio.run(timeouts(run_args("--watch-timeout", "3").watch_timeout)) == {3}
+    with pytest.raises(SystemExit):
+        run_args("--watch-timeout", "0")
+    assert "must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_args("--help")
+    assert f"Default {kube.WATCH_TIMEOUT};" in " ".join(capsys.readouterr().out.split())

@@ -15,6 +15,9 @@ Rules:
 - With --no-leader-election exactly one replica may run; the Deployment runs two with
   the Lease.
 - --metrics-port serves /metrics, /healthz and /readyz (health.py: the probes).
+- --watch-timeout is the server-side end of each watch (kube.py): a production value
+  has no reason to change; the lab shortens it to make a watch resume from an old
+  resourceVersion, the one way to meet a real 410.
 """
 
 from __future__ import annotations
@@ -63,6 +66,12 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
                           "this port (default: off)")
     run.add_argument("--metrics-address", default="127.0.0.1",
                      help="address for --metrics-port (default %(default)s)")
+    run.add_argument("--watch-timeout", type=_positive_int, metavar="SECONDS",
+                     default=None,  # kube.WATCH_TIMEOUT: not imported here (slow import)
+                     help="ask the API server to end each watch after this long; the "
+                          "controller then watches again from the last resourceVersion it "
+                          "saw (a 410 Gone there is a relist, reason watch-gap). Default "
+                          "240; the lab's fault test shortens it")
     common(run)
     # None = not given, so --config can supply them (the help keeps the default's text)
     run.set_defaults(prefix=None, etcd_server_name=None)
@@ -72,6 +81,13 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
     run.add_argument("--controller-id", action="append", default=None,
                      help="SPIFFE IDs allowed to write workloads and policies "
                           "(default spiffe://<trust-domain>/tfcrypt/controller)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
 
 
 FILE_KEYS = ("etcd", "etcd_tls", "etcd_server_name", "prefix", "infrastructure_cidrs")
@@ -144,7 +160,8 @@ async def run(args: argparse.Namespace, endpoints: tuple[str, ...], tls: bool,
         tasks: list[asyncio.Task[None]] = []
         controller = Controller(s, None, args.spiffe_socket,  # type: ignore[arg-type]
                                 tls=tls, infrastructure=infrastructure, health=health)
-        controller.cluster = Cluster(api, controller.changed)
+        controller.cluster = Cluster(api, controller.changed,
+                                     watch_timeout=args.watch_timeout)
         health.ready = lambda: controller.cluster.synced
         if not args.no_leader_election:
             from tfcrypt.controller.election import Elector

@@ -30,7 +30,8 @@ from tfcrypt.controller import metrics
 log = logging.getLogger("tfcrypt.controller")
 
 GROUP, VERSION, PLURAL = "tfcrypt.io", "v1alpha1", "encryptionpolicies"
-WATCH_TIMEOUT = 240  # seconds; the server ends the watch, we resume from the last revision
+WATCH_TIMEOUT = 240  # seconds (--watch-timeout, whose help names it); the server ends
+#   the watch, we resume from the last revision
 RETRY = 2.0
 
 
@@ -44,8 +45,10 @@ class KindCache:
     """One kind's objects by `namespace/name` (or `name`), kept by list + watch."""
 
     def __init__(self, kind: str, lister: Callable[..., Awaitable[Any]],
-                 changed: Callable[[], None], resyncs: Counter[str]) -> None:
+                 changed: Callable[[], None], resyncs: Counter[str],
+                 watch_timeout: int = WATCH_TIMEOUT) -> None:
         self.kind = kind
+        self.watch_timeout = watch_timeout
         self.objects: dict[str, dict[str, Any]] = {}
         self.listed = asyncio.Event()
         self._lister = lister
@@ -90,7 +93,7 @@ class KindCache:
             w = watch.Watch(return_type="object")  # the JSON as sent, no model objects
             async with w:
                 async for event in w.stream(self._lister, resource_version=rv,
-                                            timeout_seconds=WATCH_TIMEOUT,
+                                            timeout_seconds=self.watch_timeout,
                                             allow_watch_bookmarks=True):
                     obj = event["raw_object"]
                     rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
@@ -106,17 +109,19 @@ class KindCache:
 class Cluster:
     """The three caches the controller reconciles from."""
 
-    def __init__(self, api: client.ApiClient, changed: Callable[[], None]) -> None:
+    def __init__(self, api: client.ApiClient, changed: Callable[[], None], *,
+                 watch_timeout: int | None = None) -> None:
         core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.resyncs: Counter[str] = Counter()
-        self.pods = KindCache("pods", core.list_pod_for_all_namespaces, changed, self.resyncs)
-        self.namespaces = KindCache("namespaces", core.list_namespace, changed, self.resyncs)
+        w = watch_timeout or WATCH_TIMEOUT
+        self.pods = KindCache("pods", core.list_pod_for_all_namespaces, changed, self.resyncs, w)
+        self.namespaces = KindCache("namespaces", core.list_namespace, changed, self.resyncs, w)
 
         async def list_policies(**kw: Any) -> Any:
             return await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kw)
 
-        self.policies = KindCache(PLURAL, list_policies, changed, self.resyncs)
+        self.policies = KindCache(PLURAL, list_policies, changed, self.resyncs, w)
         self.kinds = (self.pods, self.namespaces, self.policies)
 
     @property
