@@ -9,7 +9,9 @@ Rules:
   broken watch is a full relist: the cache is replaced by the listing, so objects deleted
   during the gap disappear too. Each is counted (`resyncs`) and logged.
 - The API server being down changes nothing in etcd: the caches keep the last listing,
-  the reconciler keeps the records, and the loop relists when the server is back.
+  the reconciler keeps the records, and the loop relists when the server is back. A
+  listing answered with an error status (a starting server's 503) or with something
+  that is no list is an error, never an empty cache.
 - `synced` is set once every kind has been listed: before that the controller writes
   nothing (an empty cache would otherwise delete every record it owns).
 """
@@ -57,7 +59,17 @@ class KindCache:
 
     async def _list(self) -> str:
         resp = await self._lister(_preload_content=False)
+        # Without preloading the client does not raise on an error status: a 503 from a
+        # starting API server is a Status object with no items, which read as "no pods"
+        # would delete every record the controller owns. The cache keeps its last listing.
+        if not 200 <= resp.status <= 299:
+            body = (await resp.read()).decode(errors="replace")[:300]
+            raise ApiException(status=resp.status, reason=f"list {self.kind}: {body}")
         doc = await resp.json()
+        if not isinstance(doc, dict) or not isinstance(doc.get("items", []), list) \
+                or not str(doc.get("kind", "")).endswith("List"):
+            raise ApiException(status=resp.status,
+                               reason=f"list {self.kind}: not a list: {str(doc)[:300]}")
         self.objects = {_key(o): o for o in doc.get("items") or []}
         self.listed.set()
         self._changed()
