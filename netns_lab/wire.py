@@ -77,3 +77,12 @@ def count_packets(path: Path, bpf: str) -> int:
     out = subprocess.run(["tcpdump", "-n", "-r", str(path), bpf], capture_output=True,
                          text=True, check=True).stdout
     return len(out.splitlines())
+
+
+def syn_mss(path: Path, bpf: str) -> list[int]:
+    """The MSS option of every TCP SYN and SYN-ACK in a capture that matches `bpf`, in
+    capture order (tcpdump prints the options as `[mss 1380,sackOK,...]`)."""
+    out = subprocess.run(["tcpdump", "-n", "-r", str(path),
+                          f"({bpf}) and tcp[tcpflags] & tcp-syn != 0"],
+                         capture_output=True, text=True, check=True).stdout
+    return [int(m) for m in re.findall(r"\bmss (\d+)", out)]

@@ -254,7 +254,9 @@ def test_audit_mode_swaps_rules_without_touching_sets() -> None:
     assert {(v, k) for v, k, _ in commands} == {("add", "rule"), ("delete", "rule")}
     # the class rules return instead of going to `selected`, which loses its rules
     assert {n for _, _, n in commands} == {"out_ca", "in_ca", "out_cb", "in_cb", "selected"}
-    assert '"mangle"' not in text and '"fib"' not in text
+    # no mark is set (the tunnel's MSS clamp, a mangle of the TCP option, stays)
+    assert '"mangle": {"key": {"meta"' not in text and '"fib"' not in text
+    assert '"mangle": {"key": {"tcp option"' in text
     assert text.count('"drop"') == 1
     assert '"ingress_audit"' in text
 

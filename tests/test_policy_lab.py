@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from conftest import running_lab
-from labtools import PREFIX, agent_status, etcdctl, remove_node, sign_as, wait_for, wg_peers
+from labtools import PREFIX, agent_status, etcdctl, remove_node, run_in, sign_as, wait_for, wg_peers
 
 from netns_lab import Lab, agents, inventory
-from netns_lab.wire import capture, count_packets, ping
+from netns_lab.wire import capture, count_packets, ping, syn_mss
 from tfcrypt.core.selection import is_selected_pairwise
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import parse_policy_document
@@ -160,6 +160,90 @@ def test_the_split_follows_policy_changes_and_deletion(lab: Lab, tmp_path: Path)
     inventory.apply_policy(lab, EXAMPLES / "payments.yaml")
     wait_for("agents to enforce payments again", lambda: converged(lab, POLICIES), timeout=5)
     assert_split(lab, POLICIES, tmp_path / "reapplied.pcap")
+
+
+STREAM = Path(__file__).parent / "lab_scripts" / "stream.py"
+
+
+def _flow_seen(lab: Lab, pcap: Path, bpf: str, seconds: float) -> tuple[int, int]:
+    """(plaintext packets matching `bpf`, WireGuard packets) on the underlay for a while."""
+    with capture(lab, pcap):
+        time.sleep(seconds)
+    return count_packets(pcap, bpf), count_packets(pcap, "udp port 51820")
+
+
+def test_a_connection_open_across_policy_changes_moves_into_the_tunnel_and_out(
+        lab: Lab, tmp_path: Path) -> None:
+    """Classification is per packet: one TCP connection, opened while its pair is not
+    selected, goes inside WireGuard once the policy selecting it is enforced, and back to
+    plaintext once it is deleted, without a reset or a lost line (issue #18 item 2: a
+    verdict must never stay with a connection after its policy changed)."""
+    wls = workloads(lab)
+    a, b = wls["n1-w1"].ips[0], wls["n2-w3"].ips[0]       # payments -> web: payments only
+    flow = f"tcp port 7101 and host {a} and host {b}"
+    inventory.delete_policy(lab, "payments")
+    wait_for("agents to drop the payments policy",
+             lambda: converged(lab, ("shop-db-same-site.yaml",)), timeout=5)
+    stop = tmp_path / "stop"
+    server = subprocess.Popen([*lab.exec_prefix("n2-w3"), sys.executable, str(STREAM),
+                               "serve", "7101"], stdout=subprocess.PIPE, text=True)
+    sender = None
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        sender = subprocess.Popen([*lab.exec_prefix("n1-w1"), sys.executable, str(STREAM),
+                                   "send", b, "7101", str(stop)],
+                                  stdout=subprocess.PIPE, text=True)
+        plain, _ = _flow_seen(lab, tmp_path / "before.pcap", flow, 1.0)
+        assert plain > 0, "the unselected connection was not seen in plaintext"
+
+        inventory.apply_policy(lab, EXAMPLES / "payments.yaml")
+        wait_for("agents to enforce payments", lambda: converged(lab, POLICIES), timeout=5)
+        plain, tunnel = _flow_seen(lab, tmp_path / "selected.pcap", flow, 1.5)
+        assert plain == 0, f"{plain} plaintext packets of the now selected connection"
+        assert tunnel > 0
+
+        inventory.delete_policy(lab, "payments")
+        wait_for("agents to drop payments again",
+                 lambda: converged(lab, ("shop-db-same-site.yaml",)), timeout=5)
+        plain, _ = _flow_seen(lab, tmp_path / "unselected.pcap", flow, 1.0)
+        assert plain > 0, "the connection did not leave the tunnel once unselected"
+    finally:
+        stop.touch()
+        sent_out = sender.communicate(timeout=15)[0] if sender is not None else ""
+        got_out = server.communicate(timeout=15)[0]
+        inventory.apply_policy(lab, EXAMPLES / "payments.yaml")
+        wait_for("agents to enforce payments again", lambda: converged(lab, POLICIES),
+                 timeout=5)
+    assert sender.returncode == 0, sent_out
+    got, sent = json.loads(got_out), json.loads(sent_out)
+    assert got == {"lines": sent["sent"], "in_order": True}
+
+
+def test_a_selected_connection_offers_the_tunnels_mss_and_an_unselected_one_its_own(
+        lab: Lab, tmp_path: Path) -> None:
+    """SYNs leaving by the tunnel are clamped to its route's MSS (1420 - 40), so a selected
+    connection never waits for ICMP frag-needed; an unselected one keeps the 1460 its
+    1500-byte veth gives. Seen where the peer receives the SYN and the SYN-ACK."""
+    wls = workloads(lab)
+    a, c, b = wls["n1-w1"].ips[0], wls["n1-w2"].ips[0], wls["n2-w3"].ips[0]
+    mtu = int(json.loads(subprocess.run(
+        [*lab.exec_prefix("n1"), "ip", "-j", "link", "show", "tfcrypt0"],
+        capture_output=True, text=True, check=True).stdout)[0]["mtu"])
+    stop = tmp_path / "stop"
+    stop.touch()                       # the sender connects, sends nothing, closes
+    at_b, at_a = tmp_path / "at_b.pcap", tmp_path / "at_a.pcap"
+    with capture(lab, at_b, "tcp port 7102", target="n2-w3"), \
+            capture(lab, at_a, "tcp port 7102", target="n1-w1"):
+        for src in ("n1-w1", "n1-w2"):                   # selected, then unselected
+            server = subprocess.Popen([*lab.exec_prefix("n2-w3"), sys.executable,
+                                       str(STREAM), "serve", "7102"],
+                                      stdout=subprocess.PIPE, text=True)
+            assert server.stdout is not None and server.stdout.readline().strip()
+            run_in(lab, src, [sys.executable, str(STREAM), "send", b, "7102", str(stop)])
+            server.communicate(timeout=15)
+    assert syn_mss(at_b, f"src host {a}") == [mtu - 40]         # the SYN, via the tunnel
+    assert syn_mss(at_a, f"dst host {a}") == [mtu - 40]         # the SYN-ACK, via n2's
+    assert syn_mss(at_b, f"src host {c}") == [1460]             # plaintext: as offered
 
 
 def test_explain_and_plan_tell_the_operator(lab: Lab) -> None:

@@ -18,6 +18,9 @@ Rules of this module:
   (~20-30 at that scale), independent of the number of workloads.
 - The egress guard drops a packet carrying our mark that is about to leave by any
   interface but the tunnel.
+- TCP SYNs leaving by the tunnel get their MSS clamped to the tunnel's route (`rt mtu`),
+  in the egress guard's chain (postrouting: the route is known), so selected connections
+  never depend on ICMP frag-needed (issue #18 item 2).
 - Anti-spoofing on the selected path: a class chain's match does not mark by itself, it
   `goto`s the `selected` chain, whose first rule drops (counted in `spoof_drops`) a
   packet whose source address does not route back through the interface it arrived on
@@ -159,4 +162,25 @@ def base_rules(d: NftDesired, mask: int) -> list[RuleSpec]:
             {"drop": None},
         )
     )
+    rules.append(_mss_clamp(d.wg_ifname))
     return rules
+
+
+def _mss_clamp(wg_ifname: str) -> RuleSpec:
+    """`oifname WG tcp flags syn / syn,rst tcp option maxseg size set rt mtu`.
+
+    A workload behind a 1500-byte veth offers MSS 1460, and its selected packets then
+    meet the tunnel's 1420: without this the connection depends on ICMP frag-needed
+    reaching the workload (a firewall that drops ICMP stalls it). `rt mtu` is the MSS of
+    the route the SYN takes (its MTU less the IPv4 or IPv6 and TCP headers), and the kernel
+    only ever lowers an MSS option, never raises it. Only SYNs leaving by the tunnel are
+    touched: unselected connections keep what they offered. A connection that becomes
+    selected after its handshake keeps its MSS and relies on path MTU discovery."""
+    return _rule(
+        EGRESS_GUARD,
+        _match("==", _meta("oifname"), wg_ifname),
+        _match("==", {"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
+                            ["syn", "rst"]]}, "syn"),
+        {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}},
+                    "value": {"rt": {"key": "mtu"}}}},
+    )
