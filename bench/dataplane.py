@@ -299,6 +299,63 @@ async def start_tfcrypt(pair: Pair, selected: bool, elements: int,
             "selected_pairs_a": a.selected_pair_count}
 
 
+# --- D2's ablations: what each part of tfcrypt costs the unselected flow ------------------
+
+CT_ORIGINAL, CT_REPLY = 0x00400000, 0x00800000
+"""ct mark bits of the verdict-cache prototype: "this direction was classified clean"."""
+
+
+def ablate_rules(pair: Pair) -> None:
+    """`a2`: tfcrypt's ip rules deleted on both nodes (the unselected flow never needed
+    them; the selected path would be broken): what the FIB's custom-rule walk costs."""
+    config = RoutingConfig(ifname=pair.wg[0])
+    ours = {str(config.tunnel_table), str(config.failclosed_table)}
+    for node in pair.nodes:
+        for fam in ("-4", "-6"):
+            rules = json.loads(sh("ip", "-j", fam, "rule", "show", netns=node) or "[]")
+            for rule in rules:
+                if rule.get("table") in ours:
+                    sh("ip", fam, "rule", "del", "priority", str(rule["priority"]), netns=node)
+        left = [r for fam in ("-4", "-6")
+                for r in json.loads(sh("ip", "-j", fam, "rule", "show", netns=node) or "[]")
+                if r.get("table") in ours]
+        if left:
+            raise RuntimeError(f"{node}: tfcrypt's ip rules still there: {left}")
+
+
+def ablate_ct_cache(pair: Pair) -> None:
+    """`k2`: a conntrack verdict cache added by hand to tfcrypt's table, a prototype of
+    issue #18's "classify a flow once": the first packet of each direction that is
+    neither marked nor dropped (and did not come out of the tunnel) sets a ct mark bit
+    for its direction, and later packets of that direction return at the head of
+    prerouting. It measures what skipping the lookups would gain; it is not what tfcrypt
+    runs (bench/README.md says why: invalidation on policy change, NAT's two tuples)."""
+    wg = pair.wg
+    mark = f"0x{RoutingConfig(ifname=wg[0]).mark:08x}"
+    for node, ifname in zip(pair.nodes, wg, strict=True):
+        script = "".join(
+            f"insert rule inet tfcrypt prerouting ct direction {d} "
+            f"ct mark & 0x{bit:08x} == 0x{bit:08x} counter return\n"
+            f"add rule inet tfcrypt prerouting meta mark & {mark} != {mark} "
+            f"iifname != \"{ifname}\" ct direction {d} ct mark set ct mark | 0x{bit:08x}\n"
+            for d, bit in (("original", CT_ORIGINAL), ("reply", CT_REPLY)))
+        subprocess.run(["ip", "netns", "exec", node, "nft", "-f", "-"], input=script.encode(),
+                       check=True)
+
+
+def ct_cache_hits(pair: Pair) -> dict[str, int]:
+    """Packets that returned at the head of prerouting on the cache, per node: proof that
+    the prototype was exercised (the counters on its two head rules)."""
+    hits = {}
+    for node in pair.nodes:
+        listing = json.loads(sh("nft", "-j", "list", "chain", "inet", "tfcrypt", "prerouting",
+                                netns=node))["nftables"]
+        hits[node] = sum(e["counter"]["packets"] for item in listing if "rule" in item
+                         for e in item["rule"]["expr"] if "counter" in e
+                         and isinstance(e["counter"], dict) and "packets" in e["counter"])
+    return hits
+
+
 # --- the D1 baseline: wireguard-go configured by hand ------------------------------------
 
 @dataclass
@@ -564,11 +621,13 @@ def run_rounds(comparisons: tuple[Comparison, ...], args: argparse.Namespace,
 
 def run(args: argparse.Namespace) -> int:
     prefix = run_prefix("tfd")
-    t1, r1, t2, p2, t3, t4, c2, t0, r0 = (
-        Pair(tag, prefix) for tag in ("t1", "r1", "t2", "p2", "t3", "t4", "c2", "t0", "r0"))
+    t1, r1, t2, p2, t3, t4, c2, t0, r0, a2, k2 = (
+        Pair(tag, prefix) for tag in ("t1", "r1", "t2", "p2", "t3", "t4", "c2", "t0", "r0",
+                                      "a2", "k2"))
     debian = args.debian and shutil.which(DEBIAN_WIREGUARD_GO) is not None
+    ablated = (a2, k2) if args.ablate else ()
     pairs = (t1, r1, t2, p2, t3, t4, *((c2,) if args.control else ()),
-             *((t0, r0) if debian else ()))
+             *((t0, r0) if debian else ()), *ablated)
     comparisons = (
         Comparison("D1", t1, r1, ("tfcrypt", "raw"),
                    "selected flow, tfcrypt's tunnel vs wireguard-go by hand"),
@@ -583,7 +642,14 @@ def run(args: argparse.Namespace) -> int:
                    "IPs vs none", goal=0.97, label="selected_"),
         *((Comparison("D2", c2, p2, ("plain2", "plain"),
                       "control: two identical plain labs (the noise floor)", True),)
-          if args.control else ()))
+          if args.control else ()),
+        *((Comparison("D2", a2, p2, ("norules", "plain"),
+                      "ablation: D2's tfcrypt lab without its ip rules vs no tfcrypt",
+                      goal=None, label="ablate_norules_"),
+           Comparison("D2", k2, p2, ("ctcache", "plain"),
+                      "ablation: D2's tfcrypt lab with a conntrack verdict cache "
+                      "prototype vs no tfcrypt", goal=None, label="ablate_ctcache_"))
+          if args.ablate else ()))
     values: dict[tuple[str, str, str], list[float]] = {}
     detail: list[dict[str, object]] = []
     setup: dict[str, object] = {}
@@ -618,6 +684,12 @@ def run(args: argparse.Namespace) -> int:
                 if debian:
                     setup["t0"] = loop.run_until_complete(
                         start_tfcrypt(t0, True, 0, tfcrypt_nodes, DEBIAN_WIREGUARD_GO))
+                for p in ablated:
+                    setup[p.tag] = loop.run_until_complete(
+                        start_tfcrypt(p, False, args.elements, tfcrypt_nodes))
+                if args.ablate:
+                    ablate_rules(a2)
+                    ablate_ct_cache(k2)
                 for hand in hands:
                     hand.start()
                 setup["total_s"] = round(time.perf_counter() - t, 2)
@@ -627,9 +699,12 @@ def run(args: argparse.Namespace) -> int:
                     if p is not t4:
                         p.iperf3("tcp1", 1)
                 run_rounds(comparisons, args, values, detail)
-                counters = {p.tag: lab_counters(p, p in (t0, t1, r0, r1, t2, t3, t4),
-                                                p in (t0, t1, t2, t3, t4))
+                tunnels = (t0, t1, r0, r1, t2, t3, t4, *ablated)
+                counters = {p.tag: lab_counters(p, p in tunnels,
+                                                p in (t0, t1, t2, t3, t4, *ablated))
                             for p in pairs}
+                if args.ablate:
+                    counters["k2_cache_hits"] = ct_cache_hits(k2)
             finally:
                 for hand in hands:
                     hand.stop()
@@ -698,6 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-debian", dest="debian", action="store_false",
                         help="leave out D1.debian_* (D1 on Debian's 2022 wireguard-go, "
                              "side by side with the current build)")
+    parser.add_argument("--no-ablate", dest="ablate", action="store_false",
+                        help="leave out D2.ablate_* (D2's lab without tfcrypt's ip rules, "
+                             "and with a conntrack verdict cache prototype)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.rounds = args.rounds or (1 if quick else 5)
