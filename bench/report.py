@@ -127,7 +127,10 @@ def plot_ratios(latest: Json, out: Path) -> bool:
     high = [f["max"] - f["value"] for _, f in figs]
     colors = ["tab:green" if f.get("pass") else "tab:red" if f.get("pass") is False
               else "tab:gray" for _, f in figs]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    builds = _builds(latest)
+    fig, axes = plt.subplots(1, 2 if builds else 1, figsize=(14 if builds else 9, 4.5),
+                             width_ratios=(2, 1) if builds else None, squeeze=False)
+    ax = axes[0][0]
     ax.bar(names, values, yerr=[low, high], color=colors, capsize=3)
     ax.axhline(0.95, color="black", linestyle="--", linewidth=0.8, label="goal 0.95 (D1, D2)")
     ax.axhline(0.97, color="gray", linestyle=":", linewidth=0.8, label="goal 0.97 (D3)")
@@ -135,10 +138,37 @@ def plot_ratios(latest: Json, out: Path) -> bool:
     ax.set_title("Data plane, side by side (green: goal met, red: short, gray: no goal)")
     ax.tick_params(axis="x", rotation=45)
     ax.legend(loc="lower left", fontsize=8)
+    if builds:
+        bx = axes[0][1]
+        width = 0.2
+        for k, (label, series) in enumerate(builds.items()):
+            xs = [j + (k - 1.5) * width for j in range(len(series))]
+            bx.bar(xs, [v for _, v in series], width, label=label)
+        bx.set_xticks(range(len(BUILD_MEASURES)), [m for m, _ in BUILD_MEASURES])
+        bx.set_ylabel("Gbit/s (TCP), kpackets/s / 10 (UDP), median")
+        bx.set_title("D1 absolute: both wireguard-go builds, same rounds")
+        bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return True
+
+
+BUILD_MEASURES = (("tcp1", "tcp1_gbps"), ("tcp4", "tcp4_gbps"), ("udp", "udp_kpps"))
+
+
+def _builds(latest: Json) -> dict[str, list[tuple[str, float]]]:
+    """D1's absolute medians per wireguard-go build and side (tfcrypt, by hand), when the
+    run had Debian's build too; UDP scaled by 1/10 to share the axis."""
+    figures = latest["figures"]
+    out: dict[str, list[tuple[str, float]]] = {}
+    for prefix, build in (("D1.", "current"), ("D1.debian_", "Debian 2022")):
+        for side in ("tfcrypt", "raw"):
+            ids = [f"{prefix}{m}_{side}" for _, m in BUILD_MEASURES]
+            if all(i in figures for i in ids):
+                out[f"{build}, {side}"] = [
+                    (i, figures[i]["value"] / (10 if "kpps" in i else 1)) for i in ids]
+    return out if len(out) == 4 else {}
 
 
 def scale_series(results: Path = RESULTS) -> dict[int, Json]:
