@@ -64,6 +64,8 @@ from bench.compute import make_snapshot
 from tfcrypt.config import AgentConfig
 from tfcrypt.controller.session import fetch_svid
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
+from tfcrypt.identity import view as view_module
+from tfcrypt.identity.envelope import CHAINS, chain_value
 from tfcrypt.identity.svid_source import SvidUpdate
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.families import families
@@ -161,13 +163,18 @@ def lab_workloads(records: int, policies: str = "all") -> tuple[list[Workload], 
 
 
 def sign_inventory(workloads: list[Workload], policies: list[Any],
-                   controller: SvidUpdate) -> dict[str, bytes]:
-    """Values by relative key, signed as `tfcrypt workload set` / `policy apply` sign."""
+                   controller: SvidUpdate, version: int = 2) -> dict[str, bytes]:
+    """Values by relative key, signed as `tfcrypt workload set` / `policy apply` sign with
+    `--envelope-version`; version 2 puts the chain, stored once, first."""
     epoch, issued_at = int(time.time() * 1000), int(time.time())
     items = {}
+    if version == 2:
+        ref, raw = chain_value(controller.chain)
+        items[CHAINS + ref] = raw
     for obj in [*policies, *workloads]:
         items[obj.key] = sign_envelope(obj.to_payload(epoch=epoch, issued_at=issued_at),
-                                       controller.private_key, controller.chain)
+                                       controller.private_key, controller.chain,
+                                       by_ref=version == 2)
     return items
 
 
@@ -190,14 +197,24 @@ def agent_trust(svid: SvidUpdate) -> tuple[TrustBundles, Authorizer]:
         controller_ids=cfg["controller_ids"].default)
 
 
-def verify_once(items: Mapping[str, bytes], svid: SvidUpdate) -> tuple[float, VerifiedView]:
+def verify_once(items: Mapping[str, bytes], svid: SvidUpdate,
+                threads: bool = True) -> tuple[float, VerifiedView]:
+    """What the agent does on `Listed`: `check` (on every core, in worker threads) then
+    `replace_all` with the results; `threads=False` verifies in this thread only (the
+    profile, which sees one thread, and the one-core figure)."""
     bundles, authorizer = agent_trust(svid)
     view = VerifiedView(families())
     now = dt.datetime.now(dt.UTC)
     view.set_trust(bundles, authorizer, now)
-    t0 = time.perf_counter()
-    view.replace_all(items, now)
-    return time.perf_counter() - t0, view
+    parallel_min = view_module.PARALLEL_MIN
+    if not threads:
+        view_module.PARALLEL_MIN = 1 << 62
+    try:
+        t0 = time.perf_counter()
+        view.replace_all(items, now, view.check(view.pending(items), now))
+        return time.perf_counter() - t0, view
+    finally:
+        view_module.PARALLEL_MIN = parallel_min
 
 
 # (label, file suffix, function name): summed cumulative time, per record; the identity
@@ -214,6 +231,7 @@ PROFILE_PARTS = (
     ("epoch book", "identity/epochs.py", "check"),
     ("record parse (Workload.from_verified)", "model/workload.py", "from_verified"),
     ("verify_envelope total", "identity/verify.py", "verify_envelope"),
+    ("check total", "identity/view.py", "check"),
     ("replace_all total", "identity/view.py", "replace_all"),
 )
 
@@ -221,7 +239,7 @@ PROFILE_PARTS = (
 def profile_verify(items: Mapping[str, bytes], svid: SvidUpdate) -> dict[str, Any]:
     profiler = cProfile.Profile()
     profiler.enable()
-    verify_once(items, svid)
+    verify_once(items, svid, threads=False)
     profiler.disable()
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
@@ -414,11 +432,16 @@ def run(args: argparse.Namespace) -> int:
     workloads, policies = lab_workloads(args.records, args.policies)
     build_s = time.perf_counter() - t
     name = run_prefix("s")
-    lab = Lab(Layout(name, nodes=2, workloads_per_node=0, etcd_members=1), svid_ttl=3600)
+    # the lab's Workload API server, not SPIRE: the bench signs as the controller and as
+    # n2 from its own process, which SPIRE's entries (they select the agent's gid) refuse;
+    # the SVIDs have the same shape (one leaf under the trust domain's root)
+    lab = Lab(Layout(name, nodes=2, workloads_per_node=0, etcd_members=1), svid_ttl=3600,
+              workload_api="lab")
     tmp = Path(tempfile.mkdtemp(prefix="tfs-"))
     extra: dict[str, Any] = {}
     timings: dict[str, Any] = {"inventory_build_s": build_s, "commit": source_commit()}
     verify_runs: list[float] = []
+    variant_runs: dict[str, list[float]] = {}
     attempts: list[Startup] = []
     try:
         t = time.perf_counter()
@@ -428,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
         controller = fetch_svid(st["controller"]["spiffe_socket"])
         n2 = next(n for n in st["nodes"] if n["name"] == "n2")
         t = time.perf_counter()
-        items = sign_inventory(workloads, policies, controller)
+        items = sign_inventory(workloads, policies, controller, args.envelope_version)
         key, value = node_record("n2", fetch_svid(n2["spiffe_socket"]),
                                  f"{n2['underlay_ip']}:51820")
         items[key] = value
@@ -437,19 +460,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"lab {name} up in {timings['lab_up_s']:.1f}s; {len(items)} values signed in "
               f"{timings['sign_s']:.1f}s ({value_bytes / 2**20:.1f} MiB)", file=sys.stderr)
 
-        # in process: node record and policies first, then workloads, up to --verify-records
+        # in process: node record and policies first, then workloads, up to
+        # --verify-records; each run verifies the same records in both envelope versions
+        # and on one thread, side by side (`variants`)
         ordered = dict(sorted(items.items(), key=lambda kv: not kv[0].startswith(
-            ("nodes/", "policies/"))))
+            (CHAINS, "nodes/", "policies/"))))
         subset = dict(list(ordered.items())[:args.verify_records])
+        sub_wl = [w for w in workloads if w.key in subset]
+        sub_pol = [p for p in policies if p.key in subset]
+        variants = {
+            "v2": (sign_inventory(sub_wl, sub_pol, controller, 2), True),
+            "v2_1thread": (sign_inventory(sub_wl, sub_pol, controller, 2), False),
+            "v1": (sign_inventory(sub_wl, sub_pol, controller, 1), True),
+        }
+        for variant in variants.values():
+            variant[0][key] = value
+        extra["variant_bytes_per_record"] = {
+            v: round(sum(len(x) for x in it.values()) / len(it)) for v, (it, _) in variants.items()}
         for i in range(args.runs):
-            seconds, view = verify_once(subset, controller)
-            verify_runs.append(seconds)
-            print(f"verify run {i + 1}: {len(subset)} records in {seconds:.2f}s "
-                  f"({len(subset) / seconds:.0f}/s), believed {len(view.records)}, "
-                  f"rejected {dict(view.rejections)}", file=sys.stderr)
-            extra["verify_believed"] = len(view.records)
-            extra["verify_rejected"] = dict(view.rejections)
-        profile = profile_verify(dict(list(subset.items())[:args.profile_records]),
+            for label, (vitems, threads) in variants.items():
+                seconds, view = verify_once(vitems, controller, threads)
+                variant_runs.setdefault(label, []).append(seconds)
+                print(f"verify run {i + 1} {label}: {len(vitems)} values in {seconds:.2f}s "
+                      f"({len(vitems) / seconds:.0f}/s), believed {len(view.records)}, "
+                      f"rejected {dict(view.rejections)}", file=sys.stderr)
+                extra.setdefault("verify_believed", {})[label] = len(view.records)
+                extra.setdefault("verify_rejected", {})[label] = dict(view.rejections)
+        verify_runs = variant_runs[f"v{args.envelope_version}"]
+        profile = profile_verify(dict(list(variants["v2"][0].items())[:args.profile_records]),
                                  controller)
         # the profiler slows everything down about alike: scale its split to the median
         per_record = sorted(verify_runs)[len(verify_runs) // 2] / len(subset) * 1e6
@@ -496,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     return report(args, len(items), len(subset), verify_runs, attempts, timings, extra,
-                  value_bytes)
+                  value_bytes, variant_runs)
 
 
 def source_commit() -> str:
@@ -511,12 +549,21 @@ def source_commit() -> str:
 
 def report(args: argparse.Namespace, records: int, verify_records: int,
            verify_runs: list[float], attempts: list[Startup], timings: dict[str, Any],
-           extra: dict[str, Any], value_bytes: int) -> int:
+           extra: dict[str, Any], value_bytes: int,
+           variant_runs: dict[str, list[float]]) -> int:
     figures = [Figure("C4.verify_rate", tuple(verify_records / s for s in verify_runs),
                       "records/s", None,
-                      f"VerifiedView.replace_all in process, {verify_records} records"),
+                      f"VerifiedView.check + replace_all in process, {verify_records} "
+                      f"records, envelope version {args.envelope_version}"),
                Figure("C4.verify_per_record", tuple(s / verify_records * 1e6
                                                     for s in verify_runs), "us")]
+    for label, runs in variant_runs.items():
+        figures.append(Figure(f"C4.verify_rate_{label}", tuple(verify_records / s
+                                                               for s in runs), "records/s"))
+    if "v1" in variant_runs and "v2" in variant_runs:
+        figures.append(Figure("C4.verify_speedup_v2_over_v1", tuple(
+            a / b for a, b in zip(variant_runs["v1"], variant_runs["v2"], strict=True)), "x",
+            None, "same records, same run: v1 seconds / v2 seconds"))
     starts = [a for a in attempts if a.total_s is not None]
     if starts:
         splits = [startup_split(a) for a in starts]
@@ -546,6 +593,7 @@ def report(args: argparse.Namespace, records: int, verify_records: int,
     size = next((s for a in attempts for s in a.steps if s["step"] == "compute"), {})
     relists = [sum(s["step"] == "list" for s in a.steps) - 1 for a in attempts if a.total_s]
     conds = conditions(records=records, etcd_value_mib=round(value_bytes / 2**20, 1),
+                       envelope_version=args.envelope_version,
                        policies=args.policies, nft_set_elements=size.get("elements"),
                        peers=size.get("peers"), tfcrypt_commit=commit,
                        relists_before_complete=relists,
@@ -580,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default=DEFAULT_POLICIES,
                         help="bench.compute policies to apply: names (comma-separated) or "
                              "'all' (3.4 M nft elements at 100,000 records: several GB)")
+    parser.add_argument("--envelope-version", type=int, choices=(1, 2), default=2,
+                        help="format of the records in etcd for the agent starts (the "
+                             "in-process runs measure both; default %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="5,000 records, 1,000 per verification run")
     parser.add_argument("--load-etcd", type=Path, help=argparse.SUPPRESS)

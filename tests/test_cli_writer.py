@@ -176,3 +176,35 @@ def test_a_bad_infrastructure_cidr_for_explain_is_one_line_and_exit_2(workdir: P
     assert (out.returncode, out.stdout) == (2, "")
     assert out.stderr == ("tfcrypt: --infrastructure-cidr: '10.0.0.0/33' is not an address "
                           "or CIDR\n")
+
+
+def test_envelope_version_2_stores_the_chain_once_and_a_missing_chain_is_named(
+        etcd: EtcdServer, wlapi: Server, workdir: Path) -> None:
+    (workdir / "small.yaml").write_text(SMALL)
+    for name in ("small", "other"):
+        (workdir / f"{name}.yaml").write_text(SMALL.replace("{name: small}", f"{{name: {name}}}"))
+        out = tfcrypt(etcd, wlapi, "policy", "apply", "-f", str(workdir / f"{name}.yaml"),
+                      "--envelope-version", "2")
+        assert out.returncode == 0, out
+    keys = stored_keys(etcd)
+    chains = [k for k in keys if k.startswith("chains/")]
+    assert len(chains) == 1 and keys == [*chains, "policies/other", "policies/small"]
+    listed = tfcrypt(etcd, wlapi, "policy", "list", "--json")
+    assert [r["state"] for r in json.loads(listed.stdout)] == ["ok", "ok"]
+
+    async def drop(key: str) -> None:
+        async with Registry([etcd.endpoint.removeprefix("http://")], prefix=PREFIX) as reg:
+            await reg.delete(key)
+    asyncio.run(drop(chains[0]))
+    rows = json.loads(tfcrypt(etcd, wlapi, "policy", "list", "--json").stdout)
+    assert [r["state"].split(":")[:2] for r in rows] == [["refused", " unknown_chain"]] * 2
+    assert chains[0] in rows[0]["state"]
+    # the next write puts the chain back: both values are believed again
+    again = tfcrypt(etcd, wlapi, "policy", "apply", "-f", str(workdir / "small.yaml"),
+                    "--envelope-version", "2")
+    assert again.returncode == 0, again
+    rows = json.loads(tfcrypt(etcd, wlapi, "policy", "list", "--json").stdout)
+    assert [r["state"] for r in rows] == ["ok", "ok"], (stored_keys(etcd), again)
+    bad = tfcrypt(etcd, wlapi, "policy", "apply", "-f", str(workdir / "small.yaml"),
+                  "--envelope-version", "3")
+    assert bad.returncode == 2 and "must be 1 or 2" in bad.stderr

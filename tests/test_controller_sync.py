@@ -118,3 +118,33 @@ def test_a_policy_held_by_the_cli_is_a_conflict_not_overwritten(
     (_, status), = cluster.statuses
     accepted = status["conditions"][0]
     assert accepted["status"] == "False" and "held by" in accepted["message"]
+
+
+def test_with_envelope_version_2_a_chain_lost_from_etcd_is_put_back(
+        etcd: EtcdServer, wlapi: Server) -> None:
+    cluster = DictCluster()
+    cluster.pods.objects = {"shop/a": pod("a", ips=("10.200.1.11",),
+                                          labels={"application": "payments"})}
+    cluster.policies.objects = {"pay": POLICY}
+
+    async def passes() -> tuple[dict[str, int], dict[str, int]]:
+        async with session((etcd.endpoint.removeprefix("http://"),), PREFIX,
+                           str(wlapi.sock("ctl")), ("spiffe://{trust_domain}/tfcrypt/controller",),
+                           envelope_version=2) as s:
+            controller = Controller(s, cluster, str(wlapi.sock("ctl")))  # type: ignore[arg-type]
+            await controller.reconcile()
+            first = await asyncio.to_thread(revisions, etcd)
+            chain, = (k for k in first if k.startswith("chains/"))
+            await s.registry.delete(chain)
+            await controller.reconcile()
+            return first, await asyncio.to_thread(revisions, etcd)
+
+    first, after = asyncio.run(passes())
+    assert sorted(first) == sorted(after)  # the chain is back, nothing else is new
+    for key in first:
+        if key.startswith("chains/"):
+            assert after[key] > first[key]
+        else:
+            assert after[key] == first[key], key  # the records were not rewritten
+    rows = json.loads(tfcrypt(etcd, wlapi, "workload", "list", "--json").stdout)
+    assert [r["state"] for r in rows] == ["ok"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import itertools
 import json
 import sys
@@ -52,6 +53,7 @@ from labtools import PREFIX, etcdctl, fetch_svid, run_in, sign_as, wait_for, wg_
 from netns_lab import Lab, agents
 from tfcrypt.errors import ConfigError
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
+from tfcrypt.identity.envelope import chain_value
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.families import families
 from tfcrypt.model.node import NodeRecord
@@ -181,6 +183,48 @@ def test_11_malformed_values_in_every_family_are_counted_rejections(data: st.Dat
     assert len(counted) == sum(view.rejections.values())
     if believed:   # a mutation that is still a valid record: the reader agrees with the parser
         assert json.loads(json.loads(value)["payload"])["key"] == key
+
+
+CHAIN_REF, CHAIN_RAW = chain_value(SIGNERS.controller.chain)
+
+
+@st.composite
+def hostile_chain(draw: st.DrawFn) -> tuple[str, bytes]:
+    """Anything a writer to etcd could put under chains/ (envelope version 2), with its
+    hash right (the cheap part of a forgery) or wrong."""
+    kind = draw(st.sampled_from(["bytes", "json", "field", "other_hash"]))
+    if kind == "bytes":
+        raw = draw(st.binary(max_size=300))
+    elif kind == "json":
+        raw = json.dumps(draw(json_values)).encode()
+    elif kind == "field":
+        obj = json.loads(CHAIN_RAW)
+        obj[draw(st.sampled_from(["v", "chain", "extra"]))] = draw(json_values)
+        raw = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    else:
+        return hashlib.sha256(b"another").hexdigest(), CHAIN_RAW
+    return hashlib.sha256(raw).hexdigest() if draw(st.booleans()) else CHAIN_REF, raw
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_11_hostile_chains_and_references_are_counted_rejections(data: st.DataObject) -> None:
+    """Junk under chains/ is held (a real chain) or one counted rejection, never a crash,
+    and a version-2 value naming anything but a held chain is one counted rejection."""
+    view, counted = SIGNERS.view()
+    ref, raw = data.draw(hostile_chain())
+    view.put(f"chains/{ref}", raw, NOW)
+    held = ref in view.chains
+    assert held != (sum(view.rejections.values()) == 1), (held, view.rejections)
+    key = "workloads/n2/w1"
+    env = json.loads(sign_envelope(VALID_PAYLOADS[key], SIGNERS.controller.key,
+                                   SIGNERS.controller.chain, by_ref=True))
+    if data.draw(st.booleans()):
+        env["chain_ref"] = data.draw(json_values | st.just(ref))
+    view.put(key, json.dumps(env).encode(), NOW)
+    believed = key in view.records
+    assert believed == (env["chain_ref"] == ref and held and ref == CHAIN_REF)
+    assert len(counted) == sum(view.rejections.values()) == (not held) + (not believed)
 
 
 @st.composite

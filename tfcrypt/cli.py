@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "SVID's current CA (before revoking an old SPIRE CA: "
                        "docs/operations.md)")
     from tfcrypt.controller.cli_run import add_parser as add_controller
+    from tfcrypt.controller.cli_run import envelope_option
     add_controller(sub, _common)
     controller_parsers = [wl_set, wl_del, wl_list, pol_apply, pol_del, pol_list, pol_plan,
                           expl, resign]
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--controller-id", action="append", default=None,
                        help="SPIFFE IDs allowed to write workloads and policies "
                             "(default spiffe://<trust-domain>/tfcrypt/controller)")
+        envelope_option(p)
     for p in (rotate, show):
         _common(p)
         p.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"),
@@ -334,7 +336,8 @@ async def _controller_command(args: argparse.Namespace) -> int:
     if (problem := etcd_tls_problem(endpoints, tls, args.etcd_server_name)):
         raise ConfigError(problem)
     async with session(endpoints, args.prefix, args.spiffe_socket, controller_ids,
-                       tls=tls, server_name=args.etcd_server_name) as s:
+                       tls=tls, server_name=args.etcd_server_name,
+                       envelope_version=args.envelope_version) as s:
         if args.command == "resign":
             print(await commands.resign(s))
         elif args.command == "explain":

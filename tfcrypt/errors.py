@@ -34,6 +34,7 @@ class RejectReason(enum.Enum):
     UNAUTHORIZED = "unauthorized"            # SPIFFE ID not allowed to write this key
     ROLLBACK = "rollback"                    # epoch lower than one already accepted
     KEY_MISMATCH = "key_mismatch"            # payload names another key than the one it sits at
+    UNKNOWN_CHAIN = "unknown_chain"          # a version-2 envelope's chain is not in etcd
 
 
 class Rejected(TfcryptError):

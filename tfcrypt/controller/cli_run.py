@@ -81,6 +81,26 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
     run.add_argument("--controller-id", action="append", default=None,
                      help="SPIFFE IDs allowed to write workloads and policies "
                           "(default spiffe://<trust-domain>/tfcrypt/controller)")
+    envelope_option(run)
+
+
+def envelope_option(p: argparse.ArgumentParser) -> None:
+    """--envelope-version, for every command that signs workloads or policies."""
+    p.add_argument("--envelope-version", type=_envelope_version, metavar="1|2",
+                   default=os.environ.get("TFCRYPT_ENVELOPE_VERSION", "1"),
+                   help="format of the values this command signs: 1 attaches the "
+                        "controller's certificate chain to each; 2 stores it once under "
+                        "chains/ and names it by hash (a quarter of the bytes in etcd, "
+                        "a faster agent start). Agents older than this release refuse 2 "
+                        "(malformed: unsupported envelope version 2): switch once every "
+                        "agent is upgraded (env TFCRYPT_ENVELOPE_VERSION; default "
+                        "%(default)s; docs/trust.md)")
+
+
+def _envelope_version(text: str) -> int:
+    if text.strip() not in ("1", "2"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 or 2")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -155,7 +175,8 @@ async def run(args: argparse.Namespace, endpoints: tuple[str, ...], tls: bool,
         serve(args.metrics_address, args.metrics_port, health)
     api = await _load_kube(args)
     async with session(endpoints, args.prefix, args.spiffe_socket, controller_ids,
-                       tls=tls, server_name=args.etcd_server_name) as s, api:
+                       tls=tls, server_name=args.etcd_server_name,
+                       envelope_version=args.envelope_version) as s, api:
         s.require_controller()
         tasks: list[asyncio.Task[None]] = []
         controller = Controller(s, None, args.spiffe_socket,  # type: ignore[arg-type]

@@ -147,6 +147,7 @@ class Controller:
             self._view = self.s._empty_view()[0]
             self._signers.clear()
         self._view.replace_all({k: i.value for k, i in listed.items.items()}, now)
+        self.s.note_chains(self._view)
         self._view.expire(now)  # node records whose signer's SVID ran out (Ready)
         return self._view
 
@@ -186,6 +187,13 @@ class Controller:
         await self._refresh_svid()
         desired = self._snapshot()
         view = await self.read_view()
+        if view.chains_missing():
+            if self.leader_check is not None:
+                await self.leader_check()
+            for ref in await self.s.repair_chains(view, self.leader_fence):
+                metrics.WRITES.labels("put").inc()
+                log.warning("chains/%s was missing from etcd; put it back (values in etcd "
+                            "name it: agents starting now would refuse them)", ref)
         owned, held = self.owned(view)
         plan = plan_sync(desired.records, owned, held)
         metrics.observe(desired, plan)

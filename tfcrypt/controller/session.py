@@ -14,6 +14,10 @@ Rules:
 - Epochs of controller-written keys are milliseconds since the epoch, at least one above
   the value they replace: several writes per second keep increasing, and a key deleted
   and written again still lands above what readers remember.
+- With envelope version 2 the SVID's chain is stored once at `chains/<sha256>` before
+  the first value naming it, and again whenever a read of etcd finds it missing (a
+  deleted chain leaves new readers refusing every value that names it:
+  `unknown_chain`). Chains of earlier SVIDs stay: values signed under them name them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from spiffe import WorkloadApiClient
 
 from tfcrypt.errors import ConfigError, TfcryptError
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
+from tfcrypt.identity.envelope import CHAINS, ENVELOPE_VERSION_REF, chain_value
 from tfcrypt.identity.svid_source import (
     SvidUpdate,
     etcd_credentials,
@@ -55,10 +60,13 @@ def fetch_svid(socket_path: str) -> SvidUpdate:
 
 class ControllerSession:
     def __init__(self, registry: Registry, svid: SvidUpdate,
-                 controller_ids: tuple[str, ...], now: Callable[[], float] = time.time) -> None:
+                 controller_ids: tuple[str, ...], now: Callable[[], float] = time.time,
+                 envelope_version: int = 1) -> None:
         self.registry = registry
         self.svid = svid
         self._now = now
+        self.envelope_version = envelope_version
+        self._chain_stored: str | None = None  # the chain hash known to be in etcd
         self.authorizer = Authorizer(trust_domain=svid.trust_domain,
                                      controller_ids=controller_ids)
         self.bundles = TrustBundles(svid.bundles)
@@ -78,16 +86,50 @@ class ControllerSession:
         view.set_trust(self.bundles, self.authorizer, now)
         return view, now
 
+    @property
+    def by_ref(self) -> bool:
+        return self.envelope_version == ENVELOPE_VERSION_REF
+
     async def read_view(self) -> VerifiedView:
         listed = await self.registry.get_all("")
         view, now = self._empty_view()
         view.replace_all({k: i.value for k, i in listed.items.items()}, now)
+        self.note_chains(view)
         return view
+
+    def note_chains(self, view: VerifiedView) -> None:
+        """After a full read of etcd: is our chain there? (else the next write stores it)"""
+        if self.by_ref and chain_value(self.svid.chain)[0] not in (
+                k.removeprefix(CHAINS) for k in view.raw if k.startswith(CHAINS)):
+            self._chain_stored = None
+
+    async def repair_chains(self, view: VerifiedView,
+                            fence: Callable[[], None] | None = None) -> list[str]:
+        """Put back the chains believed values name that etcd lost (deleted by hand or by
+        a bad restore): readers that start now would refuse every value naming them."""
+        missing = view.chains_missing()
+        for ref, certs in missing.items():
+            again, raw = chain_value(certs)
+            assert again == ref  # canonical: the same certificates give the same bytes
+            if fence is not None:
+                fence()
+            await self.registry.put(CHAINS + ref, raw)
+        return sorted(missing)
+
+    async def _store_chain(self) -> None:
+        ref, raw = chain_value(self.svid.chain)
+        if self._chain_stored != ref:
+            await self.registry.put(CHAINS + ref, raw)
+            self._chain_stored = ref
 
     def readers_refusal(self, key: str, value: bytes, expected: object) -> str | None:
         """Why an agent would not believe `value` at `key` as `expected`, or None."""
         view, now = self._empty_view()
-        prepared = view.check({key: value}, now)
+        items = {key: value}
+        if self.by_ref:  # stored before the value (put_signed)
+            ref, raw = chain_value(self.svid.chain)
+            items[CHAINS + ref] = raw
+        prepared = view.check(items, now)
         checked = prepared.results.get(key) if prepared is not None else None
         if checked is None:
             return "no agent reads this key"
@@ -109,11 +151,14 @@ class ControllerSession:
         self.require_controller()
         if payload.get("key") != key:
             raise ValueError(f"payload for {key} names {payload.get('key')!r}")
-        value = sign_envelope(payload, self.svid.private_key, self.svid.chain)
+        value = sign_envelope(payload, self.svid.private_key, self.svid.chain,
+                              by_ref=self.by_ref)
         if (refusal := self.readers_refusal(key, value, expected)) is not None:
             raise ConfigError(f"{key}: not written, every agent would refuse it: {refusal}")
         if fence is not None:
             fence()
+        if self.by_ref:
+            await self._store_chain()
         await self.registry.put(key, value)
         return value
 
@@ -127,7 +172,8 @@ class ControllerSession:
 @asynccontextmanager
 async def session(endpoints: tuple[str, ...], prefix: str, spiffe_socket: str,
                   controller_ids: tuple[str, ...], *, tls: bool = False,
-                  server_name: str | None = None) -> AsyncIterator[ControllerSession]:
+                  server_name: str | None = None,
+                  envelope_version: int = 1) -> AsyncIterator[ControllerSession]:
     """A session signing with the controller's SVID; with `tls`, the same SVID is the
     client certificate etcd checks (docs/registry.md)."""
     svid = await asyncio.to_thread(fetch_svid, spiffe_socket)
@@ -139,7 +185,8 @@ async def session(endpoints: tuple[str, ...], prefix: str, spiffe_socket: str,
         except ValueError as exc:
             raise ConfigError(f"--etcd-tls: {spiffe_socket}: {exc}") from None
     try:
-        yield ControllerSession(registry, svid, controller_ids)
+        yield ControllerSession(registry, svid, controller_ids,
+                                envelope_version=envelope_version)
     except RegistryError as exc:
         raise TfcryptError(f"--etcd {','.join(endpoints)}: {exc}") from None
     finally:

@@ -7,6 +7,13 @@ Rules:
 - The algorithm follows the key: ECDSA with SHA-256 for EC, PKCS#1 v1.5 with SHA-256 for
   RSA, pure Ed25519. A reader picks it from the leaf's public key, never from the envelope,
   so there is no algorithm field to downgrade.
+- Version 2 (issue #18 item 3) carries the chain by reference: `{"v": 2, "payload",
+  "sig", "chain_ref": "<sha256 hex>"}`, the chain itself stored once at
+  `chains/<sha256 hex>` as `{"v": 1, "chain": [...]}` (canonical JSON), the hash taken over
+  exactly those stored bytes. A writer's 100,000 records then hold one copy of its chain
+  instead of 100,000 (114 MB -> ~30 MB at 100,000 workloads). The chain value needs no
+  signature: its key is its hash, so the only thing it can say is what the reference
+  already names, and its certificates are checked exactly as an attached chain's.
 - Every payload carries "kind", "key" (the etcd key relative to the prefix, binding the
   signature to where the value is stored), "epoch" (int >= 0) and "issued_at" (unix
   seconds), plus the fields of its kind.
@@ -18,6 +25,8 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +37,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from tfcrypt.identity.canonical import canonical_json, loads_strict
+from tfcrypt.text import excerpt
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 1  # the chain attached
+ENVELOPE_VERSION_REF = 2  # the chain by reference to chains/<sha256>
+ENVELOPE_VERSIONS = (ENVELOPE_VERSION, ENVELOPE_VERSION_REF)
+CHAINS = "chains/"
+CHAIN_VALUE_VERSION = 1
 MAX_CHAIN_LENGTH = 8
+MAX_CHAIN_BYTES = 65536
+_CHAIN_REF_RE = re.compile(r"[0-9a-f]{64}")
 REQUIRED_FIELDS = ("kind", "key", "epoch", "issued_at")
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -43,11 +59,13 @@ class EnvelopeFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Envelope:
-    """A decoded but not yet believed envelope."""
+    """A decoded but not yet believed envelope; a version-2 one has `chain_ref` and no
+    chain until the reader resolves it (tfcrypt.identity.verify)."""
 
     payload_text: str
     signature: bytes = field(repr=False)
     chain: tuple[x509.Certificate, ...] = field(repr=False)
+    chain_ref: str | None = None
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -72,9 +90,11 @@ def check_payload_fields(payload: Mapping[str, Any]) -> None:
 
 
 def sign_envelope(payload: Mapping[str, Any], private_key: SigningKey,
-                  chain: Sequence[x509.Certificate]) -> bytes:
+                  chain: Sequence[x509.Certificate], *, by_ref: bool = False) -> bytes:
     """Sign `payload` with the SVID key; `chain` is leaf first, as the Workload API gives it.
 
+    With `by_ref` the envelope is version 2 and names the chain by `chain_value(chain)`'s
+    hash; the writer stores that value at `chains/<hash>` before the record.
     Raises ValueError for a payload without the common fields, an empty chain, or a key
     that does not belong to the leaf: signing with a stale key after rotation would
     produce a value every reader rejects, so it is caught here instead.
@@ -96,14 +116,44 @@ def sign_envelope(payload: Mapping[str, Any], private_key: SigningKey,
         sig = private_key.sign(data)
     else:
         raise ValueError(f"unsupported key type {type(private_key).__name__}")
-    envelope = {
-        "v": ENVELOPE_VERSION,
-        "payload": text,
-        "sig": base64.b64encode(sig).decode("ascii"),
-        "chain": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii")
-                  for c in chain],
-    }
+    envelope: dict[str, Any] = {"payload": text, "sig": base64.b64encode(sig).decode("ascii")}
+    if by_ref:
+        envelope |= {"v": ENVELOPE_VERSION_REF, "chain_ref": chain_value(chain)[0]}
+    else:
+        envelope |= {"v": ENVELOPE_VERSION, "chain": _chain_field(chain)}
     return canonical_json(envelope).encode("utf-8")
+
+
+def _chain_field(chain: Sequence[x509.Certificate]) -> list[str]:
+    return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii")
+            for c in chain]
+
+
+def chain_value(chain: Sequence[x509.Certificate]) -> tuple[str, bytes]:
+    """The hash a version-2 envelope names and the value to store at `chains/<hash>`."""
+    if not chain or len(chain) > MAX_CHAIN_LENGTH:
+        raise ValueError(f"chain must hold 1 to {MAX_CHAIN_LENGTH} certificates")
+    raw = canonical_json({"v": CHAIN_VALUE_VERSION, "chain": _chain_field(chain)}).encode()
+    return hashlib.sha256(raw).hexdigest(), raw
+
+
+def decode_chain_value(ref: str, raw: bytes) -> tuple[x509.Certificate, ...]:
+    """The certificates stored at `chains/<ref>`; EnvelopeFormatError names why not.
+
+    The hash is checked first, over the bytes exactly as stored: a value that is not what
+    its key names is refused before anything in it is parsed.
+    """
+    if not _CHAIN_REF_RE.fullmatch(ref):
+        raise EnvelopeFormatError("the key is not a lower-case sha256 hex digest")
+    if len(raw) > MAX_CHAIN_BYTES:
+        raise EnvelopeFormatError(f"{len(raw)} bytes, bound is {MAX_CHAIN_BYTES}")
+    if hashlib.sha256(raw).hexdigest() != ref:
+        raise EnvelopeFormatError("its sha256 is not the one its key names")
+    obj = _json_object(raw)
+    if set(obj) != {"v", "chain"} or type(obj["v"]) is not int or (
+            obj["v"] != CHAIN_VALUE_VERSION):
+        raise EnvelopeFormatError(f"fields must be exactly v={CHAIN_VALUE_VERSION}, chain")
+    return _chain(obj["chain"])
 
 
 def verify_signature(public_key: VerifyingKey, signature: bytes, data: bytes) -> bool:
@@ -127,6 +177,30 @@ def is_supported_key(public_key: object) -> bool:
 
 def decode_envelope(raw: bytes) -> Envelope:
     """Parse the outer JSON shape; raises EnvelopeFormatError naming the first problem."""
+    obj = _json_object(raw)
+    version = obj.get("v")
+    if type(version) is not int or version not in ENVELOPE_VERSIONS:
+        raise EnvelopeFormatError(f"unsupported envelope version {excerpt(repr(version))}")
+    chain_name = "chain" if version == ENVELOPE_VERSION else "chain_ref"
+    if set(obj) != {"v", "payload", "sig", chain_name}:
+        raise EnvelopeFormatError(f"fields of version {version} must be exactly v, payload, "
+                                  f"sig, {chain_name}")
+    if not isinstance(obj["payload"], str):
+        raise EnvelopeFormatError("payload is not a string")
+    try:
+        obj["payload"].encode("utf-8")
+    except UnicodeEncodeError:
+        raise EnvelopeFormatError("payload is not encodable as UTF-8 (lone surrogate)") from None
+    sig = _b64(obj["sig"], "sig")
+    if version == ENVELOPE_VERSION_REF:
+        ref = obj["chain_ref"]
+        if not isinstance(ref, str) or not _CHAIN_REF_RE.fullmatch(ref):
+            raise EnvelopeFormatError("chain_ref is not a lower-case sha256 hex digest")
+        return Envelope(obj["payload"], sig, (), ref)
+    return Envelope(obj["payload"], sig, _chain(obj["chain"]))
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -137,18 +211,10 @@ def decode_envelope(raw: bytes) -> Envelope:
         raise EnvelopeFormatError(f"not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise EnvelopeFormatError("not a JSON object")
-    if set(obj) != {"v", "payload", "sig", "chain"}:
-        raise EnvelopeFormatError("fields must be exactly v, payload, sig, chain")
-    if type(obj["v"]) is not int or obj["v"] != ENVELOPE_VERSION:
-        raise EnvelopeFormatError(f"unsupported envelope version {obj['v']!r}")
-    if not isinstance(obj["payload"], str):
-        raise EnvelopeFormatError("payload is not a string")
-    try:
-        obj["payload"].encode("utf-8")
-    except UnicodeEncodeError:
-        raise EnvelopeFormatError("payload is not encodable as UTF-8 (lone surrogate)") from None
-    sig = _b64(obj["sig"], "sig")
-    chain_field = obj["chain"]
+    return obj
+
+
+def _chain(chain_field: object) -> tuple[x509.Certificate, ...]:
     if not isinstance(chain_field, list) or not chain_field:
         raise EnvelopeFormatError("chain is not a non-empty list")
     if len(chain_field) > MAX_CHAIN_LENGTH:
@@ -161,7 +227,7 @@ def decode_envelope(raw: bytes) -> Envelope:
             chain.append(_certificate(item))
         except EnvelopeFormatError as e:
             raise EnvelopeFormatError(f"chain[{i}] {e}") from None
-    return Envelope(obj["payload"], sig, tuple(chain))
+    return tuple(chain)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -21,7 +21,8 @@ import enum
 import functools
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -72,6 +73,7 @@ class Verified:
     # authorities (`spire-server localauthority x509 show`); what an operator compares
     # before revoking an old one (docs/operations.md, "Rotating SPIRE's CA")
     authority: str = ""
+    chain_ref: str | None = None  # the stored chain a version-2 envelope named
 
 
 class ChainTime(enum.Enum):
@@ -95,8 +97,83 @@ MAX_CLOCK_SKEW = dt.timedelta(minutes=5)
 
 def verify_envelope(raw: bytes, key: str, *, bundles: TrustBundles, authorizer: Authorizer,
                     now: dt.datetime, max_bytes: int = DEFAULT_MAX_BYTES,
-                    chain_time: ChainTime = ChainTime.NOW) -> Verified:
-    """Return the verified value stored at `key` (relative to the prefix) or raise Rejected."""
+                    chain_time: ChainTime = ChainTime.NOW,
+                    chains: Mapping[str, tuple[x509.Certificate, ...]] | None = None
+                    ) -> Verified:
+    """Return the verified value stored at `key` (relative to the prefix) or raise Rejected.
+
+    `chains` holds the chains stored under `chains/` by their hash (already checked
+    against it, tfcrypt.identity.envelope.decode_chain_value): a version-2 envelope's
+    chain is looked up there and then checked exactly as an attached one.
+    """
+    pending = _precheck(raw, key, bundles, now, max_bytes, chain_time, chains)
+    if not verify_signature(*pending.signed):
+        raise Rejected(RejectReason.BAD_SIGNATURE,
+                       f"signature by {pending.signer} does not verify")
+    return _finish(pending, authorizer)
+
+
+def verify_envelopes(values: Sequence[tuple[str, bytes, ChainTime]], *,
+                     bundles: TrustBundles, authorizer: Authorizer, now: dt.datetime,
+                     chains: Mapping[str, tuple[x509.Certificate, ...]] | None = None,
+                     max_bytes: int = DEFAULT_MAX_BYTES, workers: int = 1
+                     ) -> list[Verified | Rejected]:
+    """`verify_envelope` of many (key, value, chain time), each result in its place.
+
+    The same checks in the same order, run in three passes: every check before the
+    signature, then the signatures of the values that passed on `workers` threads
+    (cryptography verifies with the GIL released, so they run on as many cores; the
+    Python checks around them cannot), then the checks after it.
+    """
+    out: list[Verified | Rejected | _Pending] = []
+    for key, raw, chain_time in values:
+        try:
+            out.append(_precheck(raw, key, bundles, now, max_bytes, chain_time, chains))
+        except Rejected as rej:
+            out.append(rej)
+    todo = [i for i, o in enumerate(out) if isinstance(o, _Pending)]
+    signed = [out[i].signed for i in todo]  # type: ignore[union-attr]
+
+    def run(part: Sequence[tuple[VerifyingKey, bytes, bytes]]) -> list[bool]:
+        return [verify_signature(*s) for s in part]
+
+    if workers > 1 and len(signed) > workers:
+        size = -(-len(signed) // workers)
+        with ThreadPoolExecutor(workers, thread_name_prefix="verify") as pool:
+            good = [ok for part in pool.map(run, [signed[i:i + size]
+                                                  for i in range(0, len(signed), size)])
+                    for ok in part]
+    else:
+        good = run(signed)
+    for i, ok in zip(todo, good, strict=True):
+        pending = out[i]
+        assert isinstance(pending, _Pending)
+        try:
+            if not ok:
+                raise Rejected(RejectReason.BAD_SIGNATURE,
+                               f"signature by {pending.signer} does not verify")
+            out[i] = _finish(pending, authorizer)
+        except Rejected as rej:
+            out[i] = rej
+    return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A value that passed every check before its signature's."""
+
+    key: str
+    payload: dict[str, Any]
+    signer: str
+    signed: tuple[VerifyingKey, bytes, bytes]  # key, signature, the signed bytes
+    chain: list[x509.Certificate]  # the validated path, up to the root
+    chain_ref: str | None
+
+
+def _precheck(raw: bytes, key: str, bundles: TrustBundles, now: dt.datetime,
+              max_bytes: int, chain_time: ChainTime,
+              chains: Mapping[str, tuple[x509.Certificate, ...]] | None) -> _Pending:
+    """Checks 1-8 of docs/trust.md, in their order."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     now = now.astimezone(dt.UTC)
@@ -110,7 +187,14 @@ def verify_envelope(raw: bytes, key: str, *, bundles: TrustBundles, authorizer: 
     if payload["key"] != key:
         raise Rejected(RejectReason.KEY_MISMATCH, f'payload names "{excerpt(payload["key"])}" '
                        f'but is stored at "{excerpt(key)}"')
-    spiffe_id, trust_domain = _leaf_spiffe_id(env.leaf)
+    chain = env.chain
+    if env.chain_ref is not None:
+        found = (chains or {}).get(env.chain_ref)
+        if not found:
+            raise Rejected(RejectReason.UNKNOWN_CHAIN, f"its chain chains/{env.chain_ref} "
+                           "is not in etcd (or was refused)")
+        chain = found
+    spiffe_id, trust_domain = _leaf_spiffe_id(chain[0])
     cas = bundles.get(trust_domain)
     if not cas:
         raise Rejected(RejectReason.UNKNOWN_TRUST_DOMAIN,
@@ -125,20 +209,27 @@ def verify_envelope(raw: bytes, key: str, *, bundles: TrustBundles, authorizer: 
         if at > now + MAX_CLOCK_SKEW:
             raise Rejected(RejectReason.INVALID_FIELD,
                            f"payload.issued_at {at.isoformat()} lies in the future")
-    verified_chain = _validate_chain(env.chain, cas, trust_domain, at)
-    public_key = _check_svid_leaf(env.leaf)
-    if not verify_signature(public_key, env.signature, env.payload_text.encode("utf-8")):
-        raise Rejected(RejectReason.BAD_SIGNATURE, f"signature by {spiffe_id} does not verify")
-    authorizer.check(spiffe_id, key)
+    verified_chain = _validate_chain(chain, cas, trust_domain, at)
+    public_key = _check_svid_leaf(chain[0])
+    return _Pending(key, payload, spiffe_id,
+                    (public_key, env.signature, env.payload_text.encode("utf-8")),
+                    verified_chain, env.chain_ref)
+
+
+def _finish(pending: _Pending, authorizer: Authorizer) -> Verified:
+    """Check 10 (who may write the key), on a value whose signature verified."""
+    authorizer.check(pending.signer, pending.key)
+    chain, payload = pending.chain, pending.payload
     return Verified(
-        key=key,
+        key=pending.key,
         kind=payload["kind"],
         epoch=payload["epoch"],
         issued_at=payload["issued_at"],
         payload=MappingProxyType(payload),
-        signer=spiffe_id,
-        not_after=min(c.not_valid_after_utc for c in verified_chain),
-        authority=authority_id(verified_chain[1]) if len(verified_chain) > 1 else "",
+        signer=pending.signer,
+        not_after=min(c.not_valid_after_utc for c in chain),
+        authority=authority_id(chain[1]) if len(chain) > 1 else "",
+        chain_ref=pending.chain_ref,
     )
 
 

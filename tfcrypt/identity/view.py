@@ -31,6 +31,18 @@ Rules:
   nobody ever sees a half-replaced view. A result is used only for the same value under
   the same trust material, and only while still valid at apply time; anything else is
   verified again on the spot. Epochs are always checked at apply time (they are state).
+- Chains stored once (`chains/<sha256>`, version-2 envelopes, tfcrypt.identity.envelope)
+  are held here by hash once their bytes match it; a value whose chain is not held is
+  refused (`unknown_chain`) and verified again when the chain arrives. A chain value
+  that is not what its key names is refused like any value (`key_mismatch`, `malformed`)
+  and never held. Deleting a chain from etcd changes no believed record (its values were
+  verified and have not changed): the chain stays held while a believed record uses it,
+  so a deleted chain refuses only new writes that name it, as a missing one does.
+  At most `MAX_CHAINS` are held; more are refused (`too_large`), so junk under `chains/`
+  costs bounded memory.
+- `check()` verifies signatures on every core (tfcrypt.identity.verify.verify_envelopes:
+  cryptography checks them with the GIL released; the Python checks around them run on
+  one core).
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,15 +59,22 @@ from typing import Any
 from tfcrypt.errors import Rejected, RejectReason
 from tfcrypt.identity.authz import Authorizer
 from tfcrypt.identity.bundles import TrustBundles
+from tfcrypt.identity.envelope import CHAINS, EnvelopeFormatError, decode_chain_value
 from tfcrypt.identity.epochs import EpochBook
-from tfcrypt.identity.verify import ChainTime, Verified, verify_envelope
+from tfcrypt.identity.verify import ChainTime, Verified, verify_envelope, verify_envelopes
 from tfcrypt.text import excerpt
 
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED = 10_000  # keys whose rejection is remembered so relists do not recount
 MESSAGE = 240  # characters of a rejection's message kept and shown
-_TIME_REASONS = frozenset({RejectReason.EXPIRED, RejectReason.INVALID_FIELD})
+MAX_CHAINS = 1024  # chains held by hash (one per writer SVID: a few in a healthy cluster)
+PARALLEL_MIN = 2000  # below this many values, one thread (the pool costs more than it saves)
+# refusals an ahead-of-time result may not stand for at apply time: time may have made
+# the value good (not yet valid, issued in the future), or its chain may have arrived
+_RECHECK_REASONS = frozenset({RejectReason.EXPIRED, RejectReason.INVALID_FIELD,
+                              RejectReason.UNKNOWN_CHAIN})
+Chains = dict[str, tuple[Any, ...]]  # sha256 hex -> certificates, leaf first
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +152,9 @@ class VerifiedView:
         self.unremembered = 0  # rejections counted without being remembered (memory full)
         self._full_warned = False
         self._believed_raw: dict[str, bytes] = {}
+        self.chains: Chains = {}  # held chains by hash (module rules)
+        self._chain_of: dict[str, str] = {}  # believed key -> the chain hash it names
+        self._chain_users: Counter[str] = Counter()  # chain hash -> believed keys naming it
         self._epochs = EpochBook()
         self._bundles: TrustBundles | None = None
         self._authorizer: Authorizer | None = None
@@ -165,6 +188,10 @@ class VerifiedView:
     def _family(self, key: str) -> Family | None:
         return next((f for p, f in self._families.items() if key.startswith(p)), None)
 
+    def _known(self, key: str) -> bool:
+        """A key this view reads: a family's, or a stored chain."""
+        return key.startswith(CHAINS) or self._family(key) is not None
+
     def trust_changes(self, bundles: TrustBundles, authorizer: Authorizer) -> bool:
         return bundles != self._bundles or authorizer != self._authorizer
 
@@ -195,19 +222,21 @@ class VerifiedView:
         family = self._family(key)
         if value is not None and family is not None and value != self.raw.get(key):
             assert self._bundles is not None and self._authorizer is not None
-            checked = _checked(key, value, family, self._bundles, self._authorizer, now)
+            checked = _checked(key, value, family, self._bundles, self._authorizer, now,
+                               self.chains)
             if checked.verified is not None:
                 self._believe(key, value, family, checked)
                 return True
         self.records.pop(key, None)
         self.not_after.pop(key, None)
         self.authority.pop(key, None)
+        self._name_chain(key, None)
         return False
 
     def pending(self, items: Mapping[str, bytes]) -> dict[str, bytes]:
         """The values of `items` that `replace_all` would verify (new or changed)."""
         return {k: v for k, v in items.items()
-                if self._believed_raw.get(k) != v and self._family(k) is not None}
+                if self._believed_raw.get(k) != v and self._known(k)}
 
     def check(self, items: Mapping[str, bytes], now: dt.datetime,
               bundles: TrustBundles | None = None,
@@ -221,9 +250,19 @@ class VerifiedView:
         authorizer = authorizer if authorizer is not None else self._authorizer
         if bundles is None or authorizer is None:
             return None
-        results = {key: _checked(key, value, family, bundles, authorizer, now)
-                   for key, value in items.items()
-                   if (family := self._family(key)) is not None}
+        chain_results = {k: _checked_chain(k, v) for k, v in items.items()
+                         if k.startswith(CHAINS)}
+        chains = dict(self.chains)
+        chains.update((k.removeprefix(CHAINS), c.record) for k, c in chain_results.items()
+                      if c.record is not None)
+        work = [(key, value, family) for key, value in items.items()
+                if (family := self._family(key)) is not None]
+        workers = min(os.cpu_count() or 1, 8) if len(work) >= PARALLEL_MIN else 1
+        outcomes = verify_envelopes([(k, v, f.chain_time) for k, v, f in work],
+                                    bundles=bundles, authorizer=authorizer, now=now,
+                                    chains=chains, workers=workers)
+        results = {key: _parsed(value, family, outcome)
+                   for (key, value, family), outcome in zip(work, outcomes, strict=True)}
         return Prepared(bundles, authorizer, results)
 
     def replace_all(self, items: Mapping[str, bytes], now: dt.datetime,
@@ -232,26 +271,49 @@ class VerifiedView:
         """A full list from etcd: keys missing from it are gone. `revisions` (each key's
         mod_revision) makes rejections count once per write, not once per value."""
         before = dict(self.records)
-        known = {k: v for k, v in items.items() if self._family(k) is not None}
+        known = {k: v for k, v in items.items() if self._known(k)}
         for key in (set(self.raw) | set(self.rejected)) - set(known):
             self._forget(key)
-        for key, value in known.items():
+        # chains first, so the records naming them find them (they also sort first)
+        for key, value in sorted(known.items(), key=lambda kv: not kv[0].startswith(CHAINS)):
             self.raw[key] = value
             self._set_revision(key, None if revisions is None else revisions.get(key))
             if self._believed_raw.get(key) != value:
                 self._verify(key, value, now, prepared)
+        self._drop_unused_chains()
         return before != self.records
 
     def put(self, key: str, value: bytes, now: dt.datetime,
             revision: int | None = None) -> bool:
         """A change from etcd; `revision` is its mod_revision (see `replace_all`)."""
-        if self._family(key) is None:
+        if not self._known(key):
             return False
+        if key.startswith(CHAINS):
+            return self._put_chain(key, value, now, revision)
         before = self.records.get(key)
         self.raw[key] = value
         self._set_revision(key, revision)
         self._verify(key, value, now)
         return before != self.records.get(key)
+
+    def _put_chain(self, key: str, value: bytes, now: dt.datetime,
+                   revision: int | None) -> bool:
+        """A chain arrived: the values refused for want of it are verified again."""
+        self.raw[key] = value
+        self._set_revision(key, revision)
+        if self._believed_raw.get(key) == value:
+            return False
+        self._verify(key, value, now)
+        ref = key.removeprefix(CHAINS)
+        if ref not in self.chains:
+            return False
+        before = dict(self.records)
+        needle = ref.encode()  # remembered or not, every refused value naming it
+        waiting = [k for k, v in self.raw.items() if self._believed_raw.get(k) != v
+                   and needle in v and not k.startswith(CHAINS)]
+        for k in waiting:
+            self._verify(k, self.raw[k], now)
+        return before != self.records
 
     def _set_revision(self, key: str, revision: int | None) -> None:
         if revision is None:
@@ -262,7 +324,35 @@ class VerifiedView:
     def delete(self, key: str) -> bool:
         existed = key in self.records
         self._forget(key)
+        if key.startswith(CHAINS):
+            self._drop_unused_chains()
+            return False  # no believed record changes (module rules)
         return existed
+
+    def chains_missing(self) -> dict[str, tuple[Any, ...]]:
+        """Held chains that believed values name but etcd no longer holds, by hash: what
+        a writer puts back (`chain_value` of the certificates gives the same bytes)."""
+        return {r: self.chains[r] for r in self._chain_users
+                if CHAINS + r not in self._believed_raw and r in self.chains}
+
+    def _drop_unused_chains(self) -> None:
+        """Held chains neither in etcd nor named by a believed record are let go."""
+        for ref in [r for r in self.chains if not self._chain_users[r]
+                    and CHAINS + r not in self._believed_raw]:
+            del self.chains[ref]
+
+    def _name_chain(self, key: str, ref: str | None) -> None:
+        """Record which held chain the believed value at `key` names (None: none)."""
+        old = self._chain_of.pop(key, None)
+        if ref is not None:
+            self._chain_of[key] = ref
+            self._chain_users[ref] += 1
+        if old is not None:
+            self._chain_users[old] -= 1
+            if not self._chain_users[old]:
+                del self._chain_users[old]
+                if CHAINS + old not in self._believed_raw:
+                    self.chains.pop(old, None)
 
     def expire(self, now: dt.datetime) -> bool:
         """Drop records whose signer's chain has expired (stale, not re-signed in time)."""
@@ -273,9 +363,11 @@ class VerifiedView:
             self.not_after.pop(key, None)
             self.authority.pop(key, None)
             self._believed_raw.pop(key, None)
+            self._name_chain(key, None)
         return bool(stale)
 
     def _forget(self, key: str) -> None:
+        self._name_chain(key, None)
         self.raw.pop(key, None)
         self.revisions.pop(key, None)
         self.rejected.pop(key, None)
@@ -297,16 +389,18 @@ class VerifiedView:
             stale = family.chain_time is ChainTime.NOW and checked.verified.not_after <= now
             return None if stale else checked
         assert checked.rejected is not None
-        # time may have made a refused value good (not yet valid, issued in the future)
-        return None if checked.rejected.reason in _TIME_REASONS else checked
+        return None if checked.rejected.reason in _RECHECK_REASONS else checked
 
     def _verify(self, key: str, value: bytes, now: dt.datetime,
                 prepared: Prepared | None = None) -> None:
+        if key.startswith(CHAINS):
+            self._hold_chain(key, value)
+            return
         family = self._family(key)
         if family is None or self._bundles is None or self._authorizer is None:
             return
         checked = self._prepared(key, value, family, now, prepared) or _checked(
-            key, value, family, self._bundles, self._authorizer, now)
+            key, value, family, self._bundles, self._authorizer, now, self.chains)
         verified = checked.verified
         try:
             if checked.rejected is not None:
@@ -327,6 +421,23 @@ class VerifiedView:
         if family.chain_time is ChainTime.NOW:
             self.not_after[key] = verified.not_after
         self.authority[key] = verified.authority
+        self._believed_raw[key] = value
+        self._name_chain(key, verified.chain_ref)
+
+    def _hold_chain(self, key: str, value: bytes) -> None:
+        """Hold the chain stored at `key` if its bytes are what its key names (no trust
+        material needed: the certificates are checked with each value that names them)."""
+        ref = key.removeprefix(CHAINS)
+        checked = _checked_chain(key, value)
+        if checked.rejected is None and ref not in self.chains and (
+                len(self.chains) >= MAX_CHAINS):
+            checked = Checked(value, rejected=Rejected(
+                RejectReason.TOO_LARGE, f"{MAX_CHAINS} chains are held, the bound"))
+        if checked.rejected is not None:
+            self._reject(key, value, checked.rejected)
+            return
+        self.rejected.pop(key, None)
+        self.chains[ref] = checked.record
         self._believed_raw[key] = value
 
     def _reject(self, key: str, value: bytes, rej: Rejected) -> None:
@@ -361,12 +472,31 @@ class VerifiedView:
             log.debug("rejected %s (not remembered): %s", shown, rejection.message)
 
 
+def _checked_chain(key: str, value: bytes) -> Checked:
+    """A chain value's certificates as `Checked.record`, or why it is refused."""
+    try:
+        return Checked(value, record=decode_chain_value(key.removeprefix(CHAINS), value))
+    except EnvelopeFormatError as e:
+        reason = RejectReason.KEY_MISMATCH if "sha256" in str(e) else RejectReason.MALFORMED
+        return Checked(value, rejected=Rejected(reason, f"chain value: {e}"))
+
+
+def _parsed(value: bytes, family: Family, outcome: Verified | Rejected) -> Checked:
+    if isinstance(outcome, Rejected):
+        return Checked(value, rejected=outcome)
+    try:
+        return Checked(value, outcome, family.parse(outcome))
+    except Rejected as rej:
+        return Checked(value, rejected=rej)
+
+
 def _checked(key: str, value: bytes, family: Family, bundles: TrustBundles,
-             authorizer: Authorizer, now: dt.datetime) -> Checked:
+             authorizer: Authorizer, now: dt.datetime,
+             chains: Chains | None = None) -> Checked:
     """Verify and parse one value (pure: no view state, safe in a worker thread)."""
     try:
         verified = verify_envelope(value, key, bundles=bundles, authorizer=authorizer, now=now,
-                                   chain_time=family.chain_time)
+                                   chain_time=family.chain_time, chains=chains)
         return Checked(value, verified, family.parse(verified))
     except Rejected as rej:
         return Checked(value, rejected=rej)
