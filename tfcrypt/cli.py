@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     resign = sub.add_parser(
         "resign", help="re-sign every workload and policy not signed under the controller "
                        "SVID's current CA (before revoking an old SPIRE CA: "
-                       "docs/operations.md)")
+                       "docs/operations.md) or not in --envelope-version's format (moving "
+                       "to chains stored once: docs/trust.md)")
     from tfcrypt.controller.cli_run import add_parser as add_controller
     from tfcrypt.controller.cli_run import envelope_option
     add_controller(sub, _common)

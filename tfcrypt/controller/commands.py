@@ -199,13 +199,16 @@ async def resign(s: ControllerSession) -> str:
     an old CA (`spire-server localauthority x509 revoke`). Values written once are
     checked against the bundle at every trust change, so those still signed under the
     revoked root would be refused by every agent, their policies enforced nowhere and
-    their traffic no longer selected (docs/operations.md, "Rotating SPIRE's CA")."""
+    their traffic no longer selected (docs/operations.md, "Rotating SPIRE's CA").
+    Also those stored in another envelope version than the session's: `resign
+    --envelope-version 2` moves a cluster's values to chains stored once (docs/trust.md)."""
     s.require_controller()
     view = await s.read_view()
     ours = s.svid_authority()
     done = 0
     for key, record in sorted({**view.of("workloads/"), **view.of("policies/")}.items()):
-        if view.authority.get(key) == ours:
+        if view.authority.get(key) == ours and (view.chain_ref_of(key) is not None) == (
+                s.by_ref):
             continue
         payload = record.to_payload(epoch=s.next_epoch(view, key), issued_at=int(time.time()))
         await s.put_signed(key, payload, record)

@@ -329,6 +329,10 @@ class VerifiedView:
             return False  # no believed record changes (module rules)
         return existed
 
+    def chain_ref_of(self, key: str) -> str | None:
+        """The stored chain the believed value at `key` names (None: attached, version 1)."""
+        return self._chain_of.get(key)
+
     def chains_missing(self) -> dict[str, tuple[Any, ...]]:
         """Held chains that believed values name but etcd no longer holds, by hash: what
         a writer puts back (`chain_value` of the certificates gives the same bytes)."""
