@@ -16,12 +16,15 @@ Rules:
 - Only a sample is signed and verified for real; the rest is extrapolated, and each
   figure's note says so. The view is filled with the typed records directly (not
   verified one by one): that is what verification would leave in `records`, but the raw
-  values the agent also keeps (`raw`) are not there, so F5 is measured without them and
-  `F5.with_raw` adds their bytes (the signed values' total, F3) as an estimate.
+  values the agent also keeps (`raw`) and the per-key expiry and authority entries are
+  not there, so F5 is measured without them and `F5.with_raw` adds the raw values'
+  bytes (F3's total) as an estimate.
 - F1 compute: the agent's first `CoreInput.desired` (full) on a fresh CoreInput, timed.
 - F2 one change: a real signed value (new epoch) `VerifiedView.put` (one real verify),
   `note_changed`, `CoreInput.desired` (incremental), as one watch event costs the agent;
-  the last result is checked against compute() over a plain mapping.
+  the last result is checked against compute() over a plain mapping. `F2.rotation`: one
+  node record re-signed with a new SVID (what every node publishes on each rotation),
+  taken the same way; it changes no peer.
 - F3 etcd bytes: key + value of every record the cluster holds (node records, workloads,
   policies), each family's mean signed size from its sample times its count (keys are
   summed exactly); etcd's own overhead (revisions, boltdb pages) is not counted. The
@@ -50,7 +53,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bench.common import Figure, conditions, markdown_table, write_results
-from bench.compute import make_snapshot, plain, retag
+from bench.compute import make_snapshot, node_name, plain, retag
 from bench.reconcile import pick_toggle
 from bench.startup import PREFIX, agent_trust, sign_inventory, verify_once
 from tfcrypt.agent.snapshot import CoreInput
@@ -67,7 +70,6 @@ SIZES_QUICK = (10, 100)
 PER_NODE = 30
 TRUST_DOMAIN = "bench"  # bench.compute's node records are spiffe://bench/tfcrypt/node/...
 SVID_TTL = dt.timedelta(hours=1)  # SPIRE's default_x509_svid_ttl (spire/k8s/server.conf)
-GRPC_RECEIVE_MIB = 64  # the agent's etcd client receive limit (bench C4)
 ETCD_QUOTA_MIB = 2048  # etcd's default --quota-backend-bytes
 
 
@@ -157,6 +159,27 @@ def desired_counts(desired: Desired) -> dict[str, int]:
             "selected_pairs": desired.selected_pair_count}
 
 
+def node_rotations(view: VerifiedView, core_input: CoreInput, record: NodeRecord, ca: Any,
+                   own_key: str, runs: int) -> list[float]:
+    """Milliseconds of one node record re-signed after its SVID rotated (same key and
+    epoch, a new SVID and issued_at; tfcrypt.agent.loop's publisher) as every other agent
+    takes it: `VerifiedView.put` (a real verify, a leaf not seen before) and
+    `CoreInput.desired`. No peer changes; the core still has to find that out."""
+    epoch = int(time.time() * 1000)
+    out = []
+    for _ in range(runs):
+        svid = issue(ca, record.spiffe_id)
+        rec = dataclasses.replace(record, epoch=epoch, issued_at=int(time.time()))
+        value = sign_envelope(rec.to_payload(), svid.private_key, svid.chain)
+        t0 = time.perf_counter()
+        believed = view.put(rec.key, value, dt.datetime.now(dt.UTC))
+        core_input.desired(view, own_key, False, [])
+        out.append((time.perf_counter() - t0) * 1e3)
+        if not believed and view.records.get(rec.key) != rec:
+            raise RuntimeError(f"the view refused {rec.key}: {dict(view.rejections)}")
+    return out
+
+
 def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
             node_sample: int) -> dict[str, Any]:
     """Every figure of one size, measured in this process (see the module's rules)."""
@@ -240,6 +263,8 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
                                f"{dict(view.rejections)}")
         change_rows.append({"verify_ms": (t1 - t0) * 1e3, "core_ms": (t2 - t1) * 1e3,
                             "total_ms": (t2 - t0) * 1e3, **spent.take_ms()})
+    rotation_ms = node_rotations(view, core_input, snap.nodes[node_name(1)], ca, own_key,
+                                 changes)
     final = dataclasses.replace(snap, workloads={**snap.workloads,
                                                  toggle.key: view.records[toggle.key]})
     equals_compute = desired == compute(plain(final))
@@ -255,7 +280,8 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
         "compute_s": compute_s, "changes": change_rows,
         "toggle": {"key": toggle.key, "tag": str(toggle.tag),
                    "pairs_changed": toggle.pairs_changed},
-        "equals_compute": equals_compute, "desired": desired_counts(desired),
+        "rotation_ms": rotation_ms, "equals_compute": equals_compute,
+        "desired": desired_counts(desired),
         "value_bytes_mean": mean, "etcd_bytes": etcd_bytes,
         "etcd_bytes_total": sum(etcd_bytes.values()),
         "samples_signed": {"nodes": len(node_values), "workloads": len(signed_workloads),
@@ -312,6 +338,9 @@ def size_figures(r: dict[str, Any]) -> list[Figure]:
                None, "of which VerifiedView.of (a scan of every record, per call)"),
         Figure(f"F2.incremental.{sfx}", tuple(c.get("incremental_ms", 0.0) for c in changes),
                "ms", None, "of which IncrementalCore.update"),
+        Figure(f"F2.rotation.{sfx}", tuple(r["rotation_ms"]), "ms", None,
+               "one node record re-signed (SVID rotation): VerifiedView.put + "
+               "CoreInput.desired, in every other agent"),
         Figure(f"F3.{sfx}", (r["etcd_bytes_total"] / MIB,), "MiB", None,
                f"{r['records']} records, mean signed size of a sample x count, keys exact"),
         Figure(f"F3.fanout.{sfx}", (r["fanout_change_bytes"] / MIB,), "MiB", None,
@@ -359,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     conds = conditions(per_node=args.per_node, sizes=list(sizes), runs=args.runs,
                        changes=args.changes, quick=args.quick)
     path = write_results("fleet", figures, conds, sizes={str(r["nodes"]): r for r in results},
-                         limits={"grpc_receive_mib": GRPC_RECEIVE_MIB,
-                                 "etcd_quota_mib": ETCD_QUOTA_MIB})
+                         limits={"etcd_quota_mib": ETCD_QUOTA_MIB})
     print(markdown_table(figures))
     for r in results:
         print(f"- {r['nodes']} nodes: desired {r['desired']}, equals compute() "

@@ -239,8 +239,8 @@ def plot_scale(series: dict[int, Json], out: Path) -> bool:
 
 
 def plot_fleet(results: Path, out: Path) -> bool:
-    """F1-F5 against nodes (log x): seconds, bytes and RSS of one agent, with the limits
-    the bench's README section argues from (gRPC receive limit, etcd quota)."""
+    """F1-F5 against nodes (log x): seconds, bytes and RSS of one agent, with the limit
+    and the goals the bench's README section argues from (etcd's quota, C3's goals)."""
     body = _load(results / "fleet.json")
     sizes: dict[str, Json] = (body or {}).get("sizes", {})
     if len(sizes) < 2:
@@ -262,6 +262,7 @@ def plot_fleet(results: Path, out: Path) -> bool:
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     for label, fmt, scale in (("F1 first compute", "F1.n{n}", 1.0),
                               ("F2 one change", "F2.n{n}", 1e-3),
+                              ("F2 one node record re-signed", "F2.rotation.n{n}", 1e-3),
                               ("F4 start-up (verify extrapolated + F1)", "F4.n{n}", 1.0)):
         left.plot(*series(fmt, scale), marker="o", label=label)
     left.axhline(0.05, color="gray", linestyle="-.", linewidth=0.8, label="50 ms (C3's goal)")
@@ -270,9 +271,6 @@ def plot_fleet(results: Path, out: Path) -> bool:
                        ("F3 watch fan-out of one change", "F3.fanout.n{n}"),
                        ("F3 fan-out of one SVID rotation round", "F3.rotation.n{n}")):
         mid.plot(*series(fmt), marker="o", label=label)
-    if "grpc_receive_mib" in limits:
-        mid.axhline(limits["grpc_receive_mib"], color="tab:red", linestyle="--",
-                    linewidth=0.8, label="agent's gRPC receive limit (one list)")
     if "etcd_quota_mib" in limits:
         mid.axhline(limits["etcd_quota_mib"], color="black", linestyle=":", linewidth=0.8,
                     label="etcd default quota")
