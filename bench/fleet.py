@@ -383,10 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = (tuple(int(s) for s in args.sizes.split(",")) if args.sizes
              else SIZES_QUICK if args.quick else SIZES)
+    conds = conditions(per_node=args.per_node, sizes=list(sizes), runs=args.runs,
+                       changes=args.changes, quick=args.quick)  # the load at start
     results = [run_size(n, args) for n in sizes]
     figures = [f for r in results for f in size_figures(r)]
-    conds = conditions(per_node=args.per_node, sizes=list(sizes), runs=args.runs,
-                       changes=args.changes, quick=args.quick)
+    conds["wall_s"] = round(sum(r["wall_s"] for r in results), 1)
     path = write_results("fleet", figures, conds, sizes={str(r["nodes"]): r for r in results},
                          limits={"etcd_quota_mib": ETCD_QUOTA_MIB})
     print(markdown_table(figures))

@@ -273,7 +273,7 @@ def plot_fleet(results: Path, out: Path) -> bool:
         mid.plot(*series(fmt), marker="o", label=label)
     if "etcd_quota_mib" in limits:
         mid.axhline(limits["etcd_quota_mib"], color="black", linestyle=":", linewidth=0.8,
-                    label="etcd default quota")
+                    label="etcd default quota (storage)")
     mid.set_ylabel("MiB")
     for label, fmt in (("F5 RSS measured", "F5.n{n}"),
                        ("F5 + raw values (estimate)", "F5.with_raw.n{n}")):
