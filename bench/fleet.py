@@ -19,7 +19,9 @@ Rules:
   values the agent also keeps (`raw`) and the per-key expiry and authority entries are
   not there, so F5 is measured without them and `F5.with_raw` adds the raw values'
   bytes (F3's total) as an estimate.
-- F1 compute: the agent's first `CoreInput.desired` (full) on a fresh CoreInput, timed.
+- F1 compute: the agent's first `CoreInput.desired` (full) on a fresh CoreInput, timed;
+  `F1.resync`: a full one again on that CoreInput with nothing changed (what the agent
+  runs after `resync_interval` of quiet, and after a relist).
 - F2 one change: a real signed value (new epoch) `VerifiedView.put` (one real verify),
   `note_changed`, `CoreInput.desired` (incremental), as one watch event costs the agent;
   the last result is checked against compute() over a plain mapping. `F2.rotation`: one
@@ -233,6 +235,11 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
         desired = core_input.desired(view, own_key, True, [])
         compute_s.append(time.perf_counter() - t0)
     assert core_input is not None
+    resync_s = []  # the periodic full reconcile (resync_interval of quiet): nothing changed
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        core_input.desired(view, own_key, True, [])
+        resync_s.append(time.perf_counter() - t0)
     gc.collect()
     held = memory_mib()  # F5: the view's records, the inventory, the core, the desired state
 
@@ -277,7 +284,7 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
     node_bytes = etcd_bytes["nodes"] / counts["nodes"]
     return {
         "nodes": nodes, "per_node": per_node, "counts": counts, "records": records,
-        "compute_s": compute_s, "changes": change_rows,
+        "compute_s": compute_s, "resync_s": resync_s, "changes": change_rows,
         "toggle": {"key": toggle.key, "tag": str(toggle.tag),
                    "pairs_changed": toggle.pairs_changed},
         "rotation_ms": rotation_ms, "equals_compute": equals_compute,
@@ -330,6 +337,8 @@ def size_figures(r: dict[str, Any]) -> list[Figure]:
     return [
         Figure(f"F1.{sfx}", tuple(r["compute_s"]), "s", None,
                f"first CoreInput.desired, {r['counts']['workloads']} workloads"),
+        Figure(f"F1.resync.{sfx}", tuple(r["resync_s"]), "s", None,
+               "a full CoreInput.desired again, nothing changed (the agent's periodic resync)"),
         Figure(f"F2.{sfx}", tuple(c["total_ms"] for c in changes), "ms", None,
                "one workload's labels: VerifiedView.put (real verify) + CoreInput.desired"),
         Figure(f"F2.core.{sfx}", tuple(c["core_ms"] for c in changes), "ms", None,
