@@ -182,8 +182,29 @@ def node_rotations(view: VerifiedView, core_input: CoreInput, record: NodeRecord
     return out
 
 
+def verify_everything(snap: Any, ca: Any, controller: SvidUpdate) -> dict[str, float]:
+    """The check of F4's and F5's extrapolations: every record signed for real (each node
+    record by its own SVID) and verified by one `replace_all` into a fresh view, as the
+    agent's first list; its seconds, and the RSS that view adds (typed records, raw
+    values, per-key entries) to a process that already holds everything else (an upper
+    bound: freed signing garbage may stay in the allocator's arenas)."""
+    gc.collect()
+    before = memory_mib()["VmRSS"]
+    items = {**signed_nodes(list(snap.nodes.values()), ca),
+             **sign_inventory(list(snap.workloads.values()), list(snap.policies.values()),
+                              controller)}
+    seconds, view = verify_once(items, controller)
+    if len(view.records) != len(items):
+        raise RuntimeError(f"verify_everything: {len(view.records)} of {len(items)} "
+                           f"believed: {dict(view.rejections)}")
+    del items  # the view keeps the values it believed (`raw`), as the agent's does
+    gc.collect()
+    return {"seconds": seconds, "records": len(view.records),
+            "view_mib": memory_mib()["VmRSS"] - before}
+
+
 def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
-            node_sample: int) -> dict[str, Any]:
+            node_sample: int, verify_all: bool) -> dict[str, Any]:
     """Every figure of one size, measured in this process (see the module's rules)."""
     from lab_workload_api.ca import LabCA
 
@@ -278,6 +299,7 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
     after = memory_mib()
 
     records = sum(counts.values())
+    checked = verify_everything(final, ca, controller) if verify_all else None
     verify_s = (counts["nodes"] * statistics.median(node_us)
                 + (counts["workloads"] + counts["policies"]) * statistics.median(ctrl_us)) / 1e6
     change_bytes = entry_bytes(toggle.key, changed_value)
@@ -301,6 +323,7 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
         "change_record_bytes": change_bytes,
         "fanout_rotation_bytes": node_bytes * nodes * nodes,
         "memory_mib": {"baseline": baseline, "held": held, "after_changes": after},
+        "verify_everything": checked,
     }
 
 
@@ -309,7 +332,8 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
 def run_size(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     argv = [sys.executable, "-m", "bench.fleet", "--one", str(nodes), "--per-node",
             str(args.per_node), "--runs", str(args.runs), "--changes", str(args.changes),
-            "--sample", str(args.sample), "--node-sample", str(args.node_sample)]
+            "--sample", str(args.sample), "--node-sample", str(args.node_sample),
+            *(["--verify-all"] if nodes <= args.verify_all_upto else [])]
     print(f"--- {nodes} nodes x {args.per_node} workloads", file=sys.stderr, flush=True)
     started = time.monotonic()
     done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
@@ -334,7 +358,15 @@ def size_figures(r: dict[str, Any]) -> list[Figure]:
     changes = r["changes"]
     nodes_us = statistics.median(r["verify_us"]["node_signed"])
     ctrl_us = statistics.median(r["verify_us"]["controller_signed"])
-    return [
+    checked = r.get("verify_everything")
+    check = [] if not checked else [
+        Figure(f"F4.verify_measured.{sfx}", (checked["seconds"],), "s", None,
+               f"check of F4.verify: all {checked['records']} records signed and verified "
+               "for real, one replace_all"),
+        Figure(f"F5.view_measured.{sfx}", (checked["view_mib"],), "MiB", None,
+               "check of F5.with_raw: the VmRSS a really verified view of every record adds"),
+    ]
+    figures = [
         Figure(f"F1.{sfx}", tuple(r["compute_s"]), "s", None,
                f"first CoreInput.desired, {r['counts']['workloads']} workloads"),
         Figure(f"F1.resync.{sfx}", tuple(r["resync_s"]), "s", None,
@@ -373,6 +405,7 @@ def size_figures(r: dict[str, Any]) -> list[Figure]:
         Figure(f"F5.with_raw.{sfx}", (rss + raw_mib,), "MiB", None,
                "estimate: F5 + the raw signed values VerifiedView keeps (F3's bytes)"),
     ]
+    return [*figures, *check]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,11 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changes", type=int, default=7)
     parser.add_argument("--sample", type=int, default=1000, help="workload records signed")
     parser.add_argument("--node-sample", type=int, default=50, help="node records signed")
+    parser.add_argument("--verify-all-upto", type=int, default=1000,
+                        help="at sizes up to this, also sign and verify every record for "
+                             "real (the check of F4's and F5's extrapolations)")
+    parser.add_argument("--verify-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one is not None:
         print(json.dumps(run_one(args.one, args.per_node, args.runs, args.changes,
-                                 args.sample, args.node_sample)))
+                                 args.sample, args.node_sample, args.verify_all)))
         return 0
     sizes = (tuple(int(s) for s in args.sizes.split(",")) if args.sizes
              else SIZES_QUICK if args.quick else SIZES)
