@@ -265,6 +265,12 @@ def plot_fleet(results: Path, out: Path) -> bool:
                               ("F2 one node record re-signed", "F2.rotation.n{n}", 1e-3),
                               ("F4 start-up (verify extrapolated + F1)", "F4.n{n}", 1.0)):
         left.plot(*series(fmt, scale), marker="o", label=label)
+    measured = dict(zip(*series("F4.verify_measured.n{n}"), strict=True))
+    first = dict(zip(*series("F1.n{n}"), strict=True))
+    checked = [(n, v + first[n]) for n, v in measured.items() if n in first]
+    if checked:
+        left.plot(*zip(*checked, strict=True), marker="x", linestyle="none", color="black",
+                  label="F4 check: every record verified for real, + F1")
     left.axhline(0.05, color="gray", linestyle="-.", linewidth=0.8, label="50 ms (C3's goal)")
     left.set_ylabel("seconds")
     for label, fmt in (("F3 etcd: every signed record", "F3.n{n}"),
@@ -278,6 +284,12 @@ def plot_fleet(results: Path, out: Path) -> bool:
     for label, fmt in (("F5 RSS measured", "F5.n{n}"),
                        ("F5 + raw values (estimate)", "F5.with_raw.n{n}")):
         right.plot(*series(fmt), marker="o", label=label)
+    view_n, view_mib = series("F5.view_measured.n{n}")
+    rss = dict(zip(*series("F5.n{n}"), strict=True))
+    pts = [(n, rss[n] + v) for n, v in zip(view_n, view_mib, strict=True) if n in rss]
+    if pts:
+        right.plot(*zip(*pts, strict=True), marker="x", linestyle="none", color="black",
+                   label="F5 + a really verified view (upper bound)")
     right.axhline(150, color="gray", linestyle="--", linewidth=0.8, label="150 MiB (C3's goal)")
     right.set_ylabel("agent RSS (MiB)")
     per_node = (body or {}).get("conditions", {}).get("per_node", "?")
