@@ -241,6 +241,8 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
     controller_items = {**signed_policies, **signed_workloads}
     ctrl_us, ctrl_believed = verify_rate_us([controller_items] * runs, controller)
     node_us, node_believed = verify_rate_us(node_batches, controller)
+    if (ctrl_believed, node_believed) != (len(controller_items), len(node_values)):
+        raise RuntimeError("a signed sample was refused: the rates would be of rejections")
 
     # the agent's view: every typed record believed, trust installed
     view = VerifiedView(families())
