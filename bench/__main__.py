@@ -1,4 +1,4 @@
-"""`python -m bench all|<bench>|report [--quick]`: every figure of issues #7 and #17
+"""`python -m bench all|<bench>|report [--quick]`: every figure of issues #7, #17 and #18
 from one command.
 
 Rules:
@@ -44,6 +44,7 @@ BENCHES = (
     Bench("startup", "bench.startup", "C4"),
     Bench("scale", "bench.reconcile", "C3"),
     Bench("controller", "bench.controller", "K1 K2"),
+    Bench("fleet", "bench.fleet", "F1 F2 F3 F4 F5"),
 )
 SCALE_NODES = (10, 100, 1000)
 SCALE_NODES_QUICK = (10, 50)

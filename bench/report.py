@@ -22,7 +22,8 @@ from typing import Any
 
 from bench.common import RESULTS
 
-FIGURE_IDS = ("D1", "D2", "D3", "D4", "C1", "C2", "C3", "C4", "C5", "K1", "K2")
+FIGURE_IDS = ("D1", "D2", "D3", "D4", "C1", "C2", "C3", "C4", "C5", "K1", "K2",
+              "F1", "F2", "F3", "F4", "F5")
 TITLES = {
     "D1": "selected flow: tfcrypt tunnel vs hand-made WireGuard",
     "D2": "unselected flow, 100,000 set elements vs no tfcrypt",
@@ -35,6 +36,11 @@ TITLES = {
     "C5": "key rotation under a selected flow",
     "K1": "controller initial sync of 10,000 pods (issue #17)",
     "K2": "kubectl label to every node's dataplane (issue #17)",
+    "F1": "one agent's first compute, 10 to 5,000 nodes x 30 workloads (issue #18)",
+    "F2": "one workload's labels to the agent's new desired state, up to 5,000 nodes",
+    "F3": "etcd bytes of every signed record, and the watch fan-out of one change",
+    "F4": "agent start-up: every record verified (extrapolated) plus compute",
+    "F5": "RSS of the agent's view, inventory and desired state, up to 5,000 nodes",
 }
 _SCALE_RESULT = re.compile(r"reconcile_n(\d+)\.json$")
 
@@ -232,6 +238,73 @@ def plot_scale(series: dict[int, Json], out: Path) -> bool:
     return True
 
 
+def plot_fleet(results: Path, out: Path) -> bool:
+    """F1-F5 against nodes (log x): seconds, bytes and RSS of one agent, with the limit
+    and the goals the bench's README section argues from (etcd's quota, C3's goals)."""
+    body = _load(results / "fleet.json")
+    sizes: dict[str, Json] = (body or {}).get("sizes", {})
+    if len(sizes) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {f["id"]: f["value"] for f in (body or {}).get("figures", [])}
+    nodes = sorted(int(n) for n in sizes)
+    limits = (body or {}).get("limits", {})
+
+    def series(fmt: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+        pts = [(n, figures[fmt.format(n=n)] * scale) for n in nodes
+               if fmt.format(n=n) in figures]
+        return [n for n, _ in pts], [v for _, v in pts]
+
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, fmt, scale in (("F1 first compute", "F1.n{n}", 1.0),
+                              ("F2 one change", "F2.n{n}", 1e-3),
+                              ("F2 one node record re-signed", "F2.rotation.n{n}", 1e-3),
+                              ("F4 start-up (verify extrapolated + F1)", "F4.n{n}", 1.0)):
+        left.plot(*series(fmt, scale), marker="o", label=label)
+    measured = dict(zip(*series("F4.verify_measured.n{n}"), strict=True))
+    first = dict(zip(*series("F1.n{n}"), strict=True))
+    checked = [(n, v + first[n]) for n, v in measured.items() if n in first]
+    if checked:
+        left.plot(*zip(*checked, strict=True), marker="x", linestyle="none", color="black",
+                  label="F4 check: every record verified for real, + F1")
+    left.axhline(0.05, color="gray", linestyle="-.", linewidth=0.8, label="50 ms (C3's goal)")
+    left.set_ylabel("seconds")
+    for label, fmt in (("F3 etcd: every signed record", "F3.n{n}"),
+                       ("F3 watch fan-out of one change", "F3.fanout.n{n}"),
+                       ("F3 fan-out of one SVID rotation round", "F3.rotation.n{n}")):
+        mid.plot(*series(fmt), marker="o", label=label)
+    if "etcd_quota_mib" in limits:
+        mid.axhline(limits["etcd_quota_mib"], color="black", linestyle=":", linewidth=0.8,
+                    label="etcd default quota (storage)")
+    mid.set_ylabel("MiB")
+    for label, fmt in (("F5 RSS measured", "F5.n{n}"),
+                       ("F5 + raw values (estimate)", "F5.with_raw.n{n}")):
+        right.plot(*series(fmt), marker="o", label=label)
+    view_n, view_mib = series("F5.view_measured.n{n}")
+    rss = dict(zip(*series("F5.n{n}"), strict=True))
+    pts = [(n, rss[n] + v) for n, v in zip(view_n, view_mib, strict=True) if n in rss]
+    if pts:
+        right.plot(*zip(*pts, strict=True), marker="x", linestyle="none", color="black",
+                   label="F5 + a really verified view (upper bound)")
+    right.axhline(150, color="gray", linestyle="--", linewidth=0.8, label="150 MiB (C3's goal)")
+    right.set_ylabel("agent RSS (MiB)")
+    per_node = (body or {}).get("conditions", {}).get("per_node", "?")
+    for ax in (left, mid, right):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"nodes (x {per_node} workloads each)")
+        ax.legend(fontsize=7)
+    fig.suptitle("F1-F5: one agent's control-plane cost as the cluster grows (simulation)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_convergence(results: Path, out: Path) -> bool:
     """C1: the distribution of the 50 convergence times, with the p99 goal."""
     body = _load(results / "convergence.json")
@@ -266,7 +339,8 @@ def write(results: Path = RESULTS) -> tuple[Json, list[str]]:
     skipped = []
     plots = {"dataplane.png": lambda p: plot_ratios(latest, p),
              "scale.png": lambda p: plot_scale(scale_series(results), p),
-             "convergence.png": lambda p: plot_convergence(results, p)}
+             "convergence.png": lambda p: plot_convergence(results, p),
+             "fleet.png": lambda p: plot_fleet(results, p)}
     latest["plots"] = []
     for name, draw in plots.items():
         if draw(results / name):
