@@ -68,6 +68,7 @@ from tfcrypt.agent.snapshot import CoreInput
 from tfcrypt.config import AgentConfig
 from tfcrypt.core.compute import Desired, compute
 from tfcrypt.identity import sign_envelope
+from tfcrypt.identity.envelope import CHAINS
 from tfcrypt.identity.svid_source import SvidUpdate
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.families import families
@@ -198,7 +199,7 @@ def verify_everything(snap: Any, ca: Any, controller: SvidUpdate) -> dict[str, f
     before = memory_mib()["VmRSS"]
     items = {**signed_nodes(list(snap.nodes.values()), ca),
              **sign_inventory(list(snap.workloads.values()), list(snap.policies.values()),
-                              controller)}
+                              controller, 1)}
     seconds, view = verify_once(items, controller)
     if len(view.records) != len(items):
         raise RuntimeError(f"verify_everything: {len(view.records)} of {len(items)} "
@@ -225,8 +226,13 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
     node_records = rng.sample(list(snap.nodes.values()), min(node_sample, nodes))
 
     # F3: sizes from real signatures; F4: rates from real verification
-    signed_policies = sign_inventory([], policies, controller)
-    signed_workloads = sign_inventory(workload_sample, [], controller)
+    signed_policies = sign_inventory([], policies, controller, 1)
+    signed_workloads = sign_inventory(workload_sample, [], controller, 1)
+    # envelope version 2 (the chain stored once, docs/trust.md): the same records' sizes
+    by_ref = sign_inventory(workload_sample, policies, controller, 2)
+    chain_bytes = sum(entry_bytes(k, v) for k, v in by_ref.items() if k.startswith(CHAINS))
+    mean_v2 = {f: statistics.mean(len(v) for k, v in by_ref.items() if k.startswith(f))
+               for f in ("workloads", "policies")}
     node_batches = [signed_nodes(node_records, ca) for _ in range(runs)]  # fresh SVIDs
     node_values = node_batches[0]
     mean = {family: statistics.mean(len(v) for v in values.values())
@@ -238,6 +244,8 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
                  "workloads": sum(entry_bytes(k, b"") for k in snap.workloads),
                  "policies": sum(entry_bytes(p.key, b"") for p in policies)}
     etcd_bytes = {f: key_bytes[f] + mean[f] * counts[f] for f in counts}
+    etcd_bytes_v2 = (etcd_bytes["nodes"] + chain_bytes
+                     + sum(key_bytes[f] + mean_v2[f] * counts[f] for f in mean_v2))
     controller_items = {**signed_policies, **signed_workloads}
     ctrl_us, ctrl_believed = verify_rate_us([controller_items] * runs, controller)
     node_us, node_believed = verify_rate_us(node_batches, controller)
@@ -321,6 +329,7 @@ def run_one(nodes: int, per_node: int, runs: int, changes: int, sample: int,
         "desired": desired_counts(desired),
         "value_bytes_mean": mean, "etcd_bytes": etcd_bytes,
         "etcd_bytes_total": sum(etcd_bytes.values()),
+        "value_bytes_mean_v2": mean_v2, "etcd_bytes_total_v2": etcd_bytes_v2,
         "samples_signed": {"nodes": len(node_values), "workloads": len(signed_workloads),
                            "policies": len(signed_policies)},
         "verify_us": {"controller_signed": ctrl_us, "node_signed": node_us},
@@ -392,6 +401,9 @@ def size_figures(r: dict[str, Any]) -> list[Figure]:
                "CoreInput.desired, in every other agent"),
         Figure(f"F3.{sfx}", (r["etcd_bytes_total"] / MIB,), "MiB", None,
                f"{r['records']} records, mean signed size of a sample x count, keys exact"),
+        Figure(f"F3.v2.{sfx}", (r["etcd_bytes_total_v2"] / MIB,), "MiB", None,
+               "the same with envelope version 2 (workloads and policies name the chain "
+               "stored once)"),
         Figure(f"F3.fanout.{sfx}", (r["fanout_change_bytes"] / MIB,), "MiB", None,
                f"one change's watch delivery: {r['change_record_bytes']} B x {n} agents"),
         Figure(f"F3.rotation.{sfx}", (r["fanout_rotation_bytes"] / MIB,), "MiB", None,

@@ -205,3 +205,27 @@ def test_a_trust_change_keeps_the_real_record_under_a_refused_overwrite() -> Non
     # but once the real record's root goes too, nothing at that key is believed
     view.set_trust(TrustBundles({TD: [other.cert]}), Authorizer(TD), NOW)
     assert "nodes/n2" not in view.records
+
+
+def test_of_a_family_is_exactly_its_believed_records_through_every_change() -> None:
+    """`of(prefix)` is kept per family (not a scan): it must follow puts, refusals,
+    deletions, relists and trust changes exactly as `records` does."""
+    s = Signers()
+    view = s.trusting()
+
+    def scanned() -> dict[str, object]:
+        return {k: v for k, v in view.records.items() if k.startswith("nodes/")}
+
+    view.put("nodes/n2", s.record("n2"), NOW)
+    view.put("nodes/n3", s.record("n3"), NOW)
+    view.put("nodes/n3", s.record("n3", key_byte=9, signer="n2"), NOW)  # refused
+    assert view.of("nodes/") == scanned() and len(scanned()) == 2
+    view.delete("nodes/n2")
+    assert view.of("nodes/") == scanned() and list(scanned()) == ["nodes/n3"]
+    view.replace_all({"nodes/n1": s.record("n1")}, NOW)
+    assert view.of("nodes/") == scanned() and list(scanned()) == ["nodes/n1"]
+    view.set_trust(TrustBundles({TD: [s.rogue.cert]}), Authorizer(TD), NOW)  # revoked
+    assert view.of("nodes/") == scanned() == {}
+    copy = view.of("nodes/")
+    copy["nodes/x"] = None  # a copy: the caller cannot change the view
+    assert view.of("nodes/") == {}
