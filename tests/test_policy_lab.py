@@ -162,6 +162,38 @@ def test_the_split_follows_policy_changes_and_deletion(lab: Lab, tmp_path: Path)
     assert_split(lab, POLICIES, tmp_path / "reapplied.pcap")
 
 
+def test_values_signed_with_the_chain_stored_once_are_enforced_alike(
+        lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tfcrypt resign --envelope-version 2` moves every workload and policy to chains
+    stored once (issue #18 item 3): the agents follow it without refusing anything, and
+    the underlay shows the same split; `--envelope-version 1` moves them back."""
+    monkeypatch.setenv("TFCRYPT_ENVELOPE_VERSION", "2")
+    refused_before = {n: agent_status(lab, n).get("rejected", {}) for n in NODES}
+    try:
+        out = inventory.tfcrypt(lab, "resign")
+        assert out.startswith(f"re-signed {len(TAGS) + len(POLICIES)} value(s)"), out
+        stored = etcdctl(lab, "get", "--prefix", f"{PREFIX}/", "--print-value-only")
+        values = [json.loads(v) for v in stored.splitlines() if v.startswith("{")]
+        versions = sorted(v.get("v") for v in values if "payload" in v
+                          and not json.loads(v["payload"])["key"].startswith("nodes/"))
+        assert versions == [2] * (len(TAGS) + len(POLICIES))
+        chains = etcdctl(lab, "get", "--prefix", f"{PREFIX}/chains/", "--keys-only").split()
+        assert len(chains) == 1, chains
+        revision = int(json.loads(etcdctl(lab, "get", f"{PREFIX}/", "-w", "json")
+                                  )["header"]["revision"])
+        wait_for("every agent to have read the re-signed values", lambda: all(
+            agent_status(lab, n)["etcd"]["last_revision"] >= revision for n in NODES))
+        # nothing refused (an agent that could not read version 2 counts each value as
+        # malformed and keeps the old one), and the same split on the wire
+        assert {n: agent_status(lab, n).get("rejected", {}) for n in NODES} == refused_before
+        assert converged(lab, POLICIES)
+        assert_split(lab, POLICIES, tmp_path / "v2.pcap")
+    finally:
+        monkeypatch.setenv("TFCRYPT_ENVELOPE_VERSION", "1")
+        inventory.tfcrypt(lab, "resign")
+    wait_for("agents back on version 1", lambda: converged(lab, POLICIES))
+
+
 STREAM = Path(__file__).parent / "lab_scripts" / "stream.py"
 
 
@@ -376,34 +408,3 @@ def test_a_removed_peer_record_drops_selected_traffic_instead_of_leaking(
     assert count_packets(pcap, f"icmp and host {c} and host {d}") > 0
     assert "n2" in agent_status(lab, "n1")["missing_peers"]
 
-
-def test_values_signed_with_the_chain_stored_once_are_enforced_alike(
-        lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`tfcrypt resign --envelope-version 2` moves every workload and policy to chains
-    stored once (issue #18 item 3): the agents follow it without refusing anything, and
-    the underlay shows the same split; `--envelope-version 1` moves them back."""
-    monkeypatch.setenv("TFCRYPT_ENVELOPE_VERSION", "2")
-    refused_before = {n: agent_status(lab, n).get("rejected", {}) for n in NODES}
-    try:
-        out = inventory.tfcrypt(lab, "resign")
-        assert out.startswith(f"re-signed {len(TAGS) + len(POLICIES)} value(s)"), out
-        stored = etcdctl(lab, "get", "--prefix", f"{PREFIX}/", "--print-value-only")
-        values = [json.loads(v) for v in stored.splitlines() if v.startswith("{")]
-        versions = sorted(v.get("v") for v in values if "payload" in v
-                          and not json.loads(v["payload"])["key"].startswith("nodes/"))
-        assert versions == [2] * (len(TAGS) + len(POLICIES))
-        chains = etcdctl(lab, "get", "--prefix", f"{PREFIX}/chains/", "--keys-only").split()
-        assert len(chains) == 1, chains
-        revision = int(json.loads(etcdctl(lab, "get", f"{PREFIX}/", "-w", "json")
-                                  )["header"]["revision"])
-        wait_for("every agent to have read the re-signed values", lambda: all(
-            agent_status(lab, n)["etcd"]["last_revision"] >= revision for n in NODES))
-        # nothing refused (an agent that could not read version 2 counts each value as
-        # malformed and keeps the old one), and the same split on the wire
-        assert {n: agent_status(lab, n).get("rejected", {}) for n in NODES} == refused_before
-        assert converged(lab, POLICIES)
-        assert_split(lab, POLICIES, tmp_path / "v2.pcap")
-    finally:
-        monkeypatch.setenv("TFCRYPT_ENVELOPE_VERSION", "1")
-        inventory.tfcrypt(lab, "resign")
-    wait_for("agents back on version 1", lambda: converged(lab, POLICIES))

@@ -57,6 +57,10 @@ class EnvelopeFormatError(ValueError):
     """The bytes are not an envelope of the expected shape; the message names what is wrong."""
 
 
+class ChainNameMismatch(EnvelopeFormatError):
+    """A chain value that is not what its key names (its sha256, or a key that is none)."""
+
+
 @dataclass(frozen=True)
 class Envelope:
     """A decoded but not yet believed envelope; a version-2 one has `chain_ref` and no
@@ -144,11 +148,11 @@ def decode_chain_value(ref: str, raw: bytes) -> tuple[x509.Certificate, ...]:
     its key names is refused before anything in it is parsed.
     """
     if not _CHAIN_REF_RE.fullmatch(ref):
-        raise EnvelopeFormatError("the key is not a lower-case sha256 hex digest")
+        raise ChainNameMismatch("the key is not a lower-case sha256 hex digest")
     if len(raw) > MAX_CHAIN_BYTES:
         raise EnvelopeFormatError(f"{len(raw)} bytes, bound is {MAX_CHAIN_BYTES}")
     if hashlib.sha256(raw).hexdigest() != ref:
-        raise EnvelopeFormatError("its sha256 is not the one its key names")
+        raise ChainNameMismatch("its sha256 is not the one its key names")
     obj = _json_object(raw)
     if set(obj) != {"v", "chain"} or type(obj["v"]) is not int or (
             obj["v"] != CHAIN_VALUE_VERSION):

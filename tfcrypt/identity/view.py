@@ -59,7 +59,12 @@ from typing import Any
 from tfcrypt.errors import Rejected, RejectReason
 from tfcrypt.identity.authz import Authorizer
 from tfcrypt.identity.bundles import TrustBundles
-from tfcrypt.identity.envelope import CHAINS, EnvelopeFormatError, decode_chain_value
+from tfcrypt.identity.envelope import (
+    CHAINS,
+    ChainNameMismatch,
+    EnvelopeFormatError,
+    decode_chain_value,
+)
 from tfcrypt.identity.epochs import EpochBook
 from tfcrypt.identity.verify import ChainTime, Verified, verify_envelope, verify_envelopes
 from tfcrypt.text import excerpt
@@ -517,7 +522,8 @@ def _checked_chain(key: str, value: bytes) -> Checked:
     try:
         return Checked(value, record=decode_chain_value(key.removeprefix(CHAINS), value))
     except EnvelopeFormatError as e:
-        reason = RejectReason.KEY_MISMATCH if "sha256" in str(e) else RejectReason.MALFORMED
+        reason = (RejectReason.KEY_MISMATCH if isinstance(e, ChainNameMismatch)
+                  else RejectReason.MALFORMED)
         return Checked(value, rejected=Rejected(reason, f"chain value: {e}"))
 
 
