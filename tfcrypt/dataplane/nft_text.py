@@ -25,6 +25,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 from collections.abc import Callable, Iterable
@@ -62,7 +63,8 @@ class Unrenderable(ValueError):
 def render(commands: Iterable[Json]) -> str:
     """The native-syntax text of one transaction; `Unrenderable` if any command is not
     one of the shapes tfcrypt emits."""
-    return "".join(_command(cmd) + "\n" for cmd in commands)
+    memo: dict[int, tuple[Any, str]] = {}
+    return "".join(_command(cmd, memo) + "\n" for cmd in commands)
 
 
 def _one(obj: Any, what: str) -> tuple[str, Any]:
@@ -110,9 +112,11 @@ def _table(obj: Json) -> str:
 _OBJ = {"family", "table", "name"}
 
 
-def _command(cmd: Json) -> str:
+def _command(cmd: Json, memo: dict[int, tuple[Any, str]]) -> str:
     verb, body = _one(cmd, "command")
     kind, obj = _one(body, f"{verb} command")
+    if (verb, kind) == ("add", "rule"):
+        return _add_rule(obj, memo)
     render_one = _COMMANDS.get((verb, kind))
     if render_one is None:
         raise Unrenderable(f"command {verb} {kind}")
@@ -177,6 +181,25 @@ def _address(value: Any) -> str:
     raise Unrenderable(f"element {value!r}: not a plain IPv4 or IPv6 address")
 
 
+def _plain_addresses(elems: list[Any]) -> list[str] | None:
+    """`elems` as they are when all are plain addresses of one family (a selector set: up
+    to tens of thousands, checked by `inet_pton` in C), else None (checked one by one)."""
+    try:
+        joined = "".join(elems)
+    except TypeError:
+        return None
+    v6 = ":" in elems[0]
+    if v6 and "." in joined:
+        return None
+    try:
+        for _ in map(functools.partial(socket.inet_pton,
+                                       socket.AF_INET6 if v6 else socket.AF_INET), elems):
+            pass
+    except (OSError, ValueError):
+        return None
+    return elems
+
+
 def _element_key(raw: Any) -> str:
     if isinstance(raw, dict):
         key, prefix = _one(raw, "element")
@@ -206,19 +229,29 @@ def _elements(verb: str) -> Callable[[Json], str]:
         elems = obj["elem"]
         if not isinstance(elems, list) or not elems:
             raise Unrenderable("element command without elements")
-        text = [_element(e) for e in elems]
+        text = _plain_addresses(elems)
+        if text is None:
+            text = [_element(e) for e in elems]
         lines = [", ".join(text[i:i + ELEMENTS_PER_LINE])
                  for i in range(0, len(text), ELEMENTS_PER_LINE)]
         return f"{verb} element {_table(obj)} {_name(obj['name'])} {{ " + ",\n".join(lines) + " }"
     return render_elements
 
 
-def _add_rule(obj: Json) -> str:
+def _add_rule(obj: Json, memo: dict[int, tuple[Any, str]]) -> str:
+    """A rule; `memo` holds the statements already rendered in this transaction, by
+    identity (the class rules share a few hundred statement objects, nft_table.decoded;
+    the memo keeps each one referenced, so an id is never reused while it is there)."""
     _fields(obj, {"family", "table", "chain", "expr"}, frozenset({"comment"}))
     if not isinstance(obj["expr"], list) or not obj["expr"]:
         raise Unrenderable("rule without statements")
-    text = f"add rule {_table(obj)} {_name(obj['chain'])} " + " ".join(
-        _statement(s) for s in obj["expr"])
+    parts = []
+    for stmt in obj["expr"]:
+        hit = memo.get(id(stmt))
+        if hit is None:
+            hit = memo[id(stmt)] = (stmt, _statement(stmt))
+        parts.append(hit[1])
+    text = f"add rule {_table(obj)} {_name(obj['chain'])} " + " ".join(parts)
     if "comment" in obj:
         text += f" comment {_quoted(obj['comment'])}"
     return text
@@ -243,7 +276,6 @@ _COMMANDS: dict[tuple[str, str], Callable[[Json], str]] = {
     ("delete", "chain"): _named("delete", "chain"),
     ("add", "element"): _elements("add"),
     ("delete", "element"): _elements("delete"),
-    ("add", "rule"): _add_rule,
     ("delete", "rule"): _delete_rule,
 }
 
