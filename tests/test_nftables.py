@@ -820,24 +820,3 @@ def test_an_infrastructure_address_in_every_set_is_neither_marked_nor_dropped(
     assert not ping(b, "10.77.1.2", src="10.77.2.3")
     counters = run(manager.counters())
     assert counters["guard_drops"][0] == 1 and counters["ingress_drops"][0] == 1
-
-
-def test_set_desired_and_apply_leave_the_garbage_collector_as_they_found_it() -> None:
-    """The builds run with the collector paused (tfcrypt/dataplane/gcpause.py); it is on
-    again after them, also when nft refused the transaction or the input, and stays off
-    if someone else had turned it off."""
-    import gc
-
-    fake, manager = applied(desired())
-    assert gc.isenabled()
-    fake.fail_next = "Error: Could not process rule: No buffer space available"
-    manager.set_desired(desired(peers={"ca": {"10.2.0.9"}}))
-    assert not run(manager.apply()).ok and gc.isenabled()
-    with pytest.raises(ConfigError):
-        manager.set_desired(desired(local={"10.1.0.300": "ca"}))
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        assert run(manager.apply(full=True)).ok and not gc.isenabled()
-    finally:
-        gc.enable()

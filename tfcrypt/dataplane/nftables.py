@@ -24,8 +24,7 @@ Rules of this module:
   full contents in the same transaction, so the guard is never absent for a packet.
 - No sweep before intent: until `set_desired()` has been called, `apply()` does nothing
   (a table left by a previous run stays untouched and is adopted by the first apply).
-- Decide, then act: the command list is built with no await in between (and with the
-  garbage collector paused: tfcrypt/dataplane/gcpause.py); the transaction is
+- Decide, then act: the command list is built with no await in between; the transaction is
   shielded from cancellation; if nft refuses it, nothing changed in the kernel, the error
   is reported and everything stays pending for the next (full) apply.
 """
@@ -37,7 +36,6 @@ import logging
 from collections.abc import Iterable
 
 from tfcrypt.dataplane.delta import DeltaTracker, Plan
-from tfcrypt.dataplane.gcpause import paused_gc
 from tfcrypt.dataplane.nft_desired import DesiredTable
 from tfcrypt.dataplane.nft_json import Nft, NftError, NftUnreadable
 from tfcrypt.dataplane.nft_listing import counter_values, parse_listing
@@ -192,8 +190,7 @@ class NftManager:
     def set_desired(self, desired: NftDesired) -> None:
         """Record intent (no I/O; costs the classes that changed); raises ConfigError for
         input that cannot be nft names, and then keeps the previous intent."""
-        with paused_gc():
-            self._dirty |= self._table.update(desired)
+        self._dirty |= self._table.update(desired)
         self._skeleton_dirty = self._skeleton_dirty or self._table.skeleton_changed
 
     @property
@@ -221,22 +218,19 @@ class NftManager:
                 return ApplyReport(0)
             planned = None
             if self._known and not full:
-                with paused_gc():
-                    planned = self._incremental_plan()
+                planned = self._incremental_plan()
             self.last_full = planned is None
             if planned is None:
                 self._known = False
                 try:
                     listing = await self._nft.list_table()
-                    with paused_gc():
-                        have = (TableState() if listing is None
-                                else parse_listing(listing, self._table.canonical))
+                    have = (TableState() if listing is None
+                            else parse_listing(listing, self._table.canonical))
                 except NftUnreadable as exc:
                     have, listing = TableState(foreign=[str(exc)]), {}
                 except NftError as exc:
                     return self._failed(f"list: {exc}")
-                with paused_gc():
-                    planned = self._full_plan(have, absent=listing is None)
+                planned = self._full_plan(have, absent=listing is None)
             commands, want, have, plan = planned
             self.last_transaction = commands
             dirty, self._dirty = self._dirty, set()
@@ -249,8 +243,7 @@ class NftManager:
                     self._dirty |= dirty
                     self._skeleton_dirty = self._skeleton_dirty or skeleton_dirty
                     return self._failed(str(exc))
-            with paused_gc():
-                self._actual, self._known = _committed(have, want, plan), True
+            self._actual, self._known = _committed(have, want, plan), True
             return ApplyReport(len(commands))
 
     def _incremental_plan(self) -> _Planned | None:
