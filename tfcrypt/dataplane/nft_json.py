@@ -3,11 +3,11 @@
 Rules of this module:
 - Two calls only: read `table inet tfcrypt` (`nft -j list table inet tfcrypt`; None when the
   table does not exist) and run one transaction: a list of JSON commands, sent as ONE
-  `nft -f -` in native syntax (rendered by tfcrypt/dataplane/nft_text.py: nft parses it
-  several times faster than JSON, the first apply's ~340,000 elements), or as ONE
-  `nft -j -f -` in JSON when any command cannot be rendered faithfully (the whole
-  transaction then, never part of it). `nft -f` loads a file as one netlink batch: every
-  command applies or none does, in either syntax.
+  `nft -f -` in native syntax (rendered by tfcrypt/dataplane/nft_text.py; on nft 1.0.6
+  as fast as JSON for elements and faster for rules, docs/nftables.md "Native syntax for
+  the transaction"), or as ONE `nft -j -f -` in JSON when any command cannot be rendered
+  faithfully (the whole transaction then, never part of it). `nft -f` loads a file as one
+  netlink batch: every command applies or none does, in either syntax.
 - Commands stay JSON everywhere else: the manager builds them, `FakeNft` understands them,
   tests compare them; the text is only what goes down the pipe.
 - nft errors become `NftError` carrying nft's own message, here and nowhere else.
