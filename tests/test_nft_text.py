@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import copy
 import json
+import random
 import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from test_compute import PAYMENTS_SITE, W, run, wl
-from test_nftables import desired, sh
+from test_nftables import _random_desired, desired, sh
 
 from tfcrypt.dataplane.nft_json import FakeNft, NftError, SubprocessNft, transaction
 from tfcrypt.dataplane.nft_table import NftDesired
@@ -187,16 +188,19 @@ def test_renderable_transactions_go_as_text_unless_json_is_asked_for() -> None:
                                                 json.dumps({"nftables": cmds}).encode())
 
 
-def test_every_transaction_of_the_reconcile_tests_renders() -> None:
-    """The manager's transactions through a realistic sequence all take the native path."""
-    fake = FakeNft()
-    manager = NftManager(fake)
-    for d in [rich(), *changes()]:
-        manager.set_desired(d)
-        assert arun(manager.apply()).ok
-        if manager.last_transaction:
-            assert transaction(manager.last_transaction)[0] == ["-f", "-"]
-    assert len(fake.transactions) == 1 + len(changes())
+def test_every_transaction_of_the_change_sequences_renders() -> None:
+    """The manager's transactions through the equivalence tests' changes and through the
+    reconcile tests' 80 random desired states all take the native path."""
+    rng = random.Random(1820)
+    for sequence in ([rich(), *changes()], [_random_desired(rng) for _ in range(80)]):
+        fake = FakeNft()
+        manager = NftManager(fake)
+        for d in sequence:
+            manager.set_desired(d)
+            assert arun(manager.apply(full=len(fake.transactions) % 3 == 2)).ok
+            if manager.last_transaction:
+                assert transaction(manager.last_transaction)[0] == ["-f", "-"]
+        assert len(fake.transactions) > len(sequence) // 2
 
 
 # --- against the real nft ------------------------------------------------------------
