@@ -304,6 +304,20 @@ def test_real_nft_lists_the_same_table_whether_it_was_sent_as_json_or_as_text(
 
 
 @pytest.mark.lab
+def test_real_nft_lists_the_same_table_through_both_paths_over_random_changes(
+    netns: Callable[[str], str],
+) -> None:
+    """The reconcile tests' random desired states (classes appearing and vanishing, local
+    addresses moving, enforce and observe-only), incremental and every third one full."""
+    ns_json, ns_text = netns("j"), netns("t")
+    managers = applied_both(ns_json, ns_text)
+    rng = random.Random(1820)
+    for i in range(30):
+        step(managers, _random_desired(rng), full=i % 3 == 2)
+        assert listing(ns_text) == listing(ns_json), f"after step {i + 1}"
+
+
+@pytest.mark.lab
 def test_real_nft_lists_a_table_from_the_core_the_same_through_both_paths(
     netns: Callable[[str], str],
 ) -> None:
