@@ -2,8 +2,14 @@
 
 Rules of this module:
 - Two calls only: read `table inet tfcrypt` (`nft -j list table inet tfcrypt`; None when the
-  table does not exist) and run one transaction (`nft -j -f -` with a list of commands).
-  `nft -f` loads a file as one netlink batch: every command applies or none does.
+  table does not exist) and run one transaction: a list of JSON commands, sent as ONE
+  `nft -f -` in native syntax (rendered by tfcrypt/dataplane/nft_text.py; on nft 1.0.6
+  as fast as JSON for elements and faster for rules, docs/nftables.md "Native syntax for
+  the transaction"), or as ONE `nft -j -f -` in JSON when any command cannot be rendered
+  faithfully (the whole transaction then, never part of it). `nft -f` loads a file as one
+  netlink batch: every command applies or none does, in either syntax.
+- Commands stay JSON everywhere else: the manager builds them, `FakeNft` understands them,
+  tests compare them; the text is only what goes down the pipe.
 - nft errors become `NftError` carrying nft's own message, here and nowhere else.
 - `SubprocessNft` runs the real binary, in another network namespace if asked
   (`ip netns exec NS nft ...`); the Python binding is not used (not installable in a venv).
@@ -21,12 +27,16 @@ import asyncio
 import copy
 import ipaddress
 import json
+import logging
 from typing import Any, Protocol
 
 from tfcrypt.dataplane.nft_table import FAMILY, TABLE
+from tfcrypt.dataplane.nft_text import Unrenderable, render
 from tfcrypt.errors import TfcryptError
 
 Json = dict[str, Any]
+
+log = logging.getLogger(__name__)
 
 _ENOENT = "Error: Could not process rule: No such file or directory"
 _EEXIST = "Error: Could not process rule: File exists"
@@ -64,13 +74,33 @@ class Nft(Protocol):
     async def run(self, commands: list[Json]) -> None: ...
 
 
-class SubprocessNft:
-    """The real `nft` binary. Pitfall: `ip netns exec` also says "No such file or directory"
-    when the namespace is missing, so only nft's own message means "no table"."""
+def transaction(commands: list[Json], native: bool = True) -> tuple[list[str], bytes]:
+    """(nft arguments, stdin) of one transaction: native syntax, or JSON when `native` is
+    False or some command cannot be rendered faithfully (then all of them)."""
+    if native:
+        try:
+            return ["-f", "-"], render(commands).encode()
+        except Unrenderable as exc:
+            log.info("nftables: transaction sent as JSON: %s", exc)
+    return ["-j", "-f", "-"], json.dumps({"nftables": commands}).encode()
 
-    def __init__(self, netns: str | None = None, binary: str = "nft") -> None:
+
+class SubprocessNft:
+    """The real `nft` binary. `native=False` sends every transaction as JSON (the reference
+    path of the equivalence tests, tests/test_nft_text.py).
+
+    Pitfalls:
+    - `ip netns exec` also says "No such file or directory" when the namespace is missing,
+      so only nft's own message means "no table".
+    - In native syntax nft's error quotes the line at fault (`/dev/stdin:3:1-40: Error:
+      ...` then the line and carets): the NftError message carries all of it.
+    """
+
+    def __init__(self, netns: str | None = None, binary: str = "nft",
+                 native: bool = True) -> None:
         self.netns = netns
         self.binary = binary
+        self.native = native
 
     def __repr__(self) -> str:
         return f"SubprocessNft(netns={self.netns!r})"
@@ -107,8 +137,8 @@ class SubprocessNft:
     async def run(self, commands: list[Json]) -> None:
         if not commands:
             return
-        payload = json.dumps({"nftables": commands}).encode()
-        rc, _, err = await self._exec(["-j", "-f", "-"], payload)
+        args, payload = transaction(commands, self.native)
+        rc, _, err = await self._exec(args, payload)
         if rc != 0:
             raise NftError(err or f"nft exited with {rc}")
 
