@@ -80,7 +80,9 @@ def test_a_first_transaction_renders_one_line_per_command_in_nft_syntax() -> Non
     rules = [ln for ln in lines if ln.startswith("add rule")]
     assert all(ln.endswith('"') and ' comment "tfcrypt:' in ln for ln in rules)
     assert any(ln.startswith("add rule inet tfcrypt prerouting ip6 saddr != @infra_v6 "
-                             "ip6 daddr != @infra_v6 ip6 saddr vmap @out_v6 ") for ln in rules)
+                             "ip6 daddr != @infra_v6 jump pre_v6 ") for ln in rules)
+    assert any(ln.startswith("add rule inet tfcrypt pre_v6 ip6 saddr vmap @out_v6 ")
+               for ln in rules)
     assert any(" fib saddr . iif oif == missing counter name \"spoof_drops\" drop " in ln
                for ln in rules)
     assert any(" meta mark set meta mark & 0xffcfffff | 0x00100000 " in ln for ln in rules)

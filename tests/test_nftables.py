@@ -29,7 +29,7 @@ from tfcrypt.dataplane.nftables import NftManager
 from tfcrypt.errors import ConfigError
 
 MARK = 0x00100000
-BASE = {"prerouting", "egress_guard", "selected"}
+BASE = {"prerouting", "pre_v4", "pre_v6", "egress_guard", "selected"}
 MAPS = {"out_v4", "out_v6", "in_v4", "in_v6"}
 INFRA = {"infra_v4", "infra_v6"}
 
@@ -725,15 +725,22 @@ def test_infrastructure_sets_hold_collapsed_prefixes_and_every_dispatch_excludes
     assert state.sets["infra_v4"].flags == ("interval",)
     assert set(state.elements["infra_v4"]) == {"10.77.0.0/24", "10.9.0.1", "192.168.0.0/24"}
     assert set(state.elements["infra_v6"]) == {"fd00:77::/64"}
-    dispatch = [r for r in fake.listing()["nftables"]
-                if "rule" in r and r["rule"]["chain"] == "prerouting"]
-    assert len(dispatch) == 4
+    rules = [r["rule"] for r in fake.listing()["nftables"] if "rule" in r]
+    dispatch = [r for r in rules if r["chain"] == "prerouting"]
+    assert len(dispatch) == 2  # one a family: the infrastructure test, then its lookups
     for r in dispatch:
-        refs = [s["match"]["right"] for s in r["rule"]["expr"] if "match" in s]
+        refs = [s["match"]["right"] for s in r["expr"] if "match" in s]
         fam = "v6" if "ip6" in json.dumps(r) else "v4"
         assert refs == [f"@infra_{fam}", f"@infra_{fam}"]
-        assert all(s["match"]["op"] == "!=" for s in r["rule"]["expr"] if "match" in s)
-        assert "vmap" in r["rule"]["expr"][-1]
+        assert all(s["match"]["op"] == "!=" for s in r["expr"] if "match" in s)
+        assert r["expr"][-1] == {"jump": {"target": f"pre_{fam}"}}
+    # the lookups are reached only through that test: no other rule jumps to them
+    for fam in ("v4", "v6"):
+        lookups = [r for r in rules if r["chain"] == f"pre_{fam}"]
+        assert sorted(r["expr"][-1]["vmap"]["data"] for r in lookups) == [
+            f"@in_{fam}", f"@out_{fam}"]
+        assert [r for r in rules if f"pre_{fam}" in json.dumps(r["expr"])] == [
+            d for d in dispatch if d["expr"][-1]["jump"]["target"] == f"pre_{fam}"]
     assert run(manager.apply()).ops == 0 and run(manager.apply(full=True)).ops == 0
 
     moved = desired(infrastructure=frozenset({"10.77.0.0/16", "fd00:77::9"}))
@@ -752,16 +759,21 @@ def test_a_table_from_before_infrastructure_sets_is_upgraded_in_one_transaction(
     assert run(old.apply()).ok
     assert fake.table is not None
     del fake.table["sets"]["infra_v4"], fake.table["sets"]["infra_v6"]  # as main built it
-    for r in fake.table["rules"]:  # main's dispatch: the vmap alone, another comment
-        if r["chain"] == "prerouting":
-            r["expr"], r["comment"] = r["expr"][-1:], "tfcrypt:" + "0" * 11 + r["comment"][-1]
+    # main's dispatch then: the 4 vmaps alone in prerouting, other comments, no pre_ chains
+    for r in [r for r in fake.table["rules"] if r["chain"].startswith("pre_")]:
+        r["chain"], r["comment"] = "prerouting", "tfcrypt:" + "0" * 11 + r["comment"][-1]
+    fake.table["rules"] = [r for r in fake.table["rules"]
+                           if r["chain"] != "prerouting" or "vmap" in r["expr"][-1]]
+    for name in ("pre_v4", "pre_v6"):
+        del fake.table["chains"][name]
     manager = NftManager(fake)
     manager.set_desired(desired(infrastructure=frozenset({"10.2.0.1"})))
     report = run(manager.apply())
     assert report.ok and len(fake.transactions) == 2
     verbs = sorted(what(c) for c in manager.last_transaction)
     assert verbs.count(("delete", "rule", "prerouting")) == 4
-    assert verbs.count(("add", "rule", "prerouting")) == 4
+    assert verbs.count(("add", "rule", "prerouting")) == 2
+    assert verbs.count(("add", "chain", "pre_v4")) == verbs.count(("add", "rule", "pre_v4")) / 2
     assert parse_listing(fake.listing()).items() == desired_table(
         desired(infrastructure=frozenset({"10.2.0.1"}))).items()
 

@@ -39,6 +39,7 @@ from tfcrypt.dataplane.nft_table import (
     infra_elements,
     infra_set,
     out_chain,
+    pre_chain,
     set_name,
     validate,
 )
@@ -119,6 +120,8 @@ class DesiredTable:
             state.chains[PREROUTING] = BaseHook("filter", "prerouting", -150, "accept")
             state.chains[EGRESS_GUARD] = BaseHook("filter", "postrouting", 0, "accept")
             state.chains[SELECTED] = None
+            for fam in FAMILIES:
+                state.chains[pre_chain(fam)] = None
             for name in LOCAL_MAPS:
                 state.sets[name] = SetSpec(BY_SUFFIX[name[-2:]].addr_type, "verdict")
             for fam in FAMILIES:

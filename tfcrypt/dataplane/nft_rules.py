@@ -33,13 +33,15 @@ Rules of this module:
   returns to prerouting as the class chain's `return` did. Should the two rules ever be
   reordered (a hand deletion repaired by appending), the drop still follows the mark.
   Observe-only (`enforce=False`) tables keep counting and returning: no drop, no mark.
-- Infrastructure is never classified: each prerouting dispatch rule first requires that
-  neither address of the packet is in `infra_v4`/`infra_v6` (`ip saddr != @infra_v4 ip
-  daddr != @infra_v4 ip saddr vmap @out_v4`). So a packet to or from a node's underlay
+- Infrastructure is never classified: the one prerouting rule of each family requires
+  that neither address of the packet is in `infra_v4`/`infra_v6` before it jumps to the
+  family's `pre_v4`/`pre_v6`, which holds the two verdict-map lookups and is reached by
+  nothing else (`ip saddr != @infra_v4 ip daddr != @infra_v4 jump pre_v4`; the test
+  once a packet, not once per lookup, issue #18 item 2). So a packet to or from a node's underlay
   address, an etcd endpoint or a configured CIDR is neither marked nor dropped by strict
   ingress, whatever the selector sets and local maps hold (a workload record claiming
   such an address cannot black-hole the nodes: issue #14). The condition sits inside
-  each dispatch rule rather than in `return` rules ahead of them because rule order is
+  the dispatch rule rather than in `return` rules ahead of the lookups because rule order is
   not part of a rule's identity here: `add rule` appends, so a return rule added to an
   existing table (an upgrade) would land after the dispatch; a changed dispatch rule
   has a new comment and is replaced in the same transaction.
@@ -66,6 +68,7 @@ from tfcrypt.dataplane.nft_table import (
     in_chain,
     infra_set,
     out_chain,
+    pre_chain,
     set_name,
 )
 
@@ -145,10 +148,12 @@ def not_infrastructure(fam: Fam) -> list[Json]:
 
 def base_rules(d: NftDesired, mask: int) -> list[RuleSpec]:
     rules = []
-    for direction, field_ in (("out", "saddr"), ("in", "daddr")):
-        for fam in FAMILIES:
+    for fam in FAMILIES:  # the infrastructure test once a packet, then both lookups
+        rules.append(_rule(PREROUTING, *not_infrastructure(fam),
+                           {"jump": {"target": pre_chain(fam)}}))
+        for direction, field_ in (("out", "saddr"), ("in", "daddr")):
             vmap = {"vmap": {"key": _addr(fam, field_), "data": f"@{direction}_{fam.suffix}"}}
-            rules.append(_rule(PREROUTING, *not_infrastructure(fam), vmap))
+            rules.append(_rule(pre_chain(fam), vmap))
     if d.enforce:  # observe-only: nothing jumps here, and the chain stays empty
         rules.append(_rule(SELECTED, _match("==", _fib_oif_of_saddr_via_iif(), False),
                            {"counter": "spoof_drops"}, {"drop": None}))

@@ -166,6 +166,11 @@ def infra_set(fam: Fam) -> str:
     return f"{INFRA}_{fam.suffix}"
 
 
+def pre_chain(fam: Fam) -> str:
+    """The regular chain prerouting sends one family's packets to (`meta nfproto`)."""
+    return f"pre_{fam.suffix}"
+
+
 def infra_elements(prefixes: Collection[str]) -> dict[str, dict[str, str | None]]:
     """Set name -> the elements of the infrastructure sets for `prefixes` (addresses or
     CIDRs, host bits allowed): collapsed per family into non-overlapping prefixes, a host
