@@ -90,7 +90,7 @@ def envelope_option(p: argparse.ArgumentParser) -> None:
                    default=os.environ.get("TFCRYPT_ENVELOPE_VERSION", "1"),
                    help="format of the values this command signs: 1 attaches the "
                         "controller's certificate chain to each; 2 stores it once under "
-                        "chains/ and names it by hash (a quarter of the bytes in etcd, "
+                        "chains/ and names it by hash (less than half the bytes in etcd, "
                         "a faster agent start). Agents older than this release refuse 2 "
                         "(malformed: unsupported envelope version 2): switch once every "
                         "agent is upgraded (env TFCRYPT_ENVELOPE_VERSION; default "
