@@ -116,12 +116,26 @@ def _figs(latest: Json, ids: Iterable[str]) -> list[tuple[str, Json]]:
     return [(i, latest["figures"][i]) for i in ids if i in latest["figures"]]
 
 
-def plot_ratios(latest: Json, out: Path) -> bool:
-    """D1-D3 ratios as bars with min-max whiskers, the goal as a line."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend (no display here)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt: Any, fig: Any, out: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_ratios(latest: Json, out: Path) -> bool:
+    """D1-D3 ratios as bars with min-max whiskers, the goal as a line."""
+    plt = _pyplot()
 
     figs = [(i, f) for i, f in latest["figures"].items()
             if figure_group(i) in ("D1", "D2", "D3") and f["unit"] == "x"]
@@ -154,10 +168,7 @@ def plot_ratios(latest: Json, out: Path) -> bool:
         bx.set_ylabel("Gbit/s (TCP), kpackets/s / 10 (UDP), median")
         bx.set_title("D1 absolute: both wireguard-go builds, same rounds")
         bx.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, out)
 
 
 BUILD_MEASURES = (("tcp1", "tcp1_gbps"), ("tcp4", "tcp4_gbps"), ("udp", "udp_kpps"))
@@ -192,10 +203,7 @@ def plot_scale(series: dict[int, Json], out: Path) -> bool:
     """How compute, first apply, one change and RSS grow from 10 to 1,000 nodes."""
     if len(series) < 2:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     nodes = list(series)
 
@@ -232,10 +240,7 @@ def plot_scale(series: dict[int, Json], out: Path) -> bool:
     right.set_ylabel("agent RSS after first apply (MiB)")
     right.legend(fontsize=8)
     fig.suptitle("C3: one agent's cost as the cluster grows")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, out)
 
 
 def plot_fleet(results: Path, out: Path) -> bool:
@@ -245,10 +250,7 @@ def plot_fleet(results: Path, out: Path) -> bool:
     sizes: dict[str, Json] = (body or {}).get("sizes", {})
     if len(sizes) < 2:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     figures = {f["id"]: f["value"] for f in (body or {}).get("figures", [])}
     nodes = sorted(int(n) for n in sizes)
@@ -299,10 +301,7 @@ def plot_fleet(results: Path, out: Path) -> bool:
         ax.set_xlabel(f"nodes (x {per_node} workloads each)")
         ax.legend(fontsize=7)
     fig.suptitle("F1-F5: one agent's control-plane cost as the cluster grows (simulation)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, out)
 
 
 def plot_convergence(results: Path, out: Path) -> bool:
@@ -314,10 +313,7 @@ def plot_convergence(results: Path, out: Path) -> bool:
                     if f.get("id") == "C1.p50"), None)
     if not samples:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     ordered = sorted(samples)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -327,10 +323,7 @@ def plot_convergence(results: Path, out: Path) -> bool:
     ax.set_ylabel("fraction of changes")
     ax.set_title(f"C1: convergence over {len(ordered)} changes, 3 nodes")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, out)
 
 
 def write(results: Path = RESULTS) -> tuple[Json, list[str]]:

@@ -64,7 +64,6 @@ from bench.compute import make_snapshot
 from tfcrypt.config import AgentConfig
 from tfcrypt.controller.session import fetch_svid
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
-from tfcrypt.identity import view as view_module
 from tfcrypt.identity.envelope import CHAINS, chain_value
 from tfcrypt.identity.svid_source import SvidUpdate
 from tfcrypt.identity.view import VerifiedView
@@ -206,15 +205,10 @@ def verify_once(items: Mapping[str, bytes], svid: SvidUpdate,
     view = VerifiedView(families())
     now = dt.datetime.now(dt.UTC)
     view.set_trust(bundles, authorizer, now)
-    parallel_min = view_module.PARALLEL_MIN
-    if not threads:
-        view_module.PARALLEL_MIN = 1 << 62
-    try:
-        t0 = time.perf_counter()
-        view.replace_all(items, now, view.check(view.pending(items), now))
-        return time.perf_counter() - t0, view
-    finally:
-        view_module.PARALLEL_MIN = parallel_min
+    t0 = time.perf_counter()
+    view.replace_all(items, now, view.check(view.pending(items), now,
+                                            workers=None if threads else 1))
+    return time.perf_counter() - t0, view
 
 
 # (label, file suffix, function name): summed cumulative time, per record; the identity

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the netns fixture is test_nftables's, imported; tests name it)
 """Native-syntax transactions (tfcrypt/dataplane/nft_text.py): the renderer, its fallback
 to JSON, and their equivalence proven against the real nft.
 
@@ -13,17 +14,15 @@ change; and shows nft's own error text for a bad element, with nothing applied.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import random
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from test_compute import PAYMENTS_SITE, W, run, wl
-from test_nftables import _random_desired, desired, sh
+from test_nftables import _random_desired, desired, netns, sh  # noqa: F401 (fixture)
 
 from tfcrypt.dataplane.nft_json import FakeNft, NftError, SubprocessNft, transaction
 from tfcrypt.dataplane.nft_table import NftDesired
@@ -206,27 +205,6 @@ def test_every_transaction_of_the_change_sequences_renders() -> None:
 
 
 # --- against the real nft ------------------------------------------------------------
-
-
-@pytest.fixture
-def netns() -> Iterator[Callable[[str], str]]:
-    """`netns(suffix)` -> a fresh namespace `tfnft<6 hex of this run><suffix>`, deleted by
-    name afterwards."""
-    prefix = "tfnft" + secrets.token_hex(3)
-    made: list[str] = []
-
-    def make(suffix: str) -> str:
-        name = prefix + suffix
-        sh("ip", "netns", "add", name)
-        made.append(name)
-        return name
-
-    try:
-        yield make
-    finally:
-        for name in made:
-            with contextlib.suppress(AssertionError):
-                sh("ip", "netns", "del", name)
 
 
 def changes() -> list[NftDesired]:

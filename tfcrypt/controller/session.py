@@ -99,8 +99,7 @@ class ControllerSession:
 
     def note_chains(self, view: VerifiedView) -> None:
         """After a full read of etcd: is our chain there? (else the next write stores it)"""
-        if self.by_ref and chain_value(self.svid.chain)[0] not in (
-                k.removeprefix(CHAINS) for k in view.raw if k.startswith(CHAINS)):
+        if self.by_ref and CHAINS + chain_value(self.svid.chain)[0] not in view.raw:
             self._chain_stored = None
 
     async def repair_chains(self, view: VerifiedView,

@@ -134,9 +134,15 @@ def _chain_field(chain: Sequence[x509.Certificate]) -> list[str]:
 
 
 def chain_value(chain: Sequence[x509.Certificate]) -> tuple[str, bytes]:
-    """The hash a version-2 envelope names and the value to store at `chains/<hash>`."""
+    """The hash a version-2 envelope names and the value to store at `chains/<hash>`
+    (once per chain: a writer signs thousands of values with the same one)."""
     if not chain or len(chain) > MAX_CHAIN_LENGTH:
         raise ValueError(f"chain must hold 1 to {MAX_CHAIN_LENGTH} certificates")
+    return _chain_value(tuple(chain))
+
+
+@functools.lru_cache(maxsize=64)
+def _chain_value(chain: tuple[x509.Certificate, ...]) -> tuple[str, bytes]:
     raw = canonical_json({"v": CHAIN_VALUE_VERSION, "chain": _chain_field(chain)}).encode()
     return hashlib.sha256(raw).hexdigest(), raw
 

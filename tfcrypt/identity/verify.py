@@ -107,10 +107,7 @@ def verify_envelope(raw: bytes, key: str, *, bundles: TrustBundles, authorizer: 
     chain is looked up there and then checked exactly as an attached one.
     """
     pending = _precheck(raw, key, bundles, now, max_bytes, chain_time, chains)
-    if not verify_signature(*pending.signed):
-        raise Rejected(RejectReason.BAD_SIGNATURE,
-                       f"signature by {pending.signer} does not verify")
-    return _finish(pending, authorizer)
+    return _finish(pending, verify_signature(*pending.signed), authorizer)
 
 
 def verify_envelopes(values: Sequence[tuple[str, bytes, ChainTime]], *,
@@ -149,10 +146,7 @@ def verify_envelopes(values: Sequence[tuple[str, bytes, ChainTime]], *,
         pending = out[i]
         assert isinstance(pending, _Pending)
         try:
-            if not ok:
-                raise Rejected(RejectReason.BAD_SIGNATURE,
-                               f"signature by {pending.signer} does not verify")
-            out[i] = _finish(pending, authorizer)
+            out[i] = _finish(pending, ok, authorizer)
         except Rejected as rej:
             out[i] = rej
     return out  # type: ignore[return-value]
@@ -216,8 +210,11 @@ def _precheck(raw: bytes, key: str, bundles: TrustBundles, now: dt.datetime,
                     verified_chain, env.chain_ref)
 
 
-def _finish(pending: _Pending, authorizer: Authorizer) -> Verified:
-    """Check 10 (who may write the key), on a value whose signature verified."""
+def _finish(pending: _Pending, signature_ok: bool, authorizer: Authorizer) -> Verified:
+    """Checks 9 (the signature, verified by the caller) and 10 (who may write the key)."""
+    if not signature_ok:
+        raise Rejected(RejectReason.BAD_SIGNATURE,
+                       f"signature by {pending.signer} does not verify")
     authorizer.check(pending.signer, pending.key)
     chain, payload = pending.chain, pending.payload
     return Verified(

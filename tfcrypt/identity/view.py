@@ -180,7 +180,7 @@ class VerifiedView:
         self.max_remembered = max_remembered
         self.raw: dict[str, bytes] = {}
         self.revisions: dict[str, int] = {}  # mod_revision of raw values, when known
-        self.records: dict[str, Any] = _Records(self._families)
+        self.records = _Records(self._families)
         self.not_after: dict[str, dt.datetime] = {}
         self.authority: dict[str, str] = {}  # believed key -> X509 authority of its signer
         self.rejections: Counter[str] = Counter()
@@ -204,10 +204,10 @@ class VerifiedView:
         """Believed records under `prefix`, by key (a copy: O(that family) for a family's
         prefix, where scanning every key was most of a one-change reconcile at 5,000
         nodes, bench.fleet F2)."""
-        records = self.records
-        if isinstance(records, _Records) and prefix in records.families:
-            return dict(records.families[prefix])
-        return {k: v for k, v in records.items() if k.startswith(prefix)}
+        family = self.records.families.get(prefix)
+        if family is not None:
+            return dict(family)
+        return {k: v for k, v in self.records.items() if k.startswith(prefix)}
 
     def epoch(self, key: str) -> int | None:
         """The highest epoch believed for `key` (remembered across deletions)."""
@@ -281,7 +281,8 @@ class VerifiedView:
 
     def check(self, items: Mapping[str, bytes], now: dt.datetime,
               bundles: TrustBundles | None = None,
-              authorizer: Authorizer | None = None) -> Prepared | None:
+              authorizer: Authorizer | None = None,
+              workers: int | None = None) -> Prepared | None:
         """Verify `items` under the given (default: current) trust, changing nothing.
 
         Reads only the families and the arguments, so a worker thread may run it while
@@ -298,7 +299,8 @@ class VerifiedView:
                       if c.record is not None)
         work = [(key, value, family) for key, value in items.items()
                 if (family := self._family(key)) is not None]
-        workers = min(os.cpu_count() or 1, 8) if len(work) >= PARALLEL_MIN else 1
+        if workers is None:  # every core, for a batch worth a thread pool
+            workers = min(os.cpu_count() or 1, 8) if len(work) >= PARALLEL_MIN else 1
         outcomes = verify_envelopes([(k, v, f.chain_time) for k, v, f in work],
                                     bundles=bundles, authorizer=authorizer, now=now,
                                     chains=chains, workers=workers)

@@ -91,14 +91,6 @@ def _shared_keys(keys: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _parse_tag_texts(texts: tuple[str, ...]) -> frozenset[Tag]:
-    """`parse_tags` of a record's tag list, once per distinct list: 100,000 records carry a
-    few hundred, and parsing them was ~35 us of a record's ~170 us at start-up (C4).
-    A refused list raises and is not cached."""
-    return parse_tags(texts)
-
-
-@functools.lru_cache(maxsize=1 << 16)
 def _tag_views(tags: frozenset[Tag]) -> tuple[frozenset[Tag], Mapping[str, str],
                                               frozenset[tuple[str, str]], frozenset[str],
                                               TagKeySplit]:
@@ -142,13 +134,8 @@ class Workload:
         addresses = parse_ips(self.ips)
         object.__setattr__(self, "numbers", tuple(map(ip_number, addresses)))
         object.__setattr__(self, "ips", tuple(str(a) for a in addresses))
-        raw: object = self.tags
-        texts = tuple(raw) if isinstance(raw, list | tuple) else None
         try:
-            if texts is not None and all(type(t) is str for t in texts):
-                tags = _parse_tag_texts(texts)
-            else:
-                tags = parse_tags(self.tags)
+            tags = parse_tags(self.tags)
         except ValueError as e:
             raise ValueError(f"tags{e}") from None
         tags, values, tag_keys, labels, split = _tag_views(tags)
