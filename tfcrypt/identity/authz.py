@@ -4,6 +4,8 @@ Rules (DESIGN.md, "Identity and trust"):
 - `nodes/<n>` only by node n's SPIFFE ID (template, default
   `spiffe://{trust_domain}/tfcrypt/node/{node}`): a node can publish its own WireGuard key
   and nobody else's.
+- `flows/<n>` (the seen-traffic keyspace, tfcrypt/model/flow.py) likewise only by node n:
+  a node reports its own flows and nobody else's.
 - `workloads/...` and `policies/...` only by a controller ID (default
   `spiffe://{trust_domain}/tfcrypt/controller`).
 - Every other key is unauthorised for everyone: a new kind of value needs a rule here
@@ -59,7 +61,7 @@ class Authorizer:
     def check(self, spiffe_id: str, key: str) -> None:
         """Raise Rejected(UNAUTHORIZED) unless `spiffe_id` may write `key`."""
         kind, _, rest = key.partition("/")
-        if kind == "nodes":
+        if kind in ("nodes", "flows"):
             if not is_node_name(rest):
                 raise Rejected(RejectReason.UNAUTHORIZED, f"{key}: not a valid node key")
             if spiffe_id != self.node_id(rest):

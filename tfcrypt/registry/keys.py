@@ -71,3 +71,11 @@ class Keyspace:
     @staticmethod
     def range_end(start: bytes) -> bytes:
         return prefix_range_end(start)
+
+
+def seen_prefix(prefix: str) -> str:
+    """The seen-traffic keyspace beside `prefix` ("/tfcrypt/v1" -> "/tfcrypt/v1-seen"):
+    flow reports (tfcrypt/model/flow.py) live outside the prefix every agent watches, so
+    no agent receives every other node's reports; `tfcrypt policy plan --against-seen`
+    and `tfcrypt report` read them."""
+    return prefix.rstrip("/") + "-seen"

@@ -33,7 +33,7 @@ from tfcrypt.registry.connection import Connection, RegistryStatus
 from tfcrypt.registry.endpoints import Backoff, check_scheme, parse_endpoints
 from tfcrypt.registry.errors import RegistryError, RegistryUnavailable, etcd_errors
 from tfcrypt.registry.events import Listed, RegistryEvent
-from tfcrypt.registry.keys import Keyspace
+from tfcrypt.registry.keys import Keyspace, seen_prefix
 from tfcrypt.registry.lease import LeaseKeeper, Record
 from tfcrypt.registry.tls import TlsCredentials
 from tfcrypt.registry.watch import STOP_WAIT, WatchStream, list_prefix, stop_within
@@ -63,6 +63,7 @@ class Registry:
         server_name: str | None = None,
     ) -> None:
         self._keys = Keyspace(prefix)
+        self._seen = Keyspace(seen_prefix(prefix))
         self._backoff = backoff if isinstance(backoff, Backoff) else Backoff(*backoff)
         parsed = parse_endpoints(endpoints)
         check_scheme(parsed, tls)
@@ -156,14 +157,24 @@ class Registry:
 
     async def put(self, rel_key: str, value: bytes) -> int:
         """Write `value` without a lease; return the revision of the write."""
-        key = self._keys.key(rel_key)
+        return await self._put(self._keys.key(rel_key), value)
 
+    async def put_seen(self, rel_key: str, value: bytes) -> int:
+        """Write `value` at `rel_key` of the seen-traffic keyspace (`seen_prefix`)."""
+        return await self._put(self._seen.key(rel_key), value)
+
+    async def _put(self, key: bytes, value: bytes) -> int:
         async def op(client: aetcd.Client) -> int:
             with etcd_errors("put"):
                 result = await client.put(key, bytes(value))
             return int(result.header.revision)
 
         return await self._each_endpoint_once(op)
+
+    async def get_all_seen(self, sub_prefix: str = "") -> Listed:
+        """Every key of the seen-traffic keyspace starting with `sub_prefix`."""
+        start = self._seen.sub(sub_prefix)
+        return await self._each_endpoint_once(lambda c: list_prefix(c, self._seen, start))
 
     async def delete(self, rel_key: str) -> bool:
         """Delete `rel_key`; return whether it existed."""
