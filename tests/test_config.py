@@ -48,6 +48,12 @@ BAD = {
     "wireguard_go": ("bin/wireguard-go", "is neither a program name (looked up on PATH) nor "
                                          "an absolute path"),
     "infrastructure_cidrs": ("10.96.0.0/33", "'10.96.0.0/33' is not an address or CIDR"),
+    "flows": ("sometimes", "'sometimes' is not true or false"),
+    "flows_interval": ("0.5", "0.5 is not in 1..60"),
+    "flows_publish_interval": ("1", "1.0 is not in 5..3600"),
+    "flows_max_records": ("10", "10 is not in 100..1000000"),
+    "flows_retention": ("30", "30.0 is not in 60..604800"),
+    "flows_set_size": ("100", "100 is not in 1024..1048576"),
 }
 
 

@@ -267,6 +267,7 @@ async def _run_agent(cfg: AgentConfig) -> None:
     from tfcrypt.agent.loop import Agent
     from tfcrypt.dataplane.netlink import PyRoute2Netlink
     from tfcrypt.dataplane.nft_json import SubprocessNft
+    from tfcrypt.dataplane.nft_table import FlowAccounting
     from tfcrypt.dataplane.nftables import NftManager
     from tfcrypt.identity.svid_source import SvidSource
     from tfcrypt.registry import Registry
@@ -288,7 +289,8 @@ async def _run_agent(cfg: AgentConfig) -> None:
                           RoutingConfig(ifname=cfg.interface, tunnel_table=cfg.route_table,
                                         failclosed_table=cfg.route_table + 1,
                                         rule_priority=cfg.rule_priority, mark=cfg.mark,
-                                        mask=cfg.mark_mask))
+                                        mask=cfg.mark_mask),
+                          FlowAccounting(size=cfg.flows_set_size) if cfg.flows else None)
     agent = Agent(cfg, registry=registry, svids=SvidSource(cfg.spiffe_socket),
                   dataplane=dataplane)
     metrics_server = None

@@ -102,6 +102,12 @@ class AgentConfig:
     wireguard_log: str | None = None
     wireguard_go: str = "wireguard-go"
     infrastructure_cidrs: tuple[str, ...] = ()
+    flows: bool = True
+    flows_interval: float = 10.0
+    flows_publish_interval: float = 30.0
+    flows_max_records: int = 20000
+    flows_retention: float = 3600.0
+    flows_set_size: int = 65536
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -221,6 +227,22 @@ KEYS: tuple[Key, ...] = (
         "classified (API server, SPIRE, the underlay subnet); every node's address, this "
         "node's and the etcd endpoints' are added automatically (docs/policy.md)",
         "--infrastructure-cidr"),
+    Key("flows", "flows", as_bool, None,
+        "count every forwarded flow in the kernel and keep flow records (docs/flows.md); "
+        "off: no forward chain and no flow sets"),
+    Key("flows_interval", "flows_interval", as_float, in_range(1, 60),
+        "seconds between reads of the kernel's flow counters (less than the kernel's "
+        "120 s element timeout)"),
+    Key("flows_publish_interval", "flows_publish_interval", as_float, in_range(5, 3600),
+        "seconds between the signed flow reports this node puts in etcd and the flow "
+        "records it saves in the state dir"),
+    Key("flows_max_records", "flows_max_records", as_int, in_range(100, 1_000_000),
+        "flow records kept; beyond it the oldest are folded into per-verdict totals"),
+    Key("flows_retention", "flows_retention", as_float, in_range(60, 7 * 86400),
+        "seconds a flow record is kept after it was last seen"),
+    Key("flows_set_size", "flows_set_size", as_int, in_range(1024, 1 << 20),
+        "flows each kernel flow set holds; a full set stops counting new flows until old "
+        "ones time out (reported in status)"),
 )
 KEYS_BY_NAME = {k.name: k for k in KEYS}
 KEYS_BY_FIELD = {k.field: k for k in KEYS}

@@ -70,6 +70,23 @@ REFUSED_ADDRESSES = Gauge(
     ["reason"])
 INFRASTRUCTURE_PREFIXES = Gauge("tfcrypt_infrastructure_prefixes",
                                 "Prefixes never selected nor classified (infra_v4/infra_v6)")
+FLOW_PACKETS = Counter(
+    "tfcrypt_flow_packets_total",
+    "Packets of flows between a local and a remote workload, by peer node and verdict "
+    "(wireguard, plaintext, guard_drop, ingress_drop; docs/flows.md): per node pair, "
+    "never per flow", ["peer", "verdict"])
+FLOW_BYTES = Counter(
+    "tfcrypt_flow_bytes_total", "Bytes of the same flows, by peer node and verdict",
+    ["peer", "verdict"])
+FLOW_READ_ERRORS = Counter(
+    "tfcrypt_flow_read_errors_total",
+    "Reads of the kernel's flow sets that failed or held elements not of their shape",
+    ["what"])
+FLOW_SETS_FULL = Gauge(
+    "tfcrypt_flow_sets_full",
+    "Kernel flow sets holding flows_set_size flows: new flows go uncounted until old "
+    "ones time out")
+FLOW_RECORDS = Gauge("tfcrypt_flow_records", "Flow records the agent keeps")
 HEALTHY = Gauge("tfcrypt_healthy", "1 if the agent's health verdict is healthy, else 0")
 
 

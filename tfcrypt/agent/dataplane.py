@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from tfcrypt.core.compute import Desired, PeerDesired
 from tfcrypt.dataplane.netlink import Family, Netlink, RouteType
-from tfcrypt.dataplane.nft_table import NftDesired
+from tfcrypt.dataplane.nft_table import FlowAccounting, NftDesired
 from tfcrypt.dataplane.nftables import NftManager
 from tfcrypt.dataplane.routes import RouteManager, RouteSpec
 from tfcrypt.dataplane.rules import RuleManager
@@ -61,8 +61,9 @@ class ApplyResult:
 
 class Dataplane:
     def __init__(self, wireguard: WireGuardManager, nft: NftManager, netlink: Netlink,
-                 routing: RoutingConfig) -> None:
+                 routing: RoutingConfig, flows: FlowAccounting | None = None) -> None:
         r = routing
+        self.flows = flows  # flow accounting in the nft table (docs/flows.md); None: off
         self.routing = r
         self.netlink = netlink
         self.wireguard = wireguard
@@ -99,7 +100,7 @@ class Dataplane:
             local_class=desired.local_class, class_selectors=desired.class_selectors,
             selector_ips=desired.selector_ips,
             mark=r.mark, mask=r.mask, wg_ifname=r.ifname,
-            infrastructure=desired.infrastructure))
+            infrastructure=desired.infrastructure, flows=self.flows))
 
     def _peer_configs_for(self, desired: Desired, keepalive: int) -> dict[str, PeerConfig]:
         """PeerConfigs (which normalise their CIDRs) built only for peers that changed."""

@@ -26,6 +26,8 @@ Rules:
   someone keeps overwriting it (a second agent for this node fights us).
 - On exit (SIGTERM, SIGINT) the dataplane and the etcd record stay as they are: a
   restart must not disturb traffic; the record's lease lapses if no agent returns.
+- Flow records (`flows`, on by default): one more task reads the kernel's flow sets,
+  saves the records and publishes this node's signed report (tfcrypt/agent/flows.py).
 - Elsewhere: the snapshot the core is fed (tfcrypt/agent/snapshot.py), lingering
   (tfcrypt/agent/lingering.py), the status document (tfcrypt/agent/status_report.py).
 """
@@ -38,11 +40,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Mapping
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tfcrypt import metrics
 from tfcrypt.agent.dataplane import Dataplane
 from tfcrypt.agent.epochstore import PersistedFloors
+from tfcrypt.agent.flows import Addresses, FlowCollector
 from tfcrypt.agent.infrastructure import static_infrastructure
 from tfcrypt.agent.logs import AGENT_LOG as log
 from tfcrypt.agent.monitor import KernelScope, watch
@@ -52,10 +55,12 @@ from tfcrypt.agent.snapshot import CoreInput
 from tfcrypt.agent.status_api import StatusServer
 from tfcrypt.agent.status_report import StatusReport
 from tfcrypt.config import AgentConfig
+from tfcrypt.core.flow_table import FlowTable
 from tfcrypt.identity import Authorizer, TrustBundles, sign_envelope
 from tfcrypt.identity.svid_source import SvidSource, SvidUpdate, etcd_credentials
 from tfcrypt.identity.view import Prepared, VerifiedView
 from tfcrypt.model.families import families
+from tfcrypt.model.flow import FlowReport
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.registry import Registry
 from tfcrypt.registry.errors import RegistryError
@@ -123,7 +128,16 @@ class Agent:
         self._published_basis: tuple[int, str, int] | None = None  # SVID serial, key, epoch
         self.floors = PersistedFloors(self.view.epochs, self._state_dir)
         self._causes: list[str] = []
-        self.status_server = StatusServer(cfg.status_socket, self.report.collect)
+        self.flows: FlowCollector | None = None
+        if cfg.flows:
+            self.flows = FlowCollector(
+                dataplane.nft, Addresses(lambda: list(self.inputs.inventory.values()),
+                                         cfg.node_name),
+                wg_ifname=cfg.interface, state_dir=self._state_dir,
+                interval=cfg.flows_interval, publish_interval=cfg.flows_publish_interval,
+                table=FlowTable(cfg.flows_max_records, cfg.flows_retention))
+        self.status_server = StatusServer(cfg.status_socket, self.report.collect,
+                                          flows=self._flows_doc)
 
     # -- tasks -----------------------------------------------------------------------
 
@@ -148,7 +162,11 @@ class Agent:
         log.info("node %s: wireguard public key %s, epoch %d", self.cfg.node_name,
                  self.node_key.public_key, self.node_key.epoch)
         backend = self.wg.backend
+        if self.flows is not None:
+            await asyncio.to_thread(self.flows.restore)
         async with asyncio.TaskGroup() as tg:
+            if self.flows is not None:
+                tg.create_task(self.flows.run(self._publish_flows))
             tg.create_task(self._follow_svids())
             tg.create_task(self._follow_registry())
             tg.create_task(self._publisher())
@@ -160,6 +178,25 @@ class Agent:
             if isinstance(backend, Supervised):
                 tg.create_task(backend.supervise())
                 tg.create_task(self._follow_device_restarts())
+
+    async def _flows_doc(self) -> dict[str, Any]:
+        """`GET /flows` (404 when flows are off)."""
+        if self.flows is None:
+            return {"error": "flow records are off on this node (flows: false)"}
+        return self.flows.records_doc(self.view.of("policies/").values())
+
+    async def _publish_flows(self) -> None:
+        """Put this node's signed flow report (tfcrypt/agent/flows.py); retried at the
+        next interval when there is no SVID yet or etcd refuses."""
+        if self.flows is None or self.svid is None:
+            return
+        report: FlowReport = self.flows.report(self.cfg.node_name,
+                                               await self.report.handshakes())
+        value = sign_envelope(report.to_payload(), self.svid.private_key, self.svid.chain)
+        try:
+            await self.registry.put_seen(report.key, value)
+        except Exception as exc:  # etcd away: the next interval retries
+            log.warning("flow report: cannot put %s: %s", report.key, exc)
 
     def _own_write(self, revision: int | None, listed: bool = False) -> None:
         """The watch saw a write at our key at `revision` (None: a deletion, or a listing

@@ -3,7 +3,8 @@
 Rules:
 - One verb: `GET /status` answers 200 with the agent's status document (computed at
   request time, never cached); `GET /healthz` answers 200 or 503 with the same document,
-  so an HTTP probe needs no JSON parsing. Anything else is 404/405. One request per
+  so an HTTP probe needs no JSON parsing; `GET /flows` answers the flow records
+  (tfcrypt/agent/flows.py, docs/flows.md). Anything else is 404/405. One request per
   connection, then close (HTTP/1.0): there is nothing to keep alive.
 - The socket is the agent's: a socket file nobody answers on is a dead agent's and is
   replaced; one that answers belongs to a running agent and start fails (two agents on
@@ -63,9 +64,11 @@ def _response(code: int, reason: str, body: dict[str, Any]) -> bytes:
 class StatusServer:
     """Serves `provider()` on `path` while the `serve()` task runs."""
 
-    def __init__(self, path: str | Path, provider: StatusProvider) -> None:
+    def __init__(self, path: str | Path, provider: StatusProvider,
+                 flows: StatusProvider | None = None) -> None:
         self.path = Path(path)
         self._provider = provider
+        self._flows = flows
         self._server: asyncio.Server | None = None
 
     def __repr__(self) -> str:
@@ -128,23 +131,28 @@ class StatusServer:
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             return _response(400, "Bad Request", {"error": "not an HTTP request line"})
         method, target = parts[0], parts[1].split("?", 1)[0]
-        if target not in ("/status", "/healthz"):
+        if target not in ("/status", "/healthz", "/flows") or (
+                target == "/flows" and self._flows is None):
             return _response(404, "Not Found", {"error": f"no {target}; use GET /status"})
         if method != "GET":
             return _response(405, "Method Not Allowed", {"error": "use GET"})
+        if target == "/flows":
+            assert self._flows is not None
+            return _response(200, "OK", await self._flows())
         status = await self._provider()
         if target == "/healthz" and not status.get("health", {}).get("healthy"):
             return _response(503, "Service Unavailable", status)
         return _response(200, "OK", status)
 
 
-def fetch_status(path: str | Path, timeout: float = 5.0) -> dict[str, Any]:
-    """GET /status from the agent at `path` (blocking; for the CLI)."""
+def fetch_status(path: str | Path, timeout: float = 5.0,
+                 target: str = "/status") -> dict[str, Any]:
+    """GET `target` (/status, /flows) from the agent at `path` (blocking; for the CLI)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(str(path))
-            s.sendall(b"GET /status HTTP/1.0\r\nHost: tfcrypt\r\n\r\n")
+            s.sendall(f"GET {target} HTTP/1.0\r\nHost: tfcrypt\r\n\r\n".encode())
             chunks = []
             while chunk := s.recv(65536):
                 chunks.append(chunk)

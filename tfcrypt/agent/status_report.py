@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from tfcrypt import metrics, status_view
 from tfcrypt.agent.dataplane import Dataplane
+from tfcrypt.agent.flows import FlowCollector
 from tfcrypt.agent.logs import AGENT_LOG as log
 from tfcrypt.agent.nodekey import NodeKey
 from tfcrypt.agent.reconcile import Reconciler
@@ -87,6 +88,8 @@ class AgentState(Protocol):
     def in_sync(self) -> bool: ...
     @property
     def epochs_problem(self) -> str | None: ...
+    @property
+    def flows(self) -> FlowCollector | None: ...
 
 
 class StatusReport:
@@ -173,6 +176,7 @@ class StatusReport:
             "epochs": {"remembered": len(a.view.epochs), "problem": a.epochs_problem},
             "rejected_unremembered": a.view.unremembered,
             "last_reconcile": rec.last_reconcile,
+            "flows": a.flows.status() if a.flows is not None else None,
         }
         verdict = status_view.health(status, now)
         metrics.HEALTHY.set(1 if verdict.healthy else 0)
@@ -203,6 +207,17 @@ class StatusReport:
                 "tls": reg.tls, "credential_rotations": reg.status().credential_rotations,
                 "last_error": reg.last_error,
                 "disconnected_since": down.isoformat() if down else None}
+
+    async def handshakes(self) -> dict[str, float | None]:
+        """Peer node -> its last handshake (UNIX time; None: never or not configured),
+        for this node's flow report."""
+        device = await self._device_state()
+        d = self.agent.reconciler.desired
+        out: dict[str, float | None] = {}
+        for p in d.peers.values() if d else ():
+            actual = device.peers.get(p.public_key) if device else None
+            out[p.node] = actual.last_handshake if actual and actual.last_handshake else None
+        return out
 
     async def _device_state(self) -> DeviceState | None:
         try:

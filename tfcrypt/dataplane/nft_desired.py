@@ -24,6 +24,8 @@ from tfcrypt.dataplane.nft_table import (
     COUNTERS,
     EGRESS_GUARD,
     FAMILIES,
+    FLOW_FLAGS,
+    FORWARD,
     INTERVAL,
     LOCAL_MAPS,
     PREROUTING,
@@ -35,6 +37,10 @@ from tfcrypt.dataplane.nft_table import (
     SetSpec,
     TableState,
     canonical_ip,
+    drop_chain,
+    flow_set_type,
+    flow_sets,
+    fwd_chain,
     in_chain,
     infra_elements,
     infra_set,
@@ -95,8 +101,8 @@ class DesiredTable:
         infra = infra_elements(d.infrastructure)
         mask = d.mask if d.mask is not None else d.mark
         old = self.state
-        shape = (d.mark, mask, d.enforce, d.wg_ifname, frozenset(d.local_class.values()),
-                 frozenset(d.selector_ips))
+        shape = (d.mark, mask, d.enforce, d.wg_ifname, d.flows,
+                 frozenset(d.local_class.values()), frozenset(d.selector_ips))
         same_skeleton = (self.desired is not None and shape == self._shape
                          and d.class_selectors == self.desired.class_selectors)
         state = TableState(counters=set(COUNTERS))
@@ -105,7 +111,7 @@ class DesiredTable:
         rule_cache: dict[tuple[object, ...], list[RuleSpec]] = {}
 
         def cached(key: str, selectors: frozenset[str] = frozenset()) -> list[RuleSpec]:
-            at = (key, selectors, d.mark, mask, d.enforce, d.wg_ifname)
+            at = (key, selectors, d.mark, mask, d.enforce, d.wg_ifname, d.flows is None)
             found = self._rules.get(at)
             if found is None:
                 found = (base_rules(d, mask) if key == ""
@@ -126,6 +132,8 @@ class DesiredTable:
                 state.sets[name] = SetSpec(BY_SUFFIX[name[-2:]].addr_type, "verdict")
             for fam in FAMILIES:
                 state.sets[infra_set(fam)] = SetSpec(fam.addr_type, flags=INTERVAL)
+            if d.flows is not None:
+                _add_flow_objects(state, d)
         rules = [] if same_skeleton else list(cached(""))
         members: dict[str, _SetMembers] = {}
         changed: set[str] = set()
@@ -193,6 +201,20 @@ class DesiredTable:
         state.elements[names[v6.suffix]] = dict.fromkeys(c for f, c in hits if f is v6)
         aliased = any(c != ip for ip, (_, c) in zip(src, hits, strict=True))
         return _SetMembers(src, aliased)
+
+
+def _add_flow_objects(state: TableState, d: NftDesired) -> None:
+    """The flow-accounting chains and sets (their elements are the kernel's: none here)."""
+    assert d.flows is not None
+    state.chains[FORWARD] = BaseHook("filter", "forward", 0, "accept")
+    for fam in FAMILIES:
+        state.chains[fwd_chain(fam)] = None
+        if d.enforce:
+            state.chains[drop_chain(fam)] = None
+    for name, kind, fam, ports in flow_sets():
+        if kind != "drop" or d.enforce:
+            state.sets[name] = SetSpec(flow_set_type(kind, fam, ports), flags=FLOW_FLAGS,
+                                       timeout=d.flows.timeout, size=d.flows.size)
 
 
 def desired_table(d: NftDesired) -> TableState:

@@ -71,6 +71,8 @@ class NftUnreadable(NftError):
 class Nft(Protocol):
     async def list_table(self) -> Json | None: ...
 
+    async def list_set(self, name: str) -> Json | None: ...
+
     async def run(self, commands: list[Json]) -> None: ...
 
 
@@ -123,7 +125,14 @@ class SubprocessNft:
         return proc.returncode or 0, out.decode(), err.decode().strip()
 
     async def list_table(self) -> Json | None:
-        rc, out, err = await self._exec(["-j", "list", "table", FAMILY, TABLE])
+        return await self._list("table", FAMILY, TABLE)
+
+    async def list_set(self, name: str) -> Json | None:
+        """`nft -j list set inet tfcrypt <name>` (a flow set's elements); None: no set."""
+        return await self._list("set", FAMILY, TABLE, name)
+
+    async def _list(self, *what: str) -> Json | None:
+        rc, out, err = await self._exec(["-j", "list", *what])
         if rc == 0:
             try:
                 listing: Json = json.loads(out)
@@ -186,6 +195,12 @@ class FakeNft:
     async def list_table(self) -> Json | None:
         return None if self.table is None else self.listing()
 
+    async def list_set(self, name: str) -> Json | None:
+        if self.table is None or name not in self.table["sets"]:
+            return None
+        return {"nftables": [e for e in self.listing()["nftables"]
+                             if e.get("set", {}).get("name") == name]}
+
     async def run(self, commands: list[Json]) -> None:
         if not commands:
             return
@@ -222,6 +237,7 @@ class FakeNft:
                 obj["map"] = s["map"]
             if s.get("flags"):
                 obj["flags"] = list(s["flags"])
+            obj.update((k, s[k]) for k in ("timeout", "size") if k in s)
             if s["elem"]:
                 obj["elem"] = [[k, {"jump": {"target": v}}] if s["map"] else _elem_raw(k)
                                for k, v in s["elem"].items()]
@@ -273,7 +289,8 @@ class FakeNft:
             raise NftError(_EEXIST)
         if have is None:
             t["sets"][obj["name"]] = {"type": obj["type"], "map": map_, "flags": flags,
-                                      "handle": self._handle(t), "elem": {}}
+                                      "handle": self._handle(t), "elem": {},
+                                      **{k: obj[k] for k in ("timeout", "size") if k in obj}}
         if obj.get("elem"):
             self._add_element(t, obj)
 

@@ -11,6 +11,10 @@ Rules of this module:
   `{"prefix": {"addr", "len"}}`, read back as `addr/len` (the desired side's spelling,
   tfcrypt/dataplane/nft_table.py `infra_elements`); a range, which tfcrypt never
   creates, is foreign.
+- The flow sets (`seen_*`: a concatenated type, flags dynamic/timeout) are read as their
+  declaration only: their elements are the kernel's (tfcrypt/dataplane/flow_listing.py
+  reads them), never diffed. nft lists their flags as `timeout` alone, so the
+  declaration is normalised to FLOW_FLAGS.
 - Addresses are canonicalised as on the desired side; `raw_elements` keeps nft's spelling
   where it differs, so a delete names the element as nft knows it.
 """
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from tfcrypt.dataplane.nft_table import (
     BY_ADDR_TYPE,
     COMMENT_PREFIX,
+    FLOW_FLAGS,
     INTERVAL,
     BaseHook,
     Fam,
@@ -69,6 +74,12 @@ def _parse_set(state: TableState, kind: str, obj: Json,
                canon_of: Callable[[str], tuple[Fam, str]]) -> None:
     name = obj["name"]
     flags = obj.get("flags") or []
+    if (kind == "set" and isinstance(obj["type"], list) and isinstance(flags, list)
+            and "timeout" in flags and set(flags) <= {"timeout", "dynamic"}):
+        state.sets[name] = SetSpec(" . ".join(map(str, obj["type"])), None, FLOW_FLAGS,
+                                   obj.get("timeout"), obj.get("size"))
+        state.handles[("set", name)] = obj["handle"]
+        return
     spec = SetSpec(obj["type"] if isinstance(obj["type"], str) else json.dumps(obj["type"]),
                    obj.get("map") if kind == "map" else None,
                    tuple(flags) if isinstance(flags, list) else (str(flags),))

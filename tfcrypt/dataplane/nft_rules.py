@@ -57,6 +57,8 @@ from tfcrypt.dataplane.nft_table import (
     COMMENT_PREFIX,
     EGRESS_GUARD,
     FAMILIES,
+    FLOW_PROTOS_WITH_PORTS,
+    FORWARD,
     MAX_MARK,
     PREROUTING,
     SELECTED,
@@ -64,7 +66,10 @@ from tfcrypt.dataplane.nft_table import (
     Json,
     NftDesired,
     RuleSpec,
+    drop_chain,
     encoded,
+    flow_set,
+    fwd_chain,
     in_chain,
     infra_set,
     out_chain,
@@ -125,8 +130,7 @@ def class_rules(key: str, selectors: Collection[str], d: NftDesired, mask: int
     counter = encoded({"counter": {"packets": 0, "bytes": 0}})
     back = encoded({"return": None})
     selected = encoded({"goto": {"target": SELECTED}}) if d.enforce else back
-    verdict = ([encoded({"counter": "ingress_drops"}), encoded({"drop": None})] if d.enforce
-               else [encoded({"counter": "ingress_audit"}), back])
+    verdicts = {fam: _ingress_verdict(d, fam) for fam in FAMILIES}
     not_tunnel = encoded(_match("!=", _meta("iifname"), d.wg_ifname))
     out_name, in_name = out_chain(key), in_chain(key)
     rules: list[RuleSpec] = []
@@ -136,7 +140,57 @@ def class_rules(key: str, selectors: Collection[str], d: NftDesired, mask: int
             rules.append(_rule(out_name, _set_match(fam.proto, "daddr", peers),
                                counter, selected))
             rules.append(_rule(in_name, not_tunnel, _set_match(fam.proto, "saddr", peers),
-                               *verdict))
+                               *verdicts[fam]))
+    return rules
+
+
+def _ingress_verdict(d: NftDesired, fam: Fam) -> list[str]:
+    """Strict ingress: drop (counted in its flow set first, when flows are on), or in
+    observe mode count and return."""
+    if not d.enforce:
+        return [encoded({"counter": "ingress_audit"}), encoded({"return": None})]
+    if d.flows is not None:
+        return [encoded({"goto": {"target": drop_chain(fam)}})]
+    return [encoded({"counter": "ingress_drops"}), encoded({"drop": None})]
+
+
+def _has_ports(ports: bool) -> Json:
+    return _match("==" if ports else "!=", _meta("l4proto"),
+                  {"set": list(FLOW_PROTOS_WITH_PORTS)})
+
+
+def _count_flow(name: str, fam: Fam, ports: bool, iface: str | None) -> Json:
+    """`update @name { saddr . daddr . l4proto [. th dport] [. iface] counter }`: the
+    flow's element (added if new, its timeout refreshed) and its counter."""
+    key: list[Json] = [_addr(fam, "saddr"), _addr(fam, "daddr"), _meta("l4proto")]
+    if ports:
+        key.append({"payload": {"protocol": "th", "field": "dport"}})
+    if iface is not None:
+        key.append(_meta(iface))
+    return {"set": {"op": "update", "elem": {"concat": key}, "set": "@" + name,
+                    "stmt": [{"counter": None}]}}
+
+
+def flow_rules(d: NftDesired, mask: int) -> list[RuleSpec]:
+    """The forward chain's dispatch, the accounting rules, and the strict-ingress drop
+    chains (enforce mode); empty when flows are off."""
+    if d.flows is None:
+        return []
+    marked = {"&": [_meta("mark"), mask]}
+    rules = []
+    for fam in FAMILIES:
+        rules.append(_rule(FORWARD, *not_infrastructure(fam),
+                           {"jump": {"target": fwd_chain(fam)}}))
+        for kind, op, iface in (("sel", "==", "oifname"), ("uns", "!=", "iifname")):
+            for ports in (True, False):
+                rules.append(_rule(fwd_chain(fam), _match(op, marked, d.mark),
+                                   _has_ports(ports),
+                                   _count_flow(flow_set(kind, fam, ports), fam, ports, iface)))
+        if d.enforce:
+            for ports in (True, False):
+                rules.append(_rule(drop_chain(fam), _has_ports(ports),
+                                   _count_flow(flow_set("drop", fam, ports), fam, ports, None)))
+            rules.append(_rule(drop_chain(fam), {"counter": "ingress_drops"}, {"drop": None}))
     return rules
 
 
@@ -168,7 +222,7 @@ def base_rules(d: NftDesired, mask: int) -> list[RuleSpec]:
         )
     )
     rules.append(_mss_clamp(d.wg_ifname))
-    return rules
+    return rules + flow_rules(d, mask)
 
 
 def _mss_clamp(wg_ifname: str) -> RuleSpec:

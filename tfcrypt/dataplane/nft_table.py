@@ -19,6 +19,12 @@ Rules of this module:
   so that nft's spelling never shows up as a difference.
 - A rule's statements are kept as canonical JSON strings (`encoded`), which is what its
   identity (the comment hash, tfcrypt/dataplane/nft_rules.py) is computed from.
+- Flow accounting (issue #19, docs/flows.md): when `NftDesired.flows` is set, the table
+  also holds the `forward` base chain, its per-family chains `fwd_v4`/`fwd_v6`, the
+  strict-ingress drop chains `drop_v4`/`drop_v6`, and the dynamic sets `seen_*` that the
+  kernel fills (one element per flow, with its counter). Their elements are the
+  kernel's, never desired and never diffed: the listing skips them
+  (tfcrypt/dataplane/nft_listing.py) and tfcrypt/dataplane/flow_listing.py reads them.
 """
 
 from __future__ import annotations
@@ -43,7 +49,12 @@ SELECTED = "selected"  # a regular chain: the selected path's spoof check, then 
 COMMENT_PREFIX = "tfcrypt:"
 MAX_MARK = 0xFFFFFFFF
 _CLASS_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
-_RESERVED_KEYS = frozenset({"out", "in", "infra"})
+FORWARD = "forward"
+FLOW_FLAGS = ("timeout",)  # nft 1.0.6 JSON knows no "dynamic"; `update` sets it
+FLOW_KINDS = ("sel", "uns", "drop")  # marked (selected), unmarked, dropped by strict ingress
+FLOW_PROTOS_WITH_PORTS = ("tcp", "udp", "sctp")
+_RESERVED_KEYS = frozenset({"out", "in", "infra",
+                            *(f"seen_{k}{np}" for k in FLOW_KINDS for np in ("", "_np"))})
 INFRA = "infra"
 INTERVAL = ("interval",)
 LOCAL_MAPS = ("out_v4", "out_v6", "in_v4", "in_v6")
@@ -66,6 +77,15 @@ BY_SUFFIX = {f.suffix: f for f in FAMILIES}
 
 
 @dataclass(frozen=True)
+class FlowAccounting:
+    """The kernel's flow accounting: each `seen_*` set holds at most `size` flows, and a
+    flow not seen for `timeout` seconds leaves it (the agent reads more often)."""
+
+    size: int = 65536
+    timeout: int = 120
+
+
+@dataclass(frozen=True)
 class NftDesired:
     """What the core asks of the nftables dataplane.
 
@@ -75,7 +95,8 @@ class NftDesired:
     and `mask` the bits tfcrypt owns in the fwmark (None means `mark`). `enforce=False` is
     observe-only: the class rules count what they would mark or drop, and change no packet.
     `infrastructure`: addresses and CIDRs never classified (neither marked nor dropped by
-    strict ingress), in enforce and observe mode alike.
+    strict ingress), in enforce and observe mode alike. `flows`: count every forwarded
+    flow and every strict-ingress drop in the `seen_*` sets (None: off).
     """
 
     local_class: Mapping[str, str]
@@ -86,6 +107,7 @@ class NftDesired:
     wg_ifname: str = "tfcrypt0"
     enforce: bool = True
     infrastructure: frozenset[str] = frozenset()
+    flows: FlowAccounting | None = None
 
     def __post_init__(self) -> None:
         if self.mask is None:
@@ -103,11 +125,19 @@ class BaseHook:
 @dataclass(frozen=True)
 class SetSpec:
     """A set (`map` None) or a map whose values are of type `map` (tfcrypt: "verdict");
-    `flags` ("interval" for the infrastructure sets) as nft lists them."""
+    `flags` ("interval" for the infrastructure sets, FLOW_FLAGS for the flow sets), and
+    a flow set's element `timeout` (seconds) and `size`."""
 
     type: str
     map: str | None = None
     flags: tuple[str, ...] = ()
+    timeout: int | None = None
+    size: int | None = None
+
+    @property
+    def type_json(self) -> object:
+        """`type` as nft's JSON takes it: a concatenation (`a . b`) is a list."""
+        return self.type.split(" . ") if " . " in self.type else self.type
 
 
 @dataclass(frozen=True)
@@ -169,6 +199,39 @@ def infra_set(fam: Fam) -> str:
 def pre_chain(fam: Fam) -> str:
     """The regular chain prerouting sends one family's packets to (`meta nfproto`)."""
     return f"pre_{fam.suffix}"
+
+
+def fwd_chain(fam: Fam) -> str:
+    """The regular chain `forward` sends one family's packets to (flow accounting)."""
+    return f"fwd_{fam.suffix}"
+
+
+def drop_chain(fam: Fam) -> str:
+    """Where a class's strict-ingress rule sends a packet to be counted, then dropped."""
+    return f"drop_{fam.suffix}"
+
+
+def flow_set(kind: str, fam: Fam, ports: bool) -> str:
+    """`seen_<kind>[_np]_<fam>`: `kind` one of FLOW_KINDS; `_np` for protocols without
+    ports (their `th dport` would be other header bytes: an ICMP checksum)."""
+    return f"seen_{kind}{'' if ports else '_np'}_{fam.suffix}"
+
+
+def flow_set_type(kind: str, fam: Fam, ports: bool) -> str:
+    """(src . dst . protocol [. dport] [. interface]): `sel` keeps the output interface
+    (the tunnel, or not: a guard drop), `uns` the input one (the tunnel: decrypted)."""
+    parts = [fam.addr_type, fam.addr_type, "inet_proto"]
+    if ports:
+        parts.append("inet_service")
+    if kind != "drop":
+        parts.append("ifname")
+    return " . ".join(parts)
+
+
+def flow_sets() -> list[tuple[str, str, Fam, bool]]:
+    """(name, kind, family, ports) of every flow set."""
+    return [(flow_set(k, f, p), k, f, p) for f in FAMILIES for k in FLOW_KINDS
+            for p in (True, False)]
 
 
 def infra_elements(prefixes: Collection[str]) -> dict[str, dict[str, str | None]]:

@@ -124,8 +124,10 @@ def build_transaction(want: TableState, have: TableState, plan: Plan[Key, object
         if spec.map:
             cmds.append(_cmd("add", "map", name=key[1], type=spec.type, map=spec.map))
         else:
-            flags = {"flags": list(spec.flags)} if spec.flags else {}
-            cmds.append(_cmd("add", "set", name=key[1], type=spec.type, **flags))
+            extra: dict[str, object] = {"flags": list(spec.flags)} if spec.flags else {}
+            extra.update((k, v) for k, v in (("timeout", spec.timeout), ("size", spec.size))
+                         if v is not None)
+            cmds.append(_cmd("add", "set", name=key[1], type=spec.type_json, **extra))
     for key in sorted(k for k in plan.upserts if k[0] == "chain"):
         hook = want.chains[key[1]]
         base = {} if hook is None else {"type": hook.type, "hook": hook.hook,
@@ -304,6 +306,10 @@ class NftManager:
         """Named counters (guard_drops, ingress_drops, ingress_audit) and `out:<class>`."""
         listing = await self._nft.list_table()
         return {} if listing is None else counter_values(listing)
+
+    async def list_set(self, name: str) -> Json | None:
+        """One set's listing with its elements (the flow sets: tfcrypt/agent/flows.py)."""
+        return await self._nft.list_set(name)
 
     async def remove(self) -> ApplyReport:
         """Delete the whole table (uninstall) and forget the desired state."""

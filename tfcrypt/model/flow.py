@@ -83,6 +83,22 @@ def _time(value: object, name: str) -> float:
 
 
 @dataclass(frozen=True)
+class FlowSample:
+    """One element of a kernel flow set (tfcrypt/dataplane/flow_listing.py): its flow and
+    cumulative counter. `kind`: `sel` (marked), `uns` (unmarked), `drop` (strict
+    ingress); `iface`: the output interface of `sel`, the input one of `uns`."""
+
+    kind: str
+    src: str
+    dst: str
+    proto: int
+    dport: int | None
+    iface: str | None
+    packets: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class FlowKey:
     """What one record counts: (src, dst, proto, dport, verdict)."""
 
@@ -184,8 +200,10 @@ class FlowReport:
         return flows_key(self.node)
 
     def to_payload(self) -> dict[str, Any]:
-        """The payload to sign with `sign_envelope` and store at `self.key`."""
+        """The payload to sign with `sign_envelope` and store at `self.key`; its epoch is
+        the second it was generated (a replayed older report is a rollback)."""
         return {"kind": KIND, "key": self.key, "node": self.node,
+                "epoch": int(self.generated_at), "issued_at": int(self.generated_at),
                 "generated_at": round(self.generated_at, 3), "since": round(self.since, 3),
                 "omitted": self.omitted, "flows": [f.to_json() for f in self.flows],
                 "handshakes": dict(sorted(self.handshakes.items()))}
