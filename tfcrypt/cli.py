@@ -41,6 +41,7 @@ from tfcrypt.config_values import (
     state_dir_problem,
 )
 from tfcrypt.errors import ConfigError, TfcryptError
+from tfcrypt.flows_view import VERDICTS
 from tfcrypt.marks import foreign_clashes
 from tfcrypt.safeyaml import one_line
 from tfcrypt.table import print_rows
@@ -179,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--state-dir", default=None,
                         help="read <state-dir>/status.json (written after every reconcile) "
                              "instead of asking the agent's socket")
+
+    flows = sub.add_parser(
+        "flows", help="the flows the local agent saw cross this node, with the verdict the "
+                      "kernel gave each (wireguard, plaintext, guard_drop, ingress_drop)",
+        description="Flow records between this node's workloads and remote ones, as the "
+                    "kernel counted them (docs/flows.md). Filters combine.")
+    _config_option(flows)
+    _key_options(flows, ("status_socket",))
+    flows.add_argument("--workload", help="only flows with this workload at either end")
+    flows.add_argument("--tag", help="only flows with a workload carrying this tag "
+                                     "(type=value) at either end")
+    flows.add_argument("--verdict", choices=VERDICTS, help="only flows with this verdict")
+    flows.add_argument("--since", metavar="DURATION",
+                       help="only flows seen in the last DURATION (90s, 30m, 1h, 2d)")
+    flows.add_argument("--json", action="store_true", help="the matching records as JSON")
+    flows.add_argument("--timeout", type=float, default=5.0,
+                       help="seconds to wait for the agent (default %(default)s)")
 
     unin = sub.add_parser(
         "uninstall", help="remove everything the agent put in the kernel (nftables table, "
@@ -399,6 +417,28 @@ def _status_command(args: argparse.Namespace) -> int:
     return EXIT_HEALTHY if verdict["healthy"] else EXIT_UNHEALTHY
 
 
+def _flows_command(args: argparse.Namespace) -> int:
+    from tfcrypt import flows_view
+    from tfcrypt.agent.status_api import StatusApiError, fetch_status
+
+    since = (time.time() - flows_view.parse_duration(args.since)) if args.since else None
+    socket = resolve(_flags(args), os.environ, args.config, ["status_socket"]).get(
+        "status_socket", AgentConfig.status_socket)
+    try:
+        doc = fetch_status(socket, timeout=args.timeout, target="/flows")
+    except StatusApiError as exc:
+        print(f"tfcrypt: cannot read the agent's flows: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if "error" in doc:
+        print(f"tfcrypt: {doc['error']}", file=sys.stderr)
+        return 1
+    rows = flows_view.select(doc.get("flows", []), workload=args.workload, tag=args.tag,
+                             verdict=args.verdict, since=since)
+    print(json.dumps(rows, indent=2, sort_keys=True) if args.json
+          else flows_view.render(doc, rows, time.time()))
+    return 0
+
+
 def _uninstall_command(args: argparse.Namespace) -> int:
     from tfcrypt.uninstall import UninstallConfig, uninstall
 
@@ -452,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status_command(args)
         if args.command == "uninstall":
             return _uninstall_command(args)
+        if args.command == "flows":
+            return _flows_command(args)
         if args.command == "keys":
             return _keys_command(args)
         if args.command == "controller":

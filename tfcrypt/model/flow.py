@@ -15,12 +15,16 @@ Rules (docs/flows.md):
   that node's SVID: a node reports only its own flows, and a reader keeps only records
   whose local end is a workload of that node.
 - Bounded on read: at most MAX_REPORT_FLOWS records and MAX_REPORT_PEERS handshakes.
+- Times are whole UNIX seconds in JSON (a signed payload admits no floats: canonical
+  JSON, tfcrypt/identity/canonical.py); a record's last second is rounded up, so a
+  flow seen at all has `last_seen >= first_seen`.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -145,8 +149,8 @@ class FlowRecord:
     def to_json(self) -> dict[str, Any]:
         k = self.key
         return {"src": k.src, "dst": k.dst, "proto": k.proto, "dport": k.dport,
-                "verdict": k.verdict.value, "first_seen": round(self.first_seen, 3),
-                "last_seen": round(self.last_seen, 3), "packets": self.packets,
+                "verdict": k.verdict.value, "first_seen": int(self.first_seen),
+                "last_seen": math.ceil(self.last_seen), "packets": self.packets,
                 "bytes": self.bytes}
 
     @classmethod
@@ -204,9 +208,10 @@ class FlowReport:
         the second it was generated (a replayed older report is a rollback)."""
         return {"kind": KIND, "key": self.key, "node": self.node,
                 "epoch": int(self.generated_at), "issued_at": int(self.generated_at),
-                "generated_at": round(self.generated_at, 3), "since": round(self.since, 3),
+                "generated_at": int(self.generated_at), "since": int(self.since),
                 "omitted": self.omitted, "flows": [f.to_json() for f in self.flows],
-                "handshakes": dict(sorted(self.handshakes.items()))}
+                "handshakes": {peer: None if at is None else int(at)
+                               for peer, at in sorted(self.handshakes.items())}}
 
     @classmethod
     def from_payload(cls, p: Mapping[str, Any], key: str) -> FlowReport:
