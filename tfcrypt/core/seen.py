@@ -52,6 +52,9 @@ class Readiness:
     handshake_max_age: float = HANDSHAKE_MAX_AGE_S
 
 
+DEFAULT_READINESS = Readiness()
+
+
 @dataclass(frozen=True)
 class SeenFlow:
     """One record of `node`'s report, with its ends told apart: `local` is the address of
@@ -276,7 +279,7 @@ def enforced_diff(inventory: Inventory, policy: EncryptionPolicy,
 def plan_against_seen(inventory: Inventory, policy: EncryptionPolicy, seen: Seen, *,
                       now: float, since: float | None = None,
                       infrastructure: Mapping[str, str] | None = None,
-                      readiness: Readiness = Readiness(),
+                      readiness: Readiness = DEFAULT_READINESS,
                       diff: PlanDiff | None = None) -> SeenPlan:
     """The seen flows (last seen at or after `since`) whose pair enforcing `policy` would
     newly select or unselect, each with its nodes' readiness; `diff`: the change, when the
