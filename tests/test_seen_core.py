@@ -200,7 +200,7 @@ def test_proof_report_counts_wireguard_once_ingress_drops_and_flags_plaintext() 
     assert proof.plaintext_found
     assert [pp.pair for pp in p.pairs] == [(PCI, DB), (PCI, DB3)]
     assert p.handshakes == (("n1", "n2", NOW - 20), ("n1", "n3", NOW - 20))
-    assert [r.node for r in proof.reports] == ["n1", "n2", "n3"]
+    assert [r.node for r in proof.reports] == ["n1", "n2", "n3"] and proof.unreported == ()
 
 
 def test_proof_report_since_drops_old_plaintext() -> None:
@@ -208,6 +208,7 @@ def test_proof_report_since_drops_old_plaintext() -> None:
     s = seen(report("n1", flow(PCI, DB, Verdict.PLAINTEXT, last=NOW - 7200),
                     flow(PCI, DB, Verdict.WIREGUARD, dport=443, last=NOW - 10)))
     assert proof_report(view(enforced), s).plaintext_found
+    assert proof_report(view(enforced), s).unreported == ("n2", "n3")
     recent = proof_report(view(enforced), s, since=NOW - 3600)
     assert not recent.plaintext_found
     assert recent.policies[0].total(Verdict.WIREGUARD).packets == 10

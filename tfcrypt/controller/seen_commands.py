@@ -165,6 +165,8 @@ def render_report(proof: ProofReport, read: SeenRead, now: float, since: float |
     lines += [f"  report {r.node}: generated {_ago(now, r.generated_at)}, {r.records} "
               f"record(s)" + (f", {r.omitted} omitted (its bound)" if r.omitted else "")
               for r in proof.reports]
+    lines += [f"  report {n}: none believed (its traffic is missing from this report)"
+              for n in proof.unreported]
     if not proof.policies:
         lines.append("no enforced policy: nothing to prove")
     for p in proof.policies:

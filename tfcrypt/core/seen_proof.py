@@ -13,7 +13,8 @@ Rules of this module (docs/flows.md, "tfcrypt report"):
   tunnel); plaintext of selected pairs that went through (should be none: a bug, an
   attack, or traffic from before the policy was enforced: use `since`), flagged; and
   the last handshake of every node pair involved.
-- Each node's report is listed with its age, so a reader sees whose traffic is missing.
+- Each node's report is listed with its age, and the nodes of the inventory (records,
+  workloads) without one are named: a reader sees whose traffic is missing.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class ProofReport:
     reports: tuple[ReportState, ...]
     considered: int      # records looked at (after `since`)
     not_local: int
+    unreported: tuple[str, ...] = ()  # nodes of the inventory without a believed report
 
     @property
     def plaintext_found(self) -> bool:
@@ -109,6 +111,7 @@ class ProofReport:
         return {"policies": [p.to_json() for p in self.policies],
                 "reports": [r.to_json() for r in self.reports],
                 "considered_records": self.considered, "not_local": self.not_local,
+                "unreported": list(self.unreported),
                 "plaintext_of_selected_pairs": self.plaintext_found}
 
 
@@ -151,7 +154,9 @@ def proof_report(inventory: Inventory, seen: Seen, *, since: float | None = None
             tuple((a, b, handshake_between(seen.reports, a, b)) for a, b in ordered)))
     states = tuple(ReportState(r.node, r.generated_at, len(r.flows), r.omitted)
                    for _, r in sorted(seen.reports.items()))
-    return ProofReport(tuple(proofs), states, len(seen.flows), seen.not_local)
+    known = set(inventory.nodes) | {w.node for w in inventory.workloads.values()}
+    return ProofReport(tuple(proofs), states, len(seen.flows), seen.not_local,
+                       tuple(sorted(known - set(seen.reports))))
 
 
 def _flows_of(counts: Mapping[tuple[FlowId, Verdict], Counts], verdict: Verdict
