@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tfcrypt.core.explain import GlobalView
 from tfcrypt.core.seen import Change, Seen, local_flows, plan_against_seen
 from tfcrypt.core.seen_proof import proof_report
@@ -212,3 +215,61 @@ def test_proof_report_since_drops_old_plaintext() -> None:
     recent = proof_report(view(enforced), s, since=NOW - 3600)
     assert not recent.plaintext_found
     assert recent.policies[0].total(Verdict.WIREGUARD).packets == 10
+
+
+TAGS = ["application=a", "application=b", "label=pci", "site=x"]
+ENDPOINTS = ["{tags: [application=a]}", "{tags: [label=pci]}", "{tags: [site=x]}",
+             "{any: true}", "{subnet: 10.1.2.0/24}"]
+
+
+@st.composite
+def inventories(draw: st.DrawFn) -> tuple[list[Workload], EncryptionPolicy | None,
+                                          EncryptionPolicy, list[FlowReport]]:
+    workloads = []
+    for n in range(1, 4):
+        for i in range(draw(st.integers(1, 3))):
+            tags = draw(st.sets(st.sampled_from(TAGS), max_size=3))
+            if {"application=a", "application=b"} <= tags:
+                tags.discard("application=b")
+            workloads.append(wl(f"w{n}{i}", f"n{n}", f"10.1.{n}.{i + 1}", " ".join(tags)))
+
+    def rules() -> str:
+        return "".join(f"  - endpoint1: {draw(st.sampled_from(ENDPOINTS))}\n"
+                       f"    endpoint2: {draw(st.sampled_from(ENDPOINTS))}\n"
+                       for _ in range(draw(st.integers(1, 2))))
+    current = policy("current", rules()) if draw(st.booleans()) else None
+    name = draw(st.sampled_from(["current", "file"]))
+    proposed = policy(name, rules(), mode=draw(st.sampled_from(["audit", "enforce"])))
+    reports = []
+    for node in ("n1", "n2", "n3"):
+        mine = [w.ips[0] for w in workloads if w.node == node]
+        others = [w.ips[0] for w in workloads if w.node != node]
+        flows = [flow(draw(st.sampled_from(mine)), draw(st.sampled_from(others)), dport=port)
+                 for port in range(draw(st.integers(1, 5)))]
+        reports.append(report(node, *flows))
+    return workloads, current, proposed, reports
+
+
+@settings(max_examples=80, deadline=None)
+@given(inventories())
+def test_plan_names_exactly_the_seen_flows_whose_selection_enforcing_changes(
+        case: tuple[list[Workload], EncryptionPolicy | None, EncryptionPolicy,
+                    list[FlowReport]]) -> None:
+    workloads, current, proposed, reports = case
+    before = [current] if current else []
+    after = [p for p in before if p.name != proposed.name] + [
+        EncryptionPolicy(proposed.name, Mode.ENFORCE, proposed.rules)]
+    by_ip = {w.ips[0]: w for w in workloads}
+    expected = {}
+    for r in reports:
+        for f in r.flows:
+            a, b = by_ip[f.key.src], by_ip[f.key.dst]
+            was, will = (is_selected_pairwise(a, a.ips[0], b, b.ips[0], ps)
+                         for ps in (before, after))
+            if was != will:
+                expected[(f.key.src, f.key.dst, f.key.proto, f.key.dport)] = (
+                    Change.ENCRYPT if will else Change.LEAVE)
+    plan = plan_against_seen(view(*before, workloads=workloads), proposed,
+                             seen(*reports, workloads=workloads), now=NOW)
+    assert {f.flow: f.change for f in plan.flows} == expected
+    assert not plan.black_holed  # every node has a key, a fresh report and a handshake

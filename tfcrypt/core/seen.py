@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import ipaddress
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,11 +188,11 @@ def handshake_between(reports: Mapping[str, FlowReport], a: str, b: str) -> floa
     return max(times) if times else None
 
 
-def node_problems(node: str, reports: Mapping[str, FlowReport], usable: Iterable[str],
+def node_problems(node: str, reports: Mapping[str, FlowReport], usable: Collection[str],
                   now: float, readiness: Readiness) -> list[str]:
     """Why `node` is not ready on its own (key, report); empty when it is."""
     problems = []
-    if node not in set(usable):
+    if node not in usable:
         problems.append(f"{node}: no verified usable key (no node record, or one whose key "
                         "another record shares)")
     report = reports.get(node)
@@ -300,8 +299,9 @@ def plan_against_seen(inventory: Inventory, policy: EncryptionPolicy, seen: Seen
     out = []
     for fid, fs in sorted(moved.items(), key=lambda kv: flow_sort_key(kv[0])):
         change = changes[fs[0].pair]
-        ends = sorted({f.node for f in fs} | {n for f in fs for n in ip_nodes.get(f.remote, ())
-                                              if n != f.node})
+        links = sorted({tuple(sorted((f.node, n))) for f in fs
+                        for n in ip_nodes.get(f.remote, ()) if n != f.node})
+        ends = sorted({n for link in links for n in link} | {f.node for f in fs})
         problems: list[str] = []
         if change is Change.ENCRYPT:
             for n in ends:
@@ -309,10 +309,8 @@ def plan_against_seen(inventory: Inventory, policy: EncryptionPolicy, seen: Seen
                     node_notes[n] = tuple(node_problems(n, seen.reports, usable, now,
                                                         readiness))
                 problems += node_notes[n]
-            for i, a in enumerate(ends):
-                for b in ends[i + 1:]:
-                    if (why := pair_problem(a, b, seen.reports, now, readiness)):
-                        problems.append(why)
+            problems += [why for a, b in links
+                         if (why := pair_problem(a, b, seen.reports, now, readiness))]
         out.append(PlanFlow(fid, change, tuple(ends), tuple(sorted({f.node for f in fs})),
                             tuple(sorted({f.record.key.verdict.value for f in fs})), totals[fid],
                             tuple(problems)))
@@ -327,7 +325,3 @@ def usable_nodes(nodes: Mapping[str, NodeRecord]) -> set[str]:
 
 def pair_text(pair: Pair) -> str:
     return " <-> ".join(f"[{ip}]" if ":" in ip else ip for ip in pair)
-
-
-def is_v6(ip: str) -> bool:
-    return ipaddress.ip_address(ip).version == 6
