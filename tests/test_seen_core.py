@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tfcrypt.core.explain import GlobalView
-from tfcrypt.core.seen import Change, Seen, local_flows, plan_against_seen
+from tfcrypt.core.seen import REPORT_MAX_AGE_S, Change, Seen, local_flows, plan_against_seen
 from tfcrypt.core.seen_proof import proof_report
 from tfcrypt.core.seen_suggest import default_name, suggest
 from tfcrypt.core.selection import is_selected_pairwise
@@ -273,3 +273,8 @@ def test_plan_names_exactly_the_seen_flows_whose_selection_enforcing_changes(
                              seen(*reports, workloads=workloads), now=NOW)
     assert {f.flow: f.change for f in plan.flows} == expected
     assert not plan.black_holed  # every node has a key, a fresh report and a handshake
+
+
+def test_the_cli_default_report_age_is_the_core_one() -> None:
+    from tfcrypt.cli import REPORT_MAX_AGE, duration
+    assert duration(REPORT_MAX_AGE) == REPORT_MAX_AGE_S

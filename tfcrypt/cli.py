@@ -7,6 +7,9 @@ certificate.
 TFCRYPT_* environment > file > defaults (tfcrypt/config.py, docs/operations.md).
 Errors in what the user typed exit with status 2 and one line naming the option.
 `status` exits 0 healthy, 1 unhealthy, 2 when the agent cannot be reached.
+`policy plan --against-seen` exits 1 when a seen flow would be black-holed, `policy
+suggest` 1 when no seen flow can be covered, `report` 1 when selected pairs carried
+plaintext (docs/flows.md).
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ from tfcrypt.config_values import (
     split_host_port,
     state_dir_problem,
 )
-from tfcrypt.core.seen import REPORT_MAX_AGE_S
 from tfcrypt.errors import ConfigError, TfcryptError
 from tfcrypt.marks import foreign_clashes
 from tfcrypt.model.tags import Tag
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
     from tfcrypt.model.policy import EncryptionPolicy
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
+REPORT_MAX_AGE = "120s"  # tfcrypt/core/seen.py REPORT_MAX_AGE_S, not imported: `status` stays
+                         # quick to start (the core costs ~80 ms of imports)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -158,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
              "when a seen flow would be black-holed (docs/flows.md)")
     _since_option(pol_plan, "with --against-seen: ")
     pol_plan.add_argument(
-        "--report-max-age", type=duration, default=REPORT_MAX_AGE_S, metavar="DURATION",
+        "--report-max-age", type=duration, default=None, metavar="DURATION",
         help="with --against-seen: a node whose own flow report is older is not ready "
-             "(default %(default).0fs)")
+             f"(default {REPORT_MAX_AGE}: reports come every ~30 s)")
     pol_suggest = pol_sub.add_parser(
         "suggest", help="write an audit-mode policy that would encrypt every seen flow "
                         "touching workloads with all the --touching tags (one rule per seen "
@@ -459,7 +463,7 @@ async def _plan_against_seen(s: ControllerSession, args: argparse.Namespace,
     now = time.time()
     result = await seen_commands.plan_against_seen_command(
         s, policy, now=now, since=_since(args, now), infrastructure=infra,
-        readiness=Readiness(report_max_age=args.report_max_age))
+        readiness=Readiness(report_max_age=args.report_max_age or duration(REPORT_MAX_AGE)))
     print(json.dumps(seen_commands.seen_plan_to_json(result), indent=2) if args.json
           else seen_commands.render_seen_plan(result))
     return 1 if result["seen"].black_holed else 0
