@@ -15,7 +15,6 @@ Rules:
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import time
 from collections.abc import Mapping
@@ -26,14 +25,14 @@ from tfcrypt.core.explain import (
     Explanation,
     GlobalView,
     PlanDiff,
-    diff_selection,
     explain,
 )
 from tfcrypt.core.infrastructure import infrastructure_of, screen_one
+from tfcrypt.core.seen import enforced_diff
 from tfcrypt.errors import ConfigError
 from tfcrypt.identity.view import VerifiedView
 from tfcrypt.model.node import NodeRecord
-from tfcrypt.model.policy import EncryptionPolicy, Mode, policy_key
+from tfcrypt.model.policy import EncryptionPolicy, policy_key
 from tfcrypt.model.tags import sorted_tag_texts
 from tfcrypt.model.workload import Workload, workload_key
 
@@ -141,6 +140,11 @@ def _global_view(view: VerifiedView) -> tuple[dict[str, Workload],
             {r.node: r for r in view.of("nodes/").values()})
 
 
+def inventory_of(view: VerifiedView) -> GlobalView:
+    """The verified workloads, policies and node records of `view`, as explain reads them."""
+    return GlobalView(*_global_view(view))
+
+
 async def explain_flow(s: ControllerSession, src_ip: str, dst_ip: str,
                        infrastructure: Mapping[str, str] | None = None) -> Explanation:
     for what, ip in (("SRC_IP", src_ip), ("DST_IP", dst_ip)):
@@ -157,11 +161,18 @@ async def policy_plan(s: ControllerSession, policy: EncryptionPolicy,
     """What enforcing `policy` (as written, or as if enforced when it is audit-mode) would
     change, and whether every node it needs has a verified key; infrastructure addresses
     (node records', plus `infrastructure`) are screened out as the agents do."""
-    workloads, policies, nodes = _global_view(await s.read_view())
-    enforced = dataclasses.replace(policy, mode=Mode.ENFORCE)
-    diff = diff_selection(policies, {**policies, policy.name: enforced}, workloads, nodes,
-                          infrastructure)
+    return plan_of(inventory_of(await s.read_view()), policy, infrastructure)
+
+
+def plan_of(inventory: GlobalView, policy: EncryptionPolicy,
+            infrastructure: Mapping[str, str] | None = None,
+            diff: PlanDiff | None = None) -> dict[str, Any]:
+    """`policy_plan` of an inventory already read; `diff`: `enforced_diff` of the same
+    arguments, when the caller has it (`plan --against-seen` computes it once)."""
+    if diff is None:
+        diff = enforced_diff(inventory, policy, infrastructure)
     affected = sorted(set(diff.per_node) | diff.missing_peers)
+    nodes = inventory.nodes
     return {
         "policy": policy.name,
         "as_if_enforced": not policy.enforced,
