@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -46,7 +45,7 @@ from tfcrypt.config_values import (
     state_dir_problem,
 )
 from tfcrypt.errors import ConfigError, TfcryptError
-from tfcrypt.flows_view import VERDICTS
+from tfcrypt.flows_view import VERDICTS, duration
 from tfcrypt.marks import foreign_clashes
 from tfcrypt.model.tags import Tag
 from tfcrypt.safeyaml import one_line
@@ -237,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     flows.add_argument("--tag", help="only flows with a workload carrying this tag "
                                      "(type=value) at either end")
     flows.add_argument("--verdict", choices=VERDICTS, help="only flows with this verdict")
-    flows.add_argument("--since", metavar="DURATION",
-                       help="only flows seen in the last DURATION (90s, 30m, 1h, 2d)")
+    flows.add_argument("--since", type=duration, metavar="DURATION",
+                       help="only flows seen in the last DURATION (90s, 30m, 1h, 1h30m)")
     flows.add_argument("--json", action="store_true", help="the matching records as JSON")
     flows.add_argument("--timeout", type=float, default=5.0,
                        help="seconds to wait for the agent (default %(default)s)")
@@ -263,22 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"),
                        help="the agent's state directory (default %(default)s)")
     return parser
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def duration(text: str) -> float:
-    """`90s`, `30m`, `1h`, `1h30m`, `2d` -> seconds; argparse shows the error (exit 2)."""
-    parts = _DURATION_PART.findall(text.strip().lower())
-    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 1h, "
-                                         "1h30m")
-    seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be more than 0")
-    return seconds
 
 
 def _since_option(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -563,7 +546,7 @@ def _flows_command(args: argparse.Namespace) -> int:
     from tfcrypt import flows_view
     from tfcrypt.agent.status_api import StatusApiError, fetch_status
 
-    since = (time.time() - flows_view.parse_duration(args.since)) if args.since else None
+    since = (time.time() - args.since) if args.since else None
     socket = resolve(_flags(args), os.environ, args.config, ["status_socket"]).get(
         "status_socket", AgentConfig.status_socket)
     try:

@@ -4,32 +4,38 @@ Rules:
 - Pure: the input is the agent's `GET /flows` document (tfcrypt/agent/flows.py); the
   CLI fetches it. Filters combine with AND: `workload` matches either end's name, `tag`
   either end's tags, `verdict` the record's, `since` its last seen time.
+- DURATION (`--since`, `--report-max-age` of the seen-traffic commands): `90s`, `30m`,
+  `1h30m`, `2d`, parsed once here for every command.
 - The table is for people (most recent first, sizes in human units); `--json` gives the
   filtered rows unchanged, for scripts.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tfcrypt.errors import ConfigError
 from tfcrypt.model.flow import Verdict
 from tfcrypt.status_view import human_bytes, human_duration, table
 
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd])$")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 VERDICTS = tuple(v.value for v in Verdict)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> float:
-    """`90s`, `30m`, `1h`, `2d` -> seconds; ConfigError naming the text otherwise."""
-    found = _DURATION.fullmatch(text.strip())
-    if found is None:
-        raise ConfigError(f"duration {text!r}: expected a number and s, m, h or d (30m, 1h)")
-    return float(found.group(1)) * _UNIT[found.group(2)]
+def duration(text: str) -> float:
+    """`90s`, `30m`, `1h`, `1h30m`, `2d` -> seconds; argparse shows the error (exit 2)."""
+    parts = _DURATION.findall(text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 1h, "
+                                         "1h30m")
+    seconds = sum(float(n) * _UNIT[u] for n, u in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be more than 0")
+    return seconds
 
 
 def select(rows: Sequence[Mapping[str, Any]], *, workload: str | None = None,
