@@ -16,6 +16,10 @@ Rules:
   `elements` other selected remote addresses, `p2` plain veth routing, `t3` like `t1` with
   `elements` more selected addresses of node b in the flow's set and b's allowed IPs,
   `t4` like `t1` for D4 alone (its capture interfaces are changed, see below).
+- Flow accounting (issue #19) is on in every tfcrypt lab, as in the agent by default;
+  `f1` and `f2` are `t1` and `t2` with it off (`flows: false`), measured in the same
+  rounds, so D1.noflows_* and D2.noflows_* against the same baselines say what the flow
+  records cost a packet (docs/flows.md "Cost").
 - Two wireguard-go builds (docs/wireguard.md "Which wireguard-go"): every lab runs the
   current one from tools/wireguard-go, as the lab's agents do; `t0` and `r0` are `t1` and
   `r1` on Debian's 2022 build (`wireguard-go` on PATH), measured in the same rounds, so
@@ -90,6 +94,7 @@ from tfcrypt.agent.mtu import DEFAULT_MTU
 from tfcrypt.core.compute import Desired, Snapshot, compute
 from tfcrypt.dataplane.netlink import PyRoute2Netlink
 from tfcrypt.dataplane.nft_json import SubprocessNft
+from tfcrypt.dataplane.nft_table import FlowAccounting
 from tfcrypt.dataplane.nftables import NftManager
 from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import EncryptionPolicy, Endpoint, Mode, Rule
@@ -245,13 +250,15 @@ def snapshots(keys: tuple[str, str], selected: bool, elements: int) -> tuple[Sna
 class TfcryptNode:
     """The agent's Dataplane in one node namespace (as bench/reconcile.py builds it)."""
 
-    def __init__(self, netns: str, ifname: str, private_key: bytes, binary: str) -> None:
+    def __init__(self, netns: str, ifname: str, private_key: bytes, binary: str,
+                 flows: bool = True) -> None:
         self.netns, self.ifname = netns, ifname
         self.backend = UserspaceBackend(ifname, netns=netns, binary=binary)
         self.netlink = PyRoute2Netlink(netns=netns)
         self.dataplane = Dataplane(WireGuardManager(self.backend),
                                    NftManager(SubprocessNft(netns=netns)), self.netlink,
-                                   RoutingConfig(ifname=ifname))
+                                   RoutingConfig(ifname=ifname),
+                                   FlowAccounting() if flows else None)
         self.private_key = encode_key(private_key)
 
     async def apply(self, desired: Desired) -> dict[str, int]:
@@ -273,10 +280,11 @@ class TfcryptNode:
 
 
 async def start_tfcrypt(pair: Pair, selected: bool, elements: int,
-                        nodes: list[TfcryptNode], binary: str | None = None
-                        ) -> dict[str, object]:
+                        nodes: list[TfcryptNode], binary: str | None = None,
+                        flows: bool = True) -> dict[str, object]:
     """compute() and apply on both nodes of `pair`, whose wireguard-go is `binary`
-    (default the current build); appends to `nodes` as they start."""
+    (default the current build), with the agent's default flow accounting unless
+    `flows` is False; appends to `nodes` as they start."""
     private = (generate_private_key(), generate_private_key())
     t0 = time.perf_counter()
     snaps = snapshots((public_key_of(private[0]), public_key_of(private[1])), selected,
@@ -287,7 +295,7 @@ async def start_tfcrypt(pair: Pair, selected: bool, elements: int,
     changed = []
     for i in (0, 1):
         nodes.append(TfcryptNode(pair.nodes[i], pair.wg[i], private[i],
-                                 binary or wireguard_go()))
+                                 binary or wireguard_go(), flows))
         changed.append(await nodes[-1].apply(desired[i]))
     t3 = time.perf_counter()
     a = desired[0]
@@ -621,12 +629,12 @@ def run_rounds(comparisons: tuple[Comparison, ...], args: argparse.Namespace,
 
 def run(args: argparse.Namespace) -> int:
     prefix = run_prefix("tfd")
-    t1, r1, t2, p2, t3, t4, c2, t0, r0, a2, k2 = (
+    t1, r1, t2, p2, t3, t4, c2, t0, r0, a2, k2, f1, f2 = (
         Pair(tag, prefix) for tag in ("t1", "r1", "t2", "p2", "t3", "t4", "c2", "t0", "r0",
-                                      "a2", "k2"))
+                                      "a2", "k2", "f1", "f2"))
     debian = args.debian and shutil.which(DEBIAN_WIREGUARD_GO) is not None
     ablated = (a2, k2) if args.ablate else ()
-    pairs = (t1, r1, t2, p2, t3, t4, *((c2,) if args.control else ()),
+    pairs = (t1, r1, t2, p2, t3, t4, f1, f2, *((c2,) if args.control else ()),
              *((t0, r0) if debian else ()), *ablated)
     comparisons = (
         Comparison("D1", t1, r1, ("tfcrypt", "raw"),
@@ -637,6 +645,14 @@ def run(args: argparse.Namespace) -> int:
           if debian else ()),
         Comparison("D2", t2, p2, ("tfcrypt", "plain"),
                    f"unselected flow, tfcrypt with {args.elements} set elements vs no tfcrypt"),
+        Comparison("D1", f1, r1, ("noflows", "raw"),
+                   "selected flow, tfcrypt without flow accounting (flows: false) vs "
+                   "wireguard-go by hand: what the flow records cost the selected path",
+                   goal=None, label="noflows_"),
+        Comparison("D2", f2, p2, ("noflows", "plain"),
+                   f"unselected flow, tfcrypt with {args.elements} set elements and no flow "
+                   "accounting vs no tfcrypt: what the flow records cost", goal=None,
+                   label="noflows_"),
         Comparison("D3", t3, t1, (f"nft{args.elements}", "nft1"),
                    f"selected flow, {args.elements} more addresses in its set and allowed "
                    "IPs vs none", goal=0.97, label="selected_"),
@@ -681,6 +697,10 @@ def run(args: argparse.Namespace) -> int:
                     start_tfcrypt(t3, True, args.elements, tfcrypt_nodes))
                 setup["t4"] = loop.run_until_complete(
                     start_tfcrypt(t4, True, 0, tfcrypt_nodes))
+                setup["f1"] = loop.run_until_complete(
+                    start_tfcrypt(f1, True, 0, tfcrypt_nodes, flows=False))
+                setup["f2"] = loop.run_until_complete(
+                    start_tfcrypt(f2, False, args.elements, tfcrypt_nodes, flows=False))
                 if debian:
                     setup["t0"] = loop.run_until_complete(
                         start_tfcrypt(t0, True, 0, tfcrypt_nodes, DEBIAN_WIREGUARD_GO))
@@ -699,9 +719,9 @@ def run(args: argparse.Namespace) -> int:
                     if p is not t4:
                         p.iperf3("tcp1", 1)
                 run_rounds(comparisons, args, values, detail)
-                tunnels = (t0, t1, r0, r1, t2, t3, t4, *ablated)
+                tunnels = (t0, t1, r0, r1, t2, t3, t4, f1, f2, *ablated)
                 counters = {p.tag: lab_counters(p, p in tunnels,
-                                                p in (t0, t1, t2, t3, t4, *ablated))
+                                                p in (t0, t1, t2, t3, t4, f1, f2, *ablated))
                             for p in pairs}
                 if args.ablate:
                     counters["k2_cache_hits"] = ct_cache_hits(k2)

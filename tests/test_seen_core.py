@@ -276,5 +276,6 @@ def test_plan_names_exactly_the_seen_flows_whose_selection_enforcing_changes(
 
 
 def test_the_cli_default_report_age_is_the_core_one() -> None:
-    from tfcrypt.cli import REPORT_MAX_AGE, duration
+    from tfcrypt.flows_view import duration
+    from tfcrypt.seen_cli import REPORT_MAX_AGE
     assert duration(REPORT_MAX_AGE) == REPORT_MAX_AGE_S

@@ -25,9 +25,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from tfcrypt import __version__
+from tfcrypt import __version__, seen_cli
 from tfcrypt.config import (
     DEFAULT_ETCD,
     DEFAULT_SPIFFE_SOCKET,
@@ -47,17 +46,10 @@ from tfcrypt.config_values import (
 from tfcrypt.errors import ConfigError, TfcryptError
 from tfcrypt.flows_view import VERDICTS, duration
 from tfcrypt.marks import foreign_clashes
-from tfcrypt.model.tags import Tag
 from tfcrypt.safeyaml import one_line
 from tfcrypt.table import print_rows
 
-if TYPE_CHECKING:
-    from tfcrypt.controller.session import ControllerSession
-    from tfcrypt.model.policy import EncryptionPolicy
-
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
-REPORT_MAX_AGE = "120s"  # tfcrypt/core/seen.py REPORT_MAX_AGE_S, not imported: `status` stays
-                         # quick to start (the core costs ~80 ms of imports)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -155,39 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "needs has a verified key")
     pol_plan.add_argument("-f", "--file", required=True)
     pol_plan.add_argument("--json", action="store_true")
-    pol_plan.add_argument(
-        "--against-seen", action="store_true",
-        help="also list the seen flows (every node's signed flow report) the change would "
-             "encrypt or take out of the tunnel, with each one's node readiness; exit 1 "
-             "when a seen flow would be black-holed (docs/flows.md)")
-    _since_option(pol_plan, "with --against-seen: ")
-    pol_plan.add_argument(
-        "--report-max-age", type=duration, default=None, metavar="DURATION",
-        help="with --against-seen: a node whose own flow report is older is not ready "
-             f"(default {REPORT_MAX_AGE}: reports come every ~30 s)")
-    pol_suggest = pol_sub.add_parser(
-        "suggest", help="write an audit-mode policy that would encrypt every seen flow "
-                        "touching workloads with all the --touching tags (one rule per seen "
-                        "peer tag set), and list the flows it covers and the unseen pairs it "
-                        "would also select; exit 1 when no seen flow can be covered")
-    pol_suggest.add_argument("--touching", action="append", required=True, metavar="TAG",
-                             help="a tag type=value the workloads must carry (repeatable: "
-                                  "all of them)")
-    pol_suggest.add_argument("--name", help="the policy's name (default seen-<tags>)")
-    _since_option(pol_suggest)
-    pol_suggest.add_argument("-o", "--output", metavar="FILE",
-                             help="write the YAML to FILE instead of stdout")
-    pol_suggest.add_argument("--json", action="store_true",
-                             help="print the policy, covered flows and unseen pairs as JSON "
-                                  "(the YAML goes to --output if given)")
-    report = sub.add_parser(
-        "report", help="proof of encryption from the seen flow reports, per enforced "
-                       "policy: selected pairs that carried traffic, packets and bytes inside "
-                       "WireGuard, strict-ingress and guard drops, plaintext of selected pairs "
-                       "(flagged), last handshakes; exit 1 when selected pairs carried "
-                       "plaintext")
-    _since_option(report)
-    report.add_argument("--json", action="store_true")
+    seen_cli.add_plan_options(pol_plan)
+    pol_suggest, report = seen_cli.add_parsers(pol_sub, sub)
 
     expl = sub.add_parser("explain", help="is the flow SRC_IP -> DST_IP encrypted, by which "
                                           "policy and rule, or why not")
@@ -262,12 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state-dir", default=env_default("STATE_DIR", "/var/lib/tfcrypt"),
                        help="the agent's state directory (default %(default)s)")
     return parser
-
-
-def _since_option(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument("--since", type=duration, metavar="DURATION",
-                   help=f"{prefix}only flows last seen within DURATION (90s, 30m, 1h, 1h30m); "
-                        "default: everything the reports hold")
 
 
 UNINSTALL_KEYS = ("interface", "backend", "state_dir", "route_table", "rule_priority",
@@ -405,7 +360,7 @@ async def _controller_command(args: argparse.Namespace) -> int:
     if args.command == "policy" and args.policy_command == "plan" and (
             args.since is not None and not args.against_seen):
         raise ConfigError("--since: only with --against-seen")
-    touching = _touching(args.touching) \
+    touching = seen_cli.touching(args.touching) \
         if args.command == "policy" and args.policy_command == "suggest" else frozenset()
     infra = _cli_infrastructure(args)
     endpoints, tls = _etcd(args), _etcd_tls(args)
@@ -423,15 +378,15 @@ async def _controller_command(args: argparse.Namespace) -> int:
         elif workload is not None:
             print(await commands.workload_set(s, workload, infra))
         elif policy is not None and args.policy_command == "plan" and args.against_seen:
-            return await _plan_against_seen(s, args, policy, infra)
+            return await seen_cli.plan_against_seen(s, args, policy, infra)
         elif policy is not None and args.policy_command == "plan":
             plan = await commands.policy_plan(s, policy, infra)
             print(json.dumps(commands.plan_to_json(plan), indent=2) if args.json
                   else commands.render_plan(plan))
         elif args.command == "policy" and args.policy_command == "suggest":
-            return await _suggest(s, args, touching, infra)
+            return await seen_cli.suggest(s, args, touching, infra)
         elif args.command == "report":
-            return await _report(s, args, infra)
+            return await seen_cli.report(s, args, infra)
         elif policy is not None:
             print(await commands.policy_apply(s, policy))
         elif args.command == "workload" and args.workload_command == "delete":
@@ -445,70 +400,6 @@ async def _controller_command(args: argparse.Namespace) -> int:
             print_rows(await commands.policy_rows(s), args.json,
                         ["name", "mode", "rules", "epoch"])
     return 0
-
-
-def _touching(texts: Sequence[str]) -> frozenset[Tag]:
-    try:
-        return frozenset(Tag.parse(t) for t in texts)
-    except ValueError as exc:
-        raise ConfigError(f"--touching: {exc}") from None
-
-
-def _since(args: argparse.Namespace, now: float) -> float | None:
-    return None if args.since is None else now - args.since
-
-
-async def _plan_against_seen(s: ControllerSession, args: argparse.Namespace,
-                             policy: EncryptionPolicy, infra: dict[str, str]) -> int:
-    from tfcrypt.controller import seen_commands
-    from tfcrypt.core.seen import Readiness
-
-    now = time.time()
-    result = await seen_commands.plan_against_seen_command(
-        s, policy, now=now, since=_since(args, now), infrastructure=infra,
-        readiness=Readiness(report_max_age=args.report_max_age or duration(REPORT_MAX_AGE)))
-    print(json.dumps(seen_commands.seen_plan_to_json(result), indent=2) if args.json
-          else seen_commands.render_seen_plan(result))
-    return 1 if result["seen"].black_holed else 0
-
-
-async def _suggest(s: ControllerSession, args: argparse.Namespace, touching: frozenset[Tag],
-                   infra: dict[str, str]) -> int:
-    from tfcrypt.controller import seen_commands
-
-    now = time.time()
-    sug, read = await seen_commands.suggest_command(s, touching, now=now,
-                                                    since=_since(args, now), name=args.name,
-                                                    infrastructure=infra)
-    if sug.policy is None:
-        if args.json:
-            print(json.dumps({**sug.to_json(), **read.to_json()}, indent=2))
-        print(seen_commands.render_no_suggestion(sug, read), file=sys.stderr)
-        return 1
-    if args.output:
-        try:
-            Path(args.output).write_text(sug.yaml())
-        except OSError as exc:
-            raise ConfigError(f"-o {args.output}: {exc.strerror or exc}") from None
-    if args.json:
-        print(json.dumps({**sug.to_json(), **read.to_json()}, indent=2))
-    else:
-        if not args.output:
-            print(sug.yaml(), end="")
-        print(seen_commands.render_suggestion(sug, read, now), file=sys.stderr)
-    return 0
-
-
-async def _report(s: ControllerSession, args: argparse.Namespace, infra: dict[str, str]) -> int:
-    from tfcrypt.controller import seen_commands
-
-    now = time.time()
-    since = _since(args, now)
-    proof, read = await seen_commands.report_command(s, now=now, since=since,
-                                                     infrastructure=infra)
-    print(json.dumps(seen_commands.report_to_json(proof, read, now, since), indent=2)
-          if args.json else seen_commands.render_report(proof, read, now, since))
-    return 1 if proof.plaintext_found else 0
 
 
 def _status_command(args: argparse.Namespace) -> int:
@@ -540,28 +431,6 @@ def _status_command(args: argparse.Namespace) -> int:
     else:
         print(status_view.render(doc, now))
     return EXIT_HEALTHY if verdict["healthy"] else EXIT_UNHEALTHY
-
-
-def _flows_command(args: argparse.Namespace) -> int:
-    from tfcrypt import flows_view
-    from tfcrypt.agent.status_api import StatusApiError, fetch_status
-
-    since = (time.time() - args.since) if args.since else None
-    socket = resolve(_flags(args), os.environ, args.config, ["status_socket"]).get(
-        "status_socket", AgentConfig.status_socket)
-    try:
-        doc = fetch_status(socket, timeout=args.timeout, target="/flows")
-    except StatusApiError as exc:
-        print(f"tfcrypt: cannot read the agent's flows: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    if "error" in doc:
-        print(f"tfcrypt: {doc['error']}", file=sys.stderr)
-        return 1
-    rows = flows_view.select(doc.get("flows", []), workload=args.workload, tag=args.tag,
-                             verdict=args.verdict, since=since)
-    print(json.dumps(rows, indent=2, sort_keys=True) if args.json
-          else flows_view.render(doc, rows, time.time()))
-    return 0
 
 
 def _uninstall_command(args: argparse.Namespace) -> int:
@@ -618,7 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "uninstall":
             return _uninstall_command(args)
         if args.command == "flows":
-            return _flows_command(args)
+            return seen_cli.flows_command(args, resolve(_flags(args), os.environ, args.config,
+                                                       ["status_socket"]).get(
+                "status_socket", AgentConfig.status_socket))
         if args.command == "keys":
             return _keys_command(args)
         if args.command == "controller":
