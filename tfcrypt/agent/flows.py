@@ -7,8 +7,10 @@ Rules (docs/flows.md):
   (tfcrypt/core/flow_table.py).
 - Only flows between a local workload and a remote one are kept, by the addresses the
   agent's verified inventory gives (rebuilt when the inventory changes).
-- A failed read (nft missing, the table being rebuilt) is counted and logged, and the
-  records are kept as they were: evidence is never dropped for a read that failed.
+- A failed read (nft missing, the table being rebuilt, anything unexpected) or publish
+  is counted and logged, and the records are kept as they were: evidence is never
+  dropped for a read that failed, and the task never ends the agent (the records are
+  evidence; enforcement does not depend on them).
 - Every `flows_publish_interval`: the records go to `flows.json` in the state dir
   (0600, atomically; a restart restores the last hour of them), and a `FlowReport` of
   this node's own flows, signed with its SVID, to `flows/<node>` of the seen-traffic
@@ -35,7 +37,6 @@ from tfcrypt.core.flow_table import FlowTable
 from tfcrypt.core.selection import rules_of
 from tfcrypt.dataplane.flow_listing import parse_flow_set
 from tfcrypt.dataplane.nft_table import flow_sets
-from tfcrypt.errors import TfcryptError
 from tfcrypt.model.flow import MAX_REPORT_FLOWS, FlowReport, FlowSample
 from tfcrypt.model.policy import EncryptionPolicy, Mode
 from tfcrypt.model.workload import Workload
@@ -52,13 +53,22 @@ class SetReader(Protocol):
 class Addresses:
     """Which workload holds an address, split into this node's and the others'."""
 
-    def __init__(self, workloads: Callable[[], list[Workload]], own_node: str) -> None:
+    def __init__(self, workloads: Callable[[], Iterable[Workload]], own_node: str,
+                 stamp: Callable[[], object] = object) -> None:
         self._workloads = workloads
         self._own = own_node
+        self._stamp = stamp
+        self._seen: object = None
         self.local: dict[str, Workload] = {}
         self.remote: dict[str, Workload] = {}
 
     def refresh(self) -> None:
+        """Rebuild the maps when `stamp()` changed (the agent's: its last reconcile), so a
+        read does not walk 100,000 workloads when nothing changed."""
+        stamp = self._stamp()
+        if stamp == self._seen and (self.local or self.remote):
+            return
+        self._seen = stamp
         local: dict[str, Workload] = {}
         remote: dict[str, Workload] = {}
         for w in self._workloads():
@@ -169,7 +179,7 @@ class FlowCollector:
             try:
                 await self.read_once()
                 self.last_error = None
-            except (TfcryptError, OSError) as exc:
+            except Exception as exc:  # evidence, not enforcement: never stop the agent
                 metrics.FLOW_READ_ERRORS.labels("read").inc()
                 if str(exc) != self.last_error:
                     log.warning("flow records: cannot read the kernel's flow sets: %s", exc)
@@ -177,7 +187,11 @@ class FlowCollector:
             if time.monotonic() >= next_publish:
                 next_publish = time.monotonic() + self.publish_interval
                 await asyncio.to_thread(self.save)
-                await publish()
+                try:
+                    await publish()
+                except Exception as exc:
+                    metrics.FLOW_READ_ERRORS.labels("publish").inc()
+                    log.warning("flow report: not published: %s", exc)
             await asyncio.sleep(self.interval)
 
     def status(self) -> dict[str, Any]:

@@ -131,8 +131,8 @@ class Agent:
         self.flows: FlowCollector | None = None
         if cfg.flows:
             self.flows = FlowCollector(
-                dataplane.nft, Addresses(lambda: list(self.inputs.inventory.values()),
-                                         cfg.node_name),
+                dataplane.nft, Addresses(self.inputs.inventory.values, cfg.node_name,
+                                         lambda: self.reconciler.last_reconcile.get("at")),
                 wg_ifname=cfg.interface, state_dir=self._state_dir,
                 interval=cfg.flows_interval, publish_interval=cfg.flows_publish_interval,
                 table=FlowTable(cfg.flows_max_records, cfg.flows_retention))
