@@ -257,6 +257,34 @@ def test_the_api_serves_status_and_healthz_over_http_1_0(tmp_path: Path) -> None
     asyncio.run(main())
 
 
+def test_the_api_serves_the_flow_records_only_when_the_agent_keeps_them(tmp_path: Path) -> None:
+    async def status() -> dict[str, Any]:
+        return {"node": "n1"}
+
+    async def flows() -> dict[str, Any]:
+        return {"flows": [{"src": "10.0.0.1"}], "records": 1}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for path, provider, want in ((tmp_path / "on.sock", flows, b"HTTP/1.0 200 "),
+                                     (tmp_path / "off.sock", None, b"HTTP/1.0 404 ")):
+            server = StatusServer(path, status, flows=provider)
+            await server.start()
+            task = asyncio.create_task(server.serve())
+            answer = await loop.run_in_executor(None, raw_request, path,
+                                                b"GET /flows HTTP/1.0\r\n\r\n")
+            assert answer.startswith(want), answer[:40]
+            if provider is not None:
+                got = await loop.run_in_executor(None, lambda p=path: fetch_status(
+                    p, target="/flows"))
+                assert got == {"flows": [{"src": "10.0.0.1"}], "records": 1}
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+
 def test_a_dead_agents_socket_is_replaced_and_a_live_one_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "agent.sock"
     stale = socket.socket(socket.AF_UNIX)
