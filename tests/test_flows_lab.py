@@ -113,6 +113,7 @@ def controller(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
+@pytest.mark.kernel
 def test_each_node_lists_exactly_the_flows_it_carried_with_the_verdict_the_wire_shows(
     lab: Lab, tmp_path: Path,
 ) -> None:
