@@ -63,6 +63,18 @@ def test_a_read_adds_what_each_element_counted_since_the_last_and_priming_counts
     assert table.records()[0].last_seen == 3.0
 
 
+def test_a_records_times_are_its_packets_not_the_reads() -> None:
+    """The element's remaining timeout says how long ago its last packet was: a flow that
+    stopped 30 s before the read is last seen 30 s before it, not at the read."""
+    table = FlowTable()
+    table.ingest([], 0.0, WG, keep_all)
+    idle = FlowSample("uns", W, R2, 17, 80, "eth0", 4, 400, idle=30.0)
+    table.ingest([idle], 100.0, WG, keep_all)
+    (record,) = table.records()
+    assert (record.first_seen, record.last_seen) == (70.0, 70.0)
+    assert parse_flow_set("seen_uns_np_v4", LISTING).samples[0].idle == 1.0  # 120 - 119
+
+
 def test_the_verdict_is_where_the_kernel_counted_the_packet() -> None:
     table = FlowTable()
     table.ingest([], 0.0, WG, keep_all)
@@ -124,7 +136,7 @@ LISTING = {"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {
 def test_the_listing_reader_takes_the_elements_of_the_sets_shape_and_counts_the_rest() -> None:
     found = parse_flow_set("seen_uns_np_v4", LISTING)
     assert found.samples == [FlowSample("uns", "10.9.1.2", "10.9.2.2", 1, None, "veth0", 3,
-                                        252)]
+                                        252, idle=1.0)]
     assert found.skipped == 2 and found.full  # 3 elements in a set of size 3
 
 

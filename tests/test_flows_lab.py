@@ -313,6 +313,10 @@ def test_a_flood_of_distinct_flows_stays_within_the_bounds_and_the_agent_keeps_w
     rss_kib = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text()
                        .splitlines() if line.startswith("VmRSS:")))
     assert rss_kib < 400 * 1024, f"agent RSS {rss_kib // 1024} MiB after the flood"
+    wait_for("n3's bounded report after the flood",
+             lambda: reports(lab).get("n3", {}).get("omitted", 0) > 0, timeout=60)
+    report = reports(lab)["n3"]
+    assert len(report["flows"]) == 5000  # the most recent; the rest counted in `omitted`
 
     reconciled = agent_status(lab, "n3")["last_reconcile"]["at"]
     inventory.set_workload(lab, "n3-w1", ["application=payments", "site=b"])

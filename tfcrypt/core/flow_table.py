@@ -9,6 +9,10 @@ Rules of this module:
   The first read after a start only primes (the kernel's sets outlive an agent restart,
   and the records of before were restored from the state dir: counting those elements
   whole would count their packets twice).
+- Times are the packets', not the read's: a sample's `idle` (from the element's timeout)
+  puts `last_seen` at the flow's last packet, to the kernel's one second; a new
+  record's `first_seen` is its first read's `last_seen` (the kernel keeps no first time:
+  a flow's first packet is known only to within one `flows_interval`).
 - The verdict comes from where the kernel counted the packet, not from what the agent
   believes: `sel` (marked) leaving by the tunnel is `wireguard`, by anything else a guard
   drop; `uns` (unmarked) arriving from the tunnel is `wireguard` (decrypted), otherwise
@@ -99,6 +103,7 @@ class FlowTable:
                 packets, nbytes = s.packets - before[0], s.bytes - before[1]
             if packets <= 0:
                 continue
+            at_last = now - s.idle
             verdict = verdict_of(s.kind, s.iface, wg_ifname)
             at = (s.src, s.dst, verdict.value, s.proto, s.dport, "")
             key = keys.get(at)
@@ -106,9 +111,10 @@ class FlowTable:
                 key = keys[at] = FlowKey(s.src, s.dst, proto_name(s.proto), s.dport, verdict)
             acc = self._records.get(key)
             if acc is None:
-                self._records[key] = _Acc(now, now, packets, nbytes)
+                self._records[key] = _Acc(at_last, at_last, packets, nbytes)
             else:
-                acc.last, acc.packets, acc.bytes = now, acc.packets + packets, acc.bytes + nbytes
+                acc.last = max(acc.last, at_last)
+                acc.packets, acc.bytes = acc.packets + packets, acc.bytes + nbytes
             deltas.append(Delta(key, packets, nbytes))
         self._last, self._primed, self.unmatched = seen, True, unmatched
         self._bound(now)

@@ -7,6 +7,9 @@ Rules of this module:
 - An element that is not of the set's declared shape (nft spelling a protocol we do not
   expect, a hand-added element) is skipped and counted in `skipped`, never an error: the
   flow records are evidence, and one odd element must not cost the others.
+- An element's `expires` is its timeout less the time since its last packet (every
+  packet's `update` re-arms it), so a sample carries `idle`: the flow's last packet was
+  that long before the read, to nft's one-second resolution.
 - `full` says the set holds `size` elements: new flows are then not counted by the
   kernel until old ones time out, and the agent reports it.
 """
@@ -53,7 +56,8 @@ def _address(value: object, fam: Fam) -> str | None:
         return None
 
 
-def _sample(kind: str, fam: Fam, ports: bool, elem: object) -> FlowSample | None:
+def _sample(kind: str, fam: Fam, ports: bool, elem: object,
+            timeout: float | None) -> FlowSample | None:
     if not isinstance(elem, dict) or not isinstance(elem.get("elem"), dict):
         return None
     body = elem["elem"]
@@ -70,7 +74,11 @@ def _sample(kind: str, fam: Fam, ports: bool, elem: object) -> FlowSample | None
             or (kind != "drop" and not isinstance(iface, str))
             or not isinstance(packets, int) or not isinstance(nbytes, int)):
         return None
-    return FlowSample(kind, src, dst, proto, dport, iface, packets, nbytes)
+    expires = body.get("expires")
+    idle = 0.0
+    if timeout is not None and isinstance(expires, int | float) and 0 <= expires <= timeout:
+        idle = float(timeout - expires)
+    return FlowSample(kind, src, dst, proto, dport, iface, packets, nbytes, idle)
 
 
 def parse_flow_set(name: str, listing: Json) -> FlowSetListing:
@@ -82,10 +90,11 @@ def parse_flow_set(name: str, listing: Json) -> FlowSetListing:
         obj = entry.get("set") if isinstance(entry, dict) else None
         if not isinstance(obj, dict) or obj.get("name") != name:
             continue
-        size = obj.get("size")
+        size, timeout = obj.get("size"), obj.get("timeout")
         out.size = size if isinstance(size, int) else None
         for elem in obj.get("elem", []):
-            sample = _sample(kind, fam, ports, elem)
+            sample = _sample(kind, fam, ports, elem,
+                             timeout if isinstance(timeout, int | float) else None)
             if sample is None:
                 out.skipped += 1
             else:

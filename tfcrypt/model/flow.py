@@ -100,6 +100,8 @@ class FlowSample:
     iface: str | None
     packets: int
     bytes: int
+    idle: float = 0.0
+    """Seconds since the element's last packet (its timeout less what is left of it)."""
 
 
 @dataclass(frozen=True)
