@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,20 @@ def wg_peers(lab: Lab, node: str, ifname: str = "tfcrypt0") -> dict[str, WgPeer]
 def agent_status(lab: Lab, node: str) -> dict[str, Any]:
     state = next(n["agent"]["state_dir"] for n in lab.status()["nodes"] if n["name"] == node)
     return json.loads((Path(state) / "status.json").read_text())
+
+
+_FLOW_ELEMENTS = re.compile(
+    r"(\tset seen_\w+ \{\n(?:\t\t(?!elements = )[^\n]*\n)*)\t\telements = \{.*?\}\n(?=\t\}\n)",
+    re.S)
+
+
+def nft_table(lab: Lab, node: str, check: bool = True) -> str:
+    """`nft -s list table inet tfcrypt` without the flow sets' elements: the kernel adds
+    one with every new flow (docs/flows.md). They are counts, not the dataplane: a test
+    comparing the dataplane before and after compares everything else."""
+    out = run_in(lab, node, ["nft", "-s", "list", "table", "inet", "tfcrypt"],
+                 check=check).stdout
+    return _FLOW_ELEMENTS.sub(r"\1", out)
 
 
 def workload_ip(lab: Lab, name: str) -> str:

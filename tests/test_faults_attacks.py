@@ -48,7 +48,7 @@ from faults import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lab_workload_api.ca import LabCA
-from labtools import PREFIX, etcdctl, fetch_svid, run_in, sign_as, wait_for, wg_peers
+from labtools import PREFIX, etcdctl, fetch_svid, nft_table, run_in, sign_as, wait_for, wg_peers
 
 from netns_lab import Lab, agents
 from tfcrypt.errors import ConfigError
@@ -361,7 +361,7 @@ def kernel_state(lab: Lab, node: str) -> list[str]:
         return run_in(lab, node, list(argv)).stdout
     wg = sorted(" ".join(line.split("\t")[:4])
                 for line in out("wg", "show", "tfcrypt0", "dump").splitlines())
-    return [out("nft", "-s", "list", "table", "inet", "tfcrypt"), out("ip", "rule"),
+    return [nft_table(lab, node), out("ip", "rule"),
             out("ip", "route", "show", "table", "29798"),
             out("ip", "route", "show", "table", "29799"), *wg]
 
@@ -553,8 +553,7 @@ def sign_as_payload(lab: Lab, signer: str, payload: dict[str, Any]) -> bytes:
 # ---------------------------------------------------------------- 9. hand changes
 
 def _nft_table(lab: Lab, node: str) -> str:
-    return run_in(lab, node, ["nft", "-s", "list", "table", "inet", "tfcrypt"],
-                  check=False).stdout
+    return nft_table(lab, node, check=False)
 
 
 def _log_size(lab: Lab, node: str) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import running_lab
-from labtools import agent_status, run_in, wait_for
+from labtools import agent_status, nft_table, run_in, wait_for
 
 from netns_lab import Lab, agents, inventory
 from tfcrypt.agent.monitor import KernelScope, follow, ip_event, nft_event
@@ -194,7 +194,7 @@ def lab() -> Iterator[Lab]:
 
 
 def _table(lab: Lab, node: str) -> str:
-    return run_in(lab, node, ["nft", "-s", "list", "table", "inet", "tfcrypt"]).stdout
+    return nft_table(lab, node)
 
 
 def _changes_since(lab: Lab, node: str, since: int) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import running_lab
-from labtools import Pinger, agent_status, wait_for, workload_ip
+from labtools import Pinger, agent_status, nft_table, wait_for, workload_ip
 from prometheus_client.parser import text_string_to_metric_families
 
 from netns_lab import Lab, agents, inventory
@@ -58,7 +58,7 @@ def dataplane(lab: Lab, node: str) -> list[str]:
     """tfcrypt's kernel objects without counters and handshake times."""
     wg = [" ".join(line.split("\t")[:4])
           for line in run(lab, node, "wg", "show", "tfcrypt0", "dump").stdout.splitlines()]
-    return [run(lab, node, "nft", "-s", "list", "table", "inet", "tfcrypt").stdout,
+    return [nft_table(lab, node),
             run(lab, node, "ip", "rule").stdout,
             run(lab, node, "ip", "route", "show", "table", "29798").stdout,
             run(lab, node, "ip", "route", "show", "table", "29799").stdout, *wg]

@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 from conftest import running_lab
-from labtools import PREFIX, agent_status, etcdctl, remove_node, run_in, sign_as, wait_for, wg_peers
+from labtools import (
+    PREFIX,
+    agent_status,
+    etcdctl,
+    nft_table,
+    remove_node,
+    run_in,
+    sign_as,
+    wait_for,
+    wg_peers,
+)
 
 from netns_lab import Lab, agents, inventory
 from netns_lab.wire import capture, count_packets, ping, syn_mss
@@ -125,7 +135,7 @@ def kernel_state(lab: Lab, node: str) -> list[str]:
                               text=True, check=True).stdout
     wg = sorted(" ".join(f[:4]) for f in (line.split("\t") for line in
                                            run("wg", "show", "tfcrypt0", "dump").splitlines()))
-    return [run("nft", "-s", "list", "table", "inet", "tfcrypt"), run("ip", "rule"),
+    return [nft_table(lab, node), run("ip", "rule"),
             run("ip", "route", "show", "table", "29798"),
             run("ip", "route", "show", "table", "29799"), *wg]
 
