@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +34,7 @@ from tfcrypt.core.explain import GlobalView, explain
 from tfcrypt.model.policy import EncryptionPolicy, read_policy_file
 from tfcrypt.model.workload import Workload
 
-from . import agents, inventory, spire
+from . import agents, inventory, seen, spire
 from .errors import LabError
 from .lab import Lab, down
 from .layout import Layout
@@ -44,6 +46,10 @@ ACT1 = ("payments.yaml", "shop-db-same-site.yaml")
 AUDIT, ENFORCE = "pci-audit.yaml", "pci-enforce.yaml"
 PINGS = 3
 TUNNEL, PLAINTEXT, NOTHING = "inside WireGuard", "plaintext", "no traffic"
+REPORTED = {TUNNEL: "wireguard", PLAINTEXT: "plaintext"}  # a row's expected -> a verdict
+PCI_PEER = "n3-w3"  # reports, label=pci: the pci workload no act 1 policy selects
+SEEN_HEADING = (f"what n1 saw of {PCI_PEER} (reports, label=pci), in plaintext: "
+                f"tfcrypt flows --workload {PCI_PEER} --verdict plaintext on n1")
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,35 @@ def wait_for_enforcement(lab: Lab, tags: Mapping[str, list[str]],
                    f"{json.dumps({n: _agent_status(lab, n) for n in nodes})[:2000]}")
 
 
+def expected_reports(status: Mapping[str, Any], rows: list[Row]
+                     ) -> dict[str, set[seen.FlowKey]]:
+    """The flow each workload row's pings made, as both its nodes must report it: the
+    request direction, with the verdict the row expects (the wire agreed, or the row is a
+    mismatch already)."""
+    wl = {w["name"]: w for w in status["workloads"]}
+    want: dict[str, set[seen.FlowKey]] = {n["name"]: set() for n in status["nodes"]}
+    for r in rows:
+        if r.src in wl and r.dst in wl:
+            key = (wl[r.src]["ip"], wl[r.dst]["ip"], None, REPORTED[r.expected])
+            want[wl[r.src]["node"]].add(key)
+            want[wl[r.dst]["node"]].add(key)
+    return want
+
+
+def proof_since(lab: Lab, enforced_at: float) -> bool:
+    """Print `tfcrypt report --since` the enforcement was confirmed (act 1's pci pings were
+    plaintext before it, and report exits 1 on plaintext of a selected pair); True on exit 0."""
+    since = f"{math.ceil(time.time() - enforced_at)}s"
+    done = subprocess.run(inventory.controller_argv(lab, "report", "--since", since),
+                          capture_output=True, text=True, timeout=120)
+    print(f"tfcrypt report --since {since} (exit {done.returncode}):")
+    print(done.stdout + done.stderr, end="", flush=True)
+    if done.returncode != 0:
+        print("the report FAILED: plaintext of a selected pair since the enforcement, or "
+              "the report could not be made", flush=True)
+    return done.returncode == 0
+
+
 def identities_line(lab: Lab) -> str:
     """Who issued the agents' SVIDs and which SPIFFE ID each agent holds."""
     who = ("SPIRE (spire-server " + spire.server_address(lab.layout) + ", a spire-agent "
@@ -216,7 +251,7 @@ def run(name: str, keep: bool = False, *,
         workload_api: str = "spire") -> int:
     """The whole demo, on real SPIRE unless `workload_api="lab"`; `before_measure` is a
     test hook that may break the lab on purpose."""
-    progress = Progress(7)
+    progress = Progress(9)
     tags = load_tags()
     lab = Lab(Layout(name, 3, 3), workload_api=workload_api)
     failed = False
@@ -246,19 +281,33 @@ def run(name: str, keep: bool = False, *,
                 print("act 2 skipped: act 1 shows a mismatch, fix that first", flush=True)
                 return 1
 
-            progress.step(f"act 2: applying {AUDIT} (audit mode: computed, not enforced)")
+            progress.step("act 2: waiting until every node's flow report holds act 1's "
+                          "traffic")
+            waited = seen.wait_reported(lab, expected_reports(lab.status(), act1))
+            print(f"every node reported act 1's flows (waited {waited:.0f} s); "
+                  f"{SEEN_HEADING}:", flush=True)
+            print(seen.flows(lab, "n1", "--workload", PCI_PEER, "--verdict", "plaintext"),
+                  end="", flush=True)
+
+            progress.step(f"act 2: applying {AUDIT} (audit mode: computed, not enforced), "
+                          "planned against the seen traffic")
             inventory.apply_policy(lab, EXAMPLES / AUDIT)
-            print(inventory.tfcrypt(lab, "policy", "plan", "-f", str(EXAMPLES / AUDIT)))
+            print(inventory.tfcrypt(lab, "policy", "plan", "-f", str(EXAMPLES / AUDIT),
+                                    "--against-seen"))
             progress.step(f"enforcing it ({ENFORCE})")
             inventory.apply_policy(lab, EXAMPLES / ENFORCE)
             policies = load_policies((*ACT1, ENFORCE))
             wait_for_enforcement(lab, tags, policies)
+            enforced_at = time.time()
             progress.step("act 2: the same traffic again (* = expectation changed)")
             act2 = measure(lab, tags, policies, Path(tmp),
                            previous={(r.src, r.dst): r for r in act1})
             print(table(act2))
             print(summary(act2), flush=True)
             failed |= any(not r.ok for r in act2)
+            progress.step("act 2: what the nodes reported since the enforcement")
+            seen.wait_reported(lab, expected_reports(lab.status(), act2))
+            failed |= not proof_since(lab, enforced_at)
         progress.step("done: " + ("MISMATCH, see the rows marked above" if failed
                                   else "every flow as expected"))
         if keep:
