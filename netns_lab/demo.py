@@ -5,9 +5,14 @@ inventory of examples/demo-inventory.yaml (a small shop application and a pci pa
 service across two sites) and two enforce-mode policies, drives traffic between every
 pair of workloads on different nodes while capturing the underlay, and prints one row
 per pair: the tags, what tfcrypt should do (selected by which policy and rule, or not),
-what the wire showed, and a verdict. Act 2 applies an audit-mode policy, shows
-`tfcrypt policy plan` for it, enforces it, and prints the table again with the changed
-rows marked. Exit status 1 on any mismatch.
+what the wire showed, and a verdict. Act 2 is the seen-traffic act (issue #19): it waits
+(bounded) until every node's flow report holds act 1's pings, prints what n1 saw of the
+one pci workload no act 1 policy selects (`tfcrypt flows`), applies an audit-mode policy
+and shows `tfcrypt policy plan --against-seen` for it (the plan, then the seen flows it
+would encrypt and whether their nodes are ready), enforces it, prints the table again
+with the changed rows marked, and then `tfcrypt report --since` the enforcement was
+confirmed (act 1's pci pings were plaintext before it). Exit status 1 on any mismatch,
+or when the report exits non-zero (plaintext of a selected pair since the enforcement).
 
 The expected column comes from tfcrypt's own explain() over the same inventory and
 policies; the observed column only from tcpdump on every port of the underlay bridge. A
