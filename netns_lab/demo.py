@@ -69,6 +69,7 @@ class Row:
     why: str
     observed: str
     changed: bool = False
+    received: int = 0  # echo replies the ping got back
 
     @property
     def ok(self) -> bool:
@@ -156,7 +157,8 @@ def measure(lab: Lab, tags: Mapping[str, list[str]],
         before = (previous or {}).get((f.src, f.dst))
         rows.append(Row(f.src, f.dst, _short(tags.get(f.src)), _short(tags.get(f.dst)),
                         expected, why, observed,
-                        changed=before is not None and before.expected != expected))
+                        changed=before is not None and before.expected != expected,
+                        received=got))
     return rows
 
 
@@ -214,17 +216,21 @@ def wait_for_enforcement(lab: Lab, tags: Mapping[str, list[str]],
 
 
 def expected_reports(status: Mapping[str, Any], rows: list[Row]
-                     ) -> dict[str, set[seen.FlowKey]]:
-    """The flow each workload row's pings made, as both its nodes must report it: the
-    request direction, with the verdict the row expects (the wire agreed, or the row is a
-    mismatch already)."""
+                     ) -> dict[str, dict[seen.FlowKey, int]]:
+    """The flows each workload row's pings made, as both its nodes must report them, with
+    at least the packets sent: PINGS requests, `received` replies, the verdict the row
+    expects (the wire agreed, or the row is a mismatch already). Whole counts, not mere
+    presence: a record's last_seen is the agent's read that counted its last packet, so
+    only once every packet is in a report is no act 1 record seen after that."""
     wl = {w["name"]: w for w in status["workloads"]}
-    want: dict[str, set[seen.FlowKey]] = {n["name"]: set() for n in status["nodes"]}
+    want: dict[str, dict[seen.FlowKey, int]] = {n["name"]: {} for n in status["nodes"]}
     for r in rows:
         if r.src in wl and r.dst in wl:
-            key = (wl[r.src]["ip"], wl[r.dst]["ip"], None, REPORTED[r.expected])
-            want[wl[r.src]["node"]].add(key)
-            want[wl[r.dst]["node"]].add(key)
+            a, b, verdict = wl[r.src]["ip"], wl[r.dst]["ip"], REPORTED[r.expected]
+            for node in (wl[r.src]["node"], wl[r.dst]["node"]):
+                want[node][(a, b, None, verdict)] = PINGS
+                if r.received:
+                    want[node][(b, a, None, verdict)] = r.received
     return want
 
 
