@@ -295,6 +295,7 @@ def run(name: str, keep: bool = False, *,
             progress.step("act 2: waiting until every node's flow report holds act 1's "
                           "traffic")
             waited = seen.wait_reported(lab, expected_reports(lab.status(), act1))
+            reported_at = time.time()
             print(f"every node reported act 1's flows (waited {waited:.0f} s); "
                   f"{SEEN_HEADING}:", flush=True)
             print(seen.flows(lab, "n1", "--workload", PCI_PEER, "--verdict", "plaintext"),
@@ -306,6 +307,9 @@ def run(name: str, keep: bool = False, *,
             print(inventory.tfcrypt(lab, "policy", "plan", "-f", str(EXAMPLES / AUDIT),
                                     "--against-seen"))
             progress.step(f"enforcing it ({ENFORCE})")
+            # a record's last_seen is its read's second rounded up: enforcing a whole
+            # second after that, `report --since` (rounded up too) leaves act 1 out
+            time.sleep(max(0.0, math.ceil(reported_at) + 1 - time.time()))
             inventory.apply_policy(lab, EXAMPLES / ENFORCE)
             policies = load_policies((*ACT1, ENFORCE))
             wait_for_enforcement(lab, tags, policies)
