@@ -91,13 +91,16 @@ def _build_parser() -> argparse.ArgumentParser:
                                     "inventory of examples/demo-inventory.yaml and two "
                                     "policies, drive traffic between every pair of workloads "
                                     "on different nodes while capturing the underlay, and "
-                                    "print one row per pair with a verdict; then apply an "
-                                    "audit-mode policy, show its plan, enforce it, and print "
-                                    "the table again; act 3, in a lab with a kube-apiserver, "
+                                    "print one row per pair with a verdict; then wait for "
+                                    "every node's flow report of that traffic, show what n1 "
+                                    "saw (tfcrypt flows), apply an audit-mode policy, show "
+                                    "its plan against the seen traffic, enforce it, print "
+                                    "the table again and tfcrypt report since the "
+                                    "enforcement; act 3, in a lab with a kube-apiserver, "
                                     "applies the same policies with kubectl apply through "
                                     "tfcrypt controller run, prints the table and kubectl "
                                     "get encryptionpolicies, and moves a pair in with kubectl "
-                                    "label pod. Exit 1 on any mismatch.")
+                                    "label pod. Exit 1 on any mismatch or a failing report.")
     dm.add_argument("--name", default="demo", type=_name, help="lab name (default demo)")
     dm.add_argument("--workload-api", choices=WORKLOAD_API_MODES, default="spire",
                     help="who issues SVIDs (default spire; lab = the lab's own server)")

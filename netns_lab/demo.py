@@ -5,9 +5,14 @@ inventory of examples/demo-inventory.yaml (a small shop application and a pci pa
 service across two sites) and two enforce-mode policies, drives traffic between every
 pair of workloads on different nodes while capturing the underlay, and prints one row
 per pair: the tags, what tfcrypt should do (selected by which policy and rule, or not),
-what the wire showed, and a verdict. Act 2 applies an audit-mode policy, shows
-`tfcrypt policy plan` for it, enforces it, and prints the table again with the changed
-rows marked. Exit status 1 on any mismatch.
+what the wire showed, and a verdict. Act 2 is the seen-traffic act (issue #19): it waits
+(bounded) until every node's flow report holds act 1's pings, prints what n1 saw of the
+one pci workload no act 1 policy selects (`tfcrypt flows`), applies an audit-mode policy
+and shows `tfcrypt policy plan --against-seen` for it (the plan, then the seen flows it
+would encrypt and whether their nodes are ready), enforces it, prints the table again
+with the changed rows marked, and then `tfcrypt report --since` the enforcement was
+confirmed (act 1's pci pings were plaintext before it). Exit status 1 on any mismatch,
+or when the report exits non-zero (plaintext of a selected pair since the enforcement).
 
 The expected column comes from tfcrypt's own explain() over the same inventory and
 policies; the observed column only from tcpdump on every port of the underlay bridge. A
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +39,7 @@ from tfcrypt.core.explain import GlobalView, explain
 from tfcrypt.model.policy import EncryptionPolicy, read_policy_file
 from tfcrypt.model.workload import Workload
 
-from . import agents, inventory, spire
+from . import agents, inventory, seen, spire
 from .errors import LabError
 from .lab import Lab, down
 from .layout import Layout
@@ -44,6 +51,10 @@ ACT1 = ("payments.yaml", "shop-db-same-site.yaml")
 AUDIT, ENFORCE = "pci-audit.yaml", "pci-enforce.yaml"
 PINGS = 3
 TUNNEL, PLAINTEXT, NOTHING = "inside WireGuard", "plaintext", "no traffic"
+REPORTED = {TUNNEL: "wireguard", PLAINTEXT: "plaintext"}  # a row's expected -> a verdict
+PCI_PEER = "n3-w3"  # reports, label=pci: the pci workload no act 1 policy selects
+SEEN_HEADING = (f"what n1 saw of {PCI_PEER} (reports, label=pci), in plaintext: "
+                f"tfcrypt flows --workload {PCI_PEER} --verdict plaintext on n1")
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class Row:
     why: str
     observed: str
     changed: bool = False
+    received: int = 0  # echo replies the ping got back
 
     @property
     def ok(self) -> bool:
@@ -145,7 +157,8 @@ def measure(lab: Lab, tags: Mapping[str, list[str]],
         before = (previous or {}).get((f.src, f.dst))
         rows.append(Row(f.src, f.dst, _short(tags.get(f.src)), _short(tags.get(f.dst)),
                         expected, why, observed,
-                        changed=before is not None and before.expected != expected))
+                        changed=before is not None and before.expected != expected,
+                        received=got))
     return rows
 
 
@@ -202,6 +215,39 @@ def wait_for_enforcement(lab: Lab, tags: Mapping[str, list[str]],
                    f"{json.dumps({n: _agent_status(lab, n) for n in nodes})[:2000]}")
 
 
+def expected_reports(status: Mapping[str, Any], rows: list[Row]
+                     ) -> dict[str, dict[seen.FlowKey, int]]:
+    """The flows each workload row's pings made, as both its nodes must report them, with
+    at least the packets sent: PINGS requests, `received` replies, the verdict the row
+    expects (the wire agreed, or the row is a mismatch already). Whole counts, not mere
+    presence: a record's last_seen is the agent's read that counted its last packet, so
+    only once every packet is in a report is no act 1 record seen after that."""
+    wl = {w["name"]: w for w in status["workloads"]}
+    want: dict[str, dict[seen.FlowKey, int]] = {n["name"]: {} for n in status["nodes"]}
+    for r in rows:
+        if r.src in wl and r.dst in wl:
+            a, b, verdict = wl[r.src]["ip"], wl[r.dst]["ip"], REPORTED[r.expected]
+            for node in (wl[r.src]["node"], wl[r.dst]["node"]):
+                want[node][(a, b, None, verdict)] = PINGS
+                if r.received:
+                    want[node][(b, a, None, verdict)] = r.received
+    return want
+
+
+def proof_since(lab: Lab, enforced_at: float) -> bool:
+    """Print `tfcrypt report --since` the enforcement was confirmed (act 1's pci pings were
+    plaintext before it, and report exits 1 on plaintext of a selected pair); True on exit 0."""
+    since = f"{math.ceil(time.time() - enforced_at)}s"
+    done = subprocess.run(inventory.controller_argv(lab, "report", "--since", since),
+                          capture_output=True, text=True, timeout=120)
+    print(f"tfcrypt report --since {since} (exit {done.returncode}):")
+    print(done.stdout + done.stderr, end="", flush=True)
+    if done.returncode != 0:
+        print("the report FAILED: plaintext of a selected pair since the enforcement, or "
+              "the report could not be made", flush=True)
+    return done.returncode == 0
+
+
 def identities_line(lab: Lab) -> str:
     """Who issued the agents' SVIDs and which SPIFFE ID each agent holds."""
     who = ("SPIRE (spire-server " + spire.server_address(lab.layout) + ", a spire-agent "
@@ -216,7 +262,7 @@ def run(name: str, keep: bool = False, *,
         workload_api: str = "spire") -> int:
     """The whole demo, on real SPIRE unless `workload_api="lab"`; `before_measure` is a
     test hook that may break the lab on purpose."""
-    progress = Progress(7)
+    progress = Progress(9)
     tags = load_tags()
     lab = Lab(Layout(name, 3, 3), workload_api=workload_api)
     failed = False
@@ -246,19 +292,37 @@ def run(name: str, keep: bool = False, *,
                 print("act 2 skipped: act 1 shows a mismatch, fix that first", flush=True)
                 return 1
 
-            progress.step(f"act 2: applying {AUDIT} (audit mode: computed, not enforced)")
+            progress.step("act 2: waiting until every node's flow report holds act 1's "
+                          "traffic")
+            waited = seen.wait_reported(lab, expected_reports(lab.status(), act1))
+            reported_at = time.time()
+            print(f"every node reported act 1's flows (waited {waited:.0f} s); "
+                  f"{SEEN_HEADING}:", flush=True)
+            print(seen.flows(lab, "n1", "--workload", PCI_PEER, "--verdict", "plaintext"),
+                  end="", flush=True)
+
+            progress.step(f"act 2: applying {AUDIT} (audit mode: computed, not enforced), "
+                          "planned against the seen traffic")
             inventory.apply_policy(lab, EXAMPLES / AUDIT)
-            print(inventory.tfcrypt(lab, "policy", "plan", "-f", str(EXAMPLES / AUDIT)))
+            print(inventory.tfcrypt(lab, "policy", "plan", "-f", str(EXAMPLES / AUDIT),
+                                    "--against-seen"))
             progress.step(f"enforcing it ({ENFORCE})")
+            # a record's last_seen is its read's second rounded up: enforcing a whole
+            # second after that, `report --since` (rounded up too) leaves act 1 out
+            time.sleep(max(0.0, math.ceil(reported_at) + 1 - time.time()))
             inventory.apply_policy(lab, EXAMPLES / ENFORCE)
             policies = load_policies((*ACT1, ENFORCE))
             wait_for_enforcement(lab, tags, policies)
+            enforced_at = time.time()
             progress.step("act 2: the same traffic again (* = expectation changed)")
             act2 = measure(lab, tags, policies, Path(tmp),
                            previous={(r.src, r.dst): r for r in act1})
             print(table(act2))
             print(summary(act2), flush=True)
             failed |= any(not r.ok for r in act2)
+            progress.step("act 2: what the nodes reported since the enforcement")
+            seen.wait_reported(lab, expected_reports(lab.status(), act2))
+            failed |= not proof_since(lab, enforced_at)
         progress.step("done: " + ("MISMATCH, see the rows marked above" if failed
                                   else "every flow as expected"))
         if keep:

@@ -1,5 +1,6 @@
 """The demo is the README's main command: its own verdict is asserted (acts 1-2 and the
-Kubernetes act 3, in one run), and it must notice when the dataplane is broken on purpose
+Kubernetes act 3, in one run; act 2's seen traffic as tfcrypt flows, plan --against-seen
+and report print it), and it must notice when the dataplane is broken on purpose
 (in the Kubernetes act, which shares demo.measure and the verdict with acts 1-2; one
 broken run instead of two keeps the suite's time)."""
 
@@ -30,6 +31,33 @@ def test_the_demo_passes_and_cleans_up() -> None:
     assert any(r[:2] == ["*", "n1-w1"] and "n3-w3" in r and r[-1] == "ok" for r in rows)
     assert any("(node)" in r and r[-1] == "ok" for r in rows)
     assert "audit mode; shown as if enforced" in out.stdout
+    # act 2 opens with what n1 saw: n3-w3 (reports, label=pci) with n1's shop workloads,
+    # in plaintext, as act 1's table says
+    seen = out.stdout.split("tfcrypt flows --workload n3-w3 --verdict plaintext on n1:", 1)[1]
+    seen = seen.split("[5/9", 1)[0]
+    assert [line for line in seen.splitlines()
+            if "n1-w1 10.200.1.11" in line and "n3-w3 10.200.3.13" in line
+            and "icmp" in line and "plaintext" in line]
+    assert "wireguard" not in seen
+    # the plan against the seen traffic names exactly act 1's flows of n3-w3 with the
+    # other nodes' workloads (both directions), each ready to be encrypted
+    encrypt = [line.split()[1:4:2] for line in out.stdout.splitlines()
+               if line.startswith("  encrypt ")]
+    peers = {"10.200.1.11", "10.200.1.12", "10.200.2.11", "10.200.2.12", "10.200.2.13"}
+    assert sorted(encrypt) == sorted([[p, "10.200.3.13"] for p in peers]
+                                     + [["10.200.3.13", p] for p in peers])
+    assert all("as plaintext;" in line and line.endswith(": ready")
+               for line in out.stdout.splitlines() if line.startswith("  encrypt "))
+    assert "10 seen flow(s) would change" in out.stdout
+    assert "ready against seen traffic" in out.stdout
+    # the proof after enforcing: pci's traffic inside WireGuard, none of it plaintext
+    report = out.stdout.split("tfcrypt report --since ", 1)[1].split("done:", 1)[0]
+    assert report.split("\n", 1)[0].endswith("(exit 0):"), report
+    pci = report.split("policy pci:", 1)[1].split("\npolicy ", 1)[0]
+    wireguard = next(line for line in pci.splitlines() if "inside WireGuard:" in line)
+    assert int(wireguard.split()[2]) > 0, pci
+    assert "plaintext of selected pairs: none" in pci
+    assert "PLAINTEXT" not in report
     assert "identities from SPIRE (spire-server 10.77.0.9:8081" in out.stdout
     assert "n3 spiffe://lab.tfcrypt/tfcrypt/node/n3" in out.stdout
     # act 3: the policies came through kubectl apply and the controller's status
