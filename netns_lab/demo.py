@@ -220,8 +220,8 @@ def expected_reports(status: Mapping[str, Any], rows: list[Row]
     """The flows each workload row's pings made, as both its nodes must report them, with
     at least the packets sent: PINGS requests, `received` replies, the verdict the row
     expects (the wire agreed, or the row is a mismatch already). Whole counts, not mere
-    presence: a record's last_seen is the agent's read that counted its last packet, so
-    only once every packet is in a report is no act 1 record seen after that."""
+    presence: a report published between two pings holds part of a flow, and its later
+    packets would be last seen after it; once every packet is in, none is."""
     wl = {w["name"]: w for w in status["workloads"]}
     want: dict[str, dict[seen.FlowKey, int]] = {n["name"]: {} for n in status["nodes"]}
     for r in rows:
