@@ -5,6 +5,12 @@ n1-w1 and n2-w2 with every workload on another node). Workloads send UDP to chos
 ports; tcpdump on the underlay says which flows crossed in plaintext, and each node's
 `tfcrypt flows` must list exactly those flows, with the same verdict and the packet
 counts that were sent. Tests run in file order on one lab.
+
+Not in the kernel tier: measured there (2026-12-04) this file's 3-node lab under TCG cost
+5 of the tier's 12 minutes, over the suite's time budget; every kernel-tier lab runs its
+agents with flow accounting on (the default), so Debian's 6.1 kernel loading the flow
+rules and sets is proven there, and the verdicts depend on nftables, not on the
+WireGuard backend (a decrypted packet arrives from `tfcrypt0` with either).
 """
 
 from __future__ import annotations
@@ -113,7 +119,6 @@ def controller(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
-@pytest.mark.kernel
 def test_each_node_lists_exactly_the_flows_it_carried_with_the_verdict_the_wire_shows(
     lab: Lab, tmp_path: Path,
 ) -> None:
