@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tfcrypt.agent.logs import JsonFormatter, TextFormatter, change_summary
 from tfcrypt.agent.status_api import StatusApiError, StatusServer, fetch_status
+from tfcrypt.cli import main as cli_main
 from tfcrypt.core.compute import AuditReport, Desired, PeerDesired
 from tfcrypt.metrics import DataplaneCollector, PeerSample
 from tfcrypt.status_view import fingerprint, handshake_state, health, render
@@ -278,6 +279,9 @@ def test_the_api_serves_the_flow_records_only_when_the_agent_keeps_them(tmp_path
                 got = await loop.run_in_executor(None, lambda p=path: fetch_status(
                     p, target="/flows"))
                 assert got == {"flows": [{"src": "10.0.0.1"}], "records": 1}
+            code = await loop.run_in_executor(None, lambda p=path: cli_main(
+                ["flows", "--status-socket", str(p), "--json"]))
+            assert code == (0 if provider is not None else 1)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

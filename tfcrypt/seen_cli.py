@@ -159,11 +159,12 @@ def flows_command(args: argparse.Namespace, socket: str) -> int:
     try:
         doc = fetch_status(socket, timeout=args.timeout, target="/flows")
     except StatusApiError as exc:
+        if "404" in str(exc):
+            print("tfcrypt: the agent keeps no flow records (flows: false in its "
+                  "configuration)", file=sys.stderr)
+            return 1
         print(f"tfcrypt: cannot read the agent's flows: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    if "error" in doc:
-        print(f"tfcrypt: {doc['error']}", file=sys.stderr)
-        return 1
     rows = flows_view.select(doc.get("flows", []), workload=args.workload, tag=args.tag,
                              verdict=args.verdict, since=since)
     print(json.dumps(rows, indent=2, sort_keys=True) if args.json

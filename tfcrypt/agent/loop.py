@@ -137,7 +137,7 @@ class Agent:
                 interval=cfg.flows_interval, publish_interval=cfg.flows_publish_interval,
                 table=FlowTable(cfg.flows_max_records, cfg.flows_retention))
         self.status_server = StatusServer(cfg.status_socket, self.report.collect,
-                                          flows=self._flows_doc)
+                                          flows=self._flows_doc if self.flows else None)
 
     # -- tasks -----------------------------------------------------------------------
 
@@ -180,9 +180,8 @@ class Agent:
                 tg.create_task(self._follow_device_restarts())
 
     async def _flows_doc(self) -> dict[str, Any]:
-        """`GET /flows` (404 when flows are off)."""
-        if self.flows is None:
-            return {"error": "flow records are off on this node (flows: false)"}
+        """`GET /flows` (served only when flows are on: 404 otherwise)."""
+        assert self.flows is not None
         return self.flows.records_doc(self.view.of("policies/").values())
 
     async def _publish_flows(self) -> None:
