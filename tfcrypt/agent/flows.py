@@ -91,7 +91,7 @@ class Addresses:
 class FlowCollector:
     def __init__(self, nft: SetReader, addresses: Addresses, *, wg_ifname: str,
                  state_dir: Path, interval: float, publish_interval: float,
-                 table: FlowTable, enforce_sets: bool = True) -> None:
+                 table: FlowTable) -> None:
         self.nft = nft
         self.addresses = addresses
         self.wg_ifname = wg_ifname
@@ -99,9 +99,7 @@ class FlowCollector:
         self.interval = interval
         self.publish_interval = publish_interval
         self.table = table
-        self.sets = [name for name, kind, _, _ in flow_sets()
-                     if kind != "drop" or enforce_sets]
-        self.started = time.time()
+        self.sets = [name for name, _, _, _ in flow_sets()]  # an absent one is skipped
         self.last_read: float | None = None
         self.last_error: str | None = None
         self.full_sets: list[str] = []
@@ -157,6 +155,7 @@ class FlowCollector:
         self.full_sets, self.skipped, self.last_read = full, skipped, now
 
     def save(self) -> None:
+        """`flows.json` in the state dir (0600, replaced atomically)."""
         try:
             write_private(self.state_path, json.dumps(self.table.to_json()).encode(),
                           durable=False)
@@ -165,8 +164,10 @@ class FlowCollector:
             metrics.STATE_PROBLEMS.labels("flows_file").inc()
 
     def report(self, node: str, handshakes: dict[str, float | None]) -> FlowReport:
+        """This node's report: the records of the retention window, most recent first,
+        at most MAX_REPORT_FLOWS of them."""
         now = time.time()
-        since = max(self.started - self.table.retention, now - self.table.retention)
+        since = now - self.table.retention
         records = self.table.records(since)
         return FlowReport(node=node, generated_at=now, since=since,
                           flows=tuple(records[:MAX_REPORT_FLOWS]), handshakes=handshakes,
