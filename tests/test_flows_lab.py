@@ -15,6 +15,7 @@ WireGuard backend (a decrypted packet arrives from `tfcrypt0` with either).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -146,8 +147,10 @@ def test_each_node_lists_exactly_the_flows_it_carried_with_the_verdict_the_wire_
                (ip("n3-w2"), ip("n2-w2"), 5103, "wireguard"): 10},
     }
     for node, expected in want.items():
-        wait_for(f"{node}'s flow records", lambda n=node, e=expected: udp_flows(lab, n, ports) == e,
-                 timeout=60)
+        with contextlib.suppress(AssertionError):  # then the diff says what differs
+            wait_for(f"{node}'s flow records",
+                     lambda n=node, e=expected: udp_flows(lab, n, ports) == e, timeout=60)
+        assert udp_flows(lab, node, ports) == expected, node
 
     (row,) = [r for r in flows(lab, "n1", "--workload", "n1-w1") if r["dport"] == 5101]
     assert (row["direction"], row["local"], row["remote"], row["remote_node"], row["rules"]) == (
