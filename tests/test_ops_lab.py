@@ -295,6 +295,7 @@ def test_uninstall_restores_the_kernel_as_it_was_before_the_agent(lab: Lab) -> N
     assert refused.returncode == 1 and "an agent is running" in refused.stderr
     for rec in lab.find_processes(agents.AGENT, "n1"):
         lab.stop_process(rec)
+    assert (state / "flows.json").exists()  # the agent saved its flow records
 
     first = tfcrypt(lab, "n1", *args)
     assert first.returncode == 0, first.stderr
@@ -305,6 +306,7 @@ def test_uninstall_restores_the_kernel_as_it_was_before_the_agent(lab: Lab) -> N
     assert ("stopped wireguard-go pid" if agents.backend() == "userspace"
             else "deleted interface tfcrypt0") in said
     assert not (state / "wireguard.key").exists()
+    assert not (state / "flows.json").exists()
     after = kernel_baseline(lab, "n1")
     before = lab.before  # type: ignore[attr-defined]
     assert after == before, {k: (sorted(set(before[k].splitlines()) - set(after[k].splitlines())),

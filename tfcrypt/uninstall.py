@@ -15,7 +15,8 @@ Rules:
 - The private key is deleted unless `keep_key` (a reinstall then gets a new key and a
   higher epoch), and with it the epochs the reader accepted (`epochs.json`: kept with the
   key, a reinstall keeps refusing replays; gone, it starts like a first install); the
-  other files the agent wrote in the state dir go too.
+  other files the agent wrote in the state dir go too (status, wireguard-go's log, the
+  flow records `flows.json`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyRoute2NetlinkError
 
 from tfcrypt.agent.epochstore import EPOCHS_FILE
+from tfcrypt.agent.flows import STATE_FILE as FLOWS_FILE
 from tfcrypt.agent.nodekey import EPOCH_FILE
 from tfcrypt.agent.status_api import answers
 from tfcrypt.dataplane.netlink import Family, Netlink, PyRoute2Netlink
@@ -41,7 +43,7 @@ from tfcrypt.errors import TfcryptError
 from tfcrypt.wireguard.keys import KEY_FILE
 from tfcrypt.wireguard.link import link_state
 
-STATE_FILES = ("status.json", "status.tmp", "wireguard-go.log")
+STATE_FILES = ("status.json", "status.tmp", "wireguard-go.log", FLOWS_FILE)
 KEY_FILES = (KEY_FILE, EPOCH_FILE, EPOCHS_FILE)
 
 
