@@ -153,7 +153,7 @@ async def uninstall(cfg: UninstallConfig, *, netlink: Netlink | None = None,
             raise TfcryptError(f"nftables: {report.errors[0].message}")
         if report.ops:
             done.append("deleted nftables table inet tfcrypt (marks, egress guard, "
-                        "strict ingress)")
+                        "strict ingress, flow sets)")
         prio, table = cfg.rule_priority, cfg.route_table
         siblings = (prio, prio + 1)
         if n := await _rule(netlink, prio, table, siblings):
