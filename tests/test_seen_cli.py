@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import etcd_fixture
 import pytest
 from etcd_fixture import EtcdServer
+from test_cli_writer import CONTROLLER, PREFIX, tfcrypt  # the CLI as test_cli_writer runs it
 from wlapi_server import TD, Server
 
 from tfcrypt.controller.session import fetch_svid
@@ -27,8 +27,6 @@ from tfcrypt.model.node import NodeRecord
 from tfcrypt.model.policy import read_policy_file
 from tfcrypt.registry import Registry
 
-CONTROLLER = f"spiffe://{TD}/tfcrypt/controller"
-PREFIX = "/tfcrypt/v1"
 NODES = ("n1", "n2")
 PCI, WEB, DB = "10.200.1.11", "10.200.1.12", "10.200.2.11"
 etcd = etcd_fixture.etcd  # the fixture, under the name tests ask for
@@ -59,14 +57,6 @@ def wlapi(workdir: Path) -> Iterator[Server]:
         yield server
     finally:
         server.kill()
-
-
-def tfcrypt(etcd: EtcdServer, wlapi: Server, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TFCRYPT_")}
-    return subprocess.run(
-        [sys.executable, "-m", "tfcrypt", *args, "--etcd", etcd.endpoint,
-         "--spiffe-socket", str(wlapi.sock("ctl")), "--prefix", PREFIX],
-        capture_output=True, text=True, timeout=60, env=env)
 
 
 def ok(out: subprocess.CompletedProcess[str]) -> str:
