@@ -87,7 +87,6 @@ class FlowTable:
         seen: dict[_Element, tuple[int, int]] = {}
         deltas: list[Delta] = []
         unmatched = 0
-        keys: dict[tuple[str, str, str, int, int | None, str], FlowKey] = {}
         for s in samples:
             if not keep(s.src, s.dst):
                 unmatched += 1
@@ -104,11 +103,8 @@ class FlowTable:
             if packets <= 0:
                 continue
             at_last = now - s.idle
-            verdict = verdict_of(s.kind, s.iface, wg_ifname)
-            at = (s.src, s.dst, verdict.value, s.proto, s.dport, "")
-            key = keys.get(at)
-            if key is None:
-                key = keys[at] = FlowKey(s.src, s.dst, proto_name(s.proto), s.dport, verdict)
+            key = FlowKey(s.src, s.dst, proto_name(s.proto), s.dport,
+                          verdict_of(s.kind, s.iface, wg_ifname))
             acc = self._records.get(key)
             if acc is None:
                 self._records[key] = _Acc(at_last, at_last, packets, nbytes)

@@ -16,14 +16,11 @@ Rules of this module:
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 from tfcrypt.dataplane.nft_table import FLOW_KINDS, Fam, Json, flow_sets
-from tfcrypt.model.flow import FlowSample
+from tfcrypt.model.flow import FlowSample, canonical_address, proto_number
 
-_PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "ipv6-icmp": 58,
-                  "icmpv6": 58, "esp": 50, "ah": 51, "gre": 47, "udplite": 136, "dccp": 33}
 FLOW_SET_SHAPES = {name: (kind, fam, ports) for name, kind, fam, ports in flow_sets()}
 
 
@@ -42,18 +39,17 @@ def _proto(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
         return value
     if isinstance(value, str):
-        return _PROTO_NUMBERS.get(value)
+        try:
+            return proto_number(value)
+        except ValueError:
+            return None
     return None
 
 
 def _address(value: object, fam: Fam) -> str | None:
-    if not isinstance(value, str):
-        return None
-    af = socket.AF_INET if fam.suffix == "v4" else socket.AF_INET6
-    try:
-        return socket.inet_ntop(af, socket.inet_pton(af, value))
-    except (OSError, ValueError):
-        return None
+    """The canonical address, if it is one of the set's family."""
+    found = canonical_address(value)
+    return found if found is not None and (":" in found) == (fam.suffix == "v6") else None
 
 
 def _sample(kind: str, fam: Fam, ports: bool, elem: object,
