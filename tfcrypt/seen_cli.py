@@ -153,16 +153,16 @@ async def report(s: ControllerSession, args: argparse.Namespace, infra: dict[str
 def flows_command(args: argparse.Namespace, socket: str) -> int:
     """`tfcrypt flows`: the local agent's `GET /flows`, filtered."""
     from tfcrypt import flows_view
-    from tfcrypt.agent.status_api import StatusApiError, fetch_status
+    from tfcrypt.agent.status_api import NotServed, StatusApiError, fetch_status
 
     since = (time.time() - args.since) if args.since else None
     try:
         doc = fetch_status(socket, timeout=args.timeout, target="/flows")
+    except NotServed:
+        print("tfcrypt: the agent keeps no flow records (flows: false in its "
+              "configuration)", file=sys.stderr)
+        return 1
     except StatusApiError as exc:
-        if "404" in str(exc):
-            print("tfcrypt: the agent keeps no flow records (flows: false in its "
-                  "configuration)", file=sys.stderr)
-            return 1
         print(f"tfcrypt: cannot read the agent's flows: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     rows = flows_view.select(doc.get("flows", []), workload=args.workload, tag=args.tag,

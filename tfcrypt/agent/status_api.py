@@ -43,6 +43,10 @@ class StatusApiError(TfcryptError):
     """The status socket cannot be served, or the agent cannot be reached through it."""
 
 
+class NotServed(StatusApiError):
+    """The agent answers, but does not serve that path (404: `/flows` with flows off)."""
+
+
 def answers(path: Path) -> bool:
     """Whether something accepts connections on the socket at `path`."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -168,6 +172,8 @@ def fetch_status(path: str | Path, timeout: float = 5.0,
             raise StatusApiError(f"{path}: {exc.strerror or exc}") from None
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if " 404 " in f"{status_line} ":
+        raise NotServed(f"{path}: the agent does not serve {target}")
     if " 200 " not in f"{status_line} ":
         raise StatusApiError(f"{path}: unexpected answer {status_line!r}")
     try:
